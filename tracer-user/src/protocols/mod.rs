@@ -1,0 +1,90 @@
+//! Protocol parsers: pure functions of the bytes a connection carried.
+//!
+//! Nothing here touches the kernel, aya or the network, so every parser is tested with plain
+//! `cargo test` on byte fixtures. The connection tracker (`crate::conn`) feeds a parser one
+//! [`Segment`] per syscall, in order, per connection; the parser reports finished exchanges.
+
+pub mod http1;
+
+/// Which way bytes moved, seen from the traced process.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Direction {
+    /// The traced process wrote or sent these bytes.
+    Egress,
+    /// The traced process read or received these bytes.
+    Ingress,
+}
+
+impl Direction {
+    pub fn opposite(self) -> Self {
+        match self {
+            Direction::Egress => Direction::Ingress,
+            Direction::Ingress => Direction::Egress,
+        }
+    }
+}
+
+/// One syscall's worth of stream bytes on one connection.
+///
+/// The kernel copies only a bounded prefix (`head`) and the last few bytes (`tail`) of what a
+/// syscall moved; `len` is the full count. Parsers must keep byte accounting right (bodies,
+/// message ends) even when `head.len() < len`.
+#[derive(Clone, Copy, Debug)]
+pub struct Segment<'a> {
+    pub dir: Direction,
+    /// CLOCK_MONOTONIC nanoseconds at the syscall's exit.
+    pub ts_ns: u64,
+    /// Bytes the syscall moved (its return value).
+    pub len: u64,
+    /// The first `head.len()` bytes moved (`head.len() <= len`).
+    pub head: &'a [u8],
+    /// The last `tail.len()` bytes moved (`tail.len() <= min(len, 16)`); may overlap `head`.
+    pub tail: &'a [u8],
+}
+
+/// Which end of the exchange the traced process was.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Side {
+    /// The process read the request and wrote the response.
+    Server,
+    /// The process wrote the request and read the response.
+    Client,
+}
+
+/// How an exchange ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// The whole response was seen.
+    Complete,
+    /// The connection closed (or reset, when `reset`) before the response was complete;
+    /// `status` of the exchange tells whether its head had arrived.
+    Closed { reset: bool },
+}
+
+/// One finished HTTP/1.x request/response pair.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HttpExchange {
+    pub side: Side,
+    pub method: String,
+    /// The raw request-target (`/path?query`), as sent. Redaction is the span builder's job.
+    pub target: String,
+    /// 0 for HTTP/1.0, 1 for HTTP/1.1.
+    pub minor_version: u8,
+    /// Request headers in order, names lowercased; bounded in count and size by the parser.
+    pub request_headers: Vec<(String, String)>,
+    /// `None` when the connection ended before a response head arrived.
+    pub status: Option<u16>,
+    /// First byte of the request.
+    pub req_start_ns: u64,
+    /// Last byte of the request (headers and body).
+    pub req_end_ns: u64,
+    /// First byte of the final (non-1xx) response, if any.
+    pub resp_start_ns: Option<u64>,
+    /// Last byte of the response, or the close time when the exchange did not complete.
+    pub end_ns: u64,
+    /// Request bytes on the wire (head + body).
+    pub req_bytes: u64,
+    /// Response bytes on the wire (head + body), including 1xx interim responses.
+    pub resp_bytes: u64,
+    pub outcome: Outcome,
+}
