@@ -1,1 +1,222 @@
+//! The ABI shared by tracer's eBPF programs (`tracer-ebpf`) and its agent (`tracer-user`).
+//!
+//! Every type here is `#[repr(C)]`, `Copy`, made of fixed-width fields with explicit padding, and
+//! has its size pinned by a `const` assertion so that a layout change fails the build on both sides.
+//! Event kinds are numbered and a number is never reused.
 #![no_std]
+
+/// Largest payload prefix a probe can copy per syscall (a power of two: probes mask with it).
+pub const MAX_CAPTURE: usize = 4096;
+/// Default payload prefix copied per syscall: enough for request lines and ordinary headers.
+pub const DEFAULT_CAPTURE: u32 = 1024;
+/// Bytes copied from the end of each syscall's buffer, so that message ends (a chunked body's
+/// last-chunk) are visible even when the body is far larger than the prefix.
+pub const TAIL_LEN: usize = 16;
+
+/// Ring-buffer record kinds. The first field of every record is its [`EventHeader`].
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EventKind {
+    /// [`DataEvent`] followed by `head_len` payload bytes.
+    Data = 1,
+    /// [`ConnEvent`]: a TCP socket seen for the first time (accept, connect, or first I/O).
+    ConnOpen = 2,
+    /// [`EventHeader`] only: the traced process closed the socket's fd.
+    ConnClose = 3,
+    /// [`EventHeader`] only: a send or receive failed with ECONNRESET or EPIPE.
+    ConnReset = 4,
+    /// [`EventHeader`] only (fd and conn_id zero): the process (thread group) exited.
+    ProcessExit = 5,
+}
+
+impl EventKind {
+    pub fn from_u32(v: u32) -> Option<Self> {
+        Some(match v {
+            1 => Self::Data,
+            2 => Self::ConnOpen,
+            3 => Self::ConnClose,
+            4 => Self::ConnReset,
+            5 => Self::ProcessExit,
+            _ => return None,
+        })
+    }
+}
+
+/// The common head of every record.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EventHeader {
+    pub kind: u32,
+    /// Process id (thread group id).
+    pub tgid: u32,
+    /// Thread id.
+    pub tid: u32,
+    pub fd: u32,
+    /// CLOCK_MONOTONIC nanoseconds (`bpf_ktime_get_ns`).
+    pub ts_ns: u64,
+    /// Identifies one socket's life in one fd slot: the (tgid, fd) pair is reused, this is not.
+    pub conn_id: u64,
+}
+const _: () = assert!(core::mem::size_of::<EventHeader>() == 32);
+
+/// Direction of a data event, seen from the traced process.
+pub const DIR_EGRESS: u32 = 0;
+pub const DIR_INGRESS: u32 = 1;
+
+/// Which syscall family produced a data event (for diagnostics and stats).
+pub const SYSCALL_READ: u32 = 0;
+pub const SYSCALL_WRITE: u32 = 1;
+pub const SYSCALL_READV: u32 = 2;
+pub const SYSCALL_WRITEV: u32 = 3;
+pub const SYSCALL_RECVFROM: u32 = 4;
+pub const SYSCALL_SENDTO: u32 = 5;
+pub const SYSCALL_RECVMSG: u32 = 6;
+pub const SYSCALL_SENDMSG: u32 = 7;
+pub const SYSCALL_SENDFILE: u32 = 8;
+
+/// Bytes one syscall moved on a traced socket. `head_len` payload bytes follow the struct in the
+/// ring-buffer record.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DataEvent {
+    pub hdr: EventHeader,
+    /// Bytes the syscall moved (its return value).
+    pub len: u64,
+    pub direction: u32,
+    pub syscall: u32,
+    /// Bytes of payload that follow (a prefix of what moved; may be 0, e.g. for sendfile).
+    pub head_len: u32,
+    /// Valid bytes in `tail`: the last bytes moved (0 when `head_len == len`, as they are in the head).
+    pub tail_len: u32,
+    pub tail: [u8; TAIL_LEN],
+}
+const _: () = assert!(core::mem::size_of::<DataEvent>() == 72);
+
+/// Which end of the connection the traced process is, when the kernel knows it.
+pub const ROLE_UNKNOWN: u16 = 0;
+/// The socket came from accept(): the process is the server.
+pub const ROLE_SERVER: u16 = 1;
+/// The socket was connect()ed: the process is the client.
+pub const ROLE_CLIENT: u16 = 2;
+
+/// A TCP socket, first seen. Addresses are in network byte order; IPv4 uses the first 4 bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConnEvent {
+    pub hdr: EventHeader,
+    /// AF_INET (2) or AF_INET6 (10).
+    pub family: u16,
+    pub role: u16,
+    /// Host byte order.
+    pub local_port: u16,
+    /// Host byte order.
+    pub remote_port: u16,
+    pub local_addr: [u8; 16],
+    pub remote_addr: [u8; 16],
+}
+const _: () = assert!(core::mem::size_of::<ConnEvent>() == 72);
+
+/// Settings the agent writes into the programs' read-only data before loading them.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Config {
+    /// The agent's own pid: its exporter traffic is never traced.
+    pub self_tgid: u32,
+    /// Non-zero: trace only the thread groups present in the `TRACED_PIDS` map.
+    pub filter_pids: u32,
+    /// Payload prefix to copy per syscall (clamped to [`MAX_CAPTURE`]).
+    pub capture_bytes: u32,
+    /// Non-zero: a traced process's forked children are traced too.
+    pub follow_forks: u32,
+    /// Non-zero: also trace threads whose command name is in the `TRACED_COMMS` map.
+    pub filter_comms: u32,
+    /// Offset of `child_pid` in the `sched:sched_process_fork` record, read from tracefs: its
+    /// layout changed across kernels (6.x made the comm fields `__data_loc`).
+    pub fork_child_pid_offset: u32,
+}
+const _: () = assert!(core::mem::size_of::<Config>() == 24);
+
+/// Byte offsets of the kernel struct fields the probes read, taken from the running kernel's BTF
+/// by the agent at start: a hand-made CO-RE, since the probes walk `task->files->fdt->fd[fd]`
+/// to tell sockets from other fds and read their addresses. An offset of `u32::MAX` means the
+/// field is absent (the probe then skips the check that needs it).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelOffsets {
+    pub task_files: u32,
+    pub files_fdt: u32,
+    pub fdt_max_fds: u32,
+    pub fdt_fd: u32,
+    pub file_inode: u32,
+    pub file_private_data: u32,
+    pub inode_mode: u32,
+    pub socket_type: u32,
+    pub socket_sk: u32,
+    pub sk_family: u32,
+    pub sk_protocol: u32,
+    pub sk_daddr: u32,
+    pub sk_rcv_saddr: u32,
+    pub sk_dport: u32,
+    pub sk_num: u32,
+    pub sk_v6_daddr: u32,
+    pub sk_v6_rcv_saddr: u32,
+    /// Non-zero once the agent has filled the struct in (the probes trace nothing before).
+    pub valid: u32,
+}
+const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 72);
+
+/// What a syscall's enter saved for its exit, in the `ACTIVE` map keyed by pid_tgid. The agent
+/// also writes entries for threads it finds blocked in a socket read when it attaches, so that
+/// the bytes that read returns are not lost (`conn_id` 0: resolve the socket at exit).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SavedArgs {
+    pub kind: u32,
+    pub fd: u32,
+    /// A user buffer (`BUF`) or an iovec array (`IOV`).
+    pub buf: u64,
+    /// The iovec count (`IOV`).
+    pub count: u64,
+    pub conn_id: u64,
+    pub syscall: u32,
+    pub direction: u32,
+}
+const _: () = assert!(core::mem::size_of::<SavedArgs>() == 40);
+
+impl SavedArgs {
+    pub const ACCEPT: u32 = 1;
+    pub const CONNECT: u32 = 2;
+    pub const BUF: u32 = 3;
+    pub const IOV: u32 = 4;
+    /// Bytes move but none are visible (sendfile).
+    pub const NO_PAYLOAD: u32 = 5;
+}
+
+/// Indexes of the per-CPU counters in the `STATS` map.
+pub mod stat {
+    /// Records the ring buffer had no room for (never silent: reported by the agent).
+    pub const RINGBUF_LOST: u32 = 0;
+    /// Data events emitted.
+    pub const DATA_EVENTS: u32 = 1;
+    /// Sockets resolved and added to the connection map.
+    pub const CONNS_OPENED: u32 = 2;
+    /// A kernel read the probes needed failed (stale offsets would show up here).
+    pub const READ_ERRORS: u32 = 3;
+    /// Syscall exits whose enter had no saved arguments (tracer attached mid-syscall).
+    pub const UNMATCHED_EXITS: u32 = 4;
+    /// Syscalls whose payload copy from user memory failed.
+    pub const PAYLOAD_FAULTS: u32 = 5;
+    pub const COUNT: u32 = 8;
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all of these are repr(C), Copy, and made only of integers and byte arrays with no
+    // implicit padding (the size assertions above pin that).
+    unsafe impl aya::Pod for super::EventHeader {}
+    unsafe impl aya::Pod for super::DataEvent {}
+    unsafe impl aya::Pod for super::ConnEvent {}
+    unsafe impl aya::Pod for super::Config {}
+    unsafe impl aya::Pod for super::KernelOffsets {}
+    unsafe impl aya::Pod for super::SavedArgs {}
+}

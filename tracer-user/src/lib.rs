@@ -1,6 +1,9 @@
 //! tracer: an eBPF request tracer. The modules follow the data path:
-//! probes -> events -> conn -> protocols -> spans -> export.
+//! probes -> events -> conn -> protocols -> spans -> export; `agent` wires them together and
+//! `cli` is the command line.
 
+pub mod agent;
+pub mod cli;
 pub mod conn;
 pub mod events;
 pub mod export;

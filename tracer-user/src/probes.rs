@@ -1,1 +1,512 @@
-//! (being written)
+//! Loading and attaching the eBPF programs: privilege and kernel checks, the kernel struct
+//! offsets the probes need (read from BTF), tracefs, and per-program attach with a clear report
+//! of what is attached.
+
+use std::{fs, path::Path};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{HashMap, MapData, PerCpuArray, RingBuf},
+    programs::TracePoint,
+};
+use btf_rs::{Btf, BtfType, Type};
+use log::{debug, info, warn};
+use tracer_common::{Config, DIR_INGRESS, KernelOffsets, MAX_CAPTURE, SavedArgs, stat};
+
+/// The eBPF object built by build.rs.
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tracer-ebpf"));
+
+const BTF_PATH: &str = "/sys/kernel/btf/vmlinux";
+const TRACEFS: &str = "/sys/kernel/tracing";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    #[error("tracer needs root (or CAP_BPF, CAP_PERFMON and CAP_SYS_RESOURCE): run it with sudo")]
+    NotPrivileged,
+    #[error("kernel BTF is missing ({BTF_PATH}): tracer needs a kernel built with CONFIG_DEBUG_INFO_BTF=y")]
+    MissingBtf,
+    #[error("cannot read kernel BTF: {0}")]
+    Btf(String),
+    #[error("kernel BTF has no {0}: this kernel is not supported")]
+    MissingField(String),
+    #[error("cannot mount tracefs at {TRACEFS}: {0}")]
+    Tracefs(std::io::Error),
+    #[error("this tracer was built without its eBPF programs (AYA_BUILD_SKIP); rebuild it with `cargo xtask build`")]
+    NoObject,
+    #[error("cannot load the eBPF programs: {0}")]
+    Load(#[source] aya::EbpfError),
+    #[error("cannot load eBPF program {name}: {source}")]
+    Program {
+        name: &'static str,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    #[error("cannot attach {name} to syscalls:{tracepoint}: {source}")]
+    Attach {
+        name: &'static str,
+        tracepoint: String,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    #[error("eBPF map {0} is missing or of the wrong type")]
+    Map(&'static str),
+    #[error("eBPF map update failed: {0}")]
+    MapUpdate(#[source] aya::maps::MapError),
+}
+
+/// What the agent asks of the probes.
+#[derive(Clone, Debug)]
+pub struct ProbeOptions {
+    /// Trace only these processes (and, with `follow_forks`, their children). Empty: all.
+    pub pids: Vec<u32>,
+    /// Trace only threads with these command names (15 bytes at most), besides `pids`.
+    pub comms: Vec<String>,
+    /// When true, only the pids in `pids` and the commands in `comms` are traced; when false
+    /// every process is.
+    pub filter_pids: bool,
+    pub follow_forks: bool,
+    pub capture_bytes: u32,
+    /// Ring buffer size in bytes (rounded up to a power of two by the caller).
+    pub ring_bytes: u32,
+}
+
+/// One program and the tracepoints it serves. A required program that loads or attaches nowhere
+/// makes start fail; other misses are reported and skipped (a kernel without that syscall).
+struct Attachment {
+    program: &'static str,
+    category: &'static str,
+    tracepoints: &'static [&'static str],
+    required: bool,
+}
+
+const ATTACHMENTS: &[Attachment] = &[
+    Attachment { program: "tracer_enter_read", category: "syscalls", tracepoints: &["sys_enter_read", "sys_enter_recvfrom"], required: true },
+    Attachment { program: "tracer_enter_write", category: "syscalls", tracepoints: &["sys_enter_write", "sys_enter_sendto"], required: true },
+    Attachment { program: "tracer_enter_readv", category: "syscalls", tracepoints: &["sys_enter_readv"], required: false },
+    Attachment { program: "tracer_enter_writev", category: "syscalls", tracepoints: &["sys_enter_writev"], required: false },
+    Attachment { program: "tracer_enter_recvmsg", category: "syscalls", tracepoints: &["sys_enter_recvmsg"], required: false },
+    Attachment { program: "tracer_enter_sendmsg", category: "syscalls", tracepoints: &["sys_enter_sendmsg"], required: false },
+    Attachment { program: "tracer_enter_sendfile", category: "syscalls", tracepoints: &["sys_enter_sendfile64"], required: false },
+    Attachment {
+        program: "tracer_exit_data",
+        category: "syscalls",
+        tracepoints: &[
+            "sys_exit_read", "sys_exit_recvfrom", "sys_exit_write", "sys_exit_sendto", "sys_exit_readv",
+            "sys_exit_writev", "sys_exit_recvmsg", "sys_exit_sendmsg", "sys_exit_sendfile64",
+        ],
+        required: true,
+    },
+    Attachment { program: "tracer_enter_accept", category: "syscalls", tracepoints: &["sys_enter_accept", "sys_enter_accept4"], required: true },
+    Attachment { program: "tracer_exit_accept", category: "syscalls", tracepoints: &["sys_exit_accept", "sys_exit_accept4"], required: true },
+    Attachment { program: "tracer_enter_connect", category: "syscalls", tracepoints: &["sys_enter_connect"], required: true },
+    Attachment { program: "tracer_exit_connect", category: "syscalls", tracepoints: &["sys_exit_connect"], required: true },
+    Attachment { program: "tracer_enter_close", category: "syscalls", tracepoints: &["sys_enter_close"], required: true },
+    Attachment { program: "tracer_sched_fork", category: "sched", tracepoints: &["sched_process_fork"], required: false },
+    Attachment { program: "tracer_sched_exit", category: "sched", tracepoints: &["sched_process_exit"], required: false },
+];
+
+/// The loaded and attached programs. Dropping it detaches everything (the links are owned by
+/// `ebpf`); a SIGKILLed agent leaves nothing behind either, as the links die with its fds.
+pub struct Probes {
+    ebpf: Ebpf,
+    traced_pids: HashMap<MapData, u32, u32>,
+    stats: PerCpuArray<MapData, u64>,
+    /// Tracepoints attached, as `category:name`.
+    pub attached: Vec<String>,
+    /// Tracepoints that could not be attached and were skipped, with the reason.
+    pub skipped: Vec<String>,
+}
+
+impl Probes {
+    pub fn load(opts: &ProbeOptions) -> Result<Self, ProbeError> {
+        check_privileges()?;
+        if EBPF_OBJECT.is_empty() {
+            return Err(ProbeError::NoObject);
+        }
+        let offsets = kernel_offsets(Path::new(BTF_PATH))?;
+        ensure_tracefs()?;
+        let fork_offset = fork_child_pid_offset().unwrap_or_else(|| {
+            warn!("cannot read sched_process_fork's format; children of traced processes will not be followed");
+            0
+        });
+        let config = Config {
+            self_tgid: std::process::id(),
+            filter_pids: u32::from(opts.filter_pids),
+            capture_bytes: opts.capture_bytes.min(MAX_CAPTURE as u32),
+            follow_forks: u32::from(opts.follow_forks && fork_offset != 0),
+            filter_comms: u32::from(!opts.comms.is_empty()),
+            fork_child_pid_offset: fork_offset,
+        };
+        raise_memlock_limit();
+        let mut ebpf = EbpfLoader::new()
+            .override_global("CONFIG", &config, true)
+            .override_global("OFFSETS", &offsets, true)
+            .map_max_entries("EVENTS", opts.ring_bytes)
+            .load(EBPF_OBJECT)
+            .map_err(ProbeError::Load)?;
+
+        let mut traced_pids: HashMap<MapData, u32, u32> = HashMap::try_from(
+            ebpf.take_map("TRACED_PIDS").ok_or(ProbeError::Map("TRACED_PIDS"))?,
+        )
+        .map_err(|_| ProbeError::Map("TRACED_PIDS"))?;
+        // Fill the traced set before any program runs, so the first request is not missed.
+        for pid in &opts.pids {
+            traced_pids.insert(pid, 1, 0).map_err(ProbeError::MapUpdate)?;
+        }
+        let mut traced_comms: HashMap<&mut MapData, [u8; 16], u32> = HashMap::try_from(
+            ebpf.map_mut("TRACED_COMMS").ok_or(ProbeError::Map("TRACED_COMMS"))?,
+        )
+        .map_err(|_| ProbeError::Map("TRACED_COMMS"))?;
+        for comm in &opts.comms {
+            let mut key = [0u8; 16];
+            let n = comm.len().min(15);
+            key[..n].copy_from_slice(&comm.as_bytes()[..n]);
+            traced_comms.insert(key, 1, 0).map_err(ProbeError::MapUpdate)?;
+        }
+        let stats = PerCpuArray::try_from(ebpf.take_map("STATS").ok_or(ProbeError::Map("STATS"))?)
+            .map_err(|_| ProbeError::Map("STATS"))?;
+
+        let mut attached = Vec::new();
+        let mut skipped = Vec::new();
+        for a in ATTACHMENTS {
+            let program: &mut TracePoint = ebpf
+                .program_mut(a.program)
+                .ok_or(ProbeError::Map(a.program))?
+                .try_into()
+                .map_err(|source| ProbeError::Program { name: a.program, source })?;
+            if let Err(source) = program.load() {
+                if a.required {
+                    return Err(ProbeError::Program { name: a.program, source });
+                }
+                skipped.push(format!("{} ({source})", a.program));
+                continue;
+            }
+            let mut attached_here = 0;
+            let mut last_error = None;
+            for tp in a.tracepoints {
+                match program.attach(a.category, tp) {
+                    Ok(_) => {
+                        attached_here += 1;
+                        attached.push(format!("{}:{tp}", a.category));
+                    }
+                    Err(source) => {
+                        debug!("skipping {}:{tp}: {source}", a.category);
+                        skipped.push(format!("{}:{tp} ({source})", a.category));
+                        last_error = Some((tp, source));
+                    }
+                }
+            }
+            if a.required && attached_here == 0 {
+                if let Some((tp, source)) = last_error {
+                    return Err(ProbeError::Attach { name: a.program, tracepoint: (*tp).to_string(), source });
+                }
+            }
+        }
+        info!("attached {} tracepoints", attached.len());
+        if !skipped.is_empty() {
+            warn!("not attached (this kernel lacks them): {}", skipped.join(", "));
+        }
+        Ok(Self { ebpf, traced_pids, stats, attached, skipped })
+    }
+
+    /// The ring buffer carrying every event. Call once.
+    pub fn take_events(&mut self) -> Result<RingBuf<MapData>, ProbeError> {
+        let map = self.ebpf.take_map("EVENTS").ok_or(ProbeError::Map("EVENTS"))?;
+        RingBuf::try_from(map).map_err(|_| ProbeError::Map("EVENTS"))
+    }
+
+    /// Adds a process to the traced set (used by `run --comm` when a matching process appears).
+    pub fn trace_pid(&mut self, pid: u32) -> Result<(), ProbeError> {
+        self.traced_pids.insert(pid, 1, 0).map_err(ProbeError::MapUpdate)
+    }
+
+    /// Seeds the saved-arguments map for threads of `pid` that are blocked in a socket read
+    /// right now: their read began before the probes existed, so its enter was never seen, and
+    /// without this the first request on a kept-alive connection would be lost. Returns how
+    /// many threads were seeded. Best effort: a thread that moves on meanwhile is harmless
+    /// (its next enter overwrites the entry, or the probe drops it).
+    pub fn seed_blocked_reads(&mut self, pid: u32) -> usize {
+        let Some(map) = self.ebpf.map_mut("ACTIVE") else { return 0 };
+        let Ok(mut active) = HashMap::<&mut MapData, u64, SavedArgs>::try_from(map) else { return 0 };
+        let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else { return 0 };
+        let mut seeded = 0;
+        for task in tasks.flatten() {
+            let Ok(tid) = task.file_name().to_string_lossy().parse::<u32>() else { continue };
+            let Ok(line) = fs::read_to_string(task.path().join("syscall")) else { continue };
+            let Some(args) = blocked_read(&line, |addr| read_process_u64(pid, addr)) else { continue };
+            let key = (u64::from(pid) << 32) | u64::from(tid);
+            if active.insert(key, args, 0).is_ok() {
+                seeded += 1;
+            }
+        }
+        seeded
+    }
+
+    /// Removes a process from the traced set.
+    pub fn untrace_pid(&mut self, pid: u32) {
+        let _ = self.traced_pids.remove(&pid);
+    }
+
+    /// Kernel-side counters summed over CPUs, indexed by `tracer_common::stat`.
+    pub fn kernel_stats(&self) -> [u64; stat::COUNT as usize] {
+        let mut out = [0u64; stat::COUNT as usize];
+        for (i, slot) in out.iter_mut().enumerate() {
+            if let Ok(values) = self.stats.get(&(i as u32), 0) {
+                *slot = values.iter().sum();
+            }
+        }
+        out
+    }
+}
+
+fn check_privileges() -> Result<(), ProbeError> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        return Ok(());
+    }
+    // Not root: accept the capabilities that loading, attaching and the memlock need.
+    let status = fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let cap_eff = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .unwrap_or(0);
+    const CAP_SYS_ADMIN: u64 = 21;
+    const CAP_SYS_RESOURCE: u64 = 24;
+    const CAP_PERFMON: u64 = 38;
+    const CAP_BPF: u64 = 39;
+    let has = |cap: u64| cap_eff & (1 << cap) != 0;
+    if has(CAP_SYS_ADMIN) || (has(CAP_BPF) && has(CAP_PERFMON) && has(CAP_SYS_RESOURCE)) {
+        Ok(())
+    } else {
+        Err(ProbeError::NotPrivileged)
+    }
+}
+
+/// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK.
+fn raise_memlock_limit() {
+    let rlim = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
+    // SAFETY: plain syscall with a valid pointer.
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rlim) } != 0 {
+        debug!("could not raise RLIMIT_MEMLOCK; fine on kernels >= 5.11");
+    }
+}
+
+/// aya attaches tracepoints through tracefs, which a fresh machine may not have mounted.
+fn ensure_tracefs() -> Result<(), ProbeError> {
+    if Path::new(TRACEFS).join("events").is_dir() || Path::new("/sys/kernel/debug/tracing/events").is_dir() {
+        return Ok(());
+    }
+    let source = c"tracefs";
+    let target = c"/sys/kernel/tracing";
+    // SAFETY: all pointers are valid NUL-terminated strings; data is null.
+    let rc = unsafe {
+        libc::mount(source.as_ptr(), target.as_ptr(), source.as_ptr(), 0, std::ptr::null())
+    };
+    if rc != 0 {
+        return Err(ProbeError::Tracefs(std::io::Error::last_os_error()));
+    }
+    info!("mounted tracefs at {TRACEFS}");
+    Ok(())
+}
+
+/// The `child_pid` offset in the sched_process_fork record, from its format file.
+fn fork_child_pid_offset() -> Option<u32> {
+    let format = ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"]
+        .iter()
+        .find_map(|root| fs::read_to_string(format!("{root}/events/sched/sched_process_fork/format")).ok())?;
+    parse_format_offset(&format, "child_pid")
+}
+
+/// Finds `field:<type> <name>;\toffset:N;` in a tracepoint format description.
+fn parse_format_offset(format: &str, name: &str) -> Option<u32> {
+    format.lines().find_map(|line| {
+        let line = line.trim();
+        let decl = line.strip_prefix("field:")?.split(';').next()?;
+        if decl.split_whitespace().last()? != name {
+            return None;
+        }
+        let offset = line.split(';').find_map(|part| part.trim().strip_prefix("offset:"))?;
+        offset.trim().parse().ok()
+    })
+}
+
+/// Computes the struct field offsets the probes use, from the running kernel's BTF.
+pub fn kernel_offsets(btf_path: &Path) -> Result<KernelOffsets, ProbeError> {
+    if !btf_path.exists() {
+        return Err(ProbeError::MissingBtf);
+    }
+    let btf = Btf::from_file(btf_path).map_err(|e| ProbeError::Btf(e.to_string()))?;
+    let field = |s: &str, path: &str| -> Result<u32, ProbeError> {
+        field_offset(&btf, s, path)?.ok_or_else(|| ProbeError::MissingField(format!("{s}.{path}")))
+    };
+    Ok(KernelOffsets {
+        task_files: field("task_struct", "files")?,
+        files_fdt: field("files_struct", "fdt")?,
+        fdt_max_fds: field("fdtable", "max_fds")?,
+        fdt_fd: field("fdtable", "fd")?,
+        file_inode: field("file", "f_inode")?,
+        file_private_data: field("file", "private_data")?,
+        inode_mode: field("inode", "i_mode")?,
+        socket_type: field("socket", "type")?,
+        socket_sk: field("socket", "sk")?,
+        sk_family: field("sock", "__sk_common.skc_family")?,
+        // A bitfield on kernels before 5.6; the probes then skip the protocol check.
+        sk_protocol: field_offset(&btf, "sock", "sk_protocol")?.unwrap_or(u32::MAX),
+        sk_daddr: field("sock", "__sk_common.skc_daddr")?,
+        sk_rcv_saddr: field("sock", "__sk_common.skc_rcv_saddr")?,
+        sk_dport: field("sock", "__sk_common.skc_dport")?,
+        sk_num: field("sock", "__sk_common.skc_num")?,
+        sk_v6_daddr: field("sock", "__sk_common.skc_v6_daddr")?,
+        sk_v6_rcv_saddr: field("sock", "__sk_common.skc_v6_rcv_saddr")?,
+        valid: 1,
+    })
+}
+
+/// Byte offset of `path` (dot-separated members) inside `struct name`, looking through
+/// anonymous unions and structs as C does. `None` when a member is absent or is a bitfield
+/// that does not start on a byte.
+fn field_offset(btf: &Btf, name: &str, path: &str) -> Result<Option<u32>, ProbeError> {
+    let types = btf.resolve_types_by_name(name).map_err(|e| ProbeError::Btf(format!("{name}: {e}")))?;
+    let Some(mut current) = types.into_iter().find(|t| matches!(t, Type::Struct(_))) else {
+        return Ok(None);
+    };
+    let mut bits = 0u32;
+    for member_name in path.split('.') {
+        let Some((offset, ty)) = find_member(btf, &current, member_name) else {
+            return Ok(None);
+        };
+        bits += offset;
+        current = ty;
+    }
+    Ok((bits % 8 == 0).then_some(bits / 8))
+}
+
+/// Finds a member by name in a struct or union, descending into anonymous members. Returns its
+/// bit offset and its type with typedefs and qualifiers peeled off.
+fn find_member(btf: &Btf, ty: &Type, name: &str) -> Option<(u32, Type)> {
+    let (Type::Struct(s) | Type::Union(s)) = ty else {
+        return None;
+    };
+    for member in &s.members {
+        let member_name = btf.resolve_name(member).unwrap_or_default();
+        if member_name == name {
+            if member.bitfield_size().is_some_and(|size| size != 0 && size % 8 != 0) {
+                return None;
+            }
+            return Some((member.bit_offset(), peel(btf, btf.resolve_chained_type(member).ok()?)));
+        }
+        if member_name.is_empty() {
+            let inner = peel(btf, btf.resolve_chained_type(member).ok()?);
+            if let Some((offset, found)) = find_member(btf, &inner, name) {
+                return Some((member.bit_offset() + offset, found));
+            }
+        }
+    }
+    None
+}
+
+fn peel(btf: &Btf, mut ty: Type) -> Type {
+    for _ in 0..16 {
+        let next = match &ty {
+            Type::Typedef(t) => btf.resolve_chained_type(t),
+            Type::Const(t) | Type::Volatile(t) | Type::Restrict(t) => btf.resolve_chained_type(t),
+            Type::TypeTag(t) => btf.resolve_chained_type(t),
+            _ => return ty,
+        };
+        match next {
+            Ok(next) => ty = next,
+            Err(_) => return ty,
+        }
+    }
+    ty
+}
+
+/// x86_64 syscall numbers of the reads a thread can be found blocked in.
+const NR_READ: u64 = 0;
+const NR_READV: u64 = 19;
+const NR_RECVFROM: u64 = 45;
+const NR_RECVMSG: u64 = 47;
+
+/// Parses `/proc/PID/task/TID/syscall` ("nr arg1 arg2 ... sp pc", numbers in hex after the
+/// first) into the arguments the exit probe needs, for the socket reads it knows.
+/// `read_u64` reads the traced process's memory (for recvmsg's msghdr).
+fn blocked_read(line: &str, read_u64: impl Fn(u64) -> Option<u64>) -> Option<SavedArgs> {
+    if !cfg!(target_arch = "x86_64") {
+        return None;
+    }
+    let mut fields = line.split_whitespace();
+    let nr: u64 = fields.next()?.parse().ok()?;
+    let mut arg = || fields.next().and_then(|f| u64::from_str_radix(f.trim_start_matches("0x"), 16).ok());
+    let (fd, a2, a3) = (arg()?, arg()?, arg()?);
+    let fd = u32::try_from(fd).ok()?;
+    let (kind, buf, count) = match nr {
+        NR_READ | NR_RECVFROM => (SavedArgs::BUF, a2, 0),
+        NR_READV => (SavedArgs::IOV, a2, a3),
+        // struct user_msghdr: msg_iov at 16, msg_iovlen at 24.
+        NR_RECVMSG => (SavedArgs::IOV, read_u64(a2 + 16)?, read_u64(a2 + 24)?),
+        _ => return None,
+    };
+    Some(SavedArgs { kind, fd, buf, count, conn_id: 0, syscall: nr as u32, direction: DIR_INGRESS })
+}
+
+fn read_process_u64(pid: u32, addr: u64) -> Option<u64> {
+    use std::os::unix::fs::FileExt;
+    let mem = fs::File::open(format!("/proc/{pid}/mem")).ok()?;
+    let mut buf = [0u8; 8];
+    mem.read_exact_at(&mut buf, addr).ok()?;
+    Some(u64::from_ne_bytes(buf))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FORK_FORMAT: &str = "name: sched_process_fork\nID: 320\nformat:\n\tfield:unsigned short common_type;\toffset:0;\tsize:2;\tsigned:0;\n\tfield:__data_loc char[] parent_comm;\toffset:8;\tsize:4;\tsigned:0;\n\tfield:pid_t parent_pid;\toffset:12;\tsize:4;\tsigned:1;\n\tfield:__data_loc char[] child_comm;\toffset:16;\tsize:4;\tsigned:0;\n\tfield:pid_t child_pid;\toffset:20;\tsize:4;\tsigned:1;\n";
+
+    #[test]
+    fn format_offsets_are_parsed() {
+        assert_eq!(parse_format_offset(FORK_FORMAT, "child_pid"), Some(20));
+        assert_eq!(parse_format_offset(FORK_FORMAT, "parent_pid"), Some(12));
+        assert_eq!(parse_format_offset(FORK_FORMAT, "missing"), None);
+    }
+
+    /// Reads this machine's BTF (world-readable, no root needed) when it has one.
+    #[test]
+    fn offsets_from_running_kernel_btf() {
+        let path = Path::new(BTF_PATH);
+        if !path.exists() {
+            assert!(matches!(kernel_offsets(path), Err(ProbeError::MissingBtf)));
+            return;
+        }
+        let off = kernel_offsets(path).expect("offsets");
+        assert_eq!(off.valid, 1);
+        // struct sock starts with struct sock_common, whose first 8 bytes are daddr, rcv_saddr.
+        assert_eq!(off.sk_daddr, 0);
+        assert_eq!(off.sk_rcv_saddr, 4);
+        assert!(off.sk_dport > off.sk_rcv_saddr && off.sk_num > off.sk_dport);
+        assert!(off.sk_family > 0 && off.sk_protocol != u32::MAX);
+        assert!(off.socket_sk > off.socket_type);
+    }
+
+    #[test]
+    fn blocked_reads_are_recognised() {
+        let no_mem = |_| None;
+        let read = blocked_read("0 0x5 0x7f00001000 0x2000 0x0 0x0 0x0 0x7ffd 0x7f01", no_mem).unwrap();
+        assert_eq!((read.kind, read.fd, read.buf, read.conn_id), (SavedArgs::BUF, 5, 0x7f00001000, 0));
+        let recv = blocked_read("45 0x4 0x1000 0x10000 0x0 0x0 0x0 0x1 0x2", no_mem).unwrap();
+        assert_eq!((recv.kind, recv.fd, recv.syscall), (SavedArgs::BUF, 4, 45));
+        let readv = blocked_read("19 0x3 0x2000 0x2 0x0 0x0 0x0 0x1 0x2", no_mem).unwrap();
+        assert_eq!((readv.kind, readv.buf, readv.count), (SavedArgs::IOV, 0x2000, 2));
+        let msg = blocked_read("47 0x3 0x5000 0x0 0x0 0x0 0x0 0x1 0x2", |addr| Some(addr)).unwrap();
+        assert_eq!((msg.kind, msg.buf, msg.count), (SavedArgs::IOV, 0x5010, 0x5018));
+        // Not blocked in a syscall, or in one that is not a read.
+        assert!(blocked_read("running", no_mem).is_none());
+        assert!(blocked_read("232 0x3 0x0 0x0 0x0 0x0 0x0 0x1 0x2", no_mem).is_none());
+    }
+
+    #[test]
+    fn missing_btf_is_reported() {
+        assert!(matches!(kernel_offsets(Path::new("/nonexistent/btf")), Err(ProbeError::MissingBtf)));
+    }
+}

@@ -1,1 +1,150 @@
-fn main(){}
+//! Project tasks: `cargo xtask setup | build | run -- ARGS | test`.
+//!
+//! `run` and `test` do `setup` first, so that on a fresh machine each is the one command needed.
+
+use std::{
+    env,
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+
+const BPF_LINKER_VERSION: &str = "0.10.4";
+
+#[derive(Parser)]
+#[command(name = "xtask", about = "tracer's build, run and test tasks")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what building the eBPF programs needs: nightly's rust-src and bpf-linker.
+    Setup,
+    /// Build the tracer (release).
+    Build,
+    /// Build and run the tracer as root: `cargo xtask run -- attach --pid 1234`.
+    Run {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Run every test: lints off, unit tests, the collector's self-test, and the end-to-end
+    /// tests (these need root; in CI they must run).
+    Test {
+        /// Only unit tests (no root needed).
+        #[arg(long)]
+        unit: bool,
+        /// Arguments passed to the end-to-end test binary (e.g. a test name filter).
+        #[arg(trailing_var_arg = true)]
+        filter: Vec<String>,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().task {
+        Task::Setup => setup(),
+        Task::Build => {
+            setup()?;
+            build()
+        }
+        Task::Run { args } => {
+            setup()?;
+            build()?;
+            run_tracer(&args)
+        }
+        Task::Test { unit, filter } => {
+            setup()?;
+            test(unit, &filter)
+        }
+    }
+}
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_path_buf()
+}
+
+fn cargo() -> Command {
+    let mut cmd = Command::new(env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cmd.current_dir(root());
+    cmd
+}
+
+fn status(cmd: &mut Command) -> anyhow::Result<()> {
+    let st = cmd.status().with_context(|| format!("cannot run {cmd:?}"))?;
+    if !st.success() {
+        bail!("{cmd:?} failed ({st})");
+    }
+    Ok(())
+}
+
+fn output_of(program: &str, args: &[&str]) -> Option<String> {
+    let out = Command::new(program).args(args).output().ok()?;
+    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn setup() -> anyhow::Result<()> {
+    // The eBPF crate is built with nightly and -Z build-std=core, which needs rust-src.
+    let has_src = output_of("rustup", &["component", "list", "--installed", "--toolchain", "nightly"])
+        .is_some_and(|out| out.lines().any(|l| l.starts_with("rust-src")));
+    if !has_src {
+        eprintln!("xtask: installing the nightly toolchain's rust-src");
+        status(Command::new("rustup").args(["toolchain", "install", "nightly", "--profile", "minimal", "--component", "rust-src"]))?;
+    }
+    let linker_ok = output_of("bpf-linker", &["--version"]).is_some_and(|v| v.contains(BPF_LINKER_VERSION));
+    if !linker_ok {
+        // 0.10.4 loads rustc's own LLVM; newer versions want a system LLVM.
+        eprintln!("xtask: installing bpf-linker {BPF_LINKER_VERSION}");
+        status(cargo().args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION, "--locked", "--force"]))?;
+    }
+    Ok(())
+}
+
+fn build() -> anyhow::Result<()> {
+    status(cargo().args(["build", "--release", "-p", "tracer-user"]))
+}
+
+fn is_root() -> bool {
+    output_of("id", &["-u"]).is_some_and(|s| s.trim() == "0")
+}
+
+fn run_tracer(args: &[String]) -> anyhow::Result<()> {
+    let bin = root().join("target/release/tracer");
+    let mut cmd = if is_root() {
+        Command::new(&bin)
+    } else {
+        eprintln!("xtask: tracer needs root; running it with sudo");
+        let mut c = Command::new("sudo");
+        c.arg(&bin);
+        c
+    };
+    cmd.args(args);
+    let st = cmd.status().with_context(|| format!("cannot run {}", bin.display()))?;
+    std::process::exit(st.code().unwrap_or(1));
+}
+
+fn test(unit_only: bool, filter: &[String]) -> anyhow::Result<()> {
+    status(cargo().args(["test", "--workspace", "--exclude", "tracer-ebpf", "--exclude", "tracer-e2e"]))?;
+    status(Command::new("python3").current_dir(root()).args(["-m", "unittest", "-v", "tests/collector/test_zipkin_collector.py"]))?;
+    if unit_only {
+        return Ok(());
+    }
+    let in_ci = env::var("CI").is_ok_and(|v| v == "true" || v == "1");
+    if !is_root() {
+        if in_ci {
+            bail!("the end-to-end tests need root and BPF, and CI must run them: run CI as root");
+        }
+        eprintln!("xtask: NOT running the end-to-end tests: they need root (try `sudo -E cargo xtask test`)");
+        return Ok(());
+    }
+    // The tracer binary the end-to-end tests run.
+    build()?;
+    // The end-to-end tests share kernel state and ports: one at a time.
+    let mut cmd = cargo();
+    cmd.args(["test", "--release", "-p", "tracer-e2e", "--", "--test-threads=1"]);
+    cmd.args(filter);
+    cmd.env("TRACER_BIN", root().join("target/release/tracer"));
+    status(&mut cmd)
+}

@@ -1,1 +1,360 @@
-//! (being written)
+//! The connection tracker: per traced socket, the two byte streams in order, fed to the protocol
+//! parser; finished exchanges come out with what is known of the connection and process.
+//!
+//! State is bounded: a connection leaves on close, on its process's exit, after an idle
+//! timeout, or (least recently used first) when the table is full.
+
+use std::{
+    collections::HashMap,
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    sync::Arc,
+};
+
+use crate::{
+    events::Event,
+    protocols::{Direction, HttpExchange, Segment, http1::Http1Conn},
+    spans::ConnInfo,
+};
+
+#[derive(Clone, Debug)]
+pub struct TrackerConfig {
+    /// Only connections with one of these local or remote ports are parsed. Empty: all.
+    pub ports: Vec<u16>,
+    /// Overrides the service name taken from the process's command name.
+    pub service_name: Option<String>,
+    /// A connection with no traffic for this long is forgotten.
+    pub idle_timeout_ns: u64,
+    /// At most this many connections are tracked; the least recently active go first.
+    pub max_conns: usize,
+}
+
+impl Default for TrackerConfig {
+    fn default() -> Self {
+        Self { ports: Vec::new(), service_name: None, idle_timeout_ns: 300_000_000_000, max_conns: 65_536 }
+    }
+}
+
+/// Counters of the tracker's own health.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TrackerStats {
+    pub exchanges: u64,
+    pub conns_opened: u64,
+    pub conns_closed: u64,
+    pub conns_evicted: u64,
+    /// Data for a socket whose open record was never seen (lost, or opened before a restart).
+    pub conns_adopted: u64,
+    pub not_http: u64,
+}
+
+struct Process {
+    comm: String,
+    service_name: String,
+}
+
+struct Conn {
+    conn_id: u64,
+    local: SocketAddr,
+    remote: SocketAddr,
+    /// Filtered out by port: its events are dropped without parsing.
+    ignored: bool,
+    http: Http1Conn,
+    reset: bool,
+    last_ns: u64,
+}
+
+pub struct ConnTracker {
+    config: TrackerConfig,
+    conns: HashMap<(u32, u32), Conn>,
+    processes: HashMap<u32, Arc<Process>>,
+    stats: TrackerStats,
+    exchanges: Vec<HttpExchange>,
+}
+
+/// A finished exchange and the connection it happened on.
+pub type Finished = (HttpExchange, ConnInfo);
+
+const UNSPECIFIED: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0);
+
+impl ConnTracker {
+    pub fn new(config: TrackerConfig) -> Self {
+        Self { config, conns: HashMap::new(), processes: HashMap::new(), stats: TrackerStats::default(), exchanges: Vec::new() }
+    }
+
+    pub fn stats(&self) -> &TrackerStats {
+        &self.stats
+    }
+
+    pub fn open_connections(&self) -> usize {
+        self.conns.len()
+    }
+
+    /// Applies one event; finished exchanges are appended to `out`.
+    pub fn handle(&mut self, event: &Event<'_>, out: &mut Vec<Finished>) {
+        let hdr = *event.header();
+        let key = (hdr.tgid, hdr.fd);
+        match event {
+            Event::ConnOpen { local, remote, .. } => {
+                // The fd was reused without a close we saw: finish the old connection first.
+                if let Some(old) = self.conns.remove(&key) {
+                    self.finish(key, old, hdr.ts_ns, out);
+                }
+                self.ensure_capacity(out);
+                let ignored = !self.port_allowed(local, remote);
+                self.conns.insert(key, Conn::new(hdr.conn_id, *local, *remote, ignored, hdr.ts_ns));
+                self.stats.conns_opened += 1;
+            }
+            Event::Data { len, ingress, head, tail, .. } => {
+                let stale = self.conns.get(&key).is_some_and(|c| c.conn_id != hdr.conn_id);
+                if stale && let Some(old) = self.conns.remove(&key) {
+                    self.finish(key, old, hdr.ts_ns, out);
+                }
+                if !self.conns.contains_key(&key) {
+                    self.ensure_capacity(out);
+                    self.stats.conns_adopted += 1;
+                    let ignored = !self.config.ports.is_empty();
+                    self.conns.insert(key, Conn::new(hdr.conn_id, UNSPECIFIED, UNSPECIFIED, ignored, hdr.ts_ns));
+                }
+                let Some(conn) = self.conns.get_mut(&key) else { return };
+                conn.last_ns = hdr.ts_ns;
+                if conn.ignored || conn.http.is_not_http() {
+                    return;
+                }
+                let segment = Segment {
+                    dir: if *ingress { Direction::Ingress } else { Direction::Egress },
+                    ts_ns: hdr.ts_ns,
+                    len: *len,
+                    head,
+                    tail,
+                };
+                conn.http.feed(&segment, &mut self.exchanges);
+                if conn.http.is_not_http() {
+                    self.stats.not_http += 1;
+                }
+                self.drain(key.0, key, out);
+            }
+            Event::ConnReset(_) => {
+                if let Some(conn) = self.conns.get_mut(&key) {
+                    conn.reset = true;
+                }
+            }
+            Event::ConnClose(_) => {
+                if let Some(conn) = self.conns.remove(&key) {
+                    self.stats.conns_closed += 1;
+                    self.finish(key, conn, hdr.ts_ns, out);
+                }
+            }
+            Event::ProcessExit(_) => {
+                let keys: Vec<_> = self.conns.keys().filter(|k| k.0 == hdr.tgid).copied().collect();
+                for k in keys {
+                    if let Some(conn) = self.conns.remove(&k) {
+                        self.stats.conns_closed += 1;
+                        self.finish(k, conn, hdr.ts_ns, out);
+                    }
+                }
+                // The pid may be reused by an unrelated program: forget its name.
+                self.processes.remove(&hdr.tgid);
+            }
+        }
+    }
+
+    /// Forgets connections idle for longer than the timeout (their pending exchanges are
+    /// dropped: a request that got no answer in minutes is not a latency to report).
+    pub fn sweep(&mut self, now_ns: u64) {
+        let timeout = self.config.idle_timeout_ns;
+        let before = self.conns.len();
+        self.conns.retain(|_, c| now_ns.saturating_sub(c.last_ns) < timeout);
+        self.stats.conns_evicted += (before - self.conns.len()) as u64;
+    }
+
+    fn ensure_capacity(&mut self, out: &mut Vec<Finished>) {
+        if self.conns.len() < self.config.max_conns {
+            return;
+        }
+        // Full: evict the least recently active tenth at once, so this scan is rare.
+        let mut by_age: Vec<((u32, u32), u64)> = self.conns.iter().map(|(k, c)| (*k, c.last_ns)).collect();
+        by_age.sort_unstable_by_key(|(_, last)| *last);
+        let n = (self.config.max_conns / 10).max(1);
+        for (key, last) in by_age.into_iter().take(n) {
+            if let Some(conn) = self.conns.remove(&key) {
+                self.stats.conns_evicted += 1;
+                self.finish(key, conn, last, out);
+            }
+        }
+    }
+
+    fn port_allowed(&self, local: &SocketAddr, remote: &SocketAddr) -> bool {
+        self.config.ports.is_empty()
+            || self.config.ports.contains(&local.port())
+            || self.config.ports.contains(&remote.port())
+    }
+
+    fn finish(&mut self, key: (u32, u32), mut conn: Conn, ts_ns: u64, out: &mut Vec<Finished>) {
+        if conn.ignored {
+            return;
+        }
+        conn.http.close(ts_ns, conn.reset, &mut self.exchanges);
+        // Put it back briefly so that drain() finds its addresses.
+        self.conns.insert(key, conn);
+        self.drain(key.0, key, out);
+        self.conns.remove(&key);
+    }
+
+    /// Moves parsed exchanges of `key` into `out` with their connection info.
+    fn drain(&mut self, tgid: u32, key: (u32, u32), out: &mut Vec<Finished>) {
+        if self.exchanges.is_empty() {
+            return;
+        }
+        let process = self.process(tgid);
+        let Some(conn) = self.conns.get(&key) else {
+            self.exchanges.clear();
+            return;
+        };
+        for exchange in self.exchanges.drain(..) {
+            self.stats.exchanges += 1;
+            let info = ConnInfo {
+                pid: tgid,
+                comm: process.comm.clone(),
+                service_name: process.service_name.clone(),
+                local: conn.local,
+                remote: conn.remote,
+            };
+            out.push((exchange, info));
+        }
+    }
+
+    fn process(&mut self, tgid: u32) -> Arc<Process> {
+        let override_name = self.config.service_name.clone();
+        self.processes
+            .entry(tgid)
+            .or_insert_with(|| {
+                let comm = std::fs::read_to_string(format!("/proc/{tgid}/comm"))
+                    .map(|s| s.trim_end().to_string())
+                    .unwrap_or_else(|_| format!("pid-{tgid}"));
+                let service_name = override_name.unwrap_or_else(|| comm.clone());
+                Arc::new(Process { comm, service_name })
+            })
+            .clone()
+    }
+}
+
+impl Conn {
+    fn new(conn_id: u64, local: SocketAddr, remote: SocketAddr, ignored: bool, now: u64) -> Self {
+        Self { conn_id, local, remote, ignored, http: Http1Conn::new(), reset: false, last_ns: now }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tracer_common::{EventKind, ROLE_SERVER};
+
+    use super::*;
+    use crate::{
+        events::{decode, tests::{data_record, header_record, open_record}},
+        protocols::{Outcome, Side},
+    };
+
+    fn feed(tracker: &mut ConnTracker, records: &[Vec<u8>]) -> Vec<Finished> {
+        let mut out = Vec::new();
+        for r in records {
+            tracker.handle(&decode(r).unwrap(), &mut out);
+        }
+        out
+    }
+
+    const REQ: &[u8] = b"GET /cats/42 HTTP/1.1\r\nHost: x\r\n\r\n";
+    const RESP: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+
+    #[test]
+    fn server_exchange_carries_connection_info() {
+        let mut t = ConnTracker::new(TrackerConfig { service_name: Some("cats".into()), ..Default::default() });
+        let out = feed(&mut t, &[
+            open_record(4242, 5, 1, ROLE_SERVER, [127, 0, 0, 1], 8080, [127, 0, 0, 1], 50000),
+            data_record(4242, 5, 1, 1_000, true, REQ),
+            data_record(4242, 5, 1, 2_000, false, RESP),
+        ]);
+        assert_eq!(out.len(), 1);
+        let (ex, info) = &out[0];
+        assert_eq!((ex.side, ex.method.as_str(), ex.status), (Side::Server, "GET", Some(200)));
+        assert_eq!(info.local.port(), 8080);
+        assert_eq!(info.remote.port(), 50000);
+        assert_eq!(info.service_name, "cats");
+        assert_eq!(info.pid, 4242);
+    }
+
+    #[test]
+    fn port_filter_ignores_other_connections() {
+        let mut t = ConnTracker::new(TrackerConfig { ports: vec![9999], ..Default::default() });
+        let out = feed(&mut t, &[
+            open_record(1, 5, 1, ROLE_SERVER, [127, 0, 0, 1], 8080, [127, 0, 0, 1], 50000),
+            data_record(1, 5, 1, 1, true, REQ),
+            data_record(1, 5, 1, 2, false, RESP),
+        ]);
+        assert!(out.is_empty());
+    }
+
+    #[test]
+    fn fd_reuse_does_not_mix_connections() {
+        let mut t = ConnTracker::new(TrackerConfig::default());
+        let out = feed(&mut t, &[
+            open_record(1, 5, 1, ROLE_SERVER, [127, 0, 0, 1], 80, [127, 0, 0, 1], 1111),
+            data_record(1, 5, 1, 1, true, REQ),
+            // Same fd, new socket, no close seen: the first request is closed unanswered.
+            open_record(1, 5, 2, ROLE_SERVER, [127, 0, 0, 1], 80, [127, 0, 0, 1], 2222),
+            data_record(1, 5, 2, 3, true, REQ),
+            data_record(1, 5, 2, 4, false, RESP),
+        ]);
+        assert_eq!(out.len(), 2);
+        assert_eq!(out[0].0.outcome, Outcome::Closed { reset: false });
+        assert_eq!(out[0].1.remote.port(), 1111);
+        assert_eq!(out[1].0.status, Some(200));
+        assert_eq!(out[1].1.remote.port(), 2222);
+    }
+
+    #[test]
+    fn reset_then_close_marks_the_exchange() {
+        let mut t = ConnTracker::new(TrackerConfig::default());
+        let out = feed(&mut t, &[
+            open_record(1, 5, 1, ROLE_SERVER, [127, 0, 0, 1], 80, [127, 0, 0, 1], 1111),
+            data_record(1, 5, 1, 1, false, REQ),
+            header_record(EventKind::ConnReset, 1, 5, 1, 2),
+            header_record(EventKind::ConnClose, 1, 5, 1, 3),
+        ]);
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].0.side, Side::Client);
+        assert_eq!(out[0].0.outcome, Outcome::Closed { reset: true });
+        assert_eq!(t.open_connections(), 0);
+    }
+
+    #[test]
+    fn process_exit_and_idle_sweep_bound_the_table() {
+        let mut t = ConnTracker::new(TrackerConfig { idle_timeout_ns: 100, ..Default::default() });
+        feed(&mut t, &[
+            open_record(1, 5, 1, 0, [127, 0, 0, 1], 80, [127, 0, 0, 1], 1),
+            open_record(1, 6, 2, 0, [127, 0, 0, 1], 80, [127, 0, 0, 1], 2),
+            open_record(2, 5, 3, 0, [127, 0, 0, 1], 80, [127, 0, 0, 1], 3),
+            header_record(EventKind::ProcessExit, 1, 0, 0, 10),
+        ]);
+        assert_eq!(t.open_connections(), 1);
+        t.sweep(1_000);
+        assert_eq!(t.open_connections(), 0);
+        assert_eq!(t.stats().conns_evicted, 1);
+    }
+
+    #[test]
+    fn table_size_is_capped() {
+        let mut t = ConnTracker::new(TrackerConfig { max_conns: 100, ..Default::default() });
+        let records: Vec<_> = (0..1000u32)
+            .map(|fd| open_record(1, fd, u64::from(fd) + 1, 0, [127, 0, 0, 1], 80, [127, 0, 0, 1], 1))
+            .collect();
+        feed(&mut t, &records);
+        assert!(t.open_connections() <= 100);
+    }
+
+    #[test]
+    fn data_without_open_is_adopted() {
+        let mut t = ConnTracker::new(TrackerConfig::default());
+        let out = feed(&mut t, &[data_record(1, 5, 1, 1, true, REQ), data_record(1, 5, 1, 2, false, RESP)]);
+        assert_eq!(out.len(), 1);
+        assert_eq!(t.stats().conns_adopted, 1);
+    }
+}

@@ -1,0 +1,132 @@
+//! tracer's eBPF programs. They watch socket I/O from syscall tracepoints only (kprobes and
+//! fentry are not available on every kernel tracer runs on), filter in the kernel (traced
+//! process set, TCP sockets only), and send what a request parser needs to userspace through one
+//! ring buffer.
+//!
+//! Files: `syscalls.rs` (data syscalls: read/write family, sendfile), `sockets.rs` (fd -> socket
+//! resolution, accept, connect, close), `process.rs` (fork and exit, for the traced set).
+#![no_std]
+#![no_main]
+
+mod process;
+mod sockets;
+mod syscalls;
+
+use aya_ebpf::{
+    Global,
+    helpers::bpf_get_current_comm,
+    macros::map,
+    maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
+};
+use tracer_common::{Config, KernelOffsets, MAX_CAPTURE, stat};
+
+/// Written by the agent before load.
+#[unsafe(no_mangle)]
+static CONFIG: Global<Config> = Global::new(Config {
+    self_tgid: 0,
+    filter_pids: 1,
+    capture_bytes: 0,
+    follow_forks: 0,
+    filter_comms: 0,
+    fork_child_pid_offset: 0,
+});
+
+/// Written by the agent before load, from the running kernel's BTF.
+#[unsafe(no_mangle)]
+static OFFSETS: Global<KernelOffsets> = Global::new(KernelOffsets {
+    task_files: 0,
+    files_fdt: 0,
+    fdt_max_fds: 0,
+    fdt_fd: 0,
+    file_inode: 0,
+    file_private_data: 0,
+    inode_mode: 0,
+    socket_type: 0,
+    socket_sk: 0,
+    sk_family: 0,
+    sk_protocol: 0,
+    sk_daddr: 0,
+    sk_rcv_saddr: 0,
+    sk_dport: 0,
+    sk_num: 0,
+    sk_v6_daddr: 0,
+    sk_v6_rcv_saddr: 0,
+    valid: 0,
+});
+
+/// All records for userspace. Sized by the agent at load time.
+#[map]
+static EVENTS: RingBuf = RingBuf::with_byte_size(16 * 1024 * 1024, 0);
+
+/// Thread groups to trace when `Config::filter_pids` is set. Value unused.
+#[map]
+static TRACED_PIDS: HashMap<u32, u32> = HashMap::with_max_entries(16384, 0);
+
+/// Sockets being traced, by `(tgid << 32) | fd`. LRU so that fds whose close we never saw
+/// (the process died, or closed them with close_range) age out instead of filling the map.
+#[map]
+static CONNS: LruHashMap<u64, sockets::ConnState> = LruHashMap::with_max_entries(65536, 0);
+
+/// Arguments saved at a syscall's enter for its exit, by pid_tgid.
+#[map]
+static ACTIVE: LruHashMap<u64, tracer_common::SavedArgs> = LruHashMap::with_max_entries(16384, 0);
+
+/// Command names (`comm`, NUL-padded to 16 bytes) to trace when `Config::filter_comms` is set:
+/// checked in the kernel so that a matching process is traced from its first syscall.
+#[map]
+static TRACED_COMMS: HashMap<[u8; 16], u32> = HashMap::with_max_entries(256, 0);
+
+/// Per-CPU scratch space to build a data record in (too large for the 512-byte stack).
+#[map]
+static SCRATCH: PerCpuArray<syscalls::DataScratch> = PerCpuArray::with_max_entries(1, 0);
+
+/// Per-CPU counters, indexed by `tracer_common::stat`.
+#[map]
+static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stat::COUNT, 0);
+
+#[inline(always)]
+fn count(index: u32) {
+    if let Some(ptr) = STATS.get_ptr_mut(index) {
+        // SAFETY: per-CPU slot; programs do not migrate CPUs while running.
+        unsafe { *ptr += 1 };
+    }
+}
+
+/// Whether the current thread group's syscalls are traced.
+#[inline(always)]
+fn is_traced(tgid: u32) -> bool {
+    let config = CONFIG.load();
+    if tgid == config.self_tgid {
+        return false;
+    }
+    if config.filter_pids == 0 {
+        return true;
+    }
+    // SAFETY: the values are not used past the lookups.
+    if unsafe { TRACED_PIDS.get(&tgid).is_some() } {
+        return true;
+    }
+    config.filter_comms != 0
+        && bpf_get_current_comm().is_ok_and(|comm| unsafe { TRACED_COMMS.get(&comm).is_some() })
+}
+
+#[inline(always)]
+fn capture_limit() -> usize {
+    let configured = CONFIG.load().capture_bytes as usize;
+    if configured > MAX_CAPTURE {
+        MAX_CAPTURE
+    } else {
+        configured
+    }
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    // The verifier rejects any program that could reach this, so it is never executed.
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";

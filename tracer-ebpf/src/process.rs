@@ -1,0 +1,52 @@
+//! Keeps the traced set in step with the processes: forked children of traced processes are
+//! traced too (pre-fork servers, worker pools), and exits are reported so userspace can drop
+//! the state of a process whose pid may be reused.
+
+use aya_ebpf::{
+    helpers::bpf_get_current_pid_tgid, macros::tracepoint, programs::TracePointContext,
+};
+use tracer_common::EventKind;
+
+use crate::{CONFIG, TRACED_PIDS, is_traced, sockets::header_only};
+
+/// sched:sched_process_fork. Runs in the parent; `child_pid` is at an offset the agent read
+/// from the tracepoint's format file (it moved in 6.x).
+#[tracepoint]
+pub fn tracer_sched_fork(ctx: TracePointContext) -> u32 {
+    let config = CONFIG.load();
+    if config.filter_pids == 0 || config.follow_forks == 0 {
+        return 0;
+    }
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    if !is_traced(tgid) {
+        return 0;
+    }
+    let offset = (config.fork_child_pid_offset & 0xff) as usize;
+    // SAFETY: reads the tracepoint record at an offset taken from its format description.
+    let Ok(child) = (unsafe { ctx.read_at::<i32>(offset) }) else {
+        return 0;
+    };
+    // A new thread of a traced process shows up here too; its tid in the set is harmless and
+    // leaves again at its exit.
+    let _ = TRACED_PIDS.insert(&(child as u32), &1, 0);
+    0
+}
+
+/// sched:sched_process_exit, in the exiting thread's context.
+#[tracepoint]
+pub fn tracer_sched_exit(_ctx: TracePointContext) -> u32 {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let tgid = (pid_tgid >> 32) as u32;
+    let tid = pid_tgid as u32;
+    if !is_traced(tgid) {
+        return 0;
+    }
+    let config = CONFIG.load();
+    if config.filter_pids != 0 && tid != tgid {
+        let _ = TRACED_PIDS.remove(&tid);
+    }
+    if tid == tgid {
+        header_only(EventKind::ProcessExit, tgid, tid, 0, 0);
+    }
+    0
+}

@@ -1,0 +1,284 @@
+//! Which fds are TCP sockets, and their addresses: accept, connect and close, and the lazy
+//! resolution that also covers sockets opened before the tracer started.
+
+use aya_ebpf::{
+    helpers::{bpf_get_current_pid_tgid, bpf_get_current_task, bpf_ktime_get_ns, bpf_probe_read_kernel},
+    macros::tracepoint,
+    programs::TracePointContext,
+};
+use tracer_common::{
+    SavedArgs, ConnEvent, EventHeader, EventKind, ROLE_CLIENT, ROLE_SERVER, ROLE_UNKNOWN, stat,
+};
+
+use crate::{ACTIVE, CONNS, EVENTS, OFFSETS, count, is_traced};
+
+const S_IFMT: u16 = 0o170000;
+const S_IFSOCK: u16 = 0o140000;
+const SOCK_STREAM: i16 = 1;
+const AF_INET: u16 = 2;
+const AF_INET6: u16 = 10;
+const IPPROTO_TCP: u16 = 6;
+const EINPROGRESS: i64 = 115;
+const ABSENT: u32 = u32::MAX;
+
+/// A traced socket, as the kernel side remembers it.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct ConnState {
+    pub conn_id: u64,
+}
+
+#[inline(always)]
+pub fn conn_key(tgid: u32, fd: u32) -> u64 {
+    ((tgid as u64) << 32) | fd as u64
+}
+
+#[inline(always)]
+unsafe fn read_at<T>(base: *const u8, offset: u32) -> Result<T, i32> {
+    unsafe { bpf_probe_read_kernel(base.add(offset as usize) as *const T) }
+}
+
+/// Follows `current->files->fdt->fd[fd]` and returns the `struct sock *` when the fd is a TCP
+/// socket (IPv4 or IPv6), or null.
+#[inline(always)]
+unsafe fn tcp_sock_of_fd(fd: u32) -> Result<*const u8, i32> {
+    let off = OFFSETS.load();
+    if off.valid == 0 {
+        return Ok(core::ptr::null());
+    }
+    unsafe {
+        let task = bpf_get_current_task() as *const u8;
+        let files: *const u8 = read_at(task, off.task_files)?;
+        let fdt: *const u8 = read_at(files, off.files_fdt)?;
+        let max_fds: u32 = read_at(fdt, off.fdt_max_fds)?;
+        if fd >= max_fds {
+            return Ok(core::ptr::null());
+        }
+        let fd_array: *const u8 = read_at(fdt, off.fdt_fd)?;
+        let file: *const u8 = bpf_probe_read_kernel(fd_array.add(fd as usize * 8) as *const *const u8)?;
+        if file.is_null() {
+            return Ok(core::ptr::null());
+        }
+        let inode: *const u8 = read_at(file, off.file_inode)?;
+        let mode: u16 = read_at(inode, off.inode_mode)?;
+        if mode & S_IFMT != S_IFSOCK {
+            return Ok(core::ptr::null());
+        }
+        let socket: *const u8 = read_at(file, off.file_private_data)?;
+        let sock_type: i16 = read_at(socket, off.socket_type)?;
+        if sock_type != SOCK_STREAM {
+            return Ok(core::ptr::null());
+        }
+        let sk: *const u8 = read_at(socket, off.socket_sk)?;
+        if sk.is_null() {
+            return Ok(core::ptr::null());
+        }
+        let family: u16 = read_at(sk, off.sk_family)?;
+        if family != AF_INET && family != AF_INET6 {
+            return Ok(core::ptr::null());
+        }
+        if off.sk_protocol != ABSENT {
+            let protocol: u16 = read_at(sk, off.sk_protocol)?;
+            if protocol != IPPROTO_TCP {
+                return Ok(core::ptr::null());
+            }
+        }
+        Ok(sk)
+    }
+}
+
+/// Reads the socket's addresses into `ev`.
+#[inline(always)]
+unsafe fn read_addresses(sk: *const u8, ev: &mut ConnEvent) -> Result<(), i32> {
+    let off = OFFSETS.load();
+    unsafe {
+        let family: u16 = read_at(sk, off.sk_family)?;
+        ev.family = family;
+        let dport: u16 = read_at(sk, off.sk_dport)?;
+        ev.remote_port = u16::from_be(dport);
+        ev.local_port = read_at(sk, off.sk_num)?;
+        if family == AF_INET {
+            let daddr: [u8; 4] = read_at(sk, off.sk_daddr)?;
+            let saddr: [u8; 4] = read_at(sk, off.sk_rcv_saddr)?;
+            ev.remote_addr[..4].copy_from_slice(&daddr);
+            ev.local_addr[..4].copy_from_slice(&saddr);
+        } else {
+            ev.remote_addr = read_at(sk, off.sk_v6_daddr)?;
+            ev.local_addr = read_at(sk, off.sk_v6_rcv_saddr)?;
+        }
+    }
+    Ok(())
+}
+
+/// Starts tracking `fd` of the current thread group if it is a TCP socket, and tells userspace.
+/// Returns the new connection id, or None when the fd is not a TCP socket.
+#[inline(always)]
+pub fn track(fd: u32, role: u16) -> Option<u64> {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let tgid = (pid_tgid >> 32) as u32;
+    // SAFETY: reads of kernel memory through bpf_probe_read_kernel, which fault safely.
+    let sk = match unsafe { tcp_sock_of_fd(fd) } {
+        Ok(sk) if !sk.is_null() => sk,
+        Ok(_) => return None,
+        Err(_) => {
+            count(stat::READ_ERRORS);
+            return None;
+        }
+    };
+    let ts_ns = unsafe { bpf_ktime_get_ns() };
+    // The timestamp is unique enough per (tgid, fd): the same slot cannot be opened twice in
+    // one nanosecond.
+    let conn_id = ts_ns;
+    let mut ev = ConnEvent {
+        hdr: EventHeader {
+            kind: EventKind::ConnOpen as u32,
+            tgid,
+            tid: pid_tgid as u32,
+            fd,
+            ts_ns,
+            conn_id,
+        },
+        family: 0,
+        role,
+        local_port: 0,
+        remote_port: 0,
+        local_addr: [0; 16],
+        remote_addr: [0; 16],
+    };
+    if unsafe { read_addresses(sk, &mut ev) }.is_err() {
+        count(stat::READ_ERRORS);
+        return None;
+    }
+    if CONNS.insert(&conn_key(tgid, fd), &ConnState { conn_id }, 0).is_err() {
+        return None;
+    }
+    count(stat::CONNS_OPENED);
+    if EVENTS.output::<ConnEvent>(&ev, 0).is_err() {
+        count(stat::RINGBUF_LOST);
+    }
+    Some(conn_id)
+}
+
+/// The connection id of `fd` if it is a traced TCP socket, resolving (and announcing) sockets
+/// the tracer has not seen yet: those opened before it started, or passed in by a parent.
+#[inline(always)]
+pub fn lookup_or_track(tgid: u32, fd: u32) -> Option<u64> {
+    // SAFETY: the value is copied out at once.
+    if let Some(state) = unsafe { CONNS.get(&conn_key(tgid, fd)) } {
+        return Some(state.conn_id);
+    }
+    track(fd, ROLE_UNKNOWN)
+}
+
+#[inline(always)]
+pub fn header_only(kind: EventKind, tgid: u32, tid: u32, fd: u32, conn_id: u64) {
+    let hdr = EventHeader {
+        kind: kind as u32,
+        tgid,
+        tid,
+        fd,
+        ts_ns: unsafe { bpf_ktime_get_ns() },
+        conn_id,
+    };
+    if EVENTS.output::<EventHeader>(&hdr, 0).is_err() {
+        count(stat::RINGBUF_LOST);
+    }
+}
+
+/// sys_enter_accept / sys_enter_accept4: nothing to save but the fact the call is under way.
+#[tracepoint]
+pub fn tracer_enter_accept(_ctx: TracePointContext) -> u32 {
+    save_for_exit(SavedArgs::ACCEPT, 0);
+    0
+}
+
+/// sys_exit_accept / sys_exit_accept4: `long ret` (the new fd) at offset 16.
+#[tracepoint]
+pub fn tracer_exit_accept(ctx: TracePointContext) -> u32 {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    if take_saved(pid_tgid).is_none() {
+        return 0;
+    }
+    let ret: i64 = unsafe { ctx.read_at(16) }.unwrap_or(-1);
+    if ret >= 0 {
+        track(ret as u32, ROLE_SERVER);
+    }
+    0
+}
+
+/// sys_enter_connect: `int fd` at 16.
+#[tracepoint]
+pub fn tracer_enter_connect(ctx: TracePointContext) -> u32 {
+    let fd: u64 = unsafe { ctx.read_at(16) }.unwrap_or(u64::MAX);
+    if fd <= u32::MAX as u64 {
+        save_for_exit(SavedArgs::CONNECT, fd as u32);
+    }
+    0
+}
+
+/// sys_exit_connect: `long ret` at 16. A non-blocking connect returns -EINPROGRESS with the
+/// local port already bound, so the addresses are complete either way.
+#[tracepoint]
+pub fn tracer_exit_connect(ctx: TracePointContext) -> u32 {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let Some(saved) = take_saved(pid_tgid) else {
+        return 0;
+    };
+    let ret: i64 = unsafe { ctx.read_at(16) }.unwrap_or(-1);
+    if ret == 0 || ret == -EINPROGRESS {
+        // A reconnect of the same fd would otherwise keep the stale entry.
+        let _ = CONNS.remove(&conn_key((pid_tgid >> 32) as u32, saved.fd));
+        track(saved.fd, ROLE_CLIENT);
+    }
+    0
+}
+
+/// sys_enter_close: `int fd` at 16. Closing at enter is right: the fd is gone whatever close returns.
+#[tracepoint]
+pub fn tracer_enter_close(ctx: TracePointContext) -> u32 {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let tgid = (pid_tgid >> 32) as u32;
+    if !is_traced(tgid) {
+        return 0;
+    }
+    let fd: u64 = unsafe { ctx.read_at(16) }.unwrap_or(u64::MAX);
+    if fd > u32::MAX as u64 {
+        return 0;
+    }
+    let key = conn_key(tgid, fd as u32);
+    // SAFETY: the value is copied out at once.
+    let Some(conn_id) = (unsafe { CONNS.get(&key) }).map(|s| s.conn_id) else {
+        return 0;
+    };
+    let _ = CONNS.remove(&key);
+    header_only(EventKind::ConnClose, tgid, pid_tgid as u32, fd as u32, conn_id);
+    0
+}
+
+#[inline(always)]
+fn save_for_exit(kind: u32, fd: u32) {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    if !is_traced((pid_tgid >> 32) as u32) {
+        return;
+    }
+    let args = SavedArgs {
+        kind,
+        fd,
+        buf: 0,
+        count: 0,
+        conn_id: 0,
+        syscall: 0,
+        direction: 0,
+    };
+    let _ = ACTIVE.insert(&pid_tgid, &args, 0);
+}
+
+#[inline(always)]
+pub fn take_saved(pid_tgid: u64) -> Option<SavedArgs> {
+    // SAFETY: copied out before the entry is removed.
+    let saved = unsafe { ACTIVE.get(&pid_tgid) }.copied();
+    if saved.is_some() {
+        let _ = ACTIVE.remove(&pid_tgid);
+    }
+    saved
+}

@@ -1,0 +1,219 @@
+//! The agent: wires the stages together and runs until a signal (or, for `attach`, until the
+//! traced process exits). Capture never waits on export: spans go through a bounded queue.
+
+use std::{path::Path, time::Duration};
+
+use anyhow::{Context as _, bail};
+use aya::maps::{MapData, RingBuf};
+use log::{debug, info, warn};
+use tokio::{
+    io::{Interest, unix::AsyncFd},
+    signal::unix::{SignalKind, signal},
+};
+use tracer_common::stat;
+
+use crate::{
+    cli::{AttachOptions, CommonOptions, OutputFormat, RunOptions},
+    conn::{ConnTracker, Finished, TrackerConfig},
+    events::decode,
+    export::{Exporter, Output, ZipkinConfig, parse_zipkin_url},
+    probes::{ProbeOptions, Probes},
+    spans::{Clock, IdGen, span_from_http},
+};
+
+/// What to trace, resolved from the command line.
+struct Plan {
+    probe: ProbeOptions,
+    tracker: TrackerConfig,
+    output: Output,
+    /// `attach`: stop when this process is gone.
+    attached_pid: Option<u32>,
+    stats_interval: Option<Duration>,
+}
+
+pub fn run(opts: RunOptions) -> anyhow::Result<()> {
+    for pid in &opts.pids {
+        check_pid(*pid)?;
+    }
+    let filter = !opts.pids.is_empty() || !opts.comms.is_empty();
+    let plan = plan(&opts.common, opts.pids, opts.comms, filter, opts.ports, None)?;
+    execute(plan)
+}
+
+pub fn attach(opts: AttachOptions) -> anyhow::Result<()> {
+    check_pid(opts.pid)?;
+    let plan = plan(&opts.common, vec![opts.pid], Vec::new(), true, opts.ports, Some(opts.pid))?;
+    execute(plan)
+}
+
+fn check_pid(pid: u32) -> anyhow::Result<()> {
+    if pid == 0 || !Path::new(&format!("/proc/{pid}")).exists() {
+        bail!("no process with pid {pid}");
+    }
+    if pid == std::process::id() {
+        bail!("tracer cannot trace itself (pid {pid})");
+    }
+    Ok(())
+}
+
+fn plan(
+    common: &CommonOptions,
+    pids: Vec<u32>,
+    comms: Vec<String>,
+    filter_pids: bool,
+    ports: Vec<u16>,
+    attached_pid: Option<u32>,
+) -> anyhow::Result<Plan> {
+    for comm in &comms {
+        if comm.is_empty() || comm.len() > 15 {
+            bail!("--comm {comm:?}: a command name is 1 to 15 bytes (as in /proc/PID/comm)");
+        }
+    }
+    let output = match &common.zipkin {
+        Some(url) => Output::Zipkin(ZipkinConfig {
+            url: parse_zipkin_url(url)?,
+            batch_size: common.batch_size as usize,
+            flush_interval: Duration::from_millis(common.flush_interval_ms),
+            queue_capacity: common.queue_size as usize,
+            gzip: !common.no_gzip,
+            request_timeout: Duration::from_secs(10),
+        }),
+        None => match common.output {
+            OutputFormat::Text => Output::Text,
+            OutputFormat::Json => Output::Json,
+        },
+    };
+    Ok(Plan {
+        probe: ProbeOptions {
+            pids,
+            comms,
+            filter_pids,
+            follow_forks: !common.no_follow_forks,
+            capture_bytes: common.capture_bytes,
+            ring_bytes: common.ring_buffer_mib * 1024 * 1024,
+        },
+        tracker: TrackerConfig { ports, service_name: common.service_name.clone(), ..TrackerConfig::default() },
+        output,
+        attached_pid,
+        stats_interval: (common.stats_interval > 0).then(|| Duration::from_secs(common.stats_interval)),
+    })
+}
+
+fn execute(plan: Plan) -> anyhow::Result<()> {
+    let mut probes = Probes::load(&plan.probe)?;
+    let seeded = plan.probe.pids.iter().map(|pid| probes.seed_blocked_reads(*pid)).sum::<usize>();
+    if seeded > 0 {
+        debug!("{seeded} threads were blocked in a socket read at attach");
+    }
+    match plan.attached_pid {
+        Some(pid) => info!("attached to pid {pid}"),
+        None if plan.probe.filter_pids => info!("tracing pids {:?} and commands {:?}", plan.probe.pids, plan.probe.comms),
+        None => info!("tracing every process on this host"),
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .thread_name("tracer")
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(event_loop(plan, probes))
+}
+
+async fn event_loop(plan: Plan, mut probes: Probes) -> anyhow::Result<()> {
+    let exporter = Exporter::start(plan.output);
+    let ring = probes.take_events()?;
+    let mut ring = AsyncFd::with_interest(ring, Interest::READABLE).context("cannot poll the ring buffer")?;
+    let mut sigint = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+    let mut sigterm = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+
+    let clock = Clock::now_calibrated();
+    let mut ids = IdGen::new();
+    let mut tracker = ConnTracker::new(plan.tracker);
+    let mut finished: Vec<Finished> = Vec::new();
+    let mut decode_errors = 0u64;
+    let mut lost_reported = 0u64;
+    let mut last_stats = std::time::Instant::now();
+
+    let reason = loop {
+        tokio::select! {
+            guard = ring.readable_mut() => {
+                let mut guard = guard.context("ring buffer poll failed")?;
+                drain_ring(guard.get_inner_mut(), &mut tracker, &mut finished, &mut decode_errors);
+                guard.clear_ready();
+                for (exchange, conn) in finished.drain(..) {
+                    exporter.submit(span_from_http(&exchange, &conn, &clock, &mut ids));
+                }
+            }
+            _ = sigint.recv() => break "interrupted",
+            _ = sigterm.recv() => break "terminated",
+            _ = tick.tick() => {
+                tracker.sweep(monotonic_ns());
+                let lost = probes.kernel_stats()[stat::RINGBUF_LOST as usize];
+                if lost > lost_reported {
+                    warn!("lost {} events: the ring buffer was full (raise --ring-buffer-mib)", lost - lost_reported);
+                    lost_reported = lost;
+                }
+                if let Some(interval) = plan.stats_interval && last_stats.elapsed() >= interval {
+                    eprintln!("{}", stats_line(&probes, &tracker, &exporter, decode_errors));
+                    last_stats = std::time::Instant::now();
+                }
+                if let Some(pid) = plan.attached_pid && !Path::new(&format!("/proc/{pid}")).exists() {
+                    break "the traced process exited";
+                }
+            }
+        }
+    };
+    // Whatever is still in the ring belongs to requests that already happened.
+    drain_ring(ring.get_mut(), &mut tracker, &mut finished, &mut decode_errors);
+    for (exchange, conn) in finished.drain(..) {
+        exporter.submit(span_from_http(&exchange, &conn, &clock, &mut ids));
+    }
+    info!("stopping: {reason}; flushing spans");
+    let summary = stats_line(&probes, &tracker, &exporter, decode_errors);
+    exporter.shutdown(Duration::from_secs(5)).await;
+    eprintln!("tracer: {reason}. {summary}");
+    Ok(())
+}
+
+fn drain_ring(ring: &mut RingBuf<MapData>, tracker: &mut ConnTracker, out: &mut Vec<Finished>, errors: &mut u64) {
+    while let Some(item) = ring.next() {
+        match decode(&item) {
+            Ok(event) => tracker.handle(&event, out),
+            Err(e) => {
+                *errors += 1;
+                if *errors == 1 || errors.is_power_of_two() {
+                    warn!("undecodable event ({e}); {errors} so far");
+                }
+            }
+        }
+    }
+}
+
+fn stats_line(probes: &Probes, tracker: &ConnTracker, exporter: &Exporter, decode_errors: u64) -> String {
+    use std::sync::atomic::Ordering::Relaxed;
+    let k = probes.kernel_stats();
+    let t = tracker.stats();
+    let e = exporter.stats();
+    format!(
+        "events: {} data, {} lost, {} undecodable; connections: {} open, {} evicted; requests: {}; spans: {} exported, {} dropped (queue full), {} failed",
+        k[stat::DATA_EVENTS as usize],
+        k[stat::RINGBUF_LOST as usize],
+        decode_errors,
+        tracker.open_connections(),
+        t.conns_evicted,
+        t.exchanges,
+        e.exported.load(Relaxed),
+        e.dropped.load(Relaxed),
+        e.failed.load(Relaxed),
+    )
+}
+
+/// CLOCK_MONOTONIC, the clock of `bpf_ktime_get_ns`.
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: valid pointer; CLOCK_MONOTONIC always exists.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}

@@ -1,0 +1,134 @@
+//! Command-line interface: one struct per subcommand, options shared through `CommonOptions`.
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// Traces requests of unmodified programs from the kernel (eBPF) and exports Zipkin v2 spans.
+///
+/// Without --zipkin, finished spans are printed to stdout as they happen.
+#[derive(Debug, Parser)]
+#[command(name = "tracer", version, propagate_version = true, max_term_width = 100)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Trace the whole host, or the processes the filters select (daemon mode). Processes
+    /// started later are traced too.
+    Run(RunOptions),
+    /// Trace one running process (its threads and the children it forks) without restarting it.
+    Attach(AttachOptions),
+}
+
+#[derive(Debug, Args)]
+pub struct RunOptions {
+    /// Trace only this process id (repeatable). Combined with --comm as "either".
+    #[arg(long = "pid", value_name = "PID")]
+    pub pids: Vec<u32>,
+    /// Trace only processes with this command name, as in /proc/PID/comm (repeatable).
+    #[arg(long = "comm", value_name = "NAME")]
+    pub comms: Vec<String>,
+    /// Trace only connections with this local or remote port (repeatable).
+    #[arg(long = "port", value_name = "PORT")]
+    pub ports: Vec<u16>,
+    #[command(flatten)]
+    pub common: CommonOptions,
+}
+
+#[derive(Debug, Args)]
+pub struct AttachOptions {
+    /// The process to trace.
+    #[arg(long, value_name = "PID")]
+    pub pid: u32,
+    /// Trace only connections with this local or remote port (repeatable).
+    #[arg(long = "port", value_name = "PORT")]
+    pub ports: Vec<u16>,
+    #[command(flatten)]
+    pub common: CommonOptions,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum OutputFormat {
+    /// One readable line per finished span.
+    Text,
+    /// One Zipkin v2 span JSON object per line.
+    Json,
+}
+
+#[derive(Debug, Args)]
+pub struct CommonOptions {
+    /// Send spans to this Zipkin collector (http://host:9411 or its full /api/v2/spans URL)
+    /// instead of printing them.
+    #[arg(long, value_name = "URL", env = "TRACER_ZIPKIN_URL")]
+    pub zipkin: Option<String>,
+    /// How spans are printed when there is no --zipkin.
+    #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
+    pub output: OutputFormat,
+    /// Service name for every span (default: the process's command name).
+    #[arg(long, value_name = "NAME")]
+    pub service_name: Option<String>,
+    /// Payload bytes copied per syscall, at most 4096: enough for request lines and headers.
+    #[arg(long, value_name = "BYTES", default_value_t = tracer_common::DEFAULT_CAPTURE,
+          value_parser = clap::value_parser!(u32).range(64..=4096))]
+    pub capture_bytes: u32,
+    /// Kernel-to-agent ring buffer size in MiB (a power of two).
+    #[arg(long, value_name = "MIB", default_value_t = 16, value_parser = parse_ring_size)]
+    pub ring_buffer_mib: u32,
+    /// Spans per Zipkin request.
+    #[arg(long, value_name = "N", default_value_t = 200, value_parser = clap::value_parser!(u64).range(1..=10_000))]
+    pub batch_size: u64,
+    /// Longest wait before a partial batch is sent, in milliseconds.
+    #[arg(long, value_name = "MS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=600_000))]
+    pub flush_interval_ms: u64,
+    /// Spans held while the collector is slow or down; more are dropped and counted.
+    #[arg(long, value_name = "N", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
+    pub queue_size: u64,
+    /// Send uncompressed JSON to the collector.
+    #[arg(long)]
+    pub no_gzip: bool,
+    /// Do not trace the children a traced process forks.
+    #[arg(long)]
+    pub no_follow_forks: bool,
+    /// Print agent statistics to stderr every this many seconds (0: only at exit).
+    #[arg(long, value_name = "SECS", default_value_t = 0)]
+    pub stats_interval: u64,
+}
+
+fn parse_ring_size(s: &str) -> Result<u32, String> {
+    let mib: u32 = s.parse().map_err(|_| format!("`{s}` is not a number"))?;
+    if !mib.is_power_of_two() || !(1..=1024).contains(&mib) {
+        return Err("must be a power of two between 1 and 1024".into());
+    }
+    Ok(mib)
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn parses_run_filters() {
+        let cli = Cli::try_parse_from(["tracer", "run", "--pid", "1", "--pid", "2", "--comm", "nginx", "--port", "80"]).unwrap();
+        let Command::Run(run) = cli.command else { panic!() };
+        assert_eq!(run.pids, [1, 2]);
+        assert_eq!(run.comms, ["nginx"]);
+        assert_eq!(run.ports, [80]);
+        assert_eq!(run.common.output, OutputFormat::Text);
+    }
+
+    #[test]
+    fn rejects_bad_values() {
+        assert!(Cli::try_parse_from(["tracer", "attach"]).is_err());
+        assert!(Cli::try_parse_from(["tracer", "attach", "--pid", "x"]).is_err());
+        assert!(Cli::try_parse_from(["tracer", "run", "--ring-buffer-mib", "3"]).is_err());
+        assert!(Cli::try_parse_from(["tracer", "run", "--capture-bytes", "100000"]).is_err());
+    }
+}
