@@ -88,3 +88,34 @@ pub struct HttpExchange {
     pub resp_bytes: u64,
     pub outcome: Outcome,
 }
+
+/// Which database protocol an exchange was.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DbSystem {
+    Postgresql,
+    Redis,
+}
+
+/// One finished database call (a query, a command, or a pipelined/transaction batch element).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DbExchange {
+    pub system: DbSystem,
+    pub side: Side,
+    /// Operation name: the SQL verb (`SELECT`, `INSERT`, `BEGIN`...) or the Redis command (`GET`).
+    pub operation: String,
+    /// The statement with literals replaced by `?` (SQL) or the command with arguments replaced
+    /// by `?` (Redis), bounded in length. Never raw values.
+    pub statement: String,
+    /// The main table or key-space object when it is cheap to tell (`cats` in `SELECT ... FROM
+    /// cats`); used in the span name.
+    pub target: Option<String>,
+    /// The server's error message, when the call failed.
+    pub error: Option<String>,
+    pub req_start_ns: u64,
+    pub req_end_ns: u64,
+    pub resp_start_ns: Option<u64>,
+    pub end_ns: u64,
+    pub req_bytes: u64,
+    pub resp_bytes: u64,
+    pub outcome: Outcome,
+}
