@@ -16,9 +16,9 @@ use crate::{
     cli::{AttachOptions, CommonOptions, OutputFormat, RunOptions},
     conn::{ConnTracker, Finished, TrackerConfig},
     events::decode,
-    export::{Exporter, Output, ZipkinConfig, parse_zipkin_url},
+    export::{Exporter, Output, USER_AGENT, ZipkinConfig, parse_zipkin_url},
     probes::{ProbeOptions, Probes},
-    spans::{Clock, IdGen, span_from_http},
+    spans::{Clock, span_from_http},
 };
 
 /// What to trace, resolved from the command line.
@@ -36,13 +36,27 @@ pub fn run(opts: RunOptions) -> anyhow::Result<()> {
         check_pid(*pid)?;
     }
     let filter = !opts.pids.is_empty() || !opts.comms.is_empty();
-    let plan = plan(&opts.common, opts.pids, opts.comms, filter, opts.ports, None)?;
+    let plan = plan(
+        &opts.common,
+        opts.pids,
+        opts.comms,
+        filter,
+        opts.ports,
+        None,
+    )?;
     execute(plan)
 }
 
 pub fn attach(opts: AttachOptions) -> anyhow::Result<()> {
     check_pid(opts.pid)?;
-    let plan = plan(&opts.common, vec![opts.pid], Vec::new(), true, opts.ports, Some(opts.pid))?;
+    let plan = plan(
+        &opts.common,
+        vec![opts.pid],
+        Vec::new(),
+        true,
+        opts.ports,
+        Some(opts.pid),
+    )?;
     execute(plan)
 }
 
@@ -92,22 +106,35 @@ fn plan(
             capture_bytes: common.capture_bytes,
             ring_bytes: common.ring_buffer_mib * 1024 * 1024,
         },
-        tracker: TrackerConfig { ports, service_name: common.service_name.clone(), ..TrackerConfig::default() },
+        tracker: TrackerConfig {
+            ports,
+            service_name: common.service_name.clone(),
+            ..TrackerConfig::default()
+        },
         output,
         attached_pid,
-        stats_interval: (common.stats_interval > 0).then(|| Duration::from_secs(common.stats_interval)),
+        stats_interval: (common.stats_interval > 0)
+            .then(|| Duration::from_secs(common.stats_interval)),
     })
 }
 
 fn execute(plan: Plan) -> anyhow::Result<()> {
     let mut probes = Probes::load(&plan.probe)?;
-    let seeded = plan.probe.pids.iter().map(|pid| probes.seed_blocked_reads(*pid)).sum::<usize>();
+    let seeded = plan
+        .probe
+        .pids
+        .iter()
+        .map(|pid| probes.seed_blocked_reads(*pid))
+        .sum::<usize>();
     if seeded > 0 {
         debug!("{seeded} threads were blocked in a socket read at attach");
     }
     match plan.attached_pid {
         Some(pid) => info!("attached to pid {pid}"),
-        None if plan.probe.filter_pids => info!("tracing pids {:?} and commands {:?}", plan.probe.pids, plan.probe.comms),
+        None if plan.probe.filter_pids => info!(
+            "tracing pids {:?} and commands {:?}",
+            plan.probe.pids, plan.probe.comms
+        ),
         None => info!("tracing every process on this host"),
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -122,19 +149,22 @@ fn execute(plan: Plan) -> anyhow::Result<()> {
 async fn event_loop(plan: Plan, mut probes: Probes) -> anyhow::Result<()> {
     let exporter = Exporter::start(plan.output);
     let ring = probes.take_events()?;
-    let mut ring = AsyncFd::with_interest(ring, Interest::READABLE).context("cannot poll the ring buffer")?;
+    // SAFETY: the RingBuf owns its map fd, which stays open and the same until it is dropped,
+    // and the AsyncFd owns the RingBuf.
+    let mut ring = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
+        .map_err(|e| anyhow::anyhow!("cannot poll the ring buffer: {e}"))?;
     let mut sigint = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
     let mut sigterm = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
-    let clock = Clock::now_calibrated();
-    let mut ids = IdGen::new();
+    let mut clock = Clock::now_calibrated();
     let mut tracker = ConnTracker::new(plan.tracker);
     let mut finished: Vec<Finished> = Vec::new();
     let mut decode_errors = 0u64;
     let mut lost_reported = 0u64;
     let mut last_stats = std::time::Instant::now();
+    let mut last_calibration = std::time::Instant::now();
 
     let reason = loop {
         tokio::select! {
@@ -142,14 +172,16 @@ async fn event_loop(plan: Plan, mut probes: Probes) -> anyhow::Result<()> {
                 let mut guard = guard.context("ring buffer poll failed")?;
                 drain_ring(guard.get_inner_mut(), &mut tracker, &mut finished, &mut decode_errors);
                 guard.clear_ready();
-                for (exchange, conn) in finished.drain(..) {
-                    exporter.submit(span_from_http(&exchange, &conn, &clock, &mut ids));
-                }
+                submit(&exporter, &mut finished, &clock);
             }
             _ = sigint.recv() => break "interrupted",
             _ = sigterm.recv() => break "terminated",
             _ = tick.tick() => {
                 tracker.sweep(monotonic_ns());
+                if last_calibration.elapsed() >= Duration::from_secs(60) {
+                    clock.recalibrate();
+                    last_calibration = std::time::Instant::now();
+                }
                 let lost = probes.kernel_stats()[stat::RINGBUF_LOST as usize];
                 if lost > lost_reported {
                     warn!("lost {} events: the ring buffer was full (raise --ring-buffer-mib)", lost - lost_reported);
@@ -166,10 +198,13 @@ async fn event_loop(plan: Plan, mut probes: Probes) -> anyhow::Result<()> {
         }
     };
     // Whatever is still in the ring belongs to requests that already happened.
-    drain_ring(ring.get_mut(), &mut tracker, &mut finished, &mut decode_errors);
-    for (exchange, conn) in finished.drain(..) {
-        exporter.submit(span_from_http(&exchange, &conn, &clock, &mut ids));
-    }
+    drain_ring(
+        ring.get_mut(),
+        &mut tracker,
+        &mut finished,
+        &mut decode_errors,
+    );
+    submit(&exporter, &mut finished, &clock);
     info!("stopping: {reason}; flushing spans");
     let summary = stats_line(&probes, &tracker, &exporter, decode_errors);
     exporter.shutdown(Duration::from_secs(5)).await;
@@ -177,7 +212,27 @@ async fn event_loop(plan: Plan, mut probes: Probes) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn drain_ring(ring: &mut RingBuf<MapData>, tracker: &mut ConnTracker, out: &mut Vec<Finished>, errors: &mut u64) {
+/// Builds and queues the spans of finished exchanges. Unsampled traces (an upstream caller said
+/// so) are not exported, nor the collector's side of our own export requests: tracing the
+/// collector's host would otherwise add a span per batch, forever.
+fn submit(exporter: &Exporter, finished: &mut Vec<Finished>, clock: &Clock) {
+    for (exchange, conn, identity) in finished.drain(..) {
+        let own_export = exchange
+            .request_headers
+            .iter()
+            .any(|(n, v)| n == "user-agent" && v == USER_AGENT);
+        if identity.sampled && !own_export {
+            exporter.submit(span_from_http(&exchange, &conn, &identity, clock));
+        }
+    }
+}
+
+fn drain_ring(
+    ring: &mut RingBuf<MapData>,
+    tracker: &mut ConnTracker,
+    out: &mut Vec<Finished>,
+    errors: &mut u64,
+) {
     while let Some(item) = ring.next() {
         match decode(&item) {
             Ok(event) => tracker.handle(&event, out),
@@ -191,19 +246,28 @@ fn drain_ring(ring: &mut RingBuf<MapData>, tracker: &mut ConnTracker, out: &mut 
     }
 }
 
-fn stats_line(probes: &Probes, tracker: &ConnTracker, exporter: &Exporter, decode_errors: u64) -> String {
+fn stats_line(
+    probes: &Probes,
+    tracker: &ConnTracker,
+    exporter: &Exporter,
+    decode_errors: u64,
+) -> String {
     use std::sync::atomic::Ordering::Relaxed;
     let k = probes.kernel_stats();
     let t = tracker.stats();
+    let l = tracker.link_stats();
     let e = exporter.stats();
     format!(
-        "events: {} data, {} lost, {} undecodable; connections: {} open, {} evicted; requests: {}; spans: {} exported, {} dropped (queue full), {} failed",
+        "events: {} data, {} lost, {} undecodable; connections: {} open, {} evicted; requests: {}; links: {} linked, {} left unlinked (uncertain), {} joined incoming context; spans: {} exported, {} dropped (queue full), {} failed",
         k[stat::DATA_EVENTS as usize],
         k[stat::RINGBUF_LOST as usize],
         decode_errors,
         tracker.open_connections(),
         t.conns_evicted,
         t.exchanges,
+        l.linked,
+        l.unlinked_ambiguous,
+        l.joined_incoming,
         e.exported.load(Relaxed),
         e.dropped.load(Relaxed),
         e.failed.load(Relaxed),
@@ -212,7 +276,10 @@ fn stats_line(probes: &Probes, tracker: &ConnTracker, exporter: &Exporter, decod
 
 /// CLOCK_MONOTONIC, the clock of `bpf_ktime_get_ns`.
 fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: valid pointer; CLOCK_MONOTONIC always exists.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64

@@ -6,7 +6,12 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 ///
 /// Without --zipkin, finished spans are printed to stdout as they happen.
 #[derive(Debug, Parser)]
-#[command(name = "tracer", version, propagate_version = true, max_term_width = 100)]
+#[command(
+    name = "tracer",
+    version,
+    propagate_version = true,
+    max_term_width = 100
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -116,8 +121,13 @@ mod tests {
 
     #[test]
     fn parses_run_filters() {
-        let cli = Cli::try_parse_from(["tracer", "run", "--pid", "1", "--pid", "2", "--comm", "nginx", "--port", "80"]).unwrap();
-        let Command::Run(run) = cli.command else { panic!() };
+        let cli = Cli::try_parse_from([
+            "tracer", "run", "--pid", "1", "--pid", "2", "--comm", "nginx", "--port", "80",
+        ])
+        .unwrap();
+        let Command::Run(run) = cli.command else {
+            panic!()
+        };
         assert_eq!(run.pids, [1, 2]);
         assert_eq!(run.comms, ["nginx"]);
         assert_eq!(run.ports, [80]);

@@ -53,7 +53,10 @@ pub enum DecodeError {
 fn read_pod<T: Copy>(bytes: &[u8]) -> Result<T, DecodeError> {
     let want = std::mem::size_of::<T>();
     if bytes.len() < want {
-        return Err(DecodeError::TooShort { want, got: bytes.len() });
+        return Err(DecodeError::TooShort {
+            want,
+            got: bytes.len(),
+        });
     }
     // SAFETY: T is one of the repr(C) integer-only ABI structs (any bit pattern is valid) and
     // `bytes` holds at least size_of::<T>() bytes; read_unaligned needs no alignment.
@@ -70,7 +73,10 @@ pub fn decode(bytes: &[u8]) -> Result<Event<'_>, DecodeError> {
             let claimed = ev.head_len as usize;
             // The ring buffer pads records to 8 bytes, so the payload may be followed by slack.
             if rest.len() < claimed || claimed as u64 > ev.len {
-                return Err(DecodeError::SizeMismatch { claimed, carried: rest.len() });
+                return Err(DecodeError::SizeMismatch {
+                    claimed,
+                    carried: rest.len(),
+                });
             }
             let tail_len = (ev.tail_len as usize).min(TAIL_LEN);
             // Copying the fixed-size tail out of `ev` would outlive it; point into the record.
@@ -87,7 +93,12 @@ pub fn decode(bytes: &[u8]) -> Result<Event<'_>, DecodeError> {
         EventKind::ConnOpen => {
             let ev: ConnEvent = read_pod(bytes)?;
             let (local, remote) = socket_addrs(&ev)?;
-            Event::ConnOpen { hdr, role: ev.role, local, remote }
+            Event::ConnOpen {
+                hdr,
+                role: ev.role,
+                local,
+                remote,
+            }
         }
         EventKind::ConnClose => Event::ConnClose(hdr),
         EventKind::ConnReset => Event::ConnReset(hdr),
@@ -121,14 +132,35 @@ pub(crate) mod tests {
 
     fn as_bytes<T: Copy>(v: &T) -> Vec<u8> {
         // SAFETY: the ABI structs have no padding (size assertions in tracer-common).
-        unsafe { std::slice::from_raw_parts((v as *const T).cast::<u8>(), std::mem::size_of::<T>()) }.to_vec()
+        unsafe {
+            std::slice::from_raw_parts((v as *const T).cast::<u8>(), std::mem::size_of::<T>())
+        }
+        .to_vec()
     }
 
-    pub fn data_record(tgid: u32, fd: u32, conn_id: u64, ts: u64, ingress: bool, payload: &[u8]) -> Vec<u8> {
+    pub fn data_record(
+        tgid: u32,
+        fd: u32,
+        conn_id: u64,
+        ts: u64,
+        ingress: bool,
+        payload: &[u8],
+    ) -> Vec<u8> {
         let ev = DataEvent {
-            hdr: EventHeader { kind: EventKind::Data as u32, tgid, tid: tgid, fd, ts_ns: ts, conn_id },
+            hdr: EventHeader {
+                kind: EventKind::Data as u32,
+                tgid,
+                tid: tgid,
+                fd,
+                ts_ns: ts,
+                conn_id,
+            },
             len: payload.len() as u64,
-            direction: if ingress { DIR_INGRESS } else { tracer_common::DIR_EGRESS },
+            direction: if ingress {
+                DIR_INGRESS
+            } else {
+                tracer_common::DIR_EGRESS
+            },
             syscall: 0,
             head_len: payload.len() as u32,
             tail_len: 0,
@@ -140,9 +172,26 @@ pub(crate) mod tests {
         out
     }
 
-    pub fn open_record(tgid: u32, fd: u32, conn_id: u64, role: u16, local: [u8; 4], lport: u16, remote: [u8; 4], rport: u16) -> Vec<u8> {
+    #[allow(clippy::too_many_arguments)] // a record's fields, in wire order
+    pub fn open_record(
+        tgid: u32,
+        fd: u32,
+        conn_id: u64,
+        role: u16,
+        local: [u8; 4],
+        lport: u16,
+        remote: [u8; 4],
+        rport: u16,
+    ) -> Vec<u8> {
         let mut ev = ConnEvent {
-            hdr: EventHeader { kind: EventKind::ConnOpen as u32, tgid, tid: tgid, fd, ts_ns: 1, conn_id },
+            hdr: EventHeader {
+                kind: EventKind::ConnOpen as u32,
+                tgid,
+                tid: tgid,
+                fd,
+                ts_ns: 1,
+                conn_id,
+            },
             family: 2,
             role,
             local_port: lport,
@@ -155,13 +204,30 @@ pub(crate) mod tests {
     }
 
     pub fn header_record(kind: EventKind, tgid: u32, fd: u32, conn_id: u64, ts: u64) -> Vec<u8> {
-        as_bytes(&EventHeader { kind: kind as u32, tgid, tid: tgid, fd, ts_ns: ts, conn_id })
+        as_bytes(&EventHeader {
+            kind: kind as u32,
+            tgid,
+            tid: tgid,
+            fd,
+            ts_ns: ts,
+            conn_id,
+        })
     }
 
     #[test]
     fn data_round_trip_with_ring_padding() {
         let rec = data_record(7, 3, 99, 1000, true, b"GET / HTTP/1.1\r\n\r\n");
-        let Event::Data { hdr, len, ingress, head, tail, .. } = decode(&rec).unwrap() else { panic!() };
+        let Event::Data {
+            hdr,
+            len,
+            ingress,
+            head,
+            tail,
+            ..
+        } = decode(&rec).unwrap()
+        else {
+            panic!()
+        };
         assert_eq!((hdr.tgid, hdr.fd, hdr.conn_id, hdr.ts_ns), (7, 3, 99, 1000));
         assert_eq!(len, 18);
         assert!(ingress);
@@ -179,14 +245,36 @@ pub(crate) mod tests {
         rec[tl..tl + 4].copy_from_slice(&4u32.to_ne_bytes());
         let t = std::mem::offset_of!(DataEvent, tail);
         rec[t..t + 4].copy_from_slice(b"\r\n\r\n");
-        let Event::Data { len, tail, head, .. } = decode(&rec).unwrap() else { panic!() };
+        let Event::Data {
+            len, tail, head, ..
+        } = decode(&rec).unwrap()
+        else {
+            panic!()
+        };
         assert_eq!((len, tail, head.len()), (5000, &b"\r\n\r\n"[..], 17));
     }
 
     #[test]
     fn conn_open_v4() {
-        let rec = open_record(5, 4, 2, ROLE_SERVER, [127, 0, 0, 1], 8080, [127, 0, 0, 2], 40000);
-        let Event::ConnOpen { role, local, remote, .. } = decode(&rec).unwrap() else { panic!() };
+        let rec = open_record(
+            5,
+            4,
+            2,
+            ROLE_SERVER,
+            [127, 0, 0, 1],
+            8080,
+            [127, 0, 0, 2],
+            40000,
+        );
+        let Event::ConnOpen {
+            role,
+            local,
+            remote,
+            ..
+        } = decode(&rec).unwrap()
+        else {
+            panic!()
+        };
         assert_eq!(role, ROLE_SERVER);
         assert_eq!(local, "127.0.0.1:8080".parse().unwrap());
         assert_eq!(remote, "127.0.0.2:40000".parse().unwrap());
@@ -195,7 +283,10 @@ pub(crate) mod tests {
     #[test]
     fn conn_open_v6_and_mapped_v4() {
         let mut ev = ConnEvent {
-            hdr: EventHeader { kind: EventKind::ConnOpen as u32, ..Default::default() },
+            hdr: EventHeader {
+                kind: EventKind::ConnOpen as u32,
+                ..Default::default()
+            },
             family: 10,
             local_port: 443,
             remote_port: 5555,
@@ -203,26 +294,37 @@ pub(crate) mod tests {
         };
         ev.local_addr = Ipv6Addr::LOCALHOST.octets();
         ev.remote_addr = Ipv4Addr::new(10, 0, 0, 9).to_ipv6_mapped().octets();
-        let Event::ConnOpen { local, remote, .. } = decode(&as_bytes(&ev)).unwrap() else { panic!() };
+        let Event::ConnOpen { local, remote, .. } = decode(&as_bytes(&ev)).unwrap() else {
+            panic!()
+        };
         assert_eq!(local, "[::1]:443".parse().unwrap());
         assert_eq!(remote, "10.0.0.9:5555".parse().unwrap());
     }
 
     #[test]
     fn malformed_records_are_errors_not_panics() {
-        assert!(matches!(decode(&[1, 2, 3]), Err(DecodeError::TooShort { .. })));
+        assert!(matches!(
+            decode(&[1, 2, 3]),
+            Err(DecodeError::TooShort { .. })
+        ));
         let mut bad = header_record(EventKind::ConnClose, 1, 1, 1, 1);
         bad[0] = 77;
         assert_eq!(decode(&bad), Err(DecodeError::UnknownKind(77)));
         let mut rec = data_record(1, 1, 1, 1, true, b"abc");
         let hl = std::mem::offset_of!(DataEvent, head_len);
         rec[hl..hl + 4].copy_from_slice(&4000u32.to_ne_bytes());
-        assert!(matches!(decode(&rec), Err(DecodeError::SizeMismatch { .. })));
+        assert!(matches!(
+            decode(&rec),
+            Err(DecodeError::SizeMismatch { .. })
+        ));
         let mut open = open_record(1, 1, 1, 0, [0; 4], 0, [0; 4], 0);
         let fam = std::mem::offset_of!(ConnEvent, family);
         open[fam..fam + 2].copy_from_slice(&1u16.to_ne_bytes());
         assert_eq!(decode(&open), Err(DecodeError::BadFamily(1)));
         // A data header cut short.
-        assert!(matches!(decode(&rec[..40]), Err(DecodeError::TooShort { .. })));
+        assert!(matches!(
+            decode(&rec[..40]),
+            Err(DecodeError::TooShort { .. })
+        ));
     }
 }

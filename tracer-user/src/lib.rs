@@ -5,6 +5,7 @@
 pub mod agent;
 pub mod cli;
 pub mod conn;
+pub mod context;
 pub mod events;
 pub mod export;
 pub mod probes;

@@ -9,7 +9,7 @@ use aya::{
     maps::{HashMap, MapData, PerCpuArray, RingBuf},
     programs::TracePoint,
 };
-use btf_rs::{Btf, BtfType, Type};
+use btf_rs::{Btf, Type};
 use log::{debug, info, warn};
 use tracer_common::{Config, DIR_INGRESS, KernelOffsets, MAX_CAPTURE, SavedArgs, stat};
 
@@ -23,7 +23,9 @@ const TRACEFS: &str = "/sys/kernel/tracing";
 pub enum ProbeError {
     #[error("tracer needs root (or CAP_BPF, CAP_PERFMON and CAP_SYS_RESOURCE): run it with sudo")]
     NotPrivileged,
-    #[error("kernel BTF is missing ({BTF_PATH}): tracer needs a kernel built with CONFIG_DEBUG_INFO_BTF=y")]
+    #[error(
+        "kernel BTF is missing ({BTF_PATH}): tracer needs a kernel built with CONFIG_DEBUG_INFO_BTF=y"
+    )]
     MissingBtf,
     #[error("cannot read kernel BTF: {0}")]
     Btf(String),
@@ -31,7 +33,9 @@ pub enum ProbeError {
     MissingField(String),
     #[error("cannot mount tracefs at {TRACEFS}: {0}")]
     Tracefs(std::io::Error),
-    #[error("this tracer was built without its eBPF programs (AYA_BUILD_SKIP); rebuild it with `cargo xtask build`")]
+    #[error(
+        "this tracer was built without its eBPF programs (AYA_BUILD_SKIP); rebuild it with `cargo xtask build`"
+    )]
     NoObject,
     #[error("cannot load the eBPF programs: {0}")]
     Load(#[source] aya::EbpfError),
@@ -80,29 +84,106 @@ struct Attachment {
 }
 
 const ATTACHMENTS: &[Attachment] = &[
-    Attachment { program: "tracer_enter_read", category: "syscalls", tracepoints: &["sys_enter_read", "sys_enter_recvfrom"], required: true },
-    Attachment { program: "tracer_enter_write", category: "syscalls", tracepoints: &["sys_enter_write", "sys_enter_sendto"], required: true },
-    Attachment { program: "tracer_enter_readv", category: "syscalls", tracepoints: &["sys_enter_readv"], required: false },
-    Attachment { program: "tracer_enter_writev", category: "syscalls", tracepoints: &["sys_enter_writev"], required: false },
-    Attachment { program: "tracer_enter_recvmsg", category: "syscalls", tracepoints: &["sys_enter_recvmsg"], required: false },
-    Attachment { program: "tracer_enter_sendmsg", category: "syscalls", tracepoints: &["sys_enter_sendmsg"], required: false },
-    Attachment { program: "tracer_enter_sendfile", category: "syscalls", tracepoints: &["sys_enter_sendfile64"], required: false },
+    Attachment {
+        program: "tracer_enter_read",
+        category: "syscalls",
+        tracepoints: &["sys_enter_read", "sys_enter_recvfrom"],
+        required: true,
+    },
+    Attachment {
+        program: "tracer_enter_write",
+        category: "syscalls",
+        tracepoints: &["sys_enter_write", "sys_enter_sendto"],
+        required: true,
+    },
+    Attachment {
+        program: "tracer_enter_readv",
+        category: "syscalls",
+        tracepoints: &["sys_enter_readv"],
+        required: false,
+    },
+    Attachment {
+        program: "tracer_enter_writev",
+        category: "syscalls",
+        tracepoints: &["sys_enter_writev"],
+        required: false,
+    },
+    Attachment {
+        program: "tracer_enter_recvmsg",
+        category: "syscalls",
+        tracepoints: &["sys_enter_recvmsg"],
+        required: false,
+    },
+    Attachment {
+        program: "tracer_enter_sendmsg",
+        category: "syscalls",
+        tracepoints: &["sys_enter_sendmsg"],
+        required: false,
+    },
+    Attachment {
+        program: "tracer_enter_sendfile",
+        category: "syscalls",
+        tracepoints: &["sys_enter_sendfile64"],
+        required: false,
+    },
     Attachment {
         program: "tracer_exit_data",
         category: "syscalls",
         tracepoints: &[
-            "sys_exit_read", "sys_exit_recvfrom", "sys_exit_write", "sys_exit_sendto", "sys_exit_readv",
-            "sys_exit_writev", "sys_exit_recvmsg", "sys_exit_sendmsg", "sys_exit_sendfile64",
+            "sys_exit_read",
+            "sys_exit_recvfrom",
+            "sys_exit_write",
+            "sys_exit_sendto",
+            "sys_exit_readv",
+            "sys_exit_writev",
+            "sys_exit_recvmsg",
+            "sys_exit_sendmsg",
+            "sys_exit_sendfile64",
         ],
         required: true,
     },
-    Attachment { program: "tracer_enter_accept", category: "syscalls", tracepoints: &["sys_enter_accept", "sys_enter_accept4"], required: true },
-    Attachment { program: "tracer_exit_accept", category: "syscalls", tracepoints: &["sys_exit_accept", "sys_exit_accept4"], required: true },
-    Attachment { program: "tracer_enter_connect", category: "syscalls", tracepoints: &["sys_enter_connect"], required: true },
-    Attachment { program: "tracer_exit_connect", category: "syscalls", tracepoints: &["sys_exit_connect"], required: true },
-    Attachment { program: "tracer_enter_close", category: "syscalls", tracepoints: &["sys_enter_close"], required: true },
-    Attachment { program: "tracer_sched_fork", category: "sched", tracepoints: &["sched_process_fork"], required: false },
-    Attachment { program: "tracer_sched_exit", category: "sched", tracepoints: &["sched_process_exit"], required: false },
+    Attachment {
+        program: "tracer_enter_accept",
+        category: "syscalls",
+        tracepoints: &["sys_enter_accept", "sys_enter_accept4"],
+        required: true,
+    },
+    Attachment {
+        program: "tracer_exit_accept",
+        category: "syscalls",
+        tracepoints: &["sys_exit_accept", "sys_exit_accept4"],
+        required: true,
+    },
+    Attachment {
+        program: "tracer_enter_connect",
+        category: "syscalls",
+        tracepoints: &["sys_enter_connect"],
+        required: true,
+    },
+    Attachment {
+        program: "tracer_exit_connect",
+        category: "syscalls",
+        tracepoints: &["sys_exit_connect"],
+        required: true,
+    },
+    Attachment {
+        program: "tracer_enter_close",
+        category: "syscalls",
+        tracepoints: &["sys_enter_close"],
+        required: true,
+    },
+    Attachment {
+        program: "tracer_sched_fork",
+        category: "sched",
+        tracepoints: &["sched_process_fork"],
+        required: false,
+    },
+    Attachment {
+        program: "tracer_sched_exit",
+        category: "sched",
+        tracepoints: &["sched_process_exit"],
+        required: false,
+    },
 ];
 
 /// The loaded and attached programs. Dropping it detaches everything (the links are owned by
@@ -146,22 +227,28 @@ impl Probes {
             .map_err(ProbeError::Load)?;
 
         let mut traced_pids: HashMap<MapData, u32, u32> = HashMap::try_from(
-            ebpf.take_map("TRACED_PIDS").ok_or(ProbeError::Map("TRACED_PIDS"))?,
+            ebpf.take_map("TRACED_PIDS")
+                .ok_or(ProbeError::Map("TRACED_PIDS"))?,
         )
         .map_err(|_| ProbeError::Map("TRACED_PIDS"))?;
         // Fill the traced set before any program runs, so the first request is not missed.
         for pid in &opts.pids {
-            traced_pids.insert(pid, 1, 0).map_err(ProbeError::MapUpdate)?;
+            traced_pids
+                .insert(pid, 1, 0)
+                .map_err(ProbeError::MapUpdate)?;
         }
         let mut traced_comms: HashMap<&mut MapData, [u8; 16], u32> = HashMap::try_from(
-            ebpf.map_mut("TRACED_COMMS").ok_or(ProbeError::Map("TRACED_COMMS"))?,
+            ebpf.map_mut("TRACED_COMMS")
+                .ok_or(ProbeError::Map("TRACED_COMMS"))?,
         )
         .map_err(|_| ProbeError::Map("TRACED_COMMS"))?;
         for comm in &opts.comms {
             let mut key = [0u8; 16];
             let n = comm.len().min(15);
             key[..n].copy_from_slice(&comm.as_bytes()[..n]);
-            traced_comms.insert(key, 1, 0).map_err(ProbeError::MapUpdate)?;
+            traced_comms
+                .insert(key, 1, 0)
+                .map_err(ProbeError::MapUpdate)?;
         }
         let stats = PerCpuArray::try_from(ebpf.take_map("STATS").ok_or(ProbeError::Map("STATS"))?)
             .map_err(|_| ProbeError::Map("STATS"))?;
@@ -173,10 +260,16 @@ impl Probes {
                 .program_mut(a.program)
                 .ok_or(ProbeError::Map(a.program))?
                 .try_into()
-                .map_err(|source| ProbeError::Program { name: a.program, source })?;
+                .map_err(|source| ProbeError::Program {
+                    name: a.program,
+                    source,
+                })?;
             if let Err(source) = program.load() {
                 if a.required {
-                    return Err(ProbeError::Program { name: a.program, source });
+                    return Err(ProbeError::Program {
+                        name: a.program,
+                        source,
+                    });
                 }
                 skipped.push(format!("{} ({source})", a.program));
                 continue;
@@ -196,28 +289,47 @@ impl Probes {
                     }
                 }
             }
-            if a.required && attached_here == 0 {
-                if let Some((tp, source)) = last_error {
-                    return Err(ProbeError::Attach { name: a.program, tracepoint: (*tp).to_string(), source });
-                }
+            if a.required
+                && attached_here == 0
+                && let Some((tp, source)) = last_error
+            {
+                return Err(ProbeError::Attach {
+                    name: a.program,
+                    tracepoint: (*tp).to_string(),
+                    source,
+                });
             }
         }
         info!("attached {} tracepoints", attached.len());
         if !skipped.is_empty() {
-            warn!("not attached (this kernel lacks them): {}", skipped.join(", "));
+            warn!(
+                "not attached (this kernel lacks them): {}",
+                skipped.join(", ")
+            );
         }
-        Ok(Self { ebpf, traced_pids, stats, attached, skipped })
+        Ok(Self {
+            ebpf,
+            traced_pids,
+            stats,
+            attached,
+            skipped,
+        })
     }
 
     /// The ring buffer carrying every event. Call once.
     pub fn take_events(&mut self) -> Result<RingBuf<MapData>, ProbeError> {
-        let map = self.ebpf.take_map("EVENTS").ok_or(ProbeError::Map("EVENTS"))?;
+        let map = self
+            .ebpf
+            .take_map("EVENTS")
+            .ok_or(ProbeError::Map("EVENTS"))?;
         RingBuf::try_from(map).map_err(|_| ProbeError::Map("EVENTS"))
     }
 
     /// Adds a process to the traced set (used by `run --comm` when a matching process appears).
     pub fn trace_pid(&mut self, pid: u32) -> Result<(), ProbeError> {
-        self.traced_pids.insert(pid, 1, 0).map_err(ProbeError::MapUpdate)
+        self.traced_pids
+            .insert(pid, 1, 0)
+            .map_err(ProbeError::MapUpdate)
     }
 
     /// Seeds the saved-arguments map for threads of `pid` that are blocked in a socket read
@@ -226,14 +338,26 @@ impl Probes {
     /// many threads were seeded. Best effort: a thread that moves on meanwhile is harmless
     /// (its next enter overwrites the entry, or the probe drops it).
     pub fn seed_blocked_reads(&mut self, pid: u32) -> usize {
-        let Some(map) = self.ebpf.map_mut("ACTIVE") else { return 0 };
-        let Ok(mut active) = HashMap::<&mut MapData, u64, SavedArgs>::try_from(map) else { return 0 };
-        let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else { return 0 };
+        let Some(map) = self.ebpf.map_mut("ACTIVE") else {
+            return 0;
+        };
+        let Ok(mut active) = HashMap::<&mut MapData, u64, SavedArgs>::try_from(map) else {
+            return 0;
+        };
+        let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
+            return 0;
+        };
         let mut seeded = 0;
         for task in tasks.flatten() {
-            let Ok(tid) = task.file_name().to_string_lossy().parse::<u32>() else { continue };
-            let Ok(line) = fs::read_to_string(task.path().join("syscall")) else { continue };
-            let Some(args) = blocked_read(&line, |addr| read_process_u64(pid, addr)) else { continue };
+            let Ok(tid) = task.file_name().to_string_lossy().parse::<u32>() else {
+                continue;
+            };
+            let Ok(line) = fs::read_to_string(task.path().join("syscall")) else {
+                continue;
+            };
+            let Some(args) = blocked_read(&line, |addr| read_process_u64(pid, addr)) else {
+                continue;
+            };
             let key = (u64::from(pid) << 32) | u64::from(tid);
             if active.insert(key, args, 0).is_ok() {
                 seeded += 1;
@@ -285,7 +409,10 @@ fn check_privileges() -> Result<(), ProbeError> {
 
 /// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK.
 fn raise_memlock_limit() {
-    let rlim = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
+    let rlim = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
     // SAFETY: plain syscall with a valid pointer.
     if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rlim) } != 0 {
         debug!("could not raise RLIMIT_MEMLOCK; fine on kernels >= 5.11");
@@ -294,14 +421,22 @@ fn raise_memlock_limit() {
 
 /// aya attaches tracepoints through tracefs, which a fresh machine may not have mounted.
 fn ensure_tracefs() -> Result<(), ProbeError> {
-    if Path::new(TRACEFS).join("events").is_dir() || Path::new("/sys/kernel/debug/tracing/events").is_dir() {
+    if Path::new(TRACEFS).join("events").is_dir()
+        || Path::new("/sys/kernel/debug/tracing/events").is_dir()
+    {
         return Ok(());
     }
     let source = c"tracefs";
     let target = c"/sys/kernel/tracing";
     // SAFETY: all pointers are valid NUL-terminated strings; data is null.
     let rc = unsafe {
-        libc::mount(source.as_ptr(), target.as_ptr(), source.as_ptr(), 0, std::ptr::null())
+        libc::mount(
+            source.as_ptr(),
+            target.as_ptr(),
+            source.as_ptr(),
+            0,
+            std::ptr::null(),
+        )
     };
     if rc != 0 {
         return Err(ProbeError::Tracefs(std::io::Error::last_os_error()));
@@ -314,7 +449,9 @@ fn ensure_tracefs() -> Result<(), ProbeError> {
 fn fork_child_pid_offset() -> Option<u32> {
     let format = ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"]
         .iter()
-        .find_map(|root| fs::read_to_string(format!("{root}/events/sched/sched_process_fork/format")).ok())?;
+        .find_map(|root| {
+            fs::read_to_string(format!("{root}/events/sched/sched_process_fork/format")).ok()
+        })?;
     parse_format_offset(&format, "child_pid")
 }
 
@@ -326,7 +463,9 @@ fn parse_format_offset(format: &str, name: &str) -> Option<u32> {
         if decl.split_whitespace().last()? != name {
             return None;
         }
-        let offset = line.split(';').find_map(|part| part.trim().strip_prefix("offset:"))?;
+        let offset = line
+            .split(';')
+            .find_map(|part| part.trim().strip_prefix("offset:"))?;
         offset.trim().parse().ok()
     })
 }
@@ -367,7 +506,9 @@ pub fn kernel_offsets(btf_path: &Path) -> Result<KernelOffsets, ProbeError> {
 /// anonymous unions and structs as C does. `None` when a member is absent or is a bitfield
 /// that does not start on a byte.
 fn field_offset(btf: &Btf, name: &str, path: &str) -> Result<Option<u32>, ProbeError> {
-    let types = btf.resolve_types_by_name(name).map_err(|e| ProbeError::Btf(format!("{name}: {e}")))?;
+    let types = btf
+        .resolve_types_by_name(name)
+        .map_err(|e| ProbeError::Btf(format!("{name}: {e}")))?;
     let Some(mut current) = types.into_iter().find(|t| matches!(t, Type::Struct(_))) else {
         return Ok(None);
     };
@@ -379,7 +520,7 @@ fn field_offset(btf: &Btf, name: &str, path: &str) -> Result<Option<u32>, ProbeE
         bits += offset;
         current = ty;
     }
-    Ok((bits % 8 == 0).then_some(bits / 8))
+    Ok(bits.is_multiple_of(8).then_some(bits / 8))
 }
 
 /// Finds a member by name in a struct or union, descending into anonymous members. Returns its
@@ -391,10 +532,16 @@ fn find_member(btf: &Btf, ty: &Type, name: &str) -> Option<(u32, Type)> {
     for member in &s.members {
         let member_name = btf.resolve_name(member).unwrap_or_default();
         if member_name == name {
-            if member.bitfield_size().is_some_and(|size| size != 0 && size % 8 != 0) {
+            if member
+                .bitfield_size()
+                .is_some_and(|size| size != 0 && size % 8 != 0)
+            {
                 return None;
             }
-            return Some((member.bit_offset(), peel(btf, btf.resolve_chained_type(member).ok()?)));
+            return Some((
+                member.bit_offset(),
+                peel(btf, btf.resolve_chained_type(member).ok()?),
+            ));
         }
         if member_name.is_empty() {
             let inner = peel(btf, btf.resolve_chained_type(member).ok()?);
@@ -437,7 +584,11 @@ fn blocked_read(line: &str, read_u64: impl Fn(u64) -> Option<u64>) -> Option<Sav
     }
     let mut fields = line.split_whitespace();
     let nr: u64 = fields.next()?.parse().ok()?;
-    let mut arg = || fields.next().and_then(|f| u64::from_str_radix(f.trim_start_matches("0x"), 16).ok());
+    let mut arg = || {
+        fields
+            .next()
+            .and_then(|f| u64::from_str_radix(f.trim_start_matches("0x"), 16).ok())
+    };
     let (fd, a2, a3) = (arg()?, arg()?, arg()?);
     let fd = u32::try_from(fd).ok()?;
     let (kind, buf, count) = match nr {
@@ -447,7 +598,15 @@ fn blocked_read(line: &str, read_u64: impl Fn(u64) -> Option<u64>) -> Option<Sav
         NR_RECVMSG => (SavedArgs::IOV, read_u64(a2 + 16)?, read_u64(a2 + 24)?),
         _ => return None,
     };
-    Some(SavedArgs { kind, fd, buf, count, conn_id: 0, syscall: nr as u32, direction: DIR_INGRESS })
+    Some(SavedArgs {
+        kind,
+        fd,
+        buf,
+        count,
+        conn_id: 0,
+        syscall: nr as u32,
+        direction: DIR_INGRESS,
+    })
 }
 
 fn read_process_u64(pid: u32, addr: u64) -> Option<u64> {
@@ -492,14 +651,27 @@ mod tests {
     #[test]
     fn blocked_reads_are_recognised() {
         let no_mem = |_| None;
-        let read = blocked_read("0 0x5 0x7f00001000 0x2000 0x0 0x0 0x0 0x7ffd 0x7f01", no_mem).unwrap();
-        assert_eq!((read.kind, read.fd, read.buf, read.conn_id), (SavedArgs::BUF, 5, 0x7f00001000, 0));
+        let read = blocked_read(
+            "0 0x5 0x7f00001000 0x2000 0x0 0x0 0x0 0x7ffd 0x7f01",
+            no_mem,
+        )
+        .unwrap();
+        assert_eq!(
+            (read.kind, read.fd, read.buf, read.conn_id),
+            (SavedArgs::BUF, 5, 0x7f00001000, 0)
+        );
         let recv = blocked_read("45 0x4 0x1000 0x10000 0x0 0x0 0x0 0x1 0x2", no_mem).unwrap();
         assert_eq!((recv.kind, recv.fd, recv.syscall), (SavedArgs::BUF, 4, 45));
         let readv = blocked_read("19 0x3 0x2000 0x2 0x0 0x0 0x0 0x1 0x2", no_mem).unwrap();
-        assert_eq!((readv.kind, readv.buf, readv.count), (SavedArgs::IOV, 0x2000, 2));
-        let msg = blocked_read("47 0x3 0x5000 0x0 0x0 0x0 0x0 0x1 0x2", |addr| Some(addr)).unwrap();
-        assert_eq!((msg.kind, msg.buf, msg.count), (SavedArgs::IOV, 0x5010, 0x5018));
+        assert_eq!(
+            (readv.kind, readv.buf, readv.count),
+            (SavedArgs::IOV, 0x2000, 2)
+        );
+        let msg = blocked_read("47 0x3 0x5000 0x0 0x0 0x0 0x0 0x1 0x2", Some).unwrap();
+        assert_eq!(
+            (msg.kind, msg.buf, msg.count),
+            (SavedArgs::IOV, 0x5010, 0x5018)
+        );
         // Not blocked in a syscall, or in one that is not a read.
         assert!(blocked_read("running", no_mem).is_none());
         assert!(blocked_read("232 0x3 0x0 0x0 0x0 0x0 0x0 0x1 0x2", no_mem).is_none());
@@ -507,6 +679,9 @@ mod tests {
 
     #[test]
     fn missing_btf_is_reported() {
-        assert!(matches!(kernel_offsets(Path::new("/nonexistent/btf")), Err(ProbeError::MissingBtf)));
+        assert!(matches!(
+            kernel_offsets(Path::new("/nonexistent/btf")),
+            Err(ProbeError::MissingBtf)
+        ));
     }
 }

@@ -1,1 +1,694 @@
-//! (being written)
+//! Spans: what a finished exchange becomes, in Zipkin v2's model.
+//!
+//! A span is built from a parsed exchange, the connection it travelled on, and the identity the
+//! linker gave it (`conn::link`). This is also where what leaves the host is decided: names are
+//! folded so that ids do not explode the span-name cardinality, query strings are redacted, and
+//! request headers other than the few named here are never exported.
+
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, SocketAddr},
+};
+
+use serde::{Serialize, Serializer};
+
+use crate::{
+    conn::{ConnInfo, link::Identity},
+    protocols::{HttpExchange, Outcome, Side},
+};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum SpanKind {
+    Server,
+    Client,
+}
+
+/// A Zipkin v2 endpoint. `ipv4`/`ipv6` come from the address; an IPv4-mapped IPv6 address is
+/// reported as IPv4, as the peer would see it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Endpoint {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub service_name: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ipv4: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ipv6: Option<String>,
+    /// Zipkin omits port 0.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+}
+
+impl Endpoint {
+    pub fn new(service_name: Option<String>, addr: SocketAddr) -> Self {
+        let ip = match addr.ip() {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
+            v4 => v4,
+        };
+        let (ipv4, ipv6) = match ip {
+            IpAddr::V4(v4) if v4.is_unspecified() => (None, None),
+            IpAddr::V4(v4) => (Some(v4.to_string()), None),
+            IpAddr::V6(v6) if v6.is_unspecified() => (None, None),
+            IpAddr::V6(v6) => (None, Some(v6.to_string())),
+        };
+        Self {
+            service_name,
+            ipv4,
+            ipv6,
+            port: (addr.port() != 0).then_some(addr.port()),
+        }
+    }
+
+    pub fn ip(&self) -> Option<&str> {
+        self.ipv4.as_deref().or(self.ipv6.as_deref())
+    }
+}
+
+/// One Zipkin v2 span; `serde_json::to_string` gives exactly the wire form.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Span {
+    #[serde(serialize_with = "hex128")]
+    pub trace_id: u128,
+    #[serde(serialize_with = "hex64")]
+    pub id: u64,
+    #[serde(serialize_with = "hex64_opt", skip_serializing_if = "Option::is_none")]
+    pub parent_id: Option<u64>,
+    pub kind: SpanKind,
+    pub name: String,
+    /// Microseconds since the Unix epoch.
+    pub timestamp: u64,
+    /// Microseconds; at least 1, as Zipkin drops a zero duration.
+    pub duration: u64,
+    pub local_endpoint: Endpoint,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub remote_endpoint: Option<Endpoint>,
+    pub tags: BTreeMap<String, String>,
+}
+
+fn hex128<S: Serializer>(v: &u128, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(&format_args!("{v:032x}"))
+}
+
+fn hex64<S: Serializer>(v: &u64, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(&format_args!("{v:016x}"))
+}
+
+fn hex64_opt<S: Serializer>(v: &Option<u64>, s: S) -> Result<S::Ok, S::Error> {
+    match v {
+        Some(v) => hex64(v, s),
+        None => s.serialize_none(),
+    }
+}
+
+/// Converts kernel timestamps (CLOCK_MONOTONIC, as `bpf_ktime_get_ns`) to wall-clock time.
+///
+/// The offset is measured once between two monotonic reads around one realtime read, so it is
+/// right to a few microseconds; `recalibrate` follows NTP steps on long runs.
+#[derive(Clone, Copy, Debug)]
+pub struct Clock {
+    /// Unix nanoseconds minus monotonic nanoseconds.
+    offset_ns: i128,
+}
+
+impl Clock {
+    pub fn now_calibrated() -> Self {
+        let before = clock_ns(libc::CLOCK_MONOTONIC);
+        let real = clock_ns(libc::CLOCK_REALTIME);
+        let after = clock_ns(libc::CLOCK_MONOTONIC);
+        let mono = before + (after - before) / 2;
+        Self {
+            offset_ns: real - mono,
+        }
+    }
+
+    /// A clock with a known offset, for tests.
+    pub fn with_offset_ns(offset_ns: i128) -> Self {
+        Self { offset_ns }
+    }
+
+    pub fn recalibrate(&mut self) {
+        *self = Self::now_calibrated();
+    }
+
+    pub fn mono_ns_to_unix_us(&self, mono_ns: u64) -> u64 {
+        let unix_ns = i128::from(mono_ns) + self.offset_ns;
+        u64::try_from(unix_ns.max(0) / 1000).unwrap_or(u64::MAX)
+    }
+}
+
+fn clock_ns(clock: libc::clockid_t) -> i128 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid out-pointer and both clocks exist on every Linux.
+    unsafe { libc::clock_gettime(clock, &mut ts) };
+    i128::from(ts.tv_sec) * 1_000_000_000 + i128::from(ts.tv_nsec)
+}
+
+/// Longest value kept for tags that come from traffic, so a hostile request cannot make spans
+/// (and the collector's storage) large.
+const MAX_TAG_VALUE: usize = 256;
+
+/// Builds the span of one HTTP/1.x exchange.
+pub fn span_from_http(
+    exchange: &HttpExchange,
+    conn: &ConnInfo,
+    identity: &Identity,
+    clock: &Clock,
+) -> Span {
+    let (path, query) = split_target(&exchange.target);
+    let name = match exchange.method.as_str() {
+        // CONNECT's target is host:port, an address rather than a route.
+        "CONNECT" => "CONNECT".to_string(),
+        method => format!("{method} {}", fold_path(path)),
+    };
+    let mut tags = BTreeMap::new();
+    tags.insert("http.method".into(), bounded(&exchange.method));
+    tags.insert("http.path".into(), bounded(path));
+    if !query.is_empty() {
+        tags.insert("http.query".into(), bounded(&redact_query(query)));
+    }
+    if let Some(host) = header(exchange, "host") {
+        tags.insert("http.host".into(), bounded(host));
+    }
+    if let Some(status) = exchange.status {
+        tags.insert("http.status_code".into(), status.to_string());
+    }
+    tags.insert("http.request.size".into(), exchange.req_bytes.to_string());
+    tags.insert("http.response.size".into(), exchange.resp_bytes.to_string());
+    if let Some(error) = http_error(exchange) {
+        tags.insert("error".into(), error);
+    }
+    tags.insert("process.pid".into(), conn.pid.to_string());
+    tags.insert("process.command".into(), conn.comm.clone());
+
+    let start = exchange.req_start_ns;
+    let end = exchange.end_ns.max(start);
+    let (kind, remote_service) = match exchange.side {
+        Side::Server => (SpanKind::Server, None),
+        // The server's name is not known from here; its host name (without the port) is what
+        // Zipkin's dependency graph can use.
+        Side::Client => (
+            SpanKind::Client,
+            header(exchange, "host").map(|h| bounded(host_without_port(h)).to_lowercase()),
+        ),
+    };
+    Span {
+        trace_id: identity.trace_id,
+        id: identity.span_id,
+        parent_id: identity.parent_id,
+        kind,
+        name,
+        timestamp: clock.mono_ns_to_unix_us(start),
+        duration: ((end - start) / 1000).max(1),
+        local_endpoint: Endpoint::new(Some(conn.service_name.clone()), conn.local),
+        remote_endpoint: Some(Endpoint::new(remote_service, conn.remote)),
+        tags,
+    }
+}
+
+fn header<'a>(exchange: &'a HttpExchange, name: &str) -> Option<&'a str> {
+    exchange
+        .request_headers
+        .iter()
+        .find(|(n, _)| n == name)
+        .map(|(_, v)| v.as_str())
+}
+
+/// Why the exchange failed, as Zipkin's `error` tag: a 5xx, or a connection that ended early.
+fn http_error(exchange: &HttpExchange) -> Option<String> {
+    match (&exchange.outcome, exchange.status) {
+        (Outcome::Closed { reset: true }, _) => Some("connection reset".into()),
+        (Outcome::Closed { reset: false }, None) => {
+            Some("connection closed before response".into())
+        }
+        (Outcome::Closed { reset: false }, Some(s)) if s >= 500 => Some(s.to_string()),
+        (Outcome::Closed { reset: false }, Some(_)) => {
+            Some("connection closed during response".into())
+        }
+        (Outcome::Complete, Some(s)) if s >= 500 => Some(s.to_string()),
+        (Outcome::Complete, _) => None,
+    }
+}
+
+fn host_without_port(host: &str) -> &str {
+    if let Some(rest) = host.strip_prefix('[') {
+        return rest.split(']').next().unwrap_or(rest);
+    }
+    host.rsplit_once(':')
+        .filter(|(_, p)| p.bytes().all(|b| b.is_ascii_digit()))
+        .map_or(host, |(h, _)| h)
+}
+
+/// Splits a request-target into path and query. An absolute-form target (a request to a
+/// proxy) gives its path; the fragment, never sent by browsers but possible, is dropped.
+fn split_target(target: &str) -> (&str, &str) {
+    let mut rest = target;
+    if let Some(i) = rest.find("://") {
+        let after = &rest[i + 3..];
+        rest = after.find('/').map_or("/", |j| &after[j..]);
+    }
+    let rest = rest.split('#').next().unwrap_or(rest);
+    let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
+    (if path.is_empty() { "/" } else { path }, query)
+}
+
+fn bounded(s: &str) -> String {
+    if s.len() <= MAX_TAG_VALUE {
+        return s.to_string();
+    }
+    let mut end = MAX_TAG_VALUE;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}...", &s[..end])
+}
+
+/// Replaces path segments that look like identifiers with `{id}`: the span name is a route,
+/// not a request (`GET /users/42` and `GET /users/43` are one operation).
+pub fn fold_path(path: &str) -> String {
+    let mut out = String::with_capacity(path.len().min(128));
+    for (i, segment) in path.split('/').enumerate() {
+        if i > 0 {
+            out.push('/');
+        }
+        if out.len() > 128 {
+            out.push_str("...");
+            break;
+        }
+        if looks_like_id(segment) {
+            out.push_str("{id}");
+        } else {
+            out.push_str(segment);
+        }
+    }
+    out
+}
+
+fn looks_like_id(segment: &str) -> bool {
+    let s = segment.as_bytes();
+    if s.is_empty() {
+        return false;
+    }
+    let digits = s.iter().filter(|b| b.is_ascii_digit()).count();
+    // Numbers, also signed or decimal (`-1`, `3.14`).
+    if digits > 0
+        && s.iter()
+            .all(|b| b.is_ascii_digit() || matches!(b, b'-' | b'.' | b'_' | b','))
+    {
+        return true;
+    }
+    // Hex identifiers and UUIDs: hashes, object ids, commit ids.
+    let hexish = s.iter().all(|b| b.is_ascii_hexdigit() || *b == b'-');
+    if hexish && digits > 0 && s.iter().filter(|b| b.is_ascii_hexdigit()).count() >= 8 {
+        return true;
+    }
+    // Long tokens mixing letters and digits: base64 ids, session tokens, slugs with ids.
+    s.len() >= 16 && digits > 0 && s.iter().any(u8::is_ascii_alphabetic) && !s.contains(&b'.')
+        || s.len() >= 32
+        // Percent-encoded data is payload, not route.
+        || s.iter().filter(|b| **b == b'%').count() >= 3
+}
+
+/// Query parameters whose values are secrets. Matched as a substring of the lowercased name,
+/// so `access_token`, `X-Api-Key` and `client_secret` are all caught.
+const SECRET_PARAMS: [&str; 11] = [
+    "password",
+    "passwd",
+    "pwd",
+    "secret",
+    "token",
+    "auth",
+    "key",
+    "session",
+    "signature",
+    "sig",
+    "credential",
+];
+
+/// The query with the values of secret-looking parameters replaced by `REDACTED`; what users
+/// put in URLs (`?api_key=...`) must not reach the collector.
+pub fn redact_query(query: &str) -> String {
+    query
+        .split('&')
+        .map(|pair| match pair.split_once('=') {
+            Some((name, _)) if is_secret_name(name) => format!("{name}=REDACTED"),
+            _ => pair.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join("&")
+}
+
+fn is_secret_name(name: &str) -> bool {
+    let name = name.to_ascii_lowercase();
+    SECRET_PARAMS.iter().any(|s| name.contains(s))
+}
+
+/// One human-readable line for the live view on stdout.
+pub fn text_line(span: &Span) -> String {
+    let secs = span.timestamp / 1_000_000;
+    let (h, m, s) = ((secs / 3600) % 24, (secs / 60) % 60, secs % 60);
+    let ms = (span.timestamp / 1000) % 1000;
+    let service = span.local_endpoint.service_name.as_deref().unwrap_or("?");
+    let pid = span.tags.get("process.pid").map_or("?", String::as_str);
+    let kind = match span.kind {
+        SpanKind::Server => "SERVER",
+        SpanKind::Client => "CLIENT",
+    };
+    let status = span
+        .tags
+        .get("http.status_code")
+        .map_or("-", String::as_str);
+    let peer = span.remote_endpoint.as_ref().map_or_else(
+        || "-".to_string(),
+        |r| match (r.ip(), r.port) {
+            (Some(ip), Some(port)) if ip.contains(':') => format!("[{ip}]:{port}"),
+            (Some(ip), Some(port)) => format!("{ip}:{port}"),
+            (Some(ip), None) => ip.to_string(),
+            _ => "-".into(),
+        },
+    );
+    let error = span
+        .tags
+        .get("error")
+        .map(|e| format!("  error={e}"))
+        .unwrap_or_default();
+    format!(
+        "{h:02}:{m:02}:{s:02}.{ms:03}  {service}[{pid}]  {kind:<6}  {}  {status}  {}  {peer}  trace={:032x}{error}",
+        span.name,
+        format_duration(span.duration),
+        span.trace_id,
+    )
+}
+
+fn format_duration(us: u64) -> String {
+    match us {
+        0..1_000 => format!("{us}us"),
+        1_000..1_000_000 => format!("{:.2}ms", us as f64 / 1e3),
+        _ => format!("{:.2}s", us as f64 / 1e6),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn exchange(
+        side: Side,
+        method: &str,
+        target: &str,
+        status: Option<u16>,
+        outcome: Outcome,
+    ) -> HttpExchange {
+        HttpExchange {
+            side,
+            method: method.into(),
+            target: target.into(),
+            minor_version: 1,
+            request_headers: vec![
+                ("host".into(), "cats.example:8080".into()),
+                ("authorization".into(), "Bearer s3cret".into()),
+                ("cookie".into(), "session=abc".into()),
+            ],
+            status,
+            req_start_ns: 1_000_000,
+            req_end_ns: 1_100_000,
+            resp_start_ns: Some(2_000_000),
+            end_ns: 3_500_000,
+            req_bytes: 120,
+            resp_bytes: 4_000,
+            outcome,
+        }
+    }
+
+    fn conn() -> ConnInfo {
+        ConnInfo {
+            pid: 4242,
+            comm: "python3".into(),
+            service_name: "cats-api".into(),
+            local: "127.0.0.1:8080".parse().unwrap(),
+            remote: "127.0.0.1:51000".parse().unwrap(),
+        }
+    }
+
+    fn identity() -> Identity {
+        Identity {
+            trace_id: 0x0af7651916cd43dd8448eb211c80319c,
+            span_id: 0xb7ad6b7169203331,
+            parent_id: None,
+            sampled: true,
+        }
+    }
+
+    fn build(e: &HttpExchange) -> Span {
+        span_from_http(
+            e,
+            &conn(),
+            &identity(),
+            &Clock::with_offset_ns(1_700_000_000_000_000_000),
+        )
+    }
+
+    #[test]
+    fn server_span_has_zipkin_shape() {
+        let span = build(&exchange(
+            Side::Server,
+            "GET",
+            "/users/42?verbose=1",
+            Some(200),
+            Outcome::Complete,
+        ));
+        let json: serde_json::Value = serde_json::to_value(&span).unwrap();
+        assert_eq!(json["traceId"], "0af7651916cd43dd8448eb211c80319c");
+        assert_eq!(json["id"], "b7ad6b7169203331");
+        assert!(json.get("parentId").is_none());
+        assert_eq!(json["kind"], "SERVER");
+        assert_eq!(json["name"], "GET /users/{id}");
+        assert_eq!(json["timestamp"], 1_700_000_000_001_000u64);
+        assert_eq!(json["duration"], 2_500);
+        assert_eq!(
+            json["localEndpoint"],
+            serde_json::json!({"serviceName": "cats-api", "ipv4": "127.0.0.1", "port": 8080})
+        );
+        assert_eq!(
+            json["remoteEndpoint"],
+            serde_json::json!({"ipv4": "127.0.0.1", "port": 51000})
+        );
+        assert_eq!(json["tags"]["http.method"], "GET");
+        assert_eq!(json["tags"]["http.path"], "/users/42");
+        assert_eq!(json["tags"]["http.query"], "verbose=1");
+        assert_eq!(json["tags"]["http.status_code"], "200");
+        assert_eq!(json["tags"]["process.pid"], "4242");
+        assert_eq!(json["tags"]["process.command"], "python3");
+        assert!(json["tags"].get("error").is_none());
+    }
+
+    #[test]
+    fn credentials_and_bodies_never_leave() {
+        let span = build(&exchange(
+            Side::Client,
+            "POST",
+            "/login?user=bob&password=hunter2&api_key=xyz",
+            Some(200),
+            Outcome::Complete,
+        ));
+        let text = serde_json::to_string(&span).unwrap();
+        for secret in ["s3cret", "session=abc", "hunter2", "xyz", "Bearer"] {
+            assert!(!text.contains(secret), "{secret} leaked: {text}");
+        }
+        assert_eq!(
+            span.tags["http.query"],
+            "user=bob&password=REDACTED&api_key=REDACTED"
+        );
+    }
+
+    #[test]
+    fn client_span_names_the_remote_host() {
+        let span = build(&exchange(
+            Side::Client,
+            "GET",
+            "/",
+            Some(200),
+            Outcome::Complete,
+        ));
+        assert_eq!(span.kind, SpanKind::Client);
+        assert_eq!(
+            span.remote_endpoint.unwrap().service_name.as_deref(),
+            Some("cats.example")
+        );
+    }
+
+    #[test]
+    fn errors_are_tagged() {
+        let five = build(&exchange(
+            Side::Server,
+            "GET",
+            "/x",
+            Some(503),
+            Outcome::Complete,
+        ));
+        assert_eq!(five.tags["error"], "503");
+        let four = build(&exchange(
+            Side::Server,
+            "GET",
+            "/x",
+            Some(404),
+            Outcome::Complete,
+        ));
+        assert!(!four.tags.contains_key("error"));
+        let reset = build(&exchange(
+            Side::Client,
+            "GET",
+            "/x",
+            None,
+            Outcome::Closed { reset: true },
+        ));
+        assert_eq!(reset.tags["error"], "connection reset");
+        assert!(!reset.tags.contains_key("http.status_code"));
+        let closed = build(&exchange(
+            Side::Client,
+            "GET",
+            "/x",
+            None,
+            Outcome::Closed { reset: false },
+        ));
+        assert_eq!(closed.tags["error"], "connection closed before response");
+    }
+
+    #[test]
+    fn parent_id_is_lowercase_hex() {
+        let e = exchange(Side::Client, "GET", "/", Some(200), Outcome::Complete);
+        let id = Identity {
+            parent_id: Some(0xABC),
+            ..identity()
+        };
+        let span = span_from_http(&e, &conn(), &id, &Clock::with_offset_ns(0));
+        let json = serde_json::to_value(&span).unwrap();
+        assert_eq!(json["parentId"], "0000000000000abc");
+    }
+
+    #[test]
+    fn zero_duration_becomes_one_microsecond() {
+        let mut e = exchange(Side::Server, "GET", "/", Some(200), Outcome::Complete);
+        e.end_ns = e.req_start_ns + 10;
+        assert_eq!(build(&e).duration, 1);
+    }
+
+    #[test]
+    fn folds_identifiers() {
+        let cases = [
+            ("/", "/"),
+            ("/hello", "/hello"),
+            ("/users/42", "/users/{id}"),
+            ("/status/500", "/status/{id}"),
+            ("/v1/orders/123/items/7", "/v1/orders/{id}/items/{id}"),
+            (
+                "/objects/550e8400-e29b-41d4-a716-446655440000",
+                "/objects/{id}",
+            ),
+            (
+                "/commits/9fceb02d0ae598e95dc970b74767f19372d61af8",
+                "/commits/{id}",
+            ),
+            ("/blobs/deadbeef12", "/blobs/{id}"),
+            ("/api/v2/spans", "/api/v2/spans"),
+            ("/static/app.js", "/static/app.js"),
+            ("/cafe", "/cafe"),
+            ("/sessions/aZ9xQ2LmN8pR4sT6", "/sessions/{id}"),
+            ("/files/%E2%9C%93%E2%9C%93", "/files/{id}"),
+            ("/prices/-3.5", "/prices/{id}"),
+        ];
+        for (path, want) in cases {
+            assert_eq!(fold_path(path), want, "{path}");
+        }
+    }
+
+    #[test]
+    fn folding_is_bounded() {
+        let long = "/a".repeat(10_000);
+        assert!(fold_path(&long).len() < 200);
+    }
+
+    #[test]
+    fn targets_split_into_path_and_query() {
+        assert_eq!(split_target("/a?b=1#frag"), ("/a", "b=1"));
+        assert_eq!(split_target("http://proxy.example/x/y?z"), ("/x/y", "z"));
+        assert_eq!(split_target("http://proxy.example"), ("/", ""));
+        assert_eq!(split_target("*"), ("*", ""));
+        assert_eq!(split_target(""), ("/", ""));
+    }
+
+    #[test]
+    fn connect_is_named_without_its_address() {
+        let span = build(&exchange(
+            Side::Client,
+            "CONNECT",
+            "db.internal:5432",
+            Some(200),
+            Outcome::Complete,
+        ));
+        assert_eq!(span.name, "CONNECT");
+    }
+
+    #[test]
+    fn mapped_ipv6_is_reported_as_ipv4() {
+        let e = Endpoint::new(None, "[::ffff:10.1.2.3]:80".parse().unwrap());
+        assert_eq!(
+            (e.ipv4.as_deref(), e.ipv6.as_deref()),
+            (Some("10.1.2.3"), None)
+        );
+        let e = Endpoint::new(None, "[2001:db8::1]:80".parse().unwrap());
+        assert_eq!(e.ipv6.as_deref(), Some("2001:db8::1"));
+        let e = Endpoint::new(None, "0.0.0.0:0".parse().unwrap());
+        assert_eq!((e.ipv4, e.port), (None, None));
+    }
+
+    #[test]
+    fn long_tag_values_are_cut_on_char_boundaries() {
+        let mut e = exchange(Side::Server, "GET", "/", Some(200), Outcome::Complete);
+        e.request_headers.push(("host".into(), "é".repeat(500)));
+        e.request_headers.remove(0);
+        let span = build(&e);
+        assert!(span.tags["http.host"].len() <= MAX_TAG_VALUE + 3);
+    }
+
+    #[test]
+    fn text_line_reads_well() {
+        let span = build(&exchange(
+            Side::Server,
+            "GET",
+            "/users/42",
+            Some(200),
+            Outcome::Complete,
+        ));
+        let line = text_line(&span);
+        assert!(
+            line.contains("cats-api[4242]  SERVER  GET /users/{id}  200  2.50ms  127.0.0.1:51000"),
+            "{line}"
+        );
+    }
+}
+
+/// A plausible span for tests of later stages (the exporters).
+#[cfg(test)]
+pub mod tests_support {
+    use super::*;
+
+    pub fn span() -> Span {
+        Span {
+            trace_id: 0x0af7651916cd43dd8448eb211c80319c,
+            id: 0xb7ad6b7169203331,
+            parent_id: None,
+            kind: SpanKind::Server,
+            name: "GET /hello".into(),
+            timestamp: 1_700_000_000_000_000,
+            duration: 1_234,
+            local_endpoint: Endpoint::new(Some("cats".into()), "127.0.0.1:8080".parse().unwrap()),
+            remote_endpoint: Some(Endpoint::new(None, "127.0.0.1:50000".parse().unwrap())),
+            tags: BTreeMap::from([("http.method".to_string(), "GET".to_string())]),
+        }
+    }
+}

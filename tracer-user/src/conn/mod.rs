@@ -3,6 +3,11 @@
 //!
 //! State is bounded: a connection leaves on close, on its process's exit, after an idle
 //! timeout, or (least recently used first) when the table is full.
+//!
+//! `link` gives each exchange its span identity: parent/child inside a process, and joining
+//! the trace context a request carried in.
+
+pub mod link;
 
 use std::{
     collections::HashMap,
@@ -10,11 +15,24 @@ use std::{
     sync::Arc,
 };
 
+use self::link::{Identity, LinkStats, Linker};
 use crate::{
     events::Event,
-    protocols::{Direction, HttpExchange, Segment, http1::Http1Conn},
-    spans::ConnInfo,
+    protocols::{
+        Direction, HttpExchange, Segment,
+        http1::{Http1Conn, looks_like_request},
+    },
 };
+
+/// Who was on a connection when an exchange finished: what a span needs besides the exchange.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConnInfo {
+    pub pid: u32,
+    pub comm: String,
+    pub service_name: String,
+    pub local: SocketAddr,
+    pub remote: SocketAddr,
+}
 
 #[derive(Clone, Debug)]
 pub struct TrackerConfig {
@@ -30,7 +48,12 @@ pub struct TrackerConfig {
 
 impl Default for TrackerConfig {
     fn default() -> Self {
-        Self { ports: Vec::new(), service_name: None, idle_timeout_ns: 300_000_000_000, max_conns: 65_536 }
+        Self {
+            ports: Vec::new(),
+            service_name: None,
+            idle_timeout_ns: 300_000_000_000,
+            max_conns: 65_536,
+        }
     }
 }
 
@@ -68,20 +91,32 @@ pub struct ConnTracker {
     processes: HashMap<u32, Arc<Process>>,
     stats: TrackerStats,
     exchanges: Vec<HttpExchange>,
+    linker: Linker,
 }
 
-/// A finished exchange and the connection it happened on.
-pub type Finished = (HttpExchange, ConnInfo);
+/// A finished exchange, the connection it happened on, and its span identity.
+pub type Finished = (HttpExchange, ConnInfo, Identity);
 
 const UNSPECIFIED: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0);
 
 impl ConnTracker {
     pub fn new(config: TrackerConfig) -> Self {
-        Self { config, conns: HashMap::new(), processes: HashMap::new(), stats: TrackerStats::default(), exchanges: Vec::new() }
+        Self {
+            config,
+            conns: HashMap::new(),
+            processes: HashMap::new(),
+            stats: TrackerStats::default(),
+            exchanges: Vec::new(),
+            linker: Linker::new(),
+        }
     }
 
     pub fn stats(&self) -> &TrackerStats {
         &self.stats
+    }
+
+    pub fn link_stats(&self) -> &LinkStats {
+        self.linker.stats()
     }
 
     pub fn open_connections(&self) -> usize {
@@ -100,11 +135,23 @@ impl ConnTracker {
                 }
                 self.ensure_capacity(out);
                 let ignored = !self.port_allowed(local, remote);
-                self.conns.insert(key, Conn::new(hdr.conn_id, *local, *remote, ignored, hdr.ts_ns));
+                self.conns.insert(
+                    key,
+                    Conn::new(hdr.conn_id, *local, *remote, ignored, hdr.ts_ns),
+                );
                 self.stats.conns_opened += 1;
             }
-            Event::Data { len, ingress, head, tail, .. } => {
-                let stale = self.conns.get(&key).is_some_and(|c| c.conn_id != hdr.conn_id);
+            Event::Data {
+                len,
+                ingress,
+                head,
+                tail,
+                ..
+            } => {
+                let stale = self
+                    .conns
+                    .get(&key)
+                    .is_some_and(|c| c.conn_id != hdr.conn_id);
                 if stale && let Some(old) = self.conns.remove(&key) {
                     self.finish(key, old, hdr.ts_ns, out);
                 }
@@ -112,15 +159,28 @@ impl ConnTracker {
                     self.ensure_capacity(out);
                     self.stats.conns_adopted += 1;
                     let ignored = !self.config.ports.is_empty();
-                    self.conns.insert(key, Conn::new(hdr.conn_id, UNSPECIFIED, UNSPECIFIED, ignored, hdr.ts_ns));
+                    self.conns.insert(
+                        key,
+                        Conn::new(hdr.conn_id, UNSPECIFIED, UNSPECIFIED, ignored, hdr.ts_ns),
+                    );
                 }
-                let Some(conn) = self.conns.get_mut(&key) else { return };
+                let Some(conn) = self.conns.get_mut(&key) else {
+                    return;
+                };
                 conn.last_ns = hdr.ts_ns;
                 if conn.ignored || conn.http.is_not_http() {
                     return;
                 }
+                if looks_like_request(head) {
+                    self.linker
+                        .request_started(key, *ingress, hdr.tid, hdr.ts_ns, head);
+                }
                 let segment = Segment {
-                    dir: if *ingress { Direction::Ingress } else { Direction::Egress },
+                    dir: if *ingress {
+                        Direction::Ingress
+                    } else {
+                        Direction::Egress
+                    },
                     ts_ns: hdr.ts_ns,
                     len: *len,
                     head,
@@ -144,7 +204,12 @@ impl ConnTracker {
                 }
             }
             Event::ProcessExit(_) => {
-                let keys: Vec<_> = self.conns.keys().filter(|k| k.0 == hdr.tgid).copied().collect();
+                let keys: Vec<_> = self
+                    .conns
+                    .keys()
+                    .filter(|k| k.0 == hdr.tgid)
+                    .copied()
+                    .collect();
                 for k in keys {
                     if let Some(conn) = self.conns.remove(&k) {
                         self.stats.conns_closed += 1;
@@ -153,6 +218,7 @@ impl ConnTracker {
                 }
                 // The pid may be reused by an unrelated program: forget its name.
                 self.processes.remove(&hdr.tgid);
+                self.linker.process_exited(hdr.tgid);
             }
         }
     }
@@ -162,7 +228,8 @@ impl ConnTracker {
     pub fn sweep(&mut self, now_ns: u64) {
         let timeout = self.config.idle_timeout_ns;
         let before = self.conns.len();
-        self.conns.retain(|_, c| now_ns.saturating_sub(c.last_ns) < timeout);
+        self.conns
+            .retain(|_, c| now_ns.saturating_sub(c.last_ns) < timeout);
         self.stats.conns_evicted += (before - self.conns.len()) as u64;
     }
 
@@ -171,7 +238,8 @@ impl ConnTracker {
             return;
         }
         // Full: evict the least recently active tenth at once, so this scan is rare.
-        let mut by_age: Vec<((u32, u32), u64)> = self.conns.iter().map(|(k, c)| (*k, c.last_ns)).collect();
+        let mut by_age: Vec<((u32, u32), u64)> =
+            self.conns.iter().map(|(k, c)| (*k, c.last_ns)).collect();
         by_age.sort_unstable_by_key(|(_, last)| *last);
         let n = (self.config.max_conns / 10).max(1);
         for (key, last) in by_age.into_iter().take(n) {
@@ -197,6 +265,7 @@ impl ConnTracker {
         self.conns.insert(key, conn);
         self.drain(key.0, key, out);
         self.conns.remove(&key);
+        self.linker.conn_closed(key);
     }
 
     /// Moves parsed exchanges of `key` into `out` with their connection info.
@@ -218,7 +287,8 @@ impl ConnTracker {
                 local: conn.local,
                 remote: conn.remote,
             };
-            out.push((exchange, info));
+            let identity = self.linker.finished(key, &exchange);
+            out.push((exchange, info, identity));
         }
     }
 
@@ -239,7 +309,15 @@ impl ConnTracker {
 
 impl Conn {
     fn new(conn_id: u64, local: SocketAddr, remote: SocketAddr, ignored: bool, now: u64) -> Self {
-        Self { conn_id, local, remote, ignored, http: Http1Conn::new(), reset: false, last_ns: now }
+        Self {
+            conn_id,
+            local,
+            remote,
+            ignored,
+            http: Http1Conn::new(),
+            reset: false,
+            last_ns: now,
+        }
     }
 }
 
@@ -249,7 +327,10 @@ mod tests {
 
     use super::*;
     use crate::{
-        events::{decode, tests::{data_record, header_record, open_record}},
+        events::{
+            decode,
+            tests::{data_record, header_record, open_record},
+        },
         protocols::{Outcome, Side},
     };
 
@@ -266,15 +347,33 @@ mod tests {
 
     #[test]
     fn server_exchange_carries_connection_info() {
-        let mut t = ConnTracker::new(TrackerConfig { service_name: Some("cats".into()), ..Default::default() });
-        let out = feed(&mut t, &[
-            open_record(4242, 5, 1, ROLE_SERVER, [127, 0, 0, 1], 8080, [127, 0, 0, 1], 50000),
-            data_record(4242, 5, 1, 1_000, true, REQ),
-            data_record(4242, 5, 1, 2_000, false, RESP),
-        ]);
+        let mut t = ConnTracker::new(TrackerConfig {
+            service_name: Some("cats".into()),
+            ..Default::default()
+        });
+        let out = feed(
+            &mut t,
+            &[
+                open_record(
+                    4242,
+                    5,
+                    1,
+                    ROLE_SERVER,
+                    [127, 0, 0, 1],
+                    8080,
+                    [127, 0, 0, 1],
+                    50000,
+                ),
+                data_record(4242, 5, 1, 1_000, true, REQ),
+                data_record(4242, 5, 1, 2_000, false, RESP),
+            ],
+        );
         assert_eq!(out.len(), 1);
-        let (ex, info) = &out[0];
-        assert_eq!((ex.side, ex.method.as_str(), ex.status), (Side::Server, "GET", Some(200)));
+        let (ex, info, _) = &out[0];
+        assert_eq!(
+            (ex.side, ex.method.as_str(), ex.status),
+            (Side::Server, "GET", Some(200))
+        );
         assert_eq!(info.local.port(), 8080);
         assert_eq!(info.remote.port(), 50000);
         assert_eq!(info.service_name, "cats");
@@ -283,26 +382,62 @@ mod tests {
 
     #[test]
     fn port_filter_ignores_other_connections() {
-        let mut t = ConnTracker::new(TrackerConfig { ports: vec![9999], ..Default::default() });
-        let out = feed(&mut t, &[
-            open_record(1, 5, 1, ROLE_SERVER, [127, 0, 0, 1], 8080, [127, 0, 0, 1], 50000),
-            data_record(1, 5, 1, 1, true, REQ),
-            data_record(1, 5, 1, 2, false, RESP),
-        ]);
+        let mut t = ConnTracker::new(TrackerConfig {
+            ports: vec![9999],
+            ..Default::default()
+        });
+        let out = feed(
+            &mut t,
+            &[
+                open_record(
+                    1,
+                    5,
+                    1,
+                    ROLE_SERVER,
+                    [127, 0, 0, 1],
+                    8080,
+                    [127, 0, 0, 1],
+                    50000,
+                ),
+                data_record(1, 5, 1, 1, true, REQ),
+                data_record(1, 5, 1, 2, false, RESP),
+            ],
+        );
         assert!(out.is_empty());
     }
 
     #[test]
     fn fd_reuse_does_not_mix_connections() {
         let mut t = ConnTracker::new(TrackerConfig::default());
-        let out = feed(&mut t, &[
-            open_record(1, 5, 1, ROLE_SERVER, [127, 0, 0, 1], 80, [127, 0, 0, 1], 1111),
-            data_record(1, 5, 1, 1, true, REQ),
-            // Same fd, new socket, no close seen: the first request is closed unanswered.
-            open_record(1, 5, 2, ROLE_SERVER, [127, 0, 0, 1], 80, [127, 0, 0, 1], 2222),
-            data_record(1, 5, 2, 3, true, REQ),
-            data_record(1, 5, 2, 4, false, RESP),
-        ]);
+        let out = feed(
+            &mut t,
+            &[
+                open_record(
+                    1,
+                    5,
+                    1,
+                    ROLE_SERVER,
+                    [127, 0, 0, 1],
+                    80,
+                    [127, 0, 0, 1],
+                    1111,
+                ),
+                data_record(1, 5, 1, 1, true, REQ),
+                // Same fd, new socket, no close seen: the first request is closed unanswered.
+                open_record(
+                    1,
+                    5,
+                    2,
+                    ROLE_SERVER,
+                    [127, 0, 0, 1],
+                    80,
+                    [127, 0, 0, 1],
+                    2222,
+                ),
+                data_record(1, 5, 2, 3, true, REQ),
+                data_record(1, 5, 2, 4, false, RESP),
+            ],
+        );
         assert_eq!(out.len(), 2);
         assert_eq!(out[0].0.outcome, Outcome::Closed { reset: false });
         assert_eq!(out[0].1.remote.port(), 1111);
@@ -313,12 +448,24 @@ mod tests {
     #[test]
     fn reset_then_close_marks_the_exchange() {
         let mut t = ConnTracker::new(TrackerConfig::default());
-        let out = feed(&mut t, &[
-            open_record(1, 5, 1, ROLE_SERVER, [127, 0, 0, 1], 80, [127, 0, 0, 1], 1111),
-            data_record(1, 5, 1, 1, false, REQ),
-            header_record(EventKind::ConnReset, 1, 5, 1, 2),
-            header_record(EventKind::ConnClose, 1, 5, 1, 3),
-        ]);
+        let out = feed(
+            &mut t,
+            &[
+                open_record(
+                    1,
+                    5,
+                    1,
+                    ROLE_SERVER,
+                    [127, 0, 0, 1],
+                    80,
+                    [127, 0, 0, 1],
+                    1111,
+                ),
+                data_record(1, 5, 1, 1, false, REQ),
+                header_record(EventKind::ConnReset, 1, 5, 1, 2),
+                header_record(EventKind::ConnClose, 1, 5, 1, 3),
+            ],
+        );
         assert_eq!(out.len(), 1);
         assert_eq!(out[0].0.side, Side::Client);
         assert_eq!(out[0].0.outcome, Outcome::Closed { reset: true });
@@ -327,13 +474,19 @@ mod tests {
 
     #[test]
     fn process_exit_and_idle_sweep_bound_the_table() {
-        let mut t = ConnTracker::new(TrackerConfig { idle_timeout_ns: 100, ..Default::default() });
-        feed(&mut t, &[
-            open_record(1, 5, 1, 0, [127, 0, 0, 1], 80, [127, 0, 0, 1], 1),
-            open_record(1, 6, 2, 0, [127, 0, 0, 1], 80, [127, 0, 0, 1], 2),
-            open_record(2, 5, 3, 0, [127, 0, 0, 1], 80, [127, 0, 0, 1], 3),
-            header_record(EventKind::ProcessExit, 1, 0, 0, 10),
-        ]);
+        let mut t = ConnTracker::new(TrackerConfig {
+            idle_timeout_ns: 100,
+            ..Default::default()
+        });
+        feed(
+            &mut t,
+            &[
+                open_record(1, 5, 1, 0, [127, 0, 0, 1], 80, [127, 0, 0, 1], 1),
+                open_record(1, 6, 2, 0, [127, 0, 0, 1], 80, [127, 0, 0, 1], 2),
+                open_record(2, 5, 3, 0, [127, 0, 0, 1], 80, [127, 0, 0, 1], 3),
+                header_record(EventKind::ProcessExit, 1, 0, 0, 10),
+            ],
+        );
         assert_eq!(t.open_connections(), 1);
         t.sweep(1_000);
         assert_eq!(t.open_connections(), 0);
@@ -342,9 +495,23 @@ mod tests {
 
     #[test]
     fn table_size_is_capped() {
-        let mut t = ConnTracker::new(TrackerConfig { max_conns: 100, ..Default::default() });
+        let mut t = ConnTracker::new(TrackerConfig {
+            max_conns: 100,
+            ..Default::default()
+        });
         let records: Vec<_> = (0..1000u32)
-            .map(|fd| open_record(1, fd, u64::from(fd) + 1, 0, [127, 0, 0, 1], 80, [127, 0, 0, 1], 1))
+            .map(|fd| {
+                open_record(
+                    1,
+                    fd,
+                    u64::from(fd) + 1,
+                    0,
+                    [127, 0, 0, 1],
+                    80,
+                    [127, 0, 0, 1],
+                    1,
+                )
+            })
             .collect();
         feed(&mut t, &records);
         assert!(t.open_connections() <= 100);
@@ -353,7 +520,13 @@ mod tests {
     #[test]
     fn data_without_open_is_adopted() {
         let mut t = ConnTracker::new(TrackerConfig::default());
-        let out = feed(&mut t, &[data_record(1, 5, 1, 1, true, REQ), data_record(1, 5, 1, 2, false, RESP)]);
+        let out = feed(
+            &mut t,
+            &[
+                data_record(1, 5, 1, 1, true, REQ),
+                data_record(1, 5, 1, 2, false, RESP),
+            ],
+        );
         assert_eq!(out.len(), 1);
         assert_eq!(t.stats().conns_adopted, 1);
     }

@@ -1,0 +1,428 @@
+//! In-process causality: which request a process was serving when it sent a request of its own.
+//!
+//! A server request gets its identity (trace id, span id, parent) when its first byte is read,
+//! not when it finishes: the calls it makes finish first and need it as their parent. A request
+//! read with `traceparent`/`b3` joins the caller's trace. A client request written by a thread
+//! that is serving exactly one request becomes that request's child. When a thread serves
+//! several requests at once (an event loop) the link is uncertain and the call stays a root:
+//! a wrong parent is worse than none. Both outcomes are counted.
+
+use std::collections::{HashMap, VecDeque};
+
+use rand::Rng as _;
+
+use crate::{
+    context::{IncomingContext, extract},
+    protocols::{HttpExchange, Side},
+};
+
+/// A connection: (tgid, fd).
+pub type ConnKey = (u32, u32);
+
+/// The ids a span gets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Identity {
+    pub trace_id: u128,
+    pub span_id: u64,
+    pub parent_id: Option<u64>,
+    /// False when an upstream caller decided not to sample this trace.
+    pub sampled: bool,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LinkStats {
+    /// Client spans given the server span of their thread as parent.
+    pub linked: u64,
+    /// Client spans left as roots because their thread was serving several requests at once.
+    pub unlinked_ambiguous: u64,
+    /// Client spans sent outside any request (a cron job, a client program): roots by nature.
+    pub roots: u64,
+    /// Server spans that joined a trace from an incoming traceparent/b3 header.
+    pub joined_incoming: u64,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Serving {
+    conn: ConnKey,
+    start_ns: u64,
+    identity: Identity,
+    /// Another request started on this thread while this one was in flight.
+    ambiguous: bool,
+    finished: bool,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Started {
+    start_ns: u64,
+    tid: u32,
+    identity: Option<Identity>,
+}
+
+/// Bound on requests remembered per connection (pipelining depth) and on threads tracked.
+const MAX_PENDING_PER_CONN: usize = 64;
+const MAX_THREADS: usize = 65_536;
+
+#[derive(Default)]
+pub struct Linker {
+    /// What each thread is serving (the latest request it read).
+    serving: HashMap<u32, Serving>,
+    /// Request starts per connection, oldest first, matched to finished exchanges by start time.
+    started: HashMap<ConnKey, VecDeque<Started>>,
+    stats: LinkStats,
+}
+
+impl Linker {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn stats(&self) -> &LinkStats {
+        &self.stats
+    }
+
+    /// A segment on `conn` began with a request line: read by the process (it serves the
+    /// request) when `ingress`, written (it makes a call) otherwise.
+    pub fn request_started(
+        &mut self,
+        conn: ConnKey,
+        ingress: bool,
+        tid: u32,
+        ts_ns: u64,
+        head: &[u8],
+    ) {
+        let identity = ingress.then(|| {
+            let incoming = incoming_context(head);
+            let identity = match &incoming {
+                Some(ctx) => Identity {
+                    trace_id: ctx.trace_id,
+                    span_id: new_span_id(),
+                    parent_id: Some(ctx.parent_span_id),
+                    sampled: ctx.sampled != Some(false),
+                },
+                None => Identity {
+                    trace_id: new_trace_id(),
+                    span_id: new_span_id(),
+                    parent_id: None,
+                    sampled: true,
+                },
+            };
+            let ambiguous = self
+                .serving
+                .get(&tid)
+                .is_some_and(|s| !s.finished && s.conn != conn);
+            if let Some(previous) = self.serving.get_mut(&tid)
+                && ambiguous
+            {
+                previous.ambiguous = true;
+            }
+            if self.serving.len() >= MAX_THREADS && !self.serving.contains_key(&tid) {
+                self.serving.retain(|_, s| !s.finished);
+            }
+            self.serving.insert(
+                tid,
+                Serving {
+                    conn,
+                    start_ns: ts_ns,
+                    identity,
+                    ambiguous,
+                    finished: false,
+                },
+            );
+            identity
+        });
+        let queue = self.started.entry(conn).or_default();
+        if queue.len() >= MAX_PENDING_PER_CONN {
+            queue.pop_front();
+        }
+        queue.push_back(Started {
+            start_ns: ts_ns,
+            tid,
+            identity,
+        });
+    }
+
+    /// The identity of a finished exchange on `conn`.
+    pub fn finished(&mut self, conn: ConnKey, exchange: &HttpExchange) -> Identity {
+        let started = self.take_started(conn, exchange.req_start_ns);
+        match exchange.side {
+            Side::Server => {
+                let identity = match started.and_then(|s| s.identity) {
+                    Some(identity) => identity,
+                    // Its start was not seen as such (a head split oddly, or events lost).
+                    None => self.root_or_incoming(exchange),
+                };
+                if identity.parent_id.is_some() {
+                    self.stats.joined_incoming += 1;
+                }
+                if let Some(tid) = started.map(|s| s.tid)
+                    && let Some(s) = self.serving.get_mut(&tid)
+                    && s.conn == conn
+                    && s.start_ns == exchange.req_start_ns
+                {
+                    s.finished = true;
+                }
+                identity
+            }
+            Side::Client => {
+                let parent = started
+                    .and_then(|s| self.serving.get(&s.tid))
+                    .filter(|s| s.start_ns <= exchange.req_start_ns);
+                match parent {
+                    Some(p) if p.ambiguous => {
+                        self.stats.unlinked_ambiguous += 1;
+                        self.new_root()
+                    }
+                    Some(p) if !p.finished => {
+                        self.stats.linked += 1;
+                        Identity {
+                            trace_id: p.identity.trace_id,
+                            span_id: new_span_id(),
+                            parent_id: Some(p.identity.span_id),
+                            sampled: p.identity.sampled,
+                        }
+                    }
+                    _ => {
+                        self.stats.roots += 1;
+                        self.new_root()
+                    }
+                }
+            }
+        }
+    }
+
+    /// The connection is gone: forget its unmatched starts.
+    pub fn conn_closed(&mut self, conn: ConnKey) {
+        self.started.remove(&conn);
+    }
+
+    /// The process is gone (its tids may be reused).
+    pub fn process_exited(&mut self, tgid: u32) {
+        self.started.retain(|conn, _| conn.0 != tgid);
+        self.serving.retain(|_, s| s.conn.0 != tgid);
+    }
+
+    fn take_started(&mut self, conn: ConnKey, start_ns: u64) -> Option<Started> {
+        let queue = self.started.get_mut(&conn)?;
+        // Starts older than this exchange's never finished (no response): drop them.
+        while queue.front().is_some_and(|s| s.start_ns < start_ns) {
+            queue.pop_front();
+        }
+        if queue.front().is_some_and(|s| s.start_ns == start_ns) {
+            queue.pop_front()
+        } else {
+            None
+        }
+    }
+
+    fn root_or_incoming(&self, exchange: &HttpExchange) -> Identity {
+        match extract(&exchange.request_headers) {
+            Some(ctx) => Identity {
+                trace_id: ctx.trace_id,
+                span_id: new_span_id(),
+                parent_id: Some(ctx.parent_span_id),
+                sampled: ctx.sampled != Some(false),
+            },
+            None => self.new_root(),
+        }
+    }
+
+    fn new_root(&self) -> Identity {
+        Identity {
+            trace_id: new_trace_id(),
+            span_id: new_span_id(),
+            parent_id: None,
+            sampled: true,
+        }
+    }
+}
+
+/// Reads trace context from a request head as captured (it may be cut short: then whatever
+/// complete header lines it has are used).
+fn incoming_context(head: &[u8]) -> Option<IncomingContext> {
+    let mut headers: Vec<(String, String)> = Vec::new();
+    // Skip the request line; stop at the blank line or the end of what was captured.
+    for line in head.split(|b| *b == b'\n').skip(1) {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        if line.is_empty() {
+            break;
+        }
+        let Some(colon) = line.iter().position(|b| *b == b':') else {
+            continue;
+        };
+        let name = String::from_utf8_lossy(&line[..colon]).to_ascii_lowercase();
+        if matches!(name.as_str(), "traceparent" | "tracestate" | "b3") || name.starts_with("x-b3-")
+        {
+            headers.push((
+                name,
+                String::from_utf8_lossy(&line[colon + 1..])
+                    .trim()
+                    .to_string(),
+            ));
+        }
+    }
+    if headers.is_empty() {
+        None
+    } else {
+        extract(&headers)
+    }
+}
+
+fn new_trace_id() -> u128 {
+    rand::rng().random_range(1..=u128::MAX)
+}
+
+fn new_span_id() -> u64 {
+    rand::rng().random_range(1..=u64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocols::Outcome;
+
+    fn exchange(side: Side, start: u64, end: u64, headers: &[(&str, &str)]) -> HttpExchange {
+        HttpExchange {
+            side,
+            method: "GET".into(),
+            target: "/".into(),
+            minor_version: 1,
+            request_headers: headers
+                .iter()
+                .map(|(n, v)| ((*n).into(), (*v).into()))
+                .collect(),
+            status: Some(200),
+            req_start_ns: start,
+            req_end_ns: start,
+            resp_start_ns: Some(end),
+            end_ns: end,
+            req_bytes: 10,
+            resp_bytes: 10,
+            outcome: Outcome::Complete,
+        }
+    }
+
+    const IN: ConnKey = (1, 5);
+    const OUT: ConnKey = (1, 6);
+
+    #[test]
+    fn call_made_while_serving_is_a_child() {
+        let mut l = Linker::new();
+        l.request_started(IN, true, 11, 100, b"GET /a HTTP/1.1\r\n\r\n");
+        l.request_started(OUT, false, 11, 150, b"GET /b HTTP/1.1\r\n\r\n");
+        let client = l.finished(OUT, &exchange(Side::Client, 150, 180, &[]));
+        let server = l.finished(IN, &exchange(Side::Server, 100, 200, &[]));
+        assert_eq!(client.trace_id, server.trace_id);
+        assert_eq!(client.parent_id, Some(server.span_id));
+        assert_eq!(server.parent_id, None);
+        assert_ne!(client.span_id, server.span_id);
+        assert_eq!(l.stats().linked, 1);
+    }
+
+    #[test]
+    fn incoming_traceparent_is_joined_and_passed_to_children() {
+        let mut l = Linker::new();
+        l.request_started(IN, true, 11, 100, b"GET /a HTTP/1.1\r\nHost: x\r\ntraceparent: 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01\r\n\r\n");
+        l.request_started(OUT, false, 11, 150, b"GET /b HTTP/1.1\r\n\r\n");
+        let client = l.finished(OUT, &exchange(Side::Client, 150, 180, &[]));
+        let server = l.finished(IN, &exchange(Side::Server, 100, 200, &[]));
+        assert_eq!(server.trace_id, 0x4bf92f3577b34da6a3ce929d0e0e4736);
+        assert_eq!(server.parent_id, Some(0x00f067aa0ba902b7));
+        assert_eq!(client.trace_id, server.trace_id);
+        assert_eq!(client.parent_id, Some(server.span_id));
+        assert_eq!(l.stats().joined_incoming, 1);
+    }
+
+    #[test]
+    fn unsampled_decision_is_respected() {
+        let mut l = Linker::new();
+        l.request_started(
+            IN,
+            true,
+            11,
+            100,
+            b"GET /a HTTP/1.1\r\nb3: 80f198ee56343ba864fe8b2a57d3eff7-e457b5a2e4d86bd1-0\r\n\r\n",
+        );
+        l.request_started(OUT, false, 11, 150, b"GET /b HTTP/1.1\r\n\r\n");
+        assert!(
+            !l.finished(OUT, &exchange(Side::Client, 150, 180, &[]))
+                .sampled
+        );
+        assert!(
+            !l.finished(IN, &exchange(Side::Server, 100, 200, &[]))
+                .sampled
+        );
+    }
+
+    #[test]
+    fn thread_reused_for_the_next_request_links_to_the_new_one() {
+        let mut l = Linker::new();
+        let in2: ConnKey = (1, 7);
+        l.request_started(IN, true, 11, 100, b"GET /1 HTTP/1.1\r\n\r\n");
+        let first = l.finished(IN, &exchange(Side::Server, 100, 120, &[]));
+        l.request_started(in2, true, 11, 130, b"GET /2 HTTP/1.1\r\n\r\n");
+        l.request_started(OUT, false, 11, 140, b"GET /b HTTP/1.1\r\n\r\n");
+        let client = l.finished(OUT, &exchange(Side::Client, 140, 150, &[]));
+        let second = l.finished(in2, &exchange(Side::Server, 130, 160, &[]));
+        assert_eq!(client.parent_id, Some(second.span_id));
+        assert_ne!(client.trace_id, first.trace_id);
+    }
+
+    #[test]
+    fn call_after_the_request_finished_is_a_root() {
+        let mut l = Linker::new();
+        l.request_started(IN, true, 11, 100, b"GET /1 HTTP/1.1\r\n\r\n");
+        l.finished(IN, &exchange(Side::Server, 100, 120, &[]));
+        l.request_started(OUT, false, 11, 140, b"GET /b HTTP/1.1\r\n\r\n");
+        let client = l.finished(OUT, &exchange(Side::Client, 140, 150, &[]));
+        assert_eq!(client.parent_id, None);
+        assert_eq!(l.stats().roots, 1);
+    }
+
+    #[test]
+    fn event_loop_with_concurrent_requests_stays_unlinked() {
+        let mut l = Linker::new();
+        let in2: ConnKey = (1, 7);
+        l.request_started(IN, true, 11, 100, b"GET /1 HTTP/1.1\r\n\r\n");
+        l.request_started(in2, true, 11, 110, b"GET /2 HTTP/1.1\r\n\r\n");
+        l.request_started(OUT, false, 11, 120, b"GET /b HTTP/1.1\r\n\r\n");
+        let client = l.finished(OUT, &exchange(Side::Client, 120, 130, &[]));
+        assert_eq!(client.parent_id, None);
+        assert_eq!(l.stats().unlinked_ambiguous, 1);
+    }
+
+    #[test]
+    fn other_threads_do_not_link() {
+        let mut l = Linker::new();
+        l.request_started(IN, true, 11, 100, b"GET /1 HTTP/1.1\r\n\r\n");
+        l.request_started(OUT, false, 12, 110, b"GET /b HTTP/1.1\r\n\r\n");
+        assert_eq!(
+            l.finished(OUT, &exchange(Side::Client, 110, 130, &[]))
+                .parent_id,
+            None
+        );
+    }
+
+    #[test]
+    fn unseen_start_falls_back_to_headers() {
+        let mut l = Linker::new();
+        let id = l.finished(
+            IN,
+            &exchange(
+                Side::Server,
+                100,
+                200,
+                &[(
+                    "traceparent",
+                    "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+                )],
+            ),
+        );
+        assert_eq!(id.trace_id, 0x4bf92f3577b34da6a3ce929d0e0e4736);
+    }
+
+    #[test]
+    fn cut_heads_still_yield_complete_header_lines() {
+        let ctx = incoming_context(b"GET / HTTP/1.1\r\nTraceParent: 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01\r\nUser-Ag");
+        assert_eq!(ctx.unwrap().parent_span_id, 0x00f067aa0ba902b7);
+    }
+}
