@@ -89,8 +89,47 @@ pub struct DataEvent {
     /// Valid bytes in `tail`: the last bytes moved (0 when `head_len == len`, as they are in the head).
     pub tail_len: u32,
     pub tail: [u8; TAIL_LEN],
+    /// The trace identity the kernel gave the request this segment starts, when it did (see
+    /// [`TraceCtx`]); all zero otherwise.
+    pub ctx: TraceCtx,
 }
-const _: () = assert!(core::mem::size_of::<DataEvent>() == 72);
+const _: () = assert!(core::mem::size_of::<DataEvent>() == 112);
+
+/// A span identity decided in the kernel. Trace context injection needs the ids at the moment
+/// a request is sent, long before the agent sees the event, so when injection is on the kernel
+/// names both the server span of a request a thread reads and the client span of a request it
+/// writes, and the agent adopts those names.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TraceCtx {
+    pub trace_id_hi: u64,
+    pub trace_id_lo: u64,
+    pub span_id: u64,
+    /// 0: none.
+    pub parent_id: u64,
+    /// `CTX_*` bits.
+    pub flags: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<TraceCtx>() == 40);
+
+/// The context is set (the other bits mean nothing without it).
+pub const CTX_VALID: u32 = 1;
+/// The trace is sampled.
+pub const CTX_SAMPLED: u32 = 1 << 1;
+/// A server span: the kernel saw a request read (ids from an incoming `traceparent`, if any).
+pub const CTX_SERVER: u32 = 1 << 2;
+/// A client span whose context was written into the request (`traceparent` or `b3`).
+pub const CTX_INJECTED: u32 = 1 << 3;
+/// The parent came from an incoming `traceparent` header.
+pub const CTX_FROM_HEADER: u32 = 1 << 4;
+/// The thread was serving several requests at once: the parent was left out on purpose.
+pub const CTX_AMBIGUOUS: u32 = 1 << 5;
+
+/// `Config::inject` values.
+pub const INJECT_OFF: u32 = 0;
+pub const INJECT_TRACEPARENT: u32 = 1;
+pub const INJECT_B3: u32 = 2;
 
 /// Which end of the connection the traced process is, when the kernel knows it.
 pub const ROLE_UNKNOWN: u16 = 0;
@@ -133,8 +172,16 @@ pub struct Config {
     /// Offset of `child_pid` in the `sched:sched_process_fork` record, read from tracefs: its
     /// layout changed across kernels (6.x made the comm fields `__data_loc`).
     pub fork_child_pid_offset: u32,
+    /// `INJECT_*`: which header the sk_msg program adds to outgoing HTTP/1.x requests.
+    pub inject: u32,
+    /// Non-zero: only destinations in the `INJECT_PORTS` map get headers.
+    pub inject_filter_ports: u32,
+    /// Non-zero: only destinations in the `INJECT_NETS` trie get headers.
+    pub inject_filter_nets: u32,
+    /// Non-zero: the kernel names server spans (`TraceCtx`); on whenever injection is.
+    pub kernel_ctx: u32,
 }
-const _: () = assert!(core::mem::size_of::<Config>() == 24);
+const _: () = assert!(core::mem::size_of::<Config>() == 40);
 
 /// Byte offsets of the kernel struct fields the probes read, taken from the running kernel's BTF
 /// by the agent at start: a hand-made CO-RE, since the probes walk `task->files->fdt->fd[fd]`
@@ -192,6 +239,22 @@ impl SavedArgs {
     pub const NO_PAYLOAD: u32 = 5;
 }
 
+/// A TCP connection as the socket map knows it: addresses in network byte order (IPv4 as
+/// IPv4-mapped IPv6), ports in host byte order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockKey {
+    pub local_addr: [u8; 16],
+    pub remote_addr: [u8; 16],
+    pub local_port: u32,
+    pub remote_port: u32,
+}
+const _: () = assert!(core::mem::size_of::<SockKey>() == 40);
+
+/// Key of the `INJECT_NETS` LPM trie: prefix length in bits, then an IPv6 (or IPv4-mapped)
+/// address in network byte order.
+pub type NetKeyData = [u8; 16];
+
 /// Indexes of the per-CPU counters in the `STATS` map.
 pub mod stat {
     /// Records the ring buffer had no room for (never silent: reported by the agent).
@@ -206,7 +269,16 @@ pub mod stat {
     pub const UNMATCHED_EXITS: u32 = 4;
     /// Syscalls whose payload copy from user memory failed.
     pub const PAYLOAD_FAULTS: u32 = 5;
-    pub const COUNT: u32 = 8;
+    /// Requests that got a trace context header in the kernel.
+    pub const INJECTED: u32 = 6;
+    /// Requests that could have had one but did not: the header was already there, the head
+    /// was not whole in one send, or the kernel refused to grow the message.
+    pub const INJECT_SKIPPED: u32 = 7;
+    /// Connections put in the socket map at establishment (sk_msg then sees their sends).
+    pub const INJECT_SOCKETS: u32 = 8;
+    /// bpf_msg_push_data / pull_data failures.
+    pub const INJECT_ERRORS: u32 = 9;
+    pub const COUNT: u32 = 12;
 }
 
 #[cfg(feature = "user")]
@@ -219,4 +291,6 @@ mod pod {
     unsafe impl aya::Pod for super::Config {}
     unsafe impl aya::Pod for super::KernelOffsets {}
     unsafe impl aya::Pod for super::SavedArgs {}
+    unsafe impl aya::Pod for super::TraceCtx {}
+    unsafe impl aya::Pod for super::SockKey {}
 }

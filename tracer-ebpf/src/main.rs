@@ -4,10 +4,12 @@
 //! ring buffer.
 //!
 //! Files: `syscalls.rs` (data syscalls: read/write family, sendfile), `sockets.rs` (fd -> socket
-//! resolution, accept, connect, close), `process.rs` (fork and exit, for the traced set).
+//! resolution, accept, connect, close), `process.rs` (fork and exit, for the traced set),
+//! `inject.rs` (span ids named in the kernel, and trace context written into requests).
 #![no_std]
 #![no_main]
 
+mod inject;
 mod process;
 mod sockets;
 mod syscalls;
@@ -29,6 +31,10 @@ static CONFIG: Global<Config> = Global::new(Config {
     follow_forks: 0,
     filter_comms: 0,
     fork_child_pid_offset: 0,
+    inject: 0,
+    inject_filter_ports: 0,
+    inject_filter_nets: 0,
+    kernel_ctx: 0,
 });
 
 /// Written by the agent before load, from the running kernel's BTF.

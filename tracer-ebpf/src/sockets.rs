@@ -2,12 +2,14 @@
 //! resolution that also covers sockets opened before the tracer started.
 
 use aya_ebpf::{
-    helpers::{bpf_get_current_pid_tgid, bpf_get_current_task, bpf_ktime_get_ns, bpf_probe_read_kernel},
+    helpers::{
+        bpf_get_current_pid_tgid, bpf_get_current_task, bpf_ktime_get_ns, bpf_probe_read_kernel,
+    },
     macros::tracepoint,
     programs::TracePointContext,
 };
 use tracer_common::{
-    SavedArgs, ConnEvent, EventHeader, EventKind, ROLE_CLIENT, ROLE_SERVER, ROLE_UNKNOWN, stat,
+    ConnEvent, EventHeader, EventKind, ROLE_CLIENT, ROLE_SERVER, ROLE_UNKNOWN, SavedArgs, stat,
 };
 
 use crate::{ACTIVE, CONNS, EVENTS, OFFSETS, count, is_traced};
@@ -55,7 +57,8 @@ unsafe fn tcp_sock_of_fd(fd: u32) -> Result<*const u8, i32> {
             return Ok(core::ptr::null());
         }
         let fd_array: *const u8 = read_at(fdt, off.fdt_fd)?;
-        let file: *const u8 = bpf_probe_read_kernel(fd_array.add(fd as usize * 8) as *const *const u8)?;
+        let file: *const u8 =
+            bpf_probe_read_kernel(fd_array.add(fd as usize * 8) as *const *const u8)?;
         if file.is_null() {
             return Ok(core::ptr::null());
         }
@@ -149,7 +152,10 @@ pub fn track(fd: u32, role: u16) -> Option<u64> {
         count(stat::READ_ERRORS);
         return None;
     }
-    if CONNS.insert(&conn_key(tgid, fd), &ConnState { conn_id }, 0).is_err() {
+    if CONNS
+        .insert(&conn_key(tgid, fd), &ConnState { conn_id }, 0)
+        .is_err()
+    {
         return None;
     }
     count(stat::CONNS_OPENED);
@@ -251,7 +257,13 @@ pub fn tracer_enter_close(ctx: TracePointContext) -> u32 {
         return 0;
     };
     let _ = CONNS.remove(&key);
-    header_only(EventKind::ConnClose, tgid, pid_tgid as u32, fd as u32, conn_id);
+    header_only(
+        EventKind::ConnClose,
+        tgid,
+        pid_tgid as u32,
+        fd as u32,
+        conn_id,
+    );
     0
 }
 

@@ -13,11 +13,12 @@ use aya_ebpf::{
     programs::TracePointContext,
 };
 use tracer_common::{
-    SavedArgs, DIR_EGRESS, DIR_INGRESS, DataEvent, EventHeader, EventKind, MAX_CAPTURE, TAIL_LEN, stat,
+    DIR_EGRESS, DIR_INGRESS, DataEvent, EventHeader, EventKind, MAX_CAPTURE, SavedArgs, TAIL_LEN,
+    stat,
 };
 
 use crate::{
-    ACTIVE, EVENTS, SCRATCH, capture_limit, count, is_traced,
+    ACTIVE, EVENTS, SCRATCH, capture_limit, count, inject, is_traced,
     sockets::{header_only, lookup_or_track, take_saved},
 };
 
@@ -39,7 +40,7 @@ pub struct DataScratch {
 /// Bounds `v` with a mask the verifier sees. The volatile reload stops LLVM from proving the
 /// mask redundant (from earlier clamps) and deleting it, which loses the bound.
 #[inline(always)]
-fn verifier_bound(v: usize, mask: usize) -> usize {
+pub(crate) fn verifier_bound(v: usize, mask: usize) -> usize {
     // SAFETY: reads a local.
     unsafe { core::ptr::read_volatile(&v) & mask }
 }
@@ -208,9 +209,17 @@ fn emit_data(saved: &SavedArgs, len: u64, pid_tgid: u64) {
     };
     let head_len = verifier_bound(head_len.min(MAX_CAPTURE), 2 * MAX_CAPTURE - 1);
     scratch.event.head_len = head_len as u32;
+    let tid = pid_tgid as u32;
+    scratch.event.ctx = if saved.direction == DIR_INGRESS {
+        inject::server_request(&scratch.payload[..], head_len, saved.conn_id, tid)
+    } else {
+        inject::response_written(&scratch.payload[..], saved.conn_id, tid);
+        inject::take_injected(pid_tgid)
+    };
     let size = core::mem::size_of::<DataEvent>() + head_len;
     // SAFETY: `size` is within the scratch value (event + 2 * MAX_CAPTURE).
-    let bytes = unsafe { core::slice::from_raw_parts(scratch as *const DataScratch as *const u8, size) };
+    let bytes =
+        unsafe { core::slice::from_raw_parts(scratch as *const DataScratch as *const u8, size) };
     if EVENTS.output::<[u8]>(bytes, 0).is_err() {
         count(stat::RINGBUF_LOST);
     } else {

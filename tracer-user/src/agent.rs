@@ -13,11 +13,11 @@ use tokio::{
 use tracer_common::stat;
 
 use crate::{
-    cli::{AttachOptions, CommonOptions, OutputFormat, RunOptions},
+    cli::{AttachOptions, CommonOptions, InjectMode, OutputFormat, RunOptions},
     conn::{ConnTracker, Finished, TrackerConfig},
     events::decode,
     export::{Exporter, Output, USER_AGENT, ZipkinConfig, parse_zipkin_url},
-    probes::{ProbeOptions, Probes},
+    probes::{InjectOptions, ProbeOptions, Probes},
     spans::{Clock, span_from_http},
 };
 
@@ -105,6 +105,15 @@ fn plan(
             follow_forks: !common.no_follow_forks,
             capture_bytes: common.capture_bytes,
             ring_bytes: common.ring_buffer_mib * 1024 * 1024,
+            inject: InjectOptions {
+                mode: match common.inject {
+                    InjectMode::Off => tracer_common::INJECT_OFF,
+                    InjectMode::Traceparent => tracer_common::INJECT_TRACEPARENT,
+                    InjectMode::B3 => tracer_common::INJECT_B3,
+                },
+                ports: common.inject_ports.clone(),
+                nets: common.inject_nets.clone(),
+            },
         },
         tracker: TrackerConfig {
             ports,

@@ -95,9 +95,48 @@ pub struct CommonOptions {
     /// Do not trace the children a traced process forks.
     #[arg(long)]
     pub no_follow_forks: bool,
+    /// Trace context header written into outgoing HTTP/1.x requests of traced processes, in
+    /// the kernel, so that the tracer on the receiving host joins their trace.
+    #[arg(long, value_enum, default_value_t = InjectMode::Traceparent)]
+    pub inject: InjectMode,
+    /// Inject only into requests to this destination port (repeatable; default: any port).
+    #[arg(long = "inject-port", value_name = "PORT")]
+    pub inject_ports: Vec<u16>,
+    /// Inject only into requests to this network, e.g. 10.0.0.0/8 or fd00::/8 (repeatable;
+    /// default: any address).
+    #[arg(long = "inject-net", value_name = "CIDR", value_parser = parse_cidr)]
+    pub inject_nets: Vec<(std::net::IpAddr, u8)>,
     /// Print agent statistics to stderr every this many seconds (0: only at exit).
     #[arg(long, value_name = "SECS", default_value_t = 0)]
     pub stats_interval: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum InjectMode {
+    /// Never change what traced processes send.
+    Off,
+    /// W3C `traceparent`.
+    Traceparent,
+    /// Zipkin's single `b3` header.
+    B3,
+}
+
+fn parse_cidr(s: &str) -> Result<(std::net::IpAddr, u8), String> {
+    let (addr, bits) = s.split_once('/').unwrap_or((s, ""));
+    let ip: std::net::IpAddr = addr
+        .parse()
+        .map_err(|_| format!("`{addr}` is not an IP address"))?;
+    let max = if ip.is_ipv4() { 32 } else { 128 };
+    let bits = if bits.is_empty() {
+        max
+    } else {
+        bits.parse::<u8>()
+            .map_err(|_| format!("`{bits}` is not a prefix length"))?
+    };
+    if bits > max {
+        return Err(format!("prefix length {bits} is longer than {max}"));
+    }
+    Ok((ip, bits))
 }
 
 fn parse_ring_size(s: &str) -> Result<u32, String> {

@@ -3,7 +3,7 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
-use tracer_common::{ConnEvent, DataEvent, EventHeader, EventKind, TAIL_LEN};
+use tracer_common::{ConnEvent, DataEvent, EventHeader, EventKind, TAIL_LEN, TraceCtx};
 
 /// One decoded record. Payload slices borrow the ring-buffer item.
 #[derive(Debug, PartialEq, Eq)]
@@ -16,6 +16,8 @@ pub enum Event<'a> {
         syscall: u32,
         head: &'a [u8],
         tail: &'a [u8],
+        /// The span identity the kernel named for the request this segment starts, if any.
+        ctx: TraceCtx,
     },
     ConnOpen {
         hdr: EventHeader,
@@ -88,6 +90,7 @@ pub fn decode(bytes: &[u8]) -> Result<Event<'_>, DecodeError> {
                 syscall: ev.syscall,
                 head: &rest[..claimed],
                 tail: &bytes[tail_offset..tail_offset + tail_len],
+                ctx: ev.ctx,
             }
         }
         EventKind::ConnOpen => {
@@ -165,6 +168,7 @@ pub(crate) mod tests {
             head_len: payload.len() as u32,
             tail_len: 0,
             tail: [0; TAIL_LEN],
+            ctx: TraceCtx::default(),
         };
         let mut out = as_bytes(&ev);
         out.extend_from_slice(payload);

@@ -11,7 +11,9 @@ use aya::{
 };
 use btf_rs::{Btf, Type};
 use log::{debug, info, warn};
-use tracer_common::{Config, DIR_INGRESS, KernelOffsets, MAX_CAPTURE, SavedArgs, stat};
+use tracer_common::{
+    Config, DIR_INGRESS, INJECT_OFF, KernelOffsets, MAX_CAPTURE, SavedArgs, SockKey, stat,
+};
 
 /// The eBPF object built by build.rs.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tracer-ebpf"));
@@ -72,6 +74,18 @@ pub struct ProbeOptions {
     pub capture_bytes: u32,
     /// Ring buffer size in bytes (rounded up to a power of two by the caller).
     pub ring_bytes: u32,
+    pub inject: InjectOptions,
+}
+
+/// Trace context injection into outgoing HTTP/1.x requests (sock_ops + sk_msg).
+#[derive(Clone, Debug, Default)]
+pub struct InjectOptions {
+    /// `tracer_common::INJECT_*`.
+    pub mode: u32,
+    /// Only these destination ports get headers; empty: any.
+    pub ports: Vec<u16>,
+    /// Only these destination networks get headers; empty: any.
+    pub nets: Vec<(std::net::IpAddr, u8)>,
 }
 
 /// One program and the tracepoints it serves. A required program that loads or attaches nowhere
@@ -196,6 +210,8 @@ pub struct Probes {
     pub attached: Vec<String>,
     /// Tracepoints that could not be attached and were skipped, with the reason.
     pub skipped: Vec<String>,
+    /// The socket map the sk_msg program is attached to, held for the program's lifetime.
+    inject_sockets: Option<aya::maps::SockHash<MapData, SockKey>>,
 }
 
 impl Probes {
@@ -217,6 +233,10 @@ impl Probes {
             follow_forks: u32::from(opts.follow_forks && fork_offset != 0),
             filter_comms: u32::from(!opts.comms.is_empty()),
             fork_child_pid_offset: fork_offset,
+            inject: opts.inject.mode,
+            inject_filter_ports: u32::from(!opts.inject.ports.is_empty()),
+            inject_filter_nets: u32::from(!opts.inject.nets.is_empty()),
+            kernel_ctx: u32::from(opts.inject.mode != INJECT_OFF),
         };
         raise_memlock_limit();
         let mut ebpf = EbpfLoader::new()
@@ -301,6 +321,18 @@ impl Probes {
             }
         }
         info!("attached {} tracepoints", attached.len());
+        let mut inject_sockets = None;
+        if opts.inject.mode != INJECT_OFF {
+            match attach_injector(&mut ebpf, &opts.inject) {
+                Ok(map) => {
+                    inject_sockets = Some(map);
+                    info!("trace context injection on (sock_ops + sk_msg)");
+                }
+                // Capture and linking inside the host work without it: a kernel or cgroup
+                // setup that refuses it costs cross-host links only.
+                Err(e) => warn!("trace context injection is off: {e}"),
+            }
+        }
         if !skipped.is_empty() {
             warn!(
                 "not attached (this kernel lacks them): {}",
@@ -313,7 +345,13 @@ impl Probes {
             stats,
             attached,
             skipped,
+            inject_sockets,
         })
+    }
+
+    /// Whether trace context injection is attached and running.
+    pub fn injecting(&self) -> bool {
+        self.inject_sockets.is_some()
     }
 
     /// The ring buffer carrying every event. Call once.
@@ -615,6 +653,117 @@ fn read_process_u64(pid: u32, addr: u64) -> Option<u64> {
     let mut buf = [0u8; 8];
     mem.read_exact_at(&mut buf, addr).ok()?;
     Some(u64::from_ne_bytes(buf))
+}
+
+const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
+/// Where the tracer mounts the cgroup v2 hierarchy when the host has none mounted (cgroup v1
+/// hosts): sock_ops programs attach to a cgroup v2 directory only.
+const CGROUP2_PRIVATE: &str = "/run/tracer/cgroup2";
+
+/// The root of the cgroup v2 hierarchy: the unified mount of a v2 or hybrid host, or one the
+/// tracer mounts itself.
+fn cgroup2_root() -> Result<std::path::PathBuf, String> {
+    let mounts = fs::read_to_string("/proc/self/mounts")
+        .map_err(|e| format!("cannot read /proc/self/mounts: {e}"))?;
+    if let Some(dir) = mounts.lines().find_map(|l| {
+        let mut f = l.split_whitespace();
+        let (_, dir, fstype) = (f.next()?, f.next()?, f.next()?);
+        (fstype == "cgroup2").then(|| dir.replace("\\040", " "))
+    }) {
+        return Ok(dir.into());
+    }
+    fs::create_dir_all(CGROUP2_PRIVATE)
+        .map_err(|e| format!("cannot create {CGROUP2_PRIVATE}: {e}"))?;
+    let target = std::ffi::CString::new(CGROUP2_PRIVATE).expect("no NUL");
+    // SAFETY: valid NUL-terminated strings; no data argument.
+    let rc = unsafe {
+        libc::mount(
+            c"none".as_ptr(),
+            target.as_ptr(),
+            c"cgroup2".as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        return Err(format!(
+            "cannot mount cgroup2 at {CGROUP2_PRIVATE}: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    Ok(CGROUP2_PRIVATE.into())
+}
+
+/// Attaches the sock_ops program to the root cgroup (so it sees every connection the host
+/// makes; it keeps only those of traced processes) and the sk_msg program to the socket map.
+fn attach_injector(
+    ebpf: &mut Ebpf,
+    opts: &InjectOptions,
+) -> Result<aya::maps::SockHash<MapData, SockKey>, String> {
+    use aya::{
+        maps::{LpmTrie, SockHash, lpm_trie::Key},
+        programs::{CgroupAttachMode, SkMsg, SockOps},
+    };
+    let mut ports: HashMap<&mut MapData, u16, u8> =
+        HashMap::try_from(ebpf.map_mut("INJECT_PORTS").ok_or("no INJECT_PORTS map")?)
+            .map_err(|e| e.to_string())?;
+    for port in &opts.ports {
+        ports.insert(port, 1, 0).map_err(|e| e.to_string())?;
+    }
+    let mut nets: LpmTrie<&mut MapData, [u8; 16], u8> =
+        LpmTrie::try_from(ebpf.map_mut("INJECT_NETS").ok_or("no INJECT_NETS map")?)
+            .map_err(|e| e.to_string())?;
+    for (ip, prefix) in &opts.nets {
+        let (addr, bits) = match ip {
+            std::net::IpAddr::V4(v4) => (v4.to_ipv6_mapped().octets(), u32::from(*prefix) + 96),
+            std::net::IpAddr::V6(v6) => (v6.octets(), u32::from(*prefix)),
+        };
+        nets.insert(&Key::new(bits, addr), 1, 0)
+            .map_err(|e| e.to_string())?;
+    }
+
+    let root = cgroup2_root()?;
+    let cgroup =
+        fs::File::open(&root).map_err(|e| format!("cannot open {}: {e}", root.display()))?;
+    // SAFETY: statfs on a valid fd with a zeroed out-struct.
+    let mut sfs: libc::statfs = unsafe { std::mem::zeroed() };
+    let rc = unsafe { libc::fstatfs(std::os::fd::AsRawFd::as_raw_fd(&cgroup), &mut sfs) };
+    if rc != 0 || sfs.f_type as i64 != CGROUP2_SUPER_MAGIC {
+        return Err(format!("{} is not a cgroup v2 hierarchy", root.display()));
+    }
+    let sockops: &mut SockOps = ebpf
+        .program_mut("tracer_sockops")
+        .ok_or("no tracer_sockops program")?
+        .try_into()
+        .map_err(|e: aya::programs::ProgramError| e.to_string())?;
+    sockops
+        .load()
+        .map_err(|e| format!("sock_ops program: {e}"))?;
+    sockops
+        // With BPF links (which aya uses where the kernel has them) several programs share a
+        // cgroup whatever the mode, and link_create refuses the multi flag: use the default.
+        .attach(&cgroup, CgroupAttachMode::Single)
+        .map_err(|e| {
+            format!(
+                "attaching sock_ops to {}: {}",
+                root.display(),
+                crate::export::error_chain(&e)
+            )
+        })?;
+
+    let sockets: SockHash<MapData, SockKey> =
+        SockHash::try_from(ebpf.take_map("SOCKETS").ok_or("no SOCKETS map")?)
+            .map_err(|e| e.to_string())?;
+    let sk_msg: &mut SkMsg = ebpf
+        .program_mut("tracer_inject")
+        .ok_or("no tracer_inject program")?
+        .try_into()
+        .map_err(|e: aya::programs::ProgramError| e.to_string())?;
+    sk_msg.load().map_err(|e| format!("sk_msg program: {e}"))?;
+    sk_msg
+        .attach(sockets.fd())
+        .map_err(|e| format!("attaching sk_msg: {e}"))?;
+    Ok(sockets)
 }
 
 #[cfg(test)]

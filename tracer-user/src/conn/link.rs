@@ -6,10 +6,16 @@
 //! that is serving exactly one request becomes that request's child. When a thread serves
 //! several requests at once (an event loop) the link is uncertain and the call stays a root:
 //! a wrong parent is worse than none. Both outcomes are counted.
+//!
+//! With context injection on, the kernel names the spans instead (see `tracer-ebpf`'s
+//! `inject.rs`): the ids it wrote into a request on the wire are the ones that must be
+//! exported, so identities carried by the data events win over the ones made here.
 
 use std::collections::{HashMap, VecDeque};
 
 use rand::Rng as _;
+
+use tracer_common::{CTX_FROM_HEADER, CTX_INJECTED, CTX_SAMPLED, CTX_VALID, TraceCtx};
 
 use crate::{
     context::{IncomingContext, extract},
@@ -39,6 +45,8 @@ pub struct LinkStats {
     pub roots: u64,
     /// Server spans that joined a trace from an incoming traceparent/b3 header.
     pub joined_incoming: u64,
+    /// Client spans whose context the kernel wrote into the request.
+    pub injected: u64,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -56,6 +64,34 @@ struct Started {
     start_ns: u64,
     tid: u32,
     identity: Option<Identity>,
+    /// A client request whose identity the kernel chose and wrote into it.
+    injected: bool,
+}
+
+/// An identity named by the kernel (`tracer_common::TraceCtx`).
+#[derive(Clone, Copy, Debug)]
+struct KernelIdentity {
+    identity: Identity,
+    injected: bool,
+    from_header: bool,
+}
+
+impl KernelIdentity {
+    fn of(ctx: &TraceCtx) -> Option<Self> {
+        if ctx.flags & CTX_VALID == 0 || ctx.span_id == 0 {
+            return None;
+        }
+        Some(Self {
+            identity: Identity {
+                trace_id: (u128::from(ctx.trace_id_hi) << 64) | u128::from(ctx.trace_id_lo),
+                span_id: ctx.span_id,
+                parent_id: (ctx.parent_id != 0).then_some(ctx.parent_id),
+                sampled: ctx.flags & CTX_SAMPLED != 0,
+            },
+            injected: ctx.flags & CTX_INJECTED != 0,
+            from_header: ctx.flags & CTX_FROM_HEADER != 0,
+        })
+    }
 }
 
 /// Bound on requests remembered per connection (pipelining depth) and on threads tracked.
@@ -89,17 +125,49 @@ impl Linker {
         tid: u32,
         ts_ns: u64,
         head: &[u8],
+        kernel: &TraceCtx,
     ) {
-        let identity = ingress.then(|| {
+        let kernel = KernelIdentity::of(kernel);
+        if !ingress {
+            // A client request the kernel wrote a context into: its identity is fixed already.
+            if let Some(k) = kernel.filter(|k| k.injected) {
+                self.push_started(
+                    conn,
+                    Started {
+                        start_ns: ts_ns,
+                        tid,
+                        identity: Some(k.identity),
+                        injected: true,
+                    },
+                );
+            } else {
+                self.push_started(
+                    conn,
+                    Started {
+                        start_ns: ts_ns,
+                        tid,
+                        identity: None,
+                        injected: false,
+                    },
+                );
+            }
+            return;
+        }
+        let identity = {
             let incoming = incoming_context(head);
-            let identity = match &incoming {
-                Some(ctx) => Identity {
+            let identity = match (&incoming, kernel) {
+                // The kernel named this server span (and its calls already carry that name),
+                // unless the caller used a header the kernel does not read (b3), whose trace
+                // wins: joining the caller's trace matters more.
+                (None, Some(k)) => k.identity,
+                (Some(_), Some(k)) if k.from_header => k.identity,
+                (Some(ctx), _) => Identity {
                     trace_id: ctx.trace_id,
                     span_id: new_span_id(),
                     parent_id: Some(ctx.parent_span_id),
                     sampled: ctx.sampled != Some(false),
                 },
-                None => Identity {
+                (None, None) => Identity {
                     trace_id: new_trace_id(),
                     span_id: new_span_id(),
                     parent_id: None,
@@ -129,16 +197,24 @@ impl Linker {
                 },
             );
             identity
-        });
+        };
+        self.push_started(
+            conn,
+            Started {
+                start_ns: ts_ns,
+                tid,
+                identity: Some(identity),
+                injected: false,
+            },
+        );
+    }
+
+    fn push_started(&mut self, conn: ConnKey, started: Started) {
         let queue = self.started.entry(conn).or_default();
         if queue.len() >= MAX_PENDING_PER_CONN {
             queue.pop_front();
         }
-        queue.push_back(Started {
-            start_ns: ts_ns,
-            tid,
-            identity,
-        });
+        queue.push_back(started);
     }
 
     /// The identity of a finished exchange on `conn`.
@@ -164,6 +240,17 @@ impl Linker {
                 identity
             }
             Side::Client => {
+                if let Some(s) = started.filter(|s| s.injected)
+                    && let Some(identity) = s.identity
+                {
+                    self.stats.injected += 1;
+                    if identity.parent_id.is_some() {
+                        self.stats.linked += 1;
+                    } else {
+                        self.stats.roots += 1;
+                    }
+                    return identity;
+                }
                 let parent = started
                     .and_then(|s| self.serving.get(&s.tid))
                     .filter(|s| s.start_ns <= exchange.req_start_ns);
@@ -278,6 +365,15 @@ fn new_span_id() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const NO_CTX: TraceCtx = TraceCtx {
+        trace_id_hi: 0,
+        trace_id_lo: 0,
+        span_id: 0,
+        parent_id: 0,
+        flags: 0,
+        _pad: 0,
+    };
     use crate::protocols::Outcome;
 
     fn exchange(side: Side, start: u64, end: u64, headers: &[(&str, &str)]) -> HttpExchange {
@@ -307,8 +403,8 @@ mod tests {
     #[test]
     fn call_made_while_serving_is_a_child() {
         let mut l = Linker::new();
-        l.request_started(IN, true, 11, 100, b"GET /a HTTP/1.1\r\n\r\n");
-        l.request_started(OUT, false, 11, 150, b"GET /b HTTP/1.1\r\n\r\n");
+        l.request_started(IN, true, 11, 100, b"GET /a HTTP/1.1\r\n\r\n", &NO_CTX);
+        l.request_started(OUT, false, 11, 150, b"GET /b HTTP/1.1\r\n\r\n", &NO_CTX);
         let client = l.finished(OUT, &exchange(Side::Client, 150, 180, &[]));
         let server = l.finished(IN, &exchange(Side::Server, 100, 200, &[]));
         assert_eq!(client.trace_id, server.trace_id);
@@ -321,8 +417,8 @@ mod tests {
     #[test]
     fn incoming_traceparent_is_joined_and_passed_to_children() {
         let mut l = Linker::new();
-        l.request_started(IN, true, 11, 100, b"GET /a HTTP/1.1\r\nHost: x\r\ntraceparent: 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01\r\n\r\n");
-        l.request_started(OUT, false, 11, 150, b"GET /b HTTP/1.1\r\n\r\n");
+        l.request_started(IN, true, 11, 100, b"GET /a HTTP/1.1\r\nHost: x\r\ntraceparent: 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01\r\n\r\n", &NO_CTX);
+        l.request_started(OUT, false, 11, 150, b"GET /b HTTP/1.1\r\n\r\n", &NO_CTX);
         let client = l.finished(OUT, &exchange(Side::Client, 150, 180, &[]));
         let server = l.finished(IN, &exchange(Side::Server, 100, 200, &[]));
         assert_eq!(server.trace_id, 0x4bf92f3577b34da6a3ce929d0e0e4736);
@@ -341,8 +437,9 @@ mod tests {
             11,
             100,
             b"GET /a HTTP/1.1\r\nb3: 80f198ee56343ba864fe8b2a57d3eff7-e457b5a2e4d86bd1-0\r\n\r\n",
+            &NO_CTX,
         );
-        l.request_started(OUT, false, 11, 150, b"GET /b HTTP/1.1\r\n\r\n");
+        l.request_started(OUT, false, 11, 150, b"GET /b HTTP/1.1\r\n\r\n", &NO_CTX);
         assert!(
             !l.finished(OUT, &exchange(Side::Client, 150, 180, &[]))
                 .sampled
@@ -357,10 +454,10 @@ mod tests {
     fn thread_reused_for_the_next_request_links_to_the_new_one() {
         let mut l = Linker::new();
         let in2: ConnKey = (1, 7);
-        l.request_started(IN, true, 11, 100, b"GET /1 HTTP/1.1\r\n\r\n");
+        l.request_started(IN, true, 11, 100, b"GET /1 HTTP/1.1\r\n\r\n", &NO_CTX);
         let first = l.finished(IN, &exchange(Side::Server, 100, 120, &[]));
-        l.request_started(in2, true, 11, 130, b"GET /2 HTTP/1.1\r\n\r\n");
-        l.request_started(OUT, false, 11, 140, b"GET /b HTTP/1.1\r\n\r\n");
+        l.request_started(in2, true, 11, 130, b"GET /2 HTTP/1.1\r\n\r\n", &NO_CTX);
+        l.request_started(OUT, false, 11, 140, b"GET /b HTTP/1.1\r\n\r\n", &NO_CTX);
         let client = l.finished(OUT, &exchange(Side::Client, 140, 150, &[]));
         let second = l.finished(in2, &exchange(Side::Server, 130, 160, &[]));
         assert_eq!(client.parent_id, Some(second.span_id));
@@ -370,9 +467,9 @@ mod tests {
     #[test]
     fn call_after_the_request_finished_is_a_root() {
         let mut l = Linker::new();
-        l.request_started(IN, true, 11, 100, b"GET /1 HTTP/1.1\r\n\r\n");
+        l.request_started(IN, true, 11, 100, b"GET /1 HTTP/1.1\r\n\r\n", &NO_CTX);
         l.finished(IN, &exchange(Side::Server, 100, 120, &[]));
-        l.request_started(OUT, false, 11, 140, b"GET /b HTTP/1.1\r\n\r\n");
+        l.request_started(OUT, false, 11, 140, b"GET /b HTTP/1.1\r\n\r\n", &NO_CTX);
         let client = l.finished(OUT, &exchange(Side::Client, 140, 150, &[]));
         assert_eq!(client.parent_id, None);
         assert_eq!(l.stats().roots, 1);
@@ -382,9 +479,9 @@ mod tests {
     fn event_loop_with_concurrent_requests_stays_unlinked() {
         let mut l = Linker::new();
         let in2: ConnKey = (1, 7);
-        l.request_started(IN, true, 11, 100, b"GET /1 HTTP/1.1\r\n\r\n");
-        l.request_started(in2, true, 11, 110, b"GET /2 HTTP/1.1\r\n\r\n");
-        l.request_started(OUT, false, 11, 120, b"GET /b HTTP/1.1\r\n\r\n");
+        l.request_started(IN, true, 11, 100, b"GET /1 HTTP/1.1\r\n\r\n", &NO_CTX);
+        l.request_started(in2, true, 11, 110, b"GET /2 HTTP/1.1\r\n\r\n", &NO_CTX);
+        l.request_started(OUT, false, 11, 120, b"GET /b HTTP/1.1\r\n\r\n", &NO_CTX);
         let client = l.finished(OUT, &exchange(Side::Client, 120, 130, &[]));
         assert_eq!(client.parent_id, None);
         assert_eq!(l.stats().unlinked_ambiguous, 1);
@@ -393,8 +490,8 @@ mod tests {
     #[test]
     fn other_threads_do_not_link() {
         let mut l = Linker::new();
-        l.request_started(IN, true, 11, 100, b"GET /1 HTTP/1.1\r\n\r\n");
-        l.request_started(OUT, false, 12, 110, b"GET /b HTTP/1.1\r\n\r\n");
+        l.request_started(IN, true, 11, 100, b"GET /1 HTTP/1.1\r\n\r\n", &NO_CTX);
+        l.request_started(OUT, false, 12, 110, b"GET /b HTTP/1.1\r\n\r\n", &NO_CTX);
         assert_eq!(
             l.finished(OUT, &exchange(Side::Client, 110, 130, &[]))
                 .parent_id,
@@ -424,5 +521,61 @@ mod tests {
     fn cut_heads_still_yield_complete_header_lines() {
         let ctx = incoming_context(b"GET / HTTP/1.1\r\nTraceParent: 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01\r\nUser-Ag");
         assert_eq!(ctx.unwrap().parent_span_id, 0x00f067aa0ba902b7);
+    }
+
+    #[test]
+    fn kernel_named_identities_win() {
+        let mut l = Linker::new();
+        let server = TraceCtx {
+            trace_id_hi: 7,
+            trace_id_lo: 8,
+            span_id: 0x55,
+            parent_id: 0,
+            flags: CTX_VALID | CTX_SAMPLED | tracer_common::CTX_SERVER,
+            _pad: 0,
+        };
+        let client = TraceCtx {
+            trace_id_hi: 7,
+            trace_id_lo: 8,
+            span_id: 0x66,
+            parent_id: 0x55,
+            flags: CTX_VALID | CTX_SAMPLED | CTX_INJECTED,
+            _pad: 0,
+        };
+        l.request_started(IN, true, 11, 100, b"GET /a HTTP/1.1\r\n\r\n", &server);
+        l.request_started(OUT, false, 11, 150, b"GET /b HTTP/1.1\r\n\r\n", &client);
+        let c = l.finished(OUT, &exchange(Side::Client, 150, 200, &[]));
+        let s = l.finished(IN, &exchange(Side::Server, 100, 300, &[]));
+        let trace = (7u128 << 64) | 8;
+        assert_eq!((s.trace_id, s.span_id, s.parent_id), (trace, 0x55, None));
+        assert_eq!(
+            (c.trace_id, c.span_id, c.parent_id),
+            (trace, 0x66, Some(0x55))
+        );
+        assert_eq!(l.stats().injected, 1);
+    }
+
+    #[test]
+    fn a_b3_caller_wins_over_a_kernel_named_root() {
+        let mut l = Linker::new();
+        let server = TraceCtx {
+            trace_id_hi: 7,
+            trace_id_lo: 8,
+            span_id: 0x55,
+            parent_id: 0,
+            flags: CTX_VALID | CTX_SAMPLED | tracer_common::CTX_SERVER,
+            _pad: 0,
+        };
+        l.request_started(
+            IN,
+            true,
+            11,
+            100,
+            b"GET /a HTTP/1.1\r\nb3: 80f198ee56343ba864fe8b2a57d3eff7-e457b5a2e4d86bd1-1\r\n\r\n",
+            &server,
+        );
+        let s = l.finished(IN, &exchange(Side::Server, 100, 300, &[]));
+        assert_eq!(s.trace_id, 0x80f198ee56343ba864fe8b2a57d3eff7);
+        assert_eq!(s.parent_id, Some(0xe457b5a2e4d86bd1));
     }
 }

@@ -146,6 +146,7 @@ impl ConnTracker {
                 ingress,
                 head,
                 tail,
+                ctx,
                 ..
             } => {
                 let stale = self
@@ -173,7 +174,7 @@ impl ConnTracker {
                 }
                 if looks_like_request(head) {
                     self.linker
-                        .request_started(key, *ingress, hdr.tid, hdr.ts_ns, head);
+                        .request_started(key, *ingress, hdr.tid, hdr.ts_ns, head, ctx);
                 }
                 let segment = Segment {
                     dir: if *ingress {

@@ -20,6 +20,7 @@ use tokio::{io::AsyncWriteExt as _, sync::mpsc, task::JoinHandle};
 
 use crate::spans::{Span, text_line};
 
+pub(crate) use self::zipkin::error_chain;
 pub use self::zipkin::{USER_AGENT, ZipkinConfig};
 
 /// Capacity of the queue in front of stdout.

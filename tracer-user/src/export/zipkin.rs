@@ -204,7 +204,7 @@ fn first_line(s: &str) -> &str {
 
 /// reqwest's Display shows only the outermost error ("error sending request"); the cause
 /// ("connection refused") is what an operator needs.
-fn error_chain(e: &dyn std::error::Error) -> String {
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
     let mut text = e.to_string();
     let mut source = e.source();
     while let Some(cause) = source {

@@ -1,0 +1,719 @@
+//! Trace context in the kernel: naming spans at the moment requests move, and writing the
+//! context into outgoing HTTP/1.x requests.
+//!
+//! Injection must happen inside the `sendmsg` that carries the request, so the ids cannot wait
+//! for the agent: when a traced thread reads a request (`server_request`), the kernel names its
+//! server span, taking the trace from an incoming `traceparent` when there is one, and keeps
+//! that context for the thread until it writes the response. When the thread then sends a
+//! request on a connection in the socket map, the sk_msg program names the client span as the
+//! child of that context and inserts `traceparent` (or `b3`) after the request line. Both
+//! identities travel to the agent on the data events, and the agent adopts them.
+//!
+//! Only connections made by traced processes get into the socket map (`tracer_sockops`), so
+//! untraced processes never go through the sk_msg path. Headers are only added when the whole
+//! request head is in the first bytes of one send and does not carry the header already; a
+//! request the program is unsure about is sent untouched.
+
+use core::ptr::read_volatile;
+
+use aya_ebpf::{
+    EbpfContext as _,
+    bindings::{
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_TCP_CONNECT_CB, sk_action::SK_PASS,
+    },
+    helpers::{
+        bpf_get_current_pid_tgid, bpf_get_prandom_u32, bpf_get_socket_cookie,
+        generated::{bpf_loop, bpf_msg_pull_data, bpf_probe_read_kernel as probe_read_kernel_raw},
+    },
+    macros::{map, sk_msg, sock_ops},
+    maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray, SockHash, lpm_trie::Key},
+    programs::{SkMsgContext, SockOpsContext},
+};
+use tracer_common::{
+    CTX_AMBIGUOUS, CTX_FROM_HEADER, CTX_INJECTED, CTX_SAMPLED, CTX_SERVER, CTX_VALID, DIR_EGRESS,
+    INJECT_B3, INJECT_OFF, MAX_CAPTURE, SavedArgs, SockKey, TraceCtx, stat,
+};
+
+use crate::{ACTIVE, CONFIG, SCRATCH, count, is_traced, syscalls::verifier_bound};
+
+/// Bytes of a request looked at for the header block (its end must be inside).
+const WINDOW: usize = 1024;
+/// `traceparent: 00-{32}-{16}-01\r\n`
+const TRACEPARENT_LEN: usize = 13 + 3 + 32 + 1 + 16 + 3 + 2;
+/// `b3: {32}-{16}-1\r\n`
+const B3_LEN: usize = 4 + 32 + 1 + 16 + 2 + 2;
+const AF_INET: u32 = 2;
+
+/// What a thread is serving: set when it reads a request, cleared when it writes a response
+/// on that connection.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct ThreadCtx {
+    pub ctx: TraceCtx,
+    pub conn_id: u64,
+}
+
+#[map]
+static THREAD_CTX: LruHashMap<u32, ThreadCtx> = LruHashMap::with_max_entries(65536, 0);
+
+/// The client context a send injected, by pid_tgid, for the syscall's exit to report.
+#[map]
+static INJECTED: LruHashMap<u64, TraceCtx> = LruHashMap::with_max_entries(16384, 0);
+
+/// Connections of traced processes whose sends the sk_msg program sees.
+#[map]
+static SOCKETS: SockHash<SockKey> = SockHash::with_max_entries(65536, 0);
+
+/// Sockets whose connect() a traced thread made, by socket cookie, until established.
+#[map]
+static CONNECTING: LruHashMap<u64, u32> = LruHashMap::with_max_entries(16384, 0);
+
+/// Destination ports that get headers (when `Config::inject_filter_ports`).
+#[map]
+static INJECT_PORTS: HashMap<u16, u8> = HashMap::with_max_entries(256, 0);
+
+/// Destination networks that get headers (when `Config::inject_filter_nets`); IPv4 as mapped.
+#[map]
+static INJECT_NETS: LpmTrie<[u8; 16], u8> =
+    LpmTrie::with_max_entries(256, 1 /* BPF_F_NO_PREALLOC */);
+
+/// Per-CPU copy of the head of the message being sent.
+#[repr(C)]
+pub struct MsgScratch {
+    pub buf: [u8; 2 * WINDOW],
+    /// The header line being written (too large for the 512-byte stack with the rest).
+    pub line: [u8; 128],
+}
+
+#[map]
+static MSG_SCRATCH: PerCpuArray<MsgScratch> = PerCpuArray::with_max_entries(1, 0);
+
+#[inline(always)]
+fn random_u64() -> u64 {
+    // SAFETY: no preconditions.
+    unsafe { ((bpf_get_prandom_u32() as u64) << 32) | bpf_get_prandom_u32() as u64 }
+}
+
+#[inline(always)]
+fn nonzero_random() -> u64 {
+    let v = random_u64();
+    if v == 0 { 1 } else { v }
+}
+
+#[inline(always)]
+fn starts_with_method(b: &[u8]) -> bool {
+    if b.len() < 8 {
+        return false;
+    }
+    matches!(
+        (b[0], b[1], b[2], b[3], b[4]),
+        (b'G', b'E', b'T', b' ', _)
+            | (b'P', b'O', b'S', b'T', b' ')
+            | (b'P', b'U', b'T', b' ', _)
+            | (b'H', b'E', b'A', b'D', b' ')
+            | (b'D', b'E', b'L', b'E', b'T')
+            | (b'P', b'A', b'T', b'C', b'H')
+            | (b'O', b'P', b'T', b'I', b'O')
+    )
+}
+
+#[inline(always)]
+fn starts_with_status(b: &[u8]) -> bool {
+    b.len() >= 8 && b[0] == b'H' && b[1] == b'T' && b[2] == b'T' && b[3] == b'P' && b[4] == b'/'
+}
+
+/// Lowercase hex digit values, 0xff for anything else. A table, not a `match`: two ranges
+/// per digit make two verifier paths per digit, 2^48 for a traceparent.
+static HEX_VALUE: [u8; 256] = {
+    let mut t = [0xffu8; 256];
+    let mut i = 0;
+    while i < 10 {
+        t[b'0' as usize + i] = i as u8;
+        i += 1;
+    }
+    let mut i = 0;
+    while i < 6 {
+        t[b'a' as usize + i] = 10 + i as u8;
+        i += 1;
+    }
+    t
+};
+
+#[inline(always)]
+fn hex_value(c: u8) -> Option<u64> {
+    let v = HEX_VALUE[c as usize];
+    if v == 0xff { None } else { Some(v as u64) }
+}
+
+/// Parses `n` (≤ 16) lowercase hex digits at `buf[at..]`.
+#[inline(always)]
+fn parse_hex(buf: &[u8], at: usize, n: usize) -> Option<u64> {
+    let mut v: u64 = 0;
+    for k in 0..16 {
+        if k >= n {
+            break;
+        }
+        let i = at + k;
+        if i >= buf.len() {
+            return None;
+        }
+        v = (v << 4) | hex_value(buf[i])?;
+    }
+    Some(v)
+}
+
+/// What the header scan found in a request head.
+struct HeadScan {
+    /// Offset just past the request line's `\n`.
+    line_end: usize,
+    /// The head ends (`\r\n\r\n`) inside the scanned bytes.
+    complete: bool,
+    /// A `traceparent`, `b3` or `x-b3-traceid` header is there already.
+    has_context: bool,
+    /// Parsed `traceparent`: trace hi, lo, parent span, sampled.
+    traceparent: Option<(u64, u64, u64, bool)>,
+}
+
+#[inline(always)]
+fn lower(c: u8) -> u8 {
+    if c.is_ascii_uppercase() { c + 32 } else { c }
+}
+
+#[inline(always)]
+fn name_is(buf: &[u8], at: usize, name: &[u8]) -> bool {
+    if at + name.len() > buf.len() {
+        return false;
+    }
+    let mut k = 0;
+    while k < name.len() {
+        if lower(buf[at + k]) != name[k] {
+            return false;
+        }
+        k += 1;
+    }
+    true
+}
+
+/// State of one head scan, shared with the `bpf_loop` callback.
+#[repr(C)]
+struct ScanState {
+    /// Which per-CPU buffer holds the head: `SRC_EVENT` (the data event's payload) or
+    /// `SRC_MSG` (the sk_msg copy).
+    source: u64,
+    len: u64,
+    line_end: u64,
+    complete: u64,
+    has_context: u64,
+    tp_found: u64,
+    tp_hi: u64,
+    tp_lo: u64,
+    tp_span: u64,
+    tp_sampled: u64,
+}
+
+const SRC_EVENT: u64 = 0;
+const SRC_MSG: u64 = 1;
+
+/// Walks the head in the chosen buffer (`len` ≤ WINDOW) line by line. The walk runs under
+/// `bpf_loop`, so the verifier checks one step instead of every path through 1024 of them.
+#[inline(always)]
+fn scan_head(source: u64, len: usize) -> HeadScan {
+    let mut st = ScanState {
+        source,
+        len: len as u64,
+        line_end: 0,
+        complete: 0,
+        has_context: 0,
+        tp_found: 0,
+        tp_hi: 0,
+        tp_lo: 0,
+        tp_span: 0,
+        tp_sampled: 0,
+    };
+    // SAFETY: the callback only reads `st` and per-CPU maps, and returns within the loop.
+    unsafe {
+        bpf_loop(
+            WINDOW as u32,
+            scan_step as *mut core::ffi::c_void,
+            (&mut st as *mut ScanState).cast(),
+            0,
+        )
+    };
+    HeadScan {
+        line_end: st.line_end as usize,
+        complete: st.complete != 0,
+        has_context: st.has_context != 0,
+        traceparent: (st.tp_found != 0).then_some((
+            st.tp_hi,
+            st.tp_lo,
+            st.tp_span,
+            st.tp_sampled != 0,
+        )),
+    }
+}
+
+#[inline(always)]
+fn scan_buffer(source: u64) -> Option<&'static [u8]> {
+    if source == SRC_EVENT {
+        let p = SCRATCH.get_ptr(0)?;
+        // SAFETY: per-CPU slot, read-only here.
+        Some(unsafe { &(&(*p).payload)[..] })
+    } else {
+        let p = MSG_SCRATCH.get_ptr(0)?;
+        // SAFETY: as above.
+        Some(unsafe { &(&(*p).buf)[..] })
+    }
+}
+
+/// One step of `scan_head`: 0 to go on, 1 to stop.
+extern "C" fn scan_step(index: u64, ctx: *mut core::ffi::c_void) -> i64 {
+    // SAFETY: `ctx` is the `ScanState` passed to bpf_loop.
+    let st = unsafe { &mut *(ctx as *mut ScanState) };
+    let Some(buf) = scan_buffer(st.source) else {
+        return 1;
+    };
+    let len = (st.len as usize).min(WINDOW);
+    let i = verifier_bound(index as usize, WINDOW - 1);
+    if i + 1 >= len {
+        return 1;
+    }
+    if buf[i] != b'\n' {
+        return 0;
+    }
+    let at = i + 1;
+    if st.line_end == 0 {
+        st.line_end = at as u64;
+    }
+    if at + 1 < len && buf[at] == b'\r' && buf[at + 1] == b'\n' {
+        st.complete = 1;
+        return 1;
+    }
+    if name_is(buf, at, b"traceparent:") {
+        st.has_context = 1;
+        let mut v = at + 12;
+        if v < len && buf[v] == b' ' {
+            v += 1;
+        }
+        // 00-{trace:32}-{span:16}-{flags:2}
+        if v + 55 <= len && buf[v] == b'0' && buf[v + 1] == b'0' && buf[v + 2] == b'-' {
+            let hi = parse_hex(buf, v + 3, 16);
+            let lo = parse_hex(buf, v + 19, 16);
+            let span = parse_hex(buf, v + 36, 16);
+            let flags = parse_hex(buf, v + 53, 2);
+            if let (Some(hi), Some(lo), Some(span), Some(flags)) = (hi, lo, span, flags)
+                && buf[v + 35] == b'-'
+                && buf[v + 52] == b'-'
+                && (hi | lo) != 0
+                && span != 0
+            {
+                st.tp_found = 1;
+                st.tp_hi = hi;
+                st.tp_lo = lo;
+                st.tp_span = span;
+                st.tp_sampled = flags & 1;
+            }
+        }
+    } else if name_is(buf, at, b"b3:") || name_is(buf, at, b"x-b3-traceid:") {
+        st.has_context = 1;
+    }
+    0
+}
+
+/// A traced thread read a segment starting with `head` on `conn_id`: when it is a request,
+/// name its server span and remember it as what the thread serves. Returns the context to put
+/// on the data event.
+#[inline(always)]
+pub fn server_request(head: &[u8], head_len: usize, conn_id: u64, tid: u32) -> TraceCtx {
+    let none = TraceCtx::default();
+    if CONFIG.load().kernel_ctx == 0 || !starts_with_method(head) {
+        return none;
+    }
+    let scan = scan_head(SRC_EVENT, head_len.min(WINDOW));
+    let mut ctx = TraceCtx {
+        span_id: nonzero_random(),
+        flags: CTX_VALID | CTX_SERVER | CTX_SAMPLED,
+        ..none
+    };
+    match scan.traceparent {
+        Some((hi, lo, parent, sampled)) => {
+            ctx.trace_id_hi = hi;
+            ctx.trace_id_lo = lo;
+            ctx.parent_id = parent;
+            ctx.flags |= CTX_FROM_HEADER;
+            if !sampled {
+                ctx.flags &= !CTX_SAMPLED;
+            }
+        }
+        None => {
+            ctx.trace_id_hi = random_u64();
+            ctx.trace_id_lo = nonzero_random();
+        }
+    }
+    // A thread that reads a second request before answering the first (an event loop, or
+    // pipelining) cannot say which one its calls belong to.
+    // SAFETY: the value is copied out at once.
+    if let Some(previous) = unsafe { THREAD_CTX.get(&tid) }
+        && previous.conn_id != conn_id
+    {
+        ctx.flags |= CTX_AMBIGUOUS;
+    }
+    let _ = THREAD_CTX.insert(&tid, &ThreadCtx { ctx, conn_id }, 0);
+    ctx
+}
+
+/// A traced thread wrote a segment starting with `head` on `conn_id`: a response ends what it
+/// serves there.
+#[inline(always)]
+pub fn response_written(head: &[u8], conn_id: u64, tid: u32) {
+    if CONFIG.load().kernel_ctx == 0 || !starts_with_status(head) {
+        return;
+    }
+    // SAFETY: the value is read at once.
+    if unsafe { THREAD_CTX.get(&tid) }.is_some_and(|t| t.conn_id == conn_id) {
+        let _ = THREAD_CTX.remove(&tid);
+    }
+}
+
+/// The client context injected by this thread's current send, if any.
+#[inline(always)]
+pub fn take_injected(pid_tgid: u64) -> TraceCtx {
+    // SAFETY: copied out before removal.
+    match unsafe { INJECTED.get(&pid_tgid) } {
+        Some(ctx) => {
+            let ctx = *ctx;
+            let _ = INJECTED.remove(&pid_tgid);
+            ctx
+        }
+        None => TraceCtx::default(),
+    }
+}
+
+/// Puts connections that traced threads open into the socket map. The connect callback runs
+/// in the connecting thread, so it can tell traced processes apart; the established callback,
+/// where the socket map may be updated, usually runs in softirq, so the decision is carried
+/// from one to the other by the socket's cookie.
+#[sock_ops]
+pub fn tracer_sockops(ctx: SockOpsContext) -> u32 {
+    let config = CONFIG.load();
+    if config.inject == INJECT_OFF {
+        return 1;
+    }
+    // SAFETY: the ctx pointer is the program's context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    match ctx.op() {
+        BPF_SOCK_OPS_TCP_CONNECT_CB => {
+            let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+            if is_traced(tgid) {
+                let _ = CONNECTING.insert(&cookie, &tgid, 0);
+            }
+        }
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => {
+            // SAFETY: read and removed at once.
+            if unsafe { CONNECTING.get(&cookie) }.is_none() {
+                return 1;
+            }
+            let _ = CONNECTING.remove(&cookie);
+            let mut key = SockKey::default();
+            let ops = ctx.ops;
+            // SAFETY: reads of the program's context.
+            let f = unsafe { SockFields::read(ops) };
+            (key.local_addr, key.remote_addr) = if f.family == AF_INET {
+                (mapped(f.local_ip4), mapped(f.remote_ip4))
+            } else {
+                (v6_bytes(f.local_ip6), v6_bytes(f.remote_ip6))
+            };
+            key.local_port = f.local_port;
+            key.remote_port = u32::from_be(f.remote_port) >> 16;
+            if !destination_wanted(&key.remote_addr, key.remote_port as u16) {
+                return 1;
+            }
+            // SAFETY: the context is a valid bpf_sock_ops for the helper.
+            if SOCKETS.update(key, unsafe { &mut *ops }, 0).is_ok() {
+                count(stat::INJECT_SOCKETS);
+            }
+        }
+        _ => {}
+    }
+    1
+}
+
+/// The address fields of a sock_ops or sk_msg context. The verifier only allows context loads
+/// at constant offsets from the context pointer; reading every field unconditionally, with
+/// volatile loads, keeps LLVM from merging per-family branches into a load through a
+/// computed pointer.
+struct SockFields {
+    family: u32,
+    remote_ip4: u32,
+    local_ip4: u32,
+    remote_ip6: [u32; 4],
+    local_ip6: [u32; 4],
+    remote_port: u32,
+    local_port: u32,
+}
+
+macro_rules! ctx_fields {
+    ($p:expr) => {{
+        let p = $p;
+        SockFields {
+            family: read_volatile(&raw const (*p).family),
+            remote_ip4: read_volatile(&raw const (*p).remote_ip4),
+            local_ip4: read_volatile(&raw const (*p).local_ip4),
+            remote_ip6: [
+                read_volatile(&raw const (*p).remote_ip6[0]),
+                read_volatile(&raw const (*p).remote_ip6[1]),
+                read_volatile(&raw const (*p).remote_ip6[2]),
+                read_volatile(&raw const (*p).remote_ip6[3]),
+            ],
+            local_ip6: [
+                read_volatile(&raw const (*p).local_ip6[0]),
+                read_volatile(&raw const (*p).local_ip6[1]),
+                read_volatile(&raw const (*p).local_ip6[2]),
+                read_volatile(&raw const (*p).local_ip6[3]),
+            ],
+            remote_port: read_volatile(&raw const (*p).remote_port),
+            local_port: read_volatile(&raw const (*p).local_port),
+        }
+    }};
+}
+
+impl SockFields {
+    /// SAFETY: `ops` is the program's context.
+    #[inline(always)]
+    unsafe fn read(ops: *const aya_ebpf::bindings::bpf_sock_ops) -> Self {
+        unsafe { ctx_fields!(ops) }
+    }
+
+    /// SAFETY: `msg` is the program's context.
+    #[inline(always)]
+    unsafe fn read_msg(msg: *const aya_ebpf::bindings::sk_msg_md) -> Self {
+        unsafe { ctx_fields!(msg) }
+    }
+}
+
+#[inline(always)]
+fn mapped(ip4: u32) -> [u8; 16] {
+    let b = ip4.to_ne_bytes();
+    [
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, b[0], b[1], b[2], b[3],
+    ]
+}
+
+#[inline(always)]
+fn v6_bytes(w: [u32; 4]) -> [u8; 16] {
+    let mut out = [0u8; 16];
+    for i in 0..4 {
+        let b = w[i].to_ne_bytes();
+        out[i * 4] = b[0];
+        out[i * 4 + 1] = b[1];
+        out[i * 4 + 2] = b[2];
+        out[i * 4 + 3] = b[3];
+    }
+    out
+}
+
+#[inline(always)]
+fn destination_wanted(addr: &[u8; 16], port: u16) -> bool {
+    let config = CONFIG.load();
+    // SAFETY: presence checks only.
+    if config.inject_filter_ports != 0 && unsafe { INJECT_PORTS.get(&port) }.is_none() {
+        return false;
+    }
+    if config.inject_filter_nets != 0 && INJECT_NETS.get(Key::new(128, *addr)).is_none() {
+        return false;
+    }
+    true
+}
+
+/// Adds the trace context header to HTTP/1.x requests that traced threads send.
+#[sk_msg]
+pub fn tracer_inject(ctx: SkMsgContext) -> u32 {
+    let _ = try_inject(&ctx);
+    SK_PASS
+}
+
+#[inline(always)]
+fn try_inject(ctx: &SkMsgContext) -> Option<()> {
+    let config = CONFIG.load();
+    if config.inject == INJECT_OFF {
+        return None;
+    }
+    let pid_tgid = bpf_get_current_pid_tgid();
+    // Only the sends the syscall probes saw a traced thread start: its saved arguments say so.
+    // SAFETY: copied fields only.
+    let saved = unsafe { ACTIVE.get(&pid_tgid) }?;
+    if saved.direction != DIR_EGRESS
+        || (saved.kind != SavedArgs::BUF && saved.kind != SavedArgs::IOV)
+    {
+        return None;
+    }
+    // One header per syscall: a large send reaches this program in several pieces.
+    // SAFETY: presence check.
+    if unsafe { INJECTED.get(&pid_tgid) }.is_some() {
+        return None;
+    }
+    let size = ctx.size() as usize;
+    if size < 16 {
+        return None;
+    }
+    let want = if size < WINDOW { size } else { WINDOW };
+    // SAFETY: the context is the program's own.
+    if unsafe { bpf_msg_pull_data(ctx.msg, 0, want as u32, 0) } != 0 {
+        count(stat::INJECT_ERRORS);
+        return None;
+    }
+    let scratch = MSG_SCRATCH.get_ptr_mut(0)?;
+    // SAFETY: per-CPU slot owned for the program's run.
+    let scratch = unsafe { &mut *scratch };
+    let (data, end) = (ctx.data(), ctx.data_end());
+    if end <= data {
+        return None;
+    }
+    let mut n = end - data;
+    if n > want {
+        n = want;
+    }
+    let n = verifier_bound(n, WINDOW * 2 - 1);
+    if n < 16 {
+        return None;
+    }
+    // SAFETY: n ≤ 2 * WINDOW - 1 fits the scratch buffer; the source is the message's linear
+    // data, checked against data_end above.
+    if unsafe { probe_read_kernel_raw(scratch.buf.as_mut_ptr().cast(), n as u32, data as *const _) }
+        != 0
+    {
+        count(stat::INJECT_ERRORS);
+        return None;
+    }
+    let head = &scratch.buf[..];
+    if !starts_with_method(head) {
+        return None;
+    }
+    let scan = scan_head(SRC_MSG, n.min(WINDOW));
+    if scan.has_context
+        || !scan.complete
+        || scan.line_end < 10
+        || head.get(scan.line_end - 2) != Some(&b'\r')
+    {
+        count(stat::INJECT_SKIPPED);
+        return None;
+    }
+    // SAFETY: reads of the program's context.
+    let f = unsafe { SockFields::read_msg(ctx.msg) };
+    let remote = if f.family == AF_INET {
+        mapped(f.remote_ip4)
+    } else {
+        v6_bytes(f.remote_ip6)
+    };
+    let remote_port = (u32::from_be(f.remote_port) >> 16) as u16;
+    if !destination_wanted(&remote, remote_port) {
+        return None;
+    }
+
+    let tid = pid_tgid as u32;
+    let mut client = TraceCtx {
+        span_id: nonzero_random(),
+        flags: CTX_VALID | CTX_INJECTED | CTX_SAMPLED,
+        ..Default::default()
+    };
+    // SAFETY: copied out at once.
+    match unsafe { THREAD_CTX.get(&tid) } {
+        Some(t) if t.ctx.flags & CTX_AMBIGUOUS == 0 => {
+            client.trace_id_hi = t.ctx.trace_id_hi;
+            client.trace_id_lo = t.ctx.trace_id_lo;
+            client.parent_id = t.ctx.span_id;
+            client.flags = (client.flags & !CTX_SAMPLED) | (t.ctx.flags & CTX_SAMPLED);
+        }
+        Some(_) => {
+            client.flags |= CTX_AMBIGUOUS;
+            client.trace_id_hi = random_u64();
+            client.trace_id_lo = nonzero_random();
+        }
+        None => {
+            client.trace_id_hi = random_u64();
+            client.trace_id_lo = nonzero_random();
+        }
+    }
+    let offset = scan.line_end;
+    let line = &mut scratch.line;
+    let ok = if config.inject == INJECT_B3 {
+        write_header::<B3_LEN>(ctx, line, offset, &client, true)
+    } else {
+        write_header::<TRACEPARENT_LEN>(ctx, line, offset, &client, false)
+    };
+    if ok {
+        count(stat::INJECTED);
+        let _ = INJECTED.insert(&pid_tgid, &client, 0);
+    } else {
+        count(stat::INJECT_ERRORS);
+    }
+    Some(())
+}
+
+const HEX: &[u8; 16] = b"0123456789abcdef";
+
+#[inline(always)]
+fn put_hex(out: &mut [u8], at: usize, v: u64) {
+    for k in 0..16 {
+        out[at + k] = HEX[((v >> (60 - 4 * k)) & 0xf) as usize];
+    }
+}
+
+/// Grows the message by `LEN` bytes at `offset` (just after the request line) and writes the
+/// header there.
+#[inline(always)]
+fn write_header<const LEN: usize>(
+    ctx: &SkMsgContext,
+    line: &mut [u8; 128],
+    offset: usize,
+    c: &TraceCtx,
+    b3: bool,
+) -> bool {
+    let sampled = c.flags & CTX_SAMPLED != 0;
+    if b3 {
+        line[..4].copy_from_slice(b"b3: ");
+        put_hex(line, 4, c.trace_id_hi);
+        put_hex(line, 20, c.trace_id_lo);
+        line[36] = b'-';
+        put_hex(line, 37, c.span_id);
+        line[53] = b'-';
+        line[54] = if sampled { b'1' } else { b'0' };
+        line[55] = b'\r';
+        line[56] = b'\n';
+    } else {
+        line[..16].copy_from_slice(b"traceparent: 00-");
+        put_hex(line, 16, c.trace_id_hi);
+        put_hex(line, 32, c.trace_id_lo);
+        line[48] = b'-';
+        put_hex(line, 49, c.span_id);
+        line[65] = b'-';
+        line[66] = b'0';
+        line[67] = if sampled { b'1' } else { b'0' };
+        line[68] = b'\r';
+        line[69] = b'\n';
+    }
+    let offset = verifier_bound(offset, WINDOW - 1);
+    if ctx.push_data(offset as u32, LEN as u32, 0).is_err() {
+        return false;
+    }
+    // Starting the pull at 0 keeps `data` at the message's first byte.
+    // SAFETY: the context is the program's own.
+    if unsafe { bpf_msg_pull_data(ctx.msg, 0, (offset + LEN) as u32, 0) } != 0 {
+        let _ = ctx.pop_data(offset as u32, LEN as u32, 0);
+        return false;
+    }
+    let (data, end) = (ctx.data(), ctx.data_end());
+    let at = data + offset;
+    if at + LEN > end {
+        // Never leave the grown message with unwritten bytes in it.
+        let _ = ctx.pop_data(offset as u32, LEN as u32, 0);
+        return false;
+    }
+    let dst = at as *mut u8;
+    for k in 0..LEN {
+        // SAFETY: [at, at + LEN) is inside the linear data checked against data_end.
+        unsafe { *dst.add(k) = line[k] };
+    }
+    true
+}
+
+const _: () = assert!(TRACEPARENT_LEN == 70 && B3_LEN == 57 && WINDOW <= MAX_CAPTURE);
