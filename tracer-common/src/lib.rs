@@ -180,8 +180,12 @@ pub struct Config {
     pub inject_filter_nets: u32,
     /// Non-zero: the kernel names server spans (`TraceCtx`); on whenever injection is.
     pub kernel_ctx: u32,
+    /// Non-zero: trace only tasks in the network namespace with this inode number (one
+    /// tracer per container or per test host).
+    pub netns_inum: u32,
+    pub _pad: u32,
 }
-const _: () = assert!(core::mem::size_of::<Config>() == 40);
+const _: () = assert!(core::mem::size_of::<Config>() == 48);
 
 /// Byte offsets of the kernel struct fields the probes read, taken from the running kernel's BTF
 /// by the agent at start: a hand-made CO-RE, since the probes walk `task->files->fdt->fd[fd]`
@@ -207,10 +211,16 @@ pub struct KernelOffsets {
     pub sk_num: u32,
     pub sk_v6_daddr: u32,
     pub sk_v6_rcv_saddr: u32,
+    /// `task_struct.nsproxy`, `nsproxy.net_ns`, and `net.ns.inum`: the network namespace of
+    /// the current task, for `Config::netns_inum`.
+    pub task_nsproxy: u32,
+    pub nsproxy_net_ns: u32,
+    pub net_ns_inum: u32,
+    pub _pad: u32,
     /// Non-zero once the agent has filled the struct in (the probes trace nothing before).
     pub valid: u32,
 }
-const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 72);
+const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 88);
 
 /// What a syscall's enter saved for its exit, in the `ACTIVE` map keyed by pid_tgid. The agent
 /// also writes entries for threads it finds blocked in a socket read when it attaches, so that

@@ -16,7 +16,7 @@ mod syscalls;
 
 use aya_ebpf::{
     Global,
-    helpers::bpf_get_current_comm,
+    helpers::{bpf_get_current_comm, bpf_probe_read_kernel},
     macros::map,
     maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
@@ -35,6 +35,8 @@ static CONFIG: Global<Config> = Global::new(Config {
     inject_filter_ports: 0,
     inject_filter_nets: 0,
     kernel_ctx: 0,
+    netns_inum: 0,
+    _pad: 0,
 });
 
 /// Written by the agent before load, from the running kernel's BTF.
@@ -57,6 +59,10 @@ static OFFSETS: Global<KernelOffsets> = Global::new(KernelOffsets {
     sk_num: 0,
     sk_v6_daddr: 0,
     sk_v6_rcv_saddr: 0,
+    task_nsproxy: 0,
+    nsproxy_net_ns: 0,
+    net_ns_inum: 0,
+    _pad: 0,
     valid: 0,
 });
 
@@ -105,6 +111,9 @@ fn is_traced(tgid: u32) -> bool {
     if tgid == config.self_tgid {
         return false;
     }
+    if config.netns_inum != 0 && current_netns() != config.netns_inum {
+        return false;
+    }
     if config.filter_pids == 0 {
         return true;
     }
@@ -114,6 +123,30 @@ fn is_traced(tgid: u32) -> bool {
     }
     config.filter_comms != 0
         && bpf_get_current_comm().is_ok_and(|comm| unsafe { TRACED_COMMS.get(&comm).is_some() })
+}
+
+/// The inode number of the current task's network namespace (0 when unreadable).
+#[inline(always)]
+fn current_netns() -> u32 {
+    let off = OFFSETS.load();
+    // SAFETY: probe reads of kernel memory at BTF-derived offsets; failures give 0.
+    unsafe {
+        let task = aya_ebpf::helpers::bpf_get_current_task() as *const u8;
+        let Ok(nsproxy) =
+            bpf_probe_read_kernel(task.add(off.task_nsproxy as usize) as *const *const u8)
+        else {
+            return 0;
+        };
+        if nsproxy.is_null() {
+            return 0;
+        }
+        let Ok(net) =
+            bpf_probe_read_kernel(nsproxy.add(off.nsproxy_net_ns as usize) as *const *const u8)
+        else {
+            return 0;
+        };
+        bpf_probe_read_kernel(net.add(off.net_ns_inum as usize) as *const u32).unwrap_or(0)
+    }
 }
 
 #[inline(always)]

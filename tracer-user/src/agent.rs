@@ -36,7 +36,7 @@ pub fn run(opts: RunOptions) -> anyhow::Result<()> {
         check_pid(*pid)?;
     }
     let filter = !opts.pids.is_empty() || !opts.comms.is_empty();
-    let plan = plan(
+    let mut plan = plan(
         &opts.common,
         opts.pids,
         opts.comms,
@@ -44,7 +44,24 @@ pub fn run(opts: RunOptions) -> anyhow::Result<()> {
         opts.ports,
         None,
     )?;
+    if let Some(netns) = &opts.netns {
+        plan.probe.netns_inum = netns_inode(netns)?;
+    }
     execute(plan)
+}
+
+/// The inode number of a network namespace given as an `ip netns` name or a path.
+fn netns_inode(netns: &str) -> anyhow::Result<u32> {
+    use std::os::unix::fs::MetadataExt as _;
+    let path = if netns.contains('/') {
+        netns.to_string()
+    } else {
+        format!("/var/run/netns/{netns}")
+    };
+    let meta = std::fs::metadata(&path)
+        .map_err(|e| anyhow::anyhow!("--netns {netns}: cannot open {path}: {e}"))?;
+    u32::try_from(meta.ino())
+        .map_err(|_| anyhow::anyhow!("--netns {netns}: inode number out of range"))
 }
 
 pub fn attach(opts: AttachOptions) -> anyhow::Result<()> {
@@ -114,6 +131,7 @@ fn plan(
                 ports: common.inject_ports.clone(),
                 nets: common.inject_nets.clone(),
             },
+            netns_inum: 0,
         },
         tracker: TrackerConfig {
             ports,
@@ -144,6 +162,12 @@ fn execute(plan: Plan) -> anyhow::Result<()> {
             "tracing pids {:?} and commands {:?}",
             plan.probe.pids, plan.probe.comms
         ),
+        None if plan.probe.netns_inum != 0 => {
+            info!(
+                "tracing processes in network namespace {}",
+                plan.probe.netns_inum
+            )
+        }
         None => info!("tracing every process on this host"),
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()

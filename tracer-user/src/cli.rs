@@ -37,6 +37,10 @@ pub struct RunOptions {
     /// Trace only connections with this local or remote port (repeatable).
     #[arg(long = "port", value_name = "PORT")]
     pub ports: Vec<u16>,
+    /// Trace only processes in this network namespace: a name from `ip netns` or a path such
+    /// as /proc/PID/ns/net (one tracer per container or test host).
+    #[arg(long, value_name = "NETNS")]
+    pub netns: Option<String>,
     #[command(flatten)]
     pub common: CommonOptions,
 }

@@ -75,6 +75,8 @@ pub struct ProbeOptions {
     /// Ring buffer size in bytes (rounded up to a power of two by the caller).
     pub ring_bytes: u32,
     pub inject: InjectOptions,
+    /// Trace only tasks in the network namespace with this inode number; 0: any.
+    pub netns_inum: u32,
 }
 
 /// Trace context injection into outgoing HTTP/1.x requests (sock_ops + sk_msg).
@@ -237,6 +239,8 @@ impl Probes {
             inject_filter_ports: u32::from(!opts.inject.ports.is_empty()),
             inject_filter_nets: u32::from(!opts.inject.nets.is_empty()),
             kernel_ctx: u32::from(opts.inject.mode != INJECT_OFF),
+            netns_inum: opts.netns_inum,
+            _pad: 0,
         };
         raise_memlock_limit();
         let mut ebpf = EbpfLoader::new()
@@ -536,6 +540,10 @@ pub fn kernel_offsets(btf_path: &Path) -> Result<KernelOffsets, ProbeError> {
         sk_num: field("sock", "__sk_common.skc_num")?,
         sk_v6_daddr: field("sock", "__sk_common.skc_v6_daddr")?,
         sk_v6_rcv_saddr: field("sock", "__sk_common.skc_v6_rcv_saddr")?,
+        task_nsproxy: field("task_struct", "nsproxy")?,
+        nsproxy_net_ns: field("nsproxy", "net_ns")?,
+        net_ns_inum: field("net", "ns.inum")?,
+        _pad: 0,
         valid: 1,
     })
 }
