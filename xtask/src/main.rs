@@ -63,7 +63,10 @@ fn main() -> anyhow::Result<()> {
 }
 
 fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
 }
 
 fn cargo() -> Command {
@@ -73,7 +76,9 @@ fn cargo() -> Command {
 }
 
 fn status(cmd: &mut Command) -> anyhow::Result<()> {
-    let st = cmd.status().with_context(|| format!("cannot run {cmd:?}"))?;
+    let st = cmd
+        .status()
+        .with_context(|| format!("cannot run {cmd:?}"))?;
     if !st.success() {
         bail!("{cmd:?} failed ({st})");
     }
@@ -82,22 +87,43 @@ fn status(cmd: &mut Command) -> anyhow::Result<()> {
 
 fn output_of(program: &str, args: &[&str]) -> Option<String> {
     let out = Command::new(program).args(args).output().ok()?;
-    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 fn setup() -> anyhow::Result<()> {
     // The eBPF crate is built with nightly and -Z build-std=core, which needs rust-src.
-    let has_src = output_of("rustup", &["component", "list", "--installed", "--toolchain", "nightly"])
-        .is_some_and(|out| out.lines().any(|l| l.starts_with("rust-src")));
+    let has_src = output_of(
+        "rustup",
+        &["component", "list", "--installed", "--toolchain", "nightly"],
+    )
+    .is_some_and(|out| out.lines().any(|l| l.starts_with("rust-src")));
     if !has_src {
         eprintln!("xtask: installing the nightly toolchain's rust-src");
-        status(Command::new("rustup").args(["toolchain", "install", "nightly", "--profile", "minimal", "--component", "rust-src"]))?;
+        status(Command::new("rustup").args([
+            "toolchain",
+            "install",
+            "nightly",
+            "--profile",
+            "minimal",
+            "--component",
+            "rust-src",
+        ]))?;
     }
-    let linker_ok = output_of("bpf-linker", &["--version"]).is_some_and(|v| v.contains(BPF_LINKER_VERSION));
+    let linker_ok =
+        output_of("bpf-linker", &["--version"]).is_some_and(|v| v.contains(BPF_LINKER_VERSION));
     if !linker_ok {
         // 0.10.4 loads rustc's own LLVM; newer versions want a system LLVM.
         eprintln!("xtask: installing bpf-linker {BPF_LINKER_VERSION}");
-        status(cargo().args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION, "--locked", "--force"]))?;
+        status(cargo().args([
+            "install",
+            "bpf-linker",
+            "--version",
+            BPF_LINKER_VERSION,
+            "--locked",
+            "--force",
+        ]))?;
     }
     Ok(())
 }
@@ -121,13 +147,27 @@ fn run_tracer(args: &[String]) -> anyhow::Result<()> {
         c
     };
     cmd.args(args);
-    let st = cmd.status().with_context(|| format!("cannot run {}", bin.display()))?;
+    let st = cmd
+        .status()
+        .with_context(|| format!("cannot run {}", bin.display()))?;
     std::process::exit(st.code().unwrap_or(1));
 }
 
 fn test(unit_only: bool, filter: &[String]) -> anyhow::Result<()> {
-    status(cargo().args(["test", "--workspace", "--exclude", "tracer-ebpf", "--exclude", "tracer-e2e"]))?;
-    status(Command::new("python3").current_dir(root()).args(["-m", "unittest", "-v", "tests/collector/test_zipkin_collector.py"]))?;
+    status(cargo().args([
+        "test",
+        "--workspace",
+        "--exclude",
+        "tracer-ebpf",
+        "--exclude",
+        "tracer-e2e",
+    ]))?;
+    status(Command::new("python3").current_dir(root()).args([
+        "-m",
+        "unittest",
+        "-v",
+        "tests/collector/test_zipkin_collector.py",
+    ]))?;
     if unit_only {
         return Ok(());
     }
@@ -136,14 +176,23 @@ fn test(unit_only: bool, filter: &[String]) -> anyhow::Result<()> {
         if in_ci {
             bail!("the end-to-end tests need root and BPF, and CI must run them: run CI as root");
         }
-        eprintln!("xtask: NOT running the end-to-end tests: they need root (try `sudo -E cargo xtask test`)");
+        eprintln!(
+            "xtask: NOT running the end-to-end tests: they need root (try `sudo -E cargo xtask test`)"
+        );
         return Ok(());
     }
     // The tracer binary the end-to-end tests run.
     build()?;
     // The end-to-end tests share kernel state and ports: one at a time.
     let mut cmd = cargo();
-    cmd.args(["test", "--release", "-p", "tracer-e2e", "--", "--test-threads=1"]);
+    cmd.args([
+        "test",
+        "--release",
+        "-p",
+        "tracer-e2e",
+        "--",
+        "--test-threads=1",
+    ]);
     cmd.args(filter);
     cmd.env("TRACER_BIN", root().join("target/release/tracer"));
     status(&mut cmd)

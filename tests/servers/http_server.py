@@ -1,0 +1,122 @@
+"""HTTP/1.1 test server for tracer's end-to-end tests (Python standard library only).
+
+ThreadingHTTPServer with keep-alive. Routes:
+  /hello                 200, small Content-Length body
+  /status/N              status N (a short body unless N is 204 or 304)
+  /bytes/N               200 with an N-byte body (larger than the tracer's capture)
+  /slow-body/MS          200, Content-Length body sent in two halves MS milliseconds apart
+  /chunked/MS            200, chunked body: two chunks MS milliseconds apart, then the last-chunk
+  /users/ID?token=...    200 (a high-cardinality path with a credential in the query)
+  POST /echo-size        200, reads a Content-Length request body, answers its size
+  /headers               200, the request headers as received (to check injected context)
+  /proxy/PORT/PATH       calls http://127.0.0.1:PORT/PATH (a kept-alive connection per thread)
+                         and answers with its status: a front tier calling a back tier
+Writes its port to --port-file once listening. Binds 127.0.0.1 only.
+"""
+import argparse
+import http.client
+import http.server
+import threading
+import time
+
+_upstream = threading.local()
+
+
+def call_upstream(port, path):
+    conns = getattr(_upstream, "conns", None)
+    if conns is None:
+        conns = _upstream.conns = {}
+    for attempt in range(2):
+        conn = conns.get(port)
+        if conn is None:
+            conn = conns[port] = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        try:
+            conn.request("GET", path)
+            resp = conn.getresponse()
+            resp.read()
+            return resp.status
+        except (http.client.HTTPException, OSError):
+            conn.close()
+            del conns[port]
+            if attempt:
+                raise
+
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args):
+        pass
+
+    def _send(self, status, body=b"", headers=()):
+        self.send_response(status)
+        for k, v in headers:
+            self.send_header(k, v)
+        if status not in (204, 304):
+            self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if status not in (204, 304) and self.command != "HEAD":
+            self.wfile.write(body)
+
+    def do_HEAD(self):
+        self.do_GET()
+
+    def do_GET(self):
+        path = self.path.split("?", 1)[0]
+        parts = path.strip("/").split("/")
+        if path == "/hello":
+            self._send(200, b"hello\n")
+        elif parts[0] == "status" and len(parts) == 2:
+            self._send(int(parts[1]), b"status\n")
+        elif parts[0] == "bytes" and len(parts) == 2:
+            self._send(200, b"x" * int(parts[1]))
+        elif parts[0] == "slow-body" and len(parts) == 2:
+            body = b"y" * 20000
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body[:10000])
+            self.wfile.flush()
+            time.sleep(int(parts[1]) / 1000)
+            self.wfile.write(body[10000:])
+        elif parts[0] == "chunked" and len(parts) == 2:
+            self.send_response(200)
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            self.wfile.write(b"6\r\nchunk1\r\n")
+            self.wfile.flush()
+            time.sleep(int(parts[1]) / 1000)
+            self.wfile.write(b"%x\r\n%s\r\n0\r\n\r\n" % (3000, b"z" * 3000))
+        elif parts[0] == "proxy" and len(parts) >= 3:
+            status = call_upstream(int(parts[1]), "/" + "/".join(parts[2:]))
+            self._send(status, b"proxied\n")
+        elif path == "/headers":
+            self._send(200, str(self.headers).encode())
+        elif parts[0] == "users":
+            self._send(200, b"user\n")
+        else:
+            self._send(404, b"not found\n")
+
+    def do_POST(self):
+        n = int(self.headers.get("Content-Length", "0"))
+        data = self.rfile.read(n)
+        self._send(200, str(len(data)).encode())
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--port", type=int, default=0)
+    ap.add_argument("--port-file")
+    args = ap.parse_args()
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", args.port), Handler)
+    server.daemon_threads = True
+    if args.port_file:
+        with open(args.port_file + ".tmp", "w") as f:
+            f.write(str(server.server_address[1]))
+        import os
+        os.rename(args.port_file + ".tmp", args.port_file)
+    server.serve_forever()
+
+
+if __name__ == "__main__":
+    main()

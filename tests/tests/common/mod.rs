@@ -1,0 +1,329 @@
+//! Harness pieces shared by the end-to-end tests: the tracer as a child process, test servers,
+//! and a raw HTTP/1.1 client that keeps its connection and measures its own latency.
+#![allow(dead_code)]
+
+use std::{
+    io::{BufRead, BufReader, Read, Write},
+    net::{SocketAddr, TcpStream},
+    path::PathBuf,
+    process::{Child, Command, ExitStatus, Stdio},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use tracer_e2e::{ChildGuard, repo_root};
+
+/// Privileged tests must run in CI; elsewhere they say clearly that they need root.
+pub fn require_root() {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc_geteuid() } == 0;
+    assert!(
+        root,
+        "the end-to-end tests need root and BPF (CI runs them as root): run `sudo -E cargo xtask test`"
+    );
+}
+
+unsafe extern "C" {
+    #[link_name = "geteuid"]
+    fn libc_geteuid() -> u32;
+}
+
+pub fn tracer_bin() -> PathBuf {
+    std::env::var_os("TRACER_BIN")
+        .map_or_else(|| repo_root().join("target/release/tracer"), PathBuf::from)
+}
+
+/// The tracer, running. Stop it with `stop()` (SIGTERM, as a user's Ctrl-C would).
+pub struct Tracer {
+    child: Option<Child>,
+    stdout: Arc<Mutex<String>>,
+    stderr: Arc<Mutex<String>>,
+}
+
+pub struct Stopped {
+    pub status: ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+fn pump(stream: impl Read + Send + 'static, sink: Arc<Mutex<String>>) {
+    std::thread::spawn(move || {
+        for line in BufReader::new(stream).lines().map_while(Result::ok) {
+            let mut s = sink.lock().unwrap();
+            s.push_str(&line);
+            s.push('\n');
+        }
+    });
+}
+
+impl Tracer {
+    /// Starts `tracer ARGS` and waits until it reports that its probes are attached.
+    pub fn start(args: &[&str]) -> Tracer {
+        let mut child = Command::new(tracer_bin())
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", tracer_bin().display()));
+        let stdout = Arc::new(Mutex::new(String::new()));
+        let stderr = Arc::new(Mutex::new(String::new()));
+        pump(child.stdout.take().unwrap(), stdout.clone());
+        pump(child.stderr.take().unwrap(), stderr.clone());
+        let mut tracer = Tracer {
+            child: Some(child),
+            stdout,
+            stderr,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let err = tracer.stderr();
+            if err.contains("attached to pid") || err.contains("tracing ") {
+                return tracer;
+            }
+            if let Some(status) = tracer.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("tracer exited early ({status}):\n{err}");
+            }
+            assert!(
+                Instant::now() < deadline,
+                "tracer did not attach within 30 s:\n{err}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn stdout(&self) -> String {
+        self.stdout.lock().unwrap().clone()
+    }
+
+    pub fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    /// SIGTERM, then wait (at most 20 s) for the flush and exit.
+    pub fn stop(mut self) -> Stopped {
+        let mut child = self.child.take().unwrap();
+        Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let status = loop {
+            if let Some(st) = child.try_wait().unwrap() {
+                break st;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!(
+                    "tracer did not stop within 20 s of SIGTERM:\n{}",
+                    self.stderr()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        // Let the pumps read the last lines.
+        std::thread::sleep(Duration::from_millis(100));
+        Stopped {
+            status,
+            stdout: self.stdout(),
+            stderr: self.stderr(),
+        }
+    }
+}
+
+impl Drop for Tracer {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Runs the tracer to completion (for error cases) with a time limit.
+pub fn run_tracer_to_exit(args: &[&str], limit: Duration) -> Stopped {
+    let mut child = Command::new(tracer_bin())
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start tracer");
+    let deadline = Instant::now() + limit;
+    loop {
+        if child.try_wait().unwrap().is_some() {
+            break;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("tracer {args:?} did not exit within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().unwrap();
+    Stopped {
+        status: out.status,
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// tests/servers/http_server.py on a free port.
+pub struct PythonServer {
+    pub guard: ChildGuard,
+    pub port: u16,
+}
+
+impl PythonServer {
+    pub fn start() -> PythonServer {
+        let dir = tempdir();
+        let port_file = dir.join("port");
+        let child = Command::new("python3")
+            .arg(repo_root().join("tests/servers/http_server.py"))
+            .arg("--port-file")
+            .arg(&port_file)
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("start python3 http server");
+        let guard = ChildGuard(child);
+        let port = wait_for_file(&port_file, Duration::from_secs(10))
+            .trim()
+            .parse()
+            .unwrap();
+        PythonServer { guard, port }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.guard.0.id()
+    }
+}
+
+pub fn tempdir() -> PathBuf {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("tracer-e2e-{}-{n}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+pub fn wait_for_file(path: &std::path::Path, limit: Duration) -> String {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Ok(s) = std::fs::read_to_string(path)
+            && !s.is_empty()
+        {
+            return s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} did not appear",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// One response as the client saw it.
+#[derive(Debug)]
+pub struct Response {
+    pub status: u16,
+    pub body_len: usize,
+    /// From the first byte written to the last byte read.
+    pub latency: Duration,
+}
+
+/// A keep-alive HTTP/1.1 client on one TCP connection.
+pub struct Client {
+    stream: BufReader<TcpStream>,
+    pub local: SocketAddr,
+}
+
+impl Client {
+    pub fn connect(port: u16) -> Client {
+        let stream = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        stream.set_nodelay(true).unwrap();
+        let local = stream.local_addr().unwrap();
+        Client {
+            stream: BufReader::new(stream),
+            local,
+        }
+    }
+
+    pub fn get(&mut self, path: &str) -> Response {
+        self.request("GET", path, &[])
+    }
+
+    pub fn request(&mut self, method: &str, path: &str, body: &[u8]) -> Response {
+        let mut req =
+            format!("{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUser-Agent: tracer-e2e\r\n");
+        if !body.is_empty() {
+            req.push_str(&format!("Content-Length: {}\r\n", body.len()));
+        }
+        req.push_str("\r\n");
+        let start = Instant::now();
+        let s = self.stream.get_mut();
+        s.write_all(req.as_bytes()).unwrap();
+        s.write_all(body).unwrap();
+        let (status, body_len) = self.read_response(method == "HEAD");
+        Response {
+            status,
+            body_len,
+            latency: start.elapsed(),
+        }
+    }
+
+    fn read_response(&mut self, head_only: bool) -> (u16, usize) {
+        let mut line = String::new();
+        self.stream.read_line(&mut line).unwrap();
+        let status: u16 = line
+            .split_whitespace()
+            .nth(1)
+            .expect("status line")
+            .parse()
+            .unwrap();
+        let mut content_length = None;
+        let mut chunked = false;
+        loop {
+            let mut h = String::new();
+            self.stream.read_line(&mut h).unwrap();
+            let h = h.trim_end();
+            if h.is_empty() {
+                break;
+            }
+            let (name, value) = h.split_once(':').unwrap();
+            match name.to_ascii_lowercase().as_str() {
+                "content-length" => content_length = Some(value.trim().parse::<usize>().unwrap()),
+                "transfer-encoding" => chunked = value.to_ascii_lowercase().contains("chunked"),
+                _ => {}
+            }
+        }
+        if head_only || status == 204 || status == 304 {
+            return (status, 0);
+        }
+        if chunked {
+            let mut total = 0;
+            loop {
+                let mut size = String::new();
+                self.stream.read_line(&mut size).unwrap();
+                let n = usize::from_str_radix(size.trim(), 16).unwrap();
+                let mut buf = vec![0; n + 2];
+                self.stream.read_exact(&mut buf).unwrap();
+                if n == 0 {
+                    return (status, total);
+                }
+                total += n;
+            }
+        }
+        let n = content_length.unwrap_or(0);
+        let mut buf = vec![0; n];
+        self.stream.read_exact(&mut buf).unwrap();
+        (status, n)
+    }
+}

@@ -1,0 +1,182 @@
+//! End-to-end: spans linked into traces inside a process, and joining incoming trace context.
+
+mod common;
+
+use std::{collections::HashMap, io::Write, time::Duration};
+
+use common::{Client, PythonServer, Tracer, require_root};
+use serde_json::Value;
+use tracer_e2e::Collector;
+
+fn str_of<'a>(v: &'a Value, key: &str) -> &'a str {
+    v[key].as_str().unwrap_or("")
+}
+
+/// A front tier that calls a back tier for every request, under concurrency, on kept-alive
+/// connections served by a thread pool: every call the front makes is the child of the request
+/// it was serving.
+#[test]
+fn calls_made_while_serving_are_children() {
+    require_root();
+    let collector = Collector::start();
+    let back = PythonServer::start();
+    let front = PythonServer::start();
+    let (fp, bp) = (front.pid().to_string(), back.pid().to_string());
+    let tracer = Tracer::start(&[
+        "run",
+        "--pid",
+        &fp,
+        "--pid",
+        &bp,
+        "--zipkin",
+        &collector.url(),
+        "--flush-interval-ms",
+        "200",
+    ]);
+
+    const CLIENTS: usize = 4;
+    const PER_CLIENT: usize = 25;
+    let path = format!("/proxy/{}/hello", back.port);
+    std::thread::scope(|s| {
+        for _ in 0..CLIENTS {
+            s.spawn(|| {
+                let mut c = Client::connect(front.port);
+                for _ in 0..PER_CLIENT {
+                    assert_eq!(c.get(&path).status, 200);
+                }
+            });
+        }
+    });
+    let total = CLIENTS * PER_CLIENT;
+    let spans = collector.wait_for_spans(3 * total, Duration::from_secs(15));
+    let stopped = tracer.stop();
+    assert!(stopped.status.success(), "{}", stopped.stderr);
+    assert_eq!(
+        spans.len(),
+        3 * total,
+        "front SERVER + front CLIENT + back SERVER per request"
+    );
+
+    let front_port = u64::from(front.port);
+    let by_id: HashMap<&str, &Value> = spans.iter().map(|s| (str_of(s, "id"), s)).collect();
+    let front_servers: Vec<&Value> = spans
+        .iter()
+        .filter(|s| {
+            s["kind"] == "SERVER" && s["localEndpoint"]["port"].as_u64() == Some(front_port)
+        })
+        .collect();
+    let clients: Vec<&Value> = spans.iter().filter(|s| s["kind"] == "CLIENT").collect();
+    assert_eq!(front_servers.len(), total);
+    assert_eq!(clients.len(), total);
+    let mut correct = 0;
+    for client in &clients {
+        let Some(parent) = client["parentId"].as_str().and_then(|p| by_id.get(p)) else {
+            continue;
+        };
+        let (ps, pd) = (
+            parent["timestamp"].as_u64().unwrap(),
+            parent["duration"].as_u64().unwrap(),
+        );
+        let (cs, cd) = (
+            client["timestamp"].as_u64().unwrap(),
+            client["duration"].as_u64().unwrap(),
+        );
+        if parent["kind"] == "SERVER"
+            && parent["localEndpoint"]["port"].as_u64() == Some(front_port)
+            && str_of(parent, "traceId") == str_of(client, "traceId")
+            && ps <= cs
+            && cs + cd <= ps + pd + 1
+        {
+            correct += 1;
+        }
+    }
+    let accuracy = correct as f64 / clients.len() as f64;
+    eprintln!(
+        "in-process parent accuracy: {correct}/{} = {:.4}",
+        clients.len(),
+        accuracy
+    );
+    assert_eq!(
+        correct,
+        clients.len(),
+        "every call must be the child of the request that made it"
+    );
+    // Every front request is its own trace root.
+    assert!(front_servers.iter().all(|s| s.get("parentId").is_none()));
+    assert!(
+        stopped.stderr.contains(&format!("{total} linked")),
+        "{}",
+        stopped.stderr
+    );
+}
+
+/// A request that an instrumented caller already traced joins that trace (W3C and B3), and an
+/// unsampled decision is respected.
+#[test]
+fn incoming_context_is_joined() {
+    require_root();
+    let collector = Collector::start();
+    let server = PythonServer::start();
+    let pid = server.pid().to_string();
+    let tracer = Tracer::start(&[
+        "attach",
+        "--pid",
+        &pid,
+        "--zipkin",
+        &collector.url(),
+        "--flush-interval-ms",
+        "200",
+    ]);
+    let send = |headers: &str| {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", server.port)).unwrap();
+        write!(
+            s,
+            "GET /hello HTTP/1.1\r\nHost: x\r\n{headers}Connection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut out = String::new();
+        std::io::Read::read_to_string(&mut s, &mut out).unwrap();
+        assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    };
+    send("traceparent: 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01\r\n");
+    send("b3: 80f198ee56343ba864fe8b2a57d3eff7-e457b5a2e4d86bd1-1\r\n");
+    send(
+        "X-B3-TraceId: 463ac35c9f6413ad48485a3953bb6124\r\nX-B3-SpanId: a2fb4a1d1a96d312\r\nX-B3-Sampled: 1\r\n",
+    );
+    send("traceparent: 00-11111111111111111111111111111111-2222222222222222-00\r\n");
+    send("");
+    collector.wait_for_spans(4, Duration::from_secs(10));
+    // Past the flush interval: an exported unsampled span would have arrived by now.
+    std::thread::sleep(Duration::from_millis(600));
+    let stopped = tracer.stop();
+    assert!(stopped.status.success(), "{}", stopped.stderr);
+    let spans = collector.spans();
+    assert_eq!(
+        spans.len(),
+        4,
+        "the unsampled request must not be exported: {spans:#?}"
+    );
+    let find = |trace: &str| {
+        spans
+            .iter()
+            .find(|s| str_of(s, "traceId") == trace)
+            .unwrap_or_else(|| panic!("no trace {trace}"))
+    };
+    assert_eq!(
+        str_of(find("4bf92f3577b34da6a3ce929d0e0e4736"), "parentId"),
+        "00f067aa0ba902b7"
+    );
+    assert_eq!(
+        str_of(find("80f198ee56343ba864fe8b2a57d3eff7"), "parentId"),
+        "e457b5a2e4d86bd1"
+    );
+    assert_eq!(
+        str_of(find("463ac35c9f6413ad48485a3953bb6124"), "parentId"),
+        "a2fb4a1d1a96d312"
+    );
+    assert!(
+        spans
+            .iter()
+            .all(|s| str_of(s, "traceId") != "11111111111111111111111111111111")
+    );
+}
