@@ -92,8 +92,16 @@ pub struct DataEvent {
     /// The trace identity the kernel gave the request this segment starts, when it did (see
     /// [`TraceCtx`]); all zero otherwise.
     pub ctx: TraceCtx,
+    /// TCP sequence number of the segment's first byte, when known (`seq_valid`). Both ends
+    /// of a connection see the same number for the same byte: it is what lets two agents that
+    /// each saw one end agree on which request is which without any header.
+    pub seq: u32,
+    pub seq_valid: u32,
+    /// When the bytes began to move: the syscall's entry for sends, `hdr.ts_ns` (its exit)
+    /// for receives.
+    pub start_ns: u64,
 }
-const _: () = assert!(core::mem::size_of::<DataEvent>() == 112);
+const _: () = assert!(core::mem::size_of::<DataEvent>() == 128);
 
 /// A span identity decided in the kernel. Trace context injection needs the ids at the moment
 /// a request is sent, long before the agent sees the event, so when injection is on the kernel
@@ -216,11 +224,15 @@ pub struct KernelOffsets {
     pub task_nsproxy: u32,
     pub nsproxy_net_ns: u32,
     pub net_ns_inum: u32,
+    /// `tcp_sock.write_seq` and `tcp_sock.copied_seq`: TCP sequence numbers of the next byte
+    /// written and read, the same numbers on both ends of a connection.
+    pub tcp_write_seq: u32,
+    pub tcp_copied_seq: u32,
     pub _pad: u32,
     /// Non-zero once the agent has filled the struct in (the probes trace nothing before).
     pub valid: u32,
 }
-const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 88);
+const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 96);
 
 /// What a syscall's enter saved for its exit, in the `ACTIVE` map keyed by pid_tgid. The agent
 /// also writes entries for threads it finds blocked in a socket read when it attaches, so that
@@ -237,8 +249,14 @@ pub struct SavedArgs {
     pub conn_id: u64,
     pub syscall: u32,
     pub direction: u32,
+    /// TCP sequence number of the first byte this syscall moves (`seq_valid`).
+    pub seq: u32,
+    pub seq_valid: u32,
+    /// When the syscall entered: a send's bytes leave during the call, so its start is when
+    /// they began to go (the peer may read them before the sender's call returns).
+    pub enter_ns: u64,
 }
-const _: () = assert!(core::mem::size_of::<SavedArgs>() == 40);
+const _: () = assert!(core::mem::size_of::<SavedArgs>() == 56);
 
 impl SavedArgs {
     pub const ACCEPT: u32 = 1;

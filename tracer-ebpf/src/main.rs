@@ -62,6 +62,8 @@ static OFFSETS: Global<KernelOffsets> = Global::new(KernelOffsets {
     task_nsproxy: 0,
     nsproxy_net_ns: 0,
     net_ns_inum: 0,
+    tcp_write_seq: 0,
+    tcp_copied_seq: 0,
     _pad: 0,
     valid: 0,
 });

@@ -28,6 +28,8 @@ const ABSENT: u32 = u32::MAX;
 #[derive(Clone, Copy)]
 pub struct ConnState {
     pub conn_id: u64,
+    /// The `struct sock *`, for reading sequence numbers (never dereferenced directly).
+    pub sk: u64,
 }
 
 #[inline(always)]
@@ -116,7 +118,7 @@ unsafe fn read_addresses(sk: *const u8, ev: &mut ConnEvent) -> Result<(), i32> {
 /// Starts tracking `fd` of the current thread group if it is a TCP socket, and tells userspace.
 /// Returns the new connection id, or None when the fd is not a TCP socket.
 #[inline(always)]
-pub fn track(fd: u32, role: u16) -> Option<u64> {
+pub fn track(fd: u32, role: u16) -> Option<ConnState> {
     let pid_tgid = bpf_get_current_pid_tgid();
     let tgid = (pid_tgid >> 32) as u32;
     // SAFETY: reads of kernel memory through bpf_probe_read_kernel, which fault safely.
@@ -153,7 +155,14 @@ pub fn track(fd: u32, role: u16) -> Option<u64> {
         return None;
     }
     if CONNS
-        .insert(&conn_key(tgid, fd), &ConnState { conn_id }, 0)
+        .insert(
+            &conn_key(tgid, fd),
+            &ConnState {
+                conn_id,
+                sk: sk as u64,
+            },
+            0,
+        )
         .is_err()
     {
         return None;
@@ -162,18 +171,38 @@ pub fn track(fd: u32, role: u16) -> Option<u64> {
     if EVENTS.output::<ConnEvent>(&ev, 0).is_err() {
         count(stat::RINGBUF_LOST);
     }
-    Some(conn_id)
+    Some(ConnState {
+        conn_id,
+        sk: sk as u64,
+    })
 }
 
 /// The connection id of `fd` if it is a traced TCP socket, resolving (and announcing) sockets
 /// the tracer has not seen yet: those opened before it started, or passed in by a parent.
 #[inline(always)]
-pub fn lookup_or_track(tgid: u32, fd: u32) -> Option<u64> {
+pub fn lookup_or_track(tgid: u32, fd: u32) -> Option<ConnState> {
     // SAFETY: the value is copied out at once.
     if let Some(state) = unsafe { CONNS.get(&conn_key(tgid, fd)) } {
-        return Some(state.conn_id);
+        return Some(*state);
     }
     track(fd, ROLE_UNKNOWN)
+}
+
+/// The TCP sequence number of the next byte the socket will send (`egress`) or hand to the
+/// reader, or None when unreadable.
+#[inline(always)]
+pub fn next_seq(sk: u64, egress: bool) -> Option<u32> {
+    let off = OFFSETS.load();
+    let field = if egress {
+        off.tcp_write_seq
+    } else {
+        off.tcp_copied_seq
+    };
+    if sk == 0 || field == 0 || field == ABSENT {
+        return None;
+    }
+    // SAFETY: a probe read of the socket the fd table pointed to.
+    unsafe { read_at::<u32>(sk as *const u8, field) }.ok()
 }
 
 #[inline(always)]
@@ -281,6 +310,9 @@ fn save_for_exit(kind: u32, fd: u32) {
         conn_id: 0,
         syscall: 0,
         direction: 0,
+        seq: 0,
+        seq_valid: 0,
+        enter_ns: 0,
     };
     let _ = ACTIVE.insert(&pid_tgid, &args, 0);
 }

@@ -19,7 +19,7 @@ use tracer_common::{
 
 use crate::{
     ACTIVE, EVENTS, SCRATCH, capture_limit, count, inject, is_traced,
-    sockets::{header_only, lookup_or_track, take_saved},
+    sockets::{header_only, lookup_or_track, next_seq, take_saved},
 };
 
 const ECONNRESET: i64 = 104;
@@ -58,7 +58,7 @@ fn enter(ctx: &TracePointContext, kind: u32, direction: u32) {
         return;
     }
     let fd = fd as u32;
-    let Some(conn_id) = lookup_or_track(tgid, fd) else {
+    let Some(conn) = lookup_or_track(tgid, fd) else {
         // Not a socket. Drop any entry the agent seeded for a read this thread was blocked in
         // at attach time, so this exit cannot be mistaken for it.
         let _ = ACTIVE.remove(&pid_tgid);
@@ -78,14 +78,19 @@ fn enter(ctx: &TracePointContext, kind: u32, direction: u32) {
         }
         _ => (SavedArgs::NO_PAYLOAD, 0, 0),
     };
+    let seq = next_seq(conn.sk, direction == DIR_EGRESS);
     let args = SavedArgs {
         kind,
         fd,
         buf,
         count,
-        conn_id,
+        conn_id: conn.conn_id,
         syscall: syscall as u32,
         direction,
+        seq: seq.unwrap_or(0),
+        seq_valid: u32::from(seq.is_some()),
+        // SAFETY: no preconditions.
+        enter_ns: unsafe { bpf_ktime_get_ns() },
     };
     let _ = ACTIVE.insert(&pid_tgid, &args, 0);
 }
@@ -157,7 +162,7 @@ pub fn tracer_exit_data(ctx: TracePointContext) -> u32 {
     if saved.conn_id == 0 {
         // Seeded by the agent for a read that was under way when it attached.
         match lookup_or_track((pid_tgid >> 32) as u32, saved.fd) {
-            Some(conn_id) => saved.conn_id = conn_id,
+            Some(conn) => saved.conn_id = conn.conn_id,
             None => return 0,
         }
     }
@@ -198,7 +203,15 @@ fn emit_data(saved: &SavedArgs, len: u64, pid_tgid: u64) {
         ts_ns: unsafe { bpf_ktime_get_ns() },
         conn_id: saved.conn_id,
     };
+    // A send's first byte left when the call began; a receive's arrived by its return.
+    ev.start_ns = if saved.direction == DIR_EGRESS && saved.enter_ns != 0 {
+        saved.enter_ns
+    } else {
+        ev.hdr.ts_ns
+    };
     ev.len = len;
+    ev.seq = saved.seq;
+    ev.seq_valid = saved.seq_valid;
     ev.direction = saved.direction;
     ev.syscall = saved.syscall;
     ev.tail_len = 0;

@@ -18,6 +18,10 @@ pub enum Event<'a> {
         tail: &'a [u8],
         /// The span identity the kernel named for the request this segment starts, if any.
         ctx: TraceCtx,
+        /// TCP sequence number of the first byte, when the kernel could read it.
+        seq: Option<u32>,
+        /// When the bytes began to move (the syscall's entry for sends).
+        start_ns: u64,
     },
     ConnOpen {
         hdr: EventHeader,
@@ -91,6 +95,12 @@ pub fn decode(bytes: &[u8]) -> Result<Event<'_>, DecodeError> {
                 head: &rest[..claimed],
                 tail: &bytes[tail_offset..tail_offset + tail_len],
                 ctx: ev.ctx,
+                seq: (ev.seq_valid != 0).then_some(ev.seq),
+                start_ns: if ev.start_ns == 0 {
+                    hdr.ts_ns
+                } else {
+                    ev.start_ns.min(hdr.ts_ns)
+                },
             }
         }
         EventKind::ConnOpen => {
@@ -169,6 +179,9 @@ pub(crate) mod tests {
             tail_len: 0,
             tail: [0; TAIL_LEN],
             ctx: TraceCtx::default(),
+            seq: 0,
+            seq_valid: 0,
+            start_ns: 0,
         };
         let mut out = as_bytes(&ev);
         out.extend_from_slice(payload);

@@ -543,6 +543,9 @@ pub fn kernel_offsets(btf_path: &Path) -> Result<KernelOffsets, ProbeError> {
         task_nsproxy: field("task_struct", "nsproxy")?,
         nsproxy_net_ns: field("nsproxy", "net_ns")?,
         net_ns_inum: field("net", "ns.inum")?,
+        // Absent fields only cost passive cross-host linking.
+        tcp_write_seq: field_offset(&btf, "tcp_sock", "write_seq")?.unwrap_or(u32::MAX),
+        tcp_copied_seq: field_offset(&btf, "tcp_sock", "copied_seq")?.unwrap_or(u32::MAX),
         _pad: 0,
         valid: 1,
     })
@@ -652,6 +655,9 @@ fn blocked_read(line: &str, read_u64: impl Fn(u64) -> Option<u64>) -> Option<Sav
         conn_id: 0,
         syscall: nr as u32,
         direction: DIR_INGRESS,
+        seq: 0,
+        seq_valid: 0,
+        enter_ns: 0,
     })
 }
 

@@ -184,6 +184,12 @@ pub fn span_from_http(
     }
     tags.insert("process.pid".into(), conn.pid.to_string());
     tags.insert("process.command".into(), conn.comm.clone());
+    if let Some(seq) = conn.request_seq {
+        tags.insert(
+            LINK_TAG.into(),
+            link_key(exchange.side, conn.local, conn.remote, seq),
+        );
+    }
 
     let start = exchange.req_start_ns;
     let end = exchange.end_ns.max(start);
@@ -208,6 +214,27 @@ pub fn span_from_http(
         remote_endpoint: Some(Endpoint::new(remote_service, conn.remote)),
         tags,
     }
+}
+
+/// Tag carrying [`link_key`]: the relay (`tracer collect`) joins a SERVER span to the CLIENT
+/// span with the same key, and removes the tag before spans reach Zipkin.
+pub const LINK_TAG: &str = "tracer.link";
+
+/// The same string on both ends of a connection for the same request: the client's and the
+/// server's address (IPv4-mapped addresses as IPv4) and the TCP sequence number of the
+/// request's first byte, which both kernels report for that byte.
+pub fn link_key(side: Side, local: SocketAddr, remote: SocketAddr, seq: u32) -> String {
+    let canonical = |a: SocketAddr| match a.ip() {
+        IpAddr::V6(v6) => v6
+            .to_ipv4_mapped()
+            .map_or(a, |v4| SocketAddr::new(IpAddr::V4(v4), a.port())),
+        IpAddr::V4(_) => a,
+    };
+    let (client, server) = match side {
+        Side::Server => (canonical(remote), canonical(local)),
+        Side::Client => (canonical(local), canonical(remote)),
+    };
+    format!("{client}>{server}#{seq}")
 }
 
 fn header<'a>(exchange: &'a HttpExchange, name: &str) -> Option<&'a str> {
@@ -431,6 +458,7 @@ mod tests {
             service_name: "cats-api".into(),
             local: "127.0.0.1:8080".parse().unwrap(),
             remote: "127.0.0.1:51000".parse().unwrap(),
+            request_seq: None,
         }
     }
 
@@ -653,6 +681,29 @@ mod tests {
         e.request_headers.remove(0);
         let span = build(&e);
         assert!(span.tags["http.host"].len() <= MAX_TAG_VALUE + 3);
+    }
+
+    #[test]
+    fn both_ends_compute_the_same_link_key() {
+        let server = link_key(
+            Side::Server,
+            "10.0.0.2:80".parse().unwrap(),
+            "[::ffff:10.0.0.1]:5000".parse().unwrap(),
+            77,
+        );
+        let client = link_key(
+            Side::Client,
+            "10.0.0.1:5000".parse().unwrap(),
+            "10.0.0.2:80".parse().unwrap(),
+            77,
+        );
+        assert_eq!(server, client);
+        assert_eq!(server, "10.0.0.1:5000>10.0.0.2:80#77");
+        let mut info = conn();
+        info.request_seq = Some(5);
+        let e = exchange(Side::Server, "GET", "/", Some(200), Outcome::Complete);
+        let span = span_from_http(&e, &info, &identity(), &Clock::with_offset_ns(0));
+        assert_eq!(span.tags[LINK_TAG], "127.0.0.1:51000>127.0.0.1:8080#5");
     }
 
     #[test]

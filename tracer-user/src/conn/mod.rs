@@ -11,6 +11,7 @@ pub mod link;
 
 use std::{
     collections::HashMap,
+    collections::VecDeque,
     net::{IpAddr, Ipv4Addr, SocketAddr},
     sync::Arc,
 };
@@ -32,6 +33,9 @@ pub struct ConnInfo {
     pub service_name: String,
     pub local: SocketAddr,
     pub remote: SocketAddr,
+    /// TCP sequence number of the request's first byte, when the kernel read it: the same
+    /// number on both ends of the connection (see `spans::link_key`).
+    pub request_seq: Option<u32>,
 }
 
 #[derive(Clone, Debug)]
@@ -74,10 +78,15 @@ struct Process {
     service_name: String,
 }
 
+/// Request starts remembered per connection for their sequence numbers (pipelining depth).
+const MAX_SEQS: usize = 64;
+
 struct Conn {
     conn_id: u64,
     local: SocketAddr,
     remote: SocketAddr,
+    /// (first-byte time, TCP sequence number) of requests started and not finished yet.
+    request_seqs: VecDeque<(u64, u32)>,
     /// Filtered out by port: its events are dropped without parsing.
     ignored: bool,
     http: Http1Conn,
@@ -147,6 +156,8 @@ impl ConnTracker {
                 head,
                 tail,
                 ctx,
+                seq,
+                start_ns,
                 ..
             } => {
                 let stale = self
@@ -175,6 +186,12 @@ impl ConnTracker {
                 if looks_like_request(head) {
                     self.linker
                         .request_started(key, *ingress, hdr.tid, hdr.ts_ns, head, ctx);
+                    if let Some(seq) = seq {
+                        if conn.request_seqs.len() >= MAX_SEQS {
+                            conn.request_seqs.pop_front();
+                        }
+                        conn.request_seqs.push_back((hdr.ts_ns, *seq));
+                    }
                 }
                 let segment = Segment {
                     dir: if *ingress {
@@ -183,6 +200,7 @@ impl ConnTracker {
                         Direction::Egress
                     },
                     ts_ns: hdr.ts_ns,
+                    start_ns: *start_ns,
                     len: *len,
                     head,
                     tail,
@@ -275,18 +293,35 @@ impl ConnTracker {
             return;
         }
         let process = self.process(tgid);
-        let Some(conn) = self.conns.get(&key) else {
+        let Some(conn) = self.conns.get_mut(&key) else {
             self.exchanges.clear();
             return;
         };
         for exchange in self.exchanges.drain(..) {
             self.stats.exchanges += 1;
+            // Starts older than this exchange never finished; the one at its start is its own.
+            while conn
+                .request_seqs
+                .front()
+                .is_some_and(|(ts, _)| *ts < exchange.req_start_ns)
+            {
+                conn.request_seqs.pop_front();
+            }
+            let request_seq = match conn.request_seqs.front() {
+                Some((ts, seq)) if *ts == exchange.req_start_ns => {
+                    let seq = *seq;
+                    conn.request_seqs.pop_front();
+                    Some(seq)
+                }
+                _ => None,
+            };
             let info = ConnInfo {
                 pid: tgid,
                 comm: process.comm.clone(),
                 service_name: process.service_name.clone(),
                 local: conn.local,
                 remote: conn.remote,
+                request_seq,
             };
             let identity = self.linker.finished(key, &exchange);
             out.push((exchange, info, identity));
@@ -315,6 +350,7 @@ impl Conn {
             local,
             remote,
             ignored,
+            request_seqs: VecDeque::new(),
             http: Http1Conn::new(),
             reset: false,
             last_ns: now,

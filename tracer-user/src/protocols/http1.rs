@@ -497,7 +497,7 @@ impl Http1Conn {
         if stream.state == State::Idle {
             *stream = Stream {
                 buf: std::mem::take(&mut stream.buf),
-                msg_start_ns: ts,
+                msg_start_ns: seg.start_ns,
                 in_sync: stream.in_sync,
                 ..Stream::default()
             };
@@ -1218,6 +1218,7 @@ mod tests {
         Segment {
             dir,
             ts_ns,
+            start_ns: ts_ns,
             len: bytes.len() as u64,
             head: bytes,
             tail: tail_of(bytes),
@@ -1229,6 +1230,7 @@ mod tests {
         Segment {
             dir,
             ts_ns,
+            start_ns: ts_ns,
             len: bytes.len() as u64,
             head: &bytes[..cap.min(bytes.len())],
             tail: tail_of(bytes),
@@ -2261,6 +2263,7 @@ mod tests {
                     let seg = Segment {
                         dir: f.dir,
                         ts_ns: f.ts,
+                        start_ns: f.ts,
                         len: f.bytes.len() as u64,
                         head,
                         tail: tail_of(&f.bytes),
