@@ -1,6 +1,7 @@
 //! Distributed tracing across hosts: "cats as a service" on four test hosts (network
 //! namespaces joined by a bridge), one tracer per host limited to it with `--netns`, and the
-//! trace context carried between hosts by the kernel-injected `traceparent`.
+//! trace context carried between hosts by the kernel-injected `traceparent` (or, with injection
+//! off, joined by `tracer collect` from TCP sequence numbers).
 //!
 //! One request must give exactly one trace of seven spans, each with the right parent; then
 //! 1,000 requests from concurrent keep-alive clients must give 1,000 such traces, with parent
@@ -144,12 +145,12 @@ fn start_app(hosts: &Hosts) -> Vec<ChildGuard> {
     children
 }
 
-fn start_tracers(hosts: &Hosts, collector: &Collector, extra: &[&str]) -> Vec<Tracer> {
+fn start_tracers(hosts: &Hosts, zipkin: &str, extra: &[&str]) -> Vec<Tracer> {
     TIERS
         .iter()
         .map(|(role, _)| {
             let ns = hosts.ns(role);
-            let url = collector.url();
+            let url = zipkin.to_string();
             let mut args = vec![
                 "run",
                 "--netns",
@@ -292,13 +293,45 @@ fn wait_for_traces(collector: &Collector, spans: usize) -> Vec<Value> {
     }
 }
 
-#[test]
-fn one_trace_per_request_across_four_hosts() {
+/// How the hops are linked.
+#[derive(Clone, Copy, PartialEq)]
+enum Linking {
+    /// The kernel writes `traceparent` into each request.
+    Injected,
+    /// Nothing is written; `tracer collect` joins the hops by TCP sequence numbers.
+    Passive,
+}
+
+fn scenario(linking: Linking) {
     require_root();
     let hosts = Hosts::new();
     let _app = start_app(&hosts);
     let collector = Collector::start();
-    let tracers = start_tracers(&hosts, &collector, &[]);
+    let relay_url;
+    let (relay, zipkin) = match linking {
+        Linking::Injected => (None, collector.url()),
+        Linking::Passive => {
+            let port = tracer_e2e::free_port().to_string();
+            let listen = format!("127.0.0.1:{port}");
+            let relay = Tracer::start(&[
+                "collect",
+                "--listen",
+                &listen,
+                "--zipkin",
+                &collector.url(),
+                "--hold-ms",
+                "1500",
+            ]);
+            relay_url = format!("http://{listen}");
+            (Some(relay), relay_url.clone())
+        }
+    };
+    let inject = if linking == Linking::Injected {
+        "traceparent"
+    } else {
+        "off"
+    };
+    let tracers = start_tracers(&hosts, &zipkin, &["--inject", inject]);
 
     // One request: exactly one trace of seven spans.
     let summary = run_load(&hosts, 1, 1, 1);
@@ -326,6 +359,17 @@ fn one_trace_per_request_across_four_hosts() {
     assert_eq!(spans.len(), 7, "one request, seven spans:\n{}", dump());
     assert_eq!(verdict.traces, 1, "one request, one trace:\n{}", dump());
     assert_eq!(verdict.correct, 7, "every span parented right:\n{}", dump());
+    if linking == Linking::Injected {
+        assert!(
+            spans.iter().all(|s| s["tags"].get("tracer.link").is_some()),
+            "agents tag spans with link keys"
+        );
+    } else {
+        assert!(
+            spans.iter().all(|s| s["tags"].get("tracer.link").is_none()),
+            "the relay strips link keys"
+        );
+    }
     collector.reset();
 
     // 1,000 requests from 8 concurrent keep-alive clients.
@@ -336,10 +380,23 @@ fn one_trace_per_request_across_four_hosts() {
         "every response byte for byte as without the tracer: {summary}"
     );
     let spans = wait_for_traces(&collector, 7 * total);
+    for tracer in tracers {
+        let stopped = tracer.stop();
+        println!("{}", stopped.stderr.lines().last().unwrap_or(""));
+    }
+    if let Some(relay) = relay {
+        let stopped = relay.stop();
+        println!("{}", stopped.stderr.lines().last().unwrap_or(""));
+    }
     let verdict = judge(&spans);
     let accuracy = verdict.correct as f64 / (7 * total) as f64;
     println!(
-        "multi-host linking: {} requests, {} spans, {} traces, {} complete, parent accuracy {:.4} ({} / {})",
+        "multi-host linking ({}): {} requests, {} spans, {} traces, {} complete, parent accuracy {:.4} ({} / {})",
+        if linking == Linking::Injected {
+            "traceparent injected in the kernel"
+        } else {
+            "passive, joined by tracer collect"
+        },
         total,
         verdict.spans,
         verdict.traces,
@@ -348,10 +405,6 @@ fn one_trace_per_request_across_four_hosts() {
         verdict.correct,
         7 * total
     );
-    for tracer in tracers {
-        let stopped = tracer.stop();
-        println!("{}", stopped.stderr.lines().last().unwrap_or(""));
-    }
     assert!(
         accuracy >= 0.999,
         "parent accuracy {accuracy:.4} is below 99.9%"
@@ -360,4 +413,16 @@ fn one_trace_per_request_across_four_hosts() {
         verdict.complete_traces, total,
         "every request one complete trace"
     );
+}
+
+#[test]
+fn one_trace_per_request_across_four_hosts() {
+    scenario(Linking::Injected);
+}
+
+/// With injection off the hops are still linked: the agents tag both halves of each hop with
+/// the same key (addresses and TCP sequence number) and `tracer collect` joins them.
+#[test]
+fn hops_link_without_injection_through_the_relay() {
+    scenario(Linking::Passive);
 }

@@ -64,6 +64,22 @@ fn netns_inode(netns: &str) -> anyhow::Result<u32> {
         .map_err(|_| anyhow::anyhow!("--netns {netns}: inode number out of range"))
 }
 
+/// `tracer collect`: the span relay (see `relay`).
+pub fn collect(opts: crate::cli::CollectOptions) -> anyhow::Result<()> {
+    crate::relay::run(crate::relay::RelayOptions {
+        listen: opts.listen,
+        zipkin: ZipkinConfig {
+            url: parse_zipkin_url(&opts.zipkin)?,
+            batch_size: opts.batch_size as usize,
+            flush_interval: Duration::from_millis(200),
+            queue_capacity: opts.queue_size as usize,
+            gzip: !opts.no_gzip,
+            request_timeout: Duration::from_secs(10),
+        },
+        hold: Duration::from_millis(opts.hold_ms),
+    })
+}
+
 pub fn attach(opts: AttachOptions) -> anyhow::Result<()> {
     check_pid(opts.pid)?;
     let plan = plan(

@@ -24,6 +24,32 @@ pub enum Command {
     Run(RunOptions),
     /// Trace one running process (its threads and the children it forks) without restarting it.
     Attach(AttachOptions),
+    /// Relay spans from agents to Zipkin, joining the client and server halves of hops between
+    /// hosts that no trace header linked (needs no root).
+    Collect(CollectOptions),
+}
+
+#[derive(Debug, Args)]
+pub struct CollectOptions {
+    /// Address to receive spans on, as a Zipkin collector (POST /api/v2/spans).
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:9412")]
+    pub listen: std::net::SocketAddr,
+    /// The Zipkin collector to forward to.
+    #[arg(long, value_name = "URL", env = "TRACER_ZIPKIN_URL")]
+    pub zipkin: String,
+    /// How long spans wait for the other half of their hop, in milliseconds: longer than the
+    /// agents' flush interval.
+    #[arg(long, value_name = "MS", default_value_t = 5000, value_parser = clap::value_parser!(u64).range(0..=600_000))]
+    pub hold_ms: u64,
+    /// Spans per Zipkin request.
+    #[arg(long, value_name = "N", default_value_t = 500, value_parser = clap::value_parser!(u64).range(1..=10_000))]
+    pub batch_size: u64,
+    /// Spans held while Zipkin is slow or down; more are dropped and counted.
+    #[arg(long, value_name = "N", default_value_t = 100_000, value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
+    pub queue_size: u64,
+    /// Send uncompressed JSON to Zipkin.
+    #[arg(long)]
+    pub no_gzip: bool,
 }
 
 #[derive(Debug, Args)]

@@ -159,7 +159,20 @@ pub(crate) mod tests {
         ingress: bool,
         payload: &[u8],
     ) -> Vec<u8> {
-        let ev = DataEvent {
+        data_record_with(tgid, fd, conn_id, ts, ingress, payload, |_| {})
+    }
+
+    /// A data record whose kernel-filled extras (`start_ns`, `seq`, `ctx`) `edit` sets.
+    pub fn data_record_with(
+        tgid: u32,
+        fd: u32,
+        conn_id: u64,
+        ts: u64,
+        ingress: bool,
+        payload: &[u8],
+        edit: impl FnOnce(&mut DataEvent),
+    ) -> Vec<u8> {
+        let mut ev = DataEvent {
             hdr: EventHeader {
                 kind: EventKind::Data as u32,
                 tgid,
@@ -183,6 +196,7 @@ pub(crate) mod tests {
             seq_valid: 0,
             start_ns: 0,
         };
+        edit(&mut ev);
         let mut out = as_bytes(&ev);
         out.extend_from_slice(payload);
         out.resize(out.len().next_multiple_of(8), 0);

@@ -12,6 +12,7 @@ fn main() -> std::process::ExitCode {
     let result = match cli.command {
         cli::Command::Run(opts) => agent::run(opts),
         cli::Command::Attach(opts) => agent::attach(opts),
+        cli::Command::Collect(opts) => agent::collect(opts),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

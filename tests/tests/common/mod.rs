@@ -78,7 +78,11 @@ impl Tracer {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let err = tracer.stderr();
-            if err.contains("attached to pid") || err.contains("tracing ") {
+            // `attach`, `run`, and `collect` (the relay) each say when they are ready.
+            if err.contains("attached to pid")
+                || err.contains("tracing ")
+                || err.contains("relaying spans")
+            {
                 return tracer;
             }
             if let Some(status) = tracer.child.as_mut().unwrap().try_wait().unwrap() {

@@ -184,13 +184,14 @@ impl ConnTracker {
                     return;
                 }
                 if looks_like_request(head) {
+                    // Keyed by the time the parser gives the request's first byte.
                     self.linker
-                        .request_started(key, *ingress, hdr.tid, hdr.ts_ns, head, ctx);
+                        .request_started(key, *ingress, hdr.tid, *start_ns, head, ctx);
                     if let Some(seq) = seq {
                         if conn.request_seqs.len() >= MAX_SEQS {
                             conn.request_seqs.pop_front();
                         }
-                        conn.request_seqs.push_back((hdr.ts_ns, *seq));
+                        conn.request_seqs.push_back((*start_ns, *seq));
                     }
                 }
                 let segment = Segment {
@@ -415,6 +416,51 @@ mod tests {
         assert_eq!(info.remote.port(), 50000);
         assert_eq!(info.service_name, "cats");
         assert_eq!(info.pid, 4242);
+    }
+
+    /// A send is dated from its syscall's entry; the identity the kernel injected and the
+    /// request's sequence number must still find their exchange.
+    #[test]
+    fn client_request_keeps_kernel_identity_and_sequence_number() {
+        let mut t = ConnTracker::new(TrackerConfig::default());
+        let injected = tracer_common::TraceCtx {
+            trace_id_hi: 1,
+            trace_id_lo: 2,
+            span_id: 0x33,
+            parent_id: 0x44,
+            flags: tracer_common::CTX_VALID
+                | tracer_common::CTX_SAMPLED
+                | tracer_common::CTX_INJECTED,
+            _pad: 0,
+        };
+        let out = feed(
+            &mut t,
+            &[
+                open_record(
+                    7,
+                    3,
+                    1,
+                    tracer_common::ROLE_CLIENT,
+                    [10, 0, 0, 1],
+                    40000,
+                    [10, 0, 0, 2],
+                    80,
+                ),
+                crate::events::tests::data_record_with(7, 3, 1, 1_500, false, REQ, |ev| {
+                    ev.start_ns = 1_000;
+                    ev.seq = 12345;
+                    ev.seq_valid = 1;
+                    ev.ctx = injected;
+                }),
+                data_record(7, 3, 1, 2_000, true, RESP),
+            ],
+        );
+        assert_eq!(out.len(), 1);
+        let (ex, info, identity) = &out[0];
+        assert_eq!(ex.side, Side::Client);
+        assert_eq!(ex.req_start_ns, 1_000, "dated from the send's entry");
+        assert_eq!(info.request_seq, Some(12345));
+        assert_eq!((identity.span_id, identity.parent_id), (0x33, Some(0x44)));
     }
 
     #[test]

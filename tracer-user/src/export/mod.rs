@@ -21,7 +21,7 @@ use tokio::{io::AsyncWriteExt as _, sync::mpsc, task::JoinHandle};
 use crate::spans::{Span, text_line};
 
 pub(crate) use self::zipkin::error_chain;
-pub use self::zipkin::{USER_AGENT, ZipkinConfig};
+pub use self::zipkin::{USER_AGENT, ZipkinConfig, run as zipkin_forward};
 
 /// Capacity of the queue in front of stdout.
 const STDOUT_QUEUE: usize = 10_000;

@@ -16,7 +16,7 @@ use reqwest::{StatusCode, Url, header};
 use tokio::{sync::mpsc, time::Instant};
 
 use super::ExportStats;
-use crate::spans::Span;
+use serde::Serialize;
 
 /// Sent with every batch, so that a tracer tracing the collector's host can tell its own
 /// export traffic apart and not trace it (which would feed back a span per batch).
@@ -45,7 +45,13 @@ enum Sent {
     Failed(String),
 }
 
-pub async fn run(config: ZipkinConfig, mut rx: mpsc::Receiver<Span>, stats: Arc<ExportStats>) {
+/// Sends what arrives on `rx` to Zipkin until `rx` closes: spans built here, or (for the relay)
+/// spans received as JSON.
+pub async fn run<T: Serialize + Send + 'static>(
+    config: ZipkinConfig,
+    mut rx: mpsc::Receiver<T>,
+    stats: Arc<ExportStats>,
+) {
     let client = match reqwest::Client::builder()
         .user_agent(USER_AGENT)
         .timeout(config.request_timeout)
@@ -97,7 +103,7 @@ struct BatchSender {
 }
 
 impl BatchSender {
-    async fn send(&mut self, batch: &[Span]) {
+    async fn send<T: Serialize>(&mut self, batch: &[T]) {
         let n = batch.len() as u64;
         let json = serde_json::to_vec(batch).expect("spans always serialize");
         let gzipped = self.config.gzip.then(|| gzip(&json));
