@@ -8,12 +8,15 @@ ThreadingHTTPServer with keep-alive. Routes:
   /chunked/MS            200, chunked body: two chunks MS milliseconds apart, then the last-chunk
   /users/ID?token=...    200 (a high-cardinality path with a credential in the query)
   POST /echo-size        200, reads a Content-Length request body, answers its size
+  GET|POST /inspect      200, JSON of the request as received: line, headers, body length/sha256
   /headers               200, the request headers as received (to check injected context)
   /proxy/PORT/PATH       calls http://127.0.0.1:PORT/PATH (a kept-alive connection per thread)
                          and answers with its status: a front tier calling a back tier
 Writes its port to --port-file once listening. Binds 127.0.0.1 only.
 """
 import argparse
+import hashlib
+import json
 import http.client
 import http.server
 import threading
@@ -92,6 +95,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self._send(status, b"proxied\n")
         elif path == "/headers":
             self._send(200, str(self.headers).encode())
+        elif path == "/inspect":
+            doc = {"request_line": self.requestline, "headers": [[k, v] for k, v in self.headers.items()]}
+            self._send(200, json.dumps(doc).encode())
         elif parts[0] == "users":
             self._send(200, b"user\n")
         else:
@@ -100,6 +106,17 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def do_POST(self):
         n = int(self.headers.get("Content-Length", "0"))
         data = self.rfile.read(n)
+        if self.path == "/inspect":
+            # What arrived, exactly: the request line, the headers in order, and the body's
+            # length and digest (to prove that what the tracer adds leaves the rest intact).
+            doc = {
+                "request_line": self.requestline,
+                "headers": [[k, v] for k, v in self.headers.items()],
+                "body_len": len(data),
+                "body_sha256": hashlib.sha256(data).hexdigest(),
+            }
+            self._send(200, json.dumps(doc).encode())
+            return
         self._send(200, str(len(data)).encode())
 
 

@@ -180,3 +180,99 @@ fn incoming_context_is_joined() {
             .all(|s| str_of(s, "traceId") != "11111111111111111111111111111111")
     );
 }
+
+/// The trace context header the kernel writes never corrupts a request: a head split over
+/// several writes and a request that already has a context are left alone, only the first of
+/// pipelined requests gets one, a 1 MiB body arrives intact, and the ids written are those of
+/// the exported client spans.
+#[test]
+fn injection_never_corrupts_requests() {
+    require_root();
+    let collector = Collector::start();
+    let server = PythonServer::start();
+    let dir = common::tempdir();
+    let go = dir.join("go");
+    let client = std::process::Command::new("python3")
+        .arg(tracer_e2e::repo_root().join("tests/servers/inject_client.py"))
+        .arg(server.port.to_string())
+        .arg(&go)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("start the injection client");
+    let mut client = tracer_e2e::ChildGuard(client);
+    let pid = client.0.id().to_string();
+    let tracer = Tracer::start(&[
+        "attach",
+        "--pid",
+        &pid,
+        "--zipkin",
+        &collector.url(),
+        "--flush-interval-ms",
+        "200",
+    ]);
+    std::fs::write(&go, b"go").unwrap();
+    let mut out = String::new();
+    std::io::Read::read_to_string(client.0.stdout.as_mut().unwrap(), &mut out).unwrap();
+    let status = client.0.wait().unwrap();
+    assert!(status.success(), "client failed: {out}");
+    let results: Value = serde_json::from_str(out.trim()).expect("client results");
+    let spans = collector.wait_for_spans(6, Duration::from_secs(10));
+    let stopped = tracer.stop();
+    assert!(stopped.status.success(), "{}", stopped.stderr);
+
+    let header = |case: &str, name: &str| -> Vec<String> {
+        results[case]["headers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|h| h[0].as_str().unwrap().eq_ignore_ascii_case(name))
+            .map(|h| h[1].as_str().unwrap().to_string())
+            .collect()
+    };
+    for case in ["plain", "split", "pipe1", "pipe2", "own", "large"] {
+        assert_eq!(
+            header(case, "x-case"),
+            vec![case.to_string()],
+            "{case}: {results:#}"
+        );
+        assert_eq!(header(case, "host"), vec!["t".to_string()], "{case}");
+    }
+    let client_spans: Vec<&Value> = spans.iter().filter(|s| s["kind"] == "CLIENT").collect();
+    assert_eq!(client_spans.len(), 6, "{spans:#?}");
+    for case in ["plain", "pipe1", "large"] {
+        let tp = header(case, "traceparent");
+        assert_eq!(
+            tp.len(),
+            1,
+            "{case} gets exactly one traceparent: {results:#}"
+        );
+        let parts: Vec<&str> = tp[0].split('-').collect();
+        assert_eq!(parts.len(), 4, "{}", tp[0]);
+        assert!(
+            client_spans
+                .iter()
+                .any(|s| s["traceId"] == parts[1] && s["id"] == parts[2]),
+            "{case}: the injected ids {} are an exported client span's",
+            tp[0]
+        );
+    }
+    assert!(
+        header("split", "traceparent").is_empty(),
+        "a head split over writes is not touched"
+    );
+    assert!(
+        header("pipe2", "traceparent").is_empty(),
+        "only the first request of a send gets one"
+    );
+    assert_eq!(
+        header("own", "traceparent"),
+        vec!["00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".to_string()],
+        "a request's own context is kept and not duplicated"
+    );
+    assert_eq!(results["large"]["body_len"], 1 << 20);
+    assert_eq!(
+        results["large"]["body_sha256"], results["large"]["sent_sha256"],
+        "the body arrives intact"
+    );
+    assert_eq!(results["plain"]["request_line"], "GET /inspect HTTP/1.1");
+}

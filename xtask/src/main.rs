@@ -1,6 +1,8 @@
-//! Project tasks: `cargo xtask setup | build | run -- ARGS | test`.
+//! Project tasks: `cargo xtask setup | build | run -- ARGS | test | bench`.
 //!
 //! `run` and `test` do `setup` first, so that on a fresh machine each is the one command needed.
+
+mod bench;
 
 use std::{
     env,
@@ -41,6 +43,25 @@ enum Task {
         #[arg(trailing_var_arg = true)]
         filter: Vec<String>,
     },
+    /// Measure the cost of tracing (root): real servers under wrk, untraced vs traced vs
+    /// traced with export, and the in-kernel cost per syscall. Writes bench/results.md.
+    Bench {
+        /// Seconds per wrk run.
+        #[arg(long, default_value_t = 10)]
+        duration: u64,
+        /// Rounds of untraced / traced / exported runs (medians are reported).
+        #[arg(long, default_value_t = 3)]
+        rounds: u32,
+        /// wrk connections.
+        #[arg(long, default_value_t = 50)]
+        connections: u32,
+        /// Writes per syscall-cost loop.
+        #[arg(long, default_value_t = 200_000)]
+        syscalls: u64,
+    },
+    /// (internal) the syscall loop the benchmark times.
+    #[command(hide = true)]
+    SyscallLoop { n: u64 },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -59,6 +80,21 @@ fn main() -> anyhow::Result<()> {
             setup()?;
             test(unit, &filter)
         }
+        Task::Bench {
+            duration,
+            rounds,
+            connections,
+            syscalls,
+        } => {
+            setup()?;
+            bench::bench(&bench::BenchOptions {
+                duration,
+                rounds,
+                connections,
+                syscalls,
+            })
+        }
+        Task::SyscallLoop { n } => bench::syscall_loop(n),
     }
 }
 

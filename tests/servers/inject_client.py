@@ -1,0 +1,76 @@
+"""A client that sends awkward requests, for the injection safety test. It connects only once
+--go-file exists (so that the tracer, attached meanwhile, sees its connections being made),
+then prints one JSON line per case: what the server says it received.
+
+Usage: inject_client.py PORT GO_FILE
+"""
+import hashlib
+import json
+import os
+import socket
+import sys
+import time
+
+
+def read_response(f):
+    """One HTTP/1.1 response with Content-Length from a socket file: (status, body)."""
+    status = int(f.readline().split()[1])
+    length = 0
+    while True:
+        line = f.readline()
+        if line in (b"\r\n", b""):
+            break
+        name, _, value = line.decode().partition(":")
+        if name.strip().lower() == "content-length":
+            length = int(value.strip())
+    return status, f.read(length)
+
+
+def connect(port):
+    s = socket.create_connection(("127.0.0.1", port))
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return s, s.makefile("rb")
+
+
+def main():
+    port, go = int(sys.argv[1]), sys.argv[2]
+    deadline = time.monotonic() + 30
+    while not os.path.exists(go):
+        if time.monotonic() > deadline:
+            sys.exit("no go file")
+        time.sleep(0.02)
+    results = {}
+    s, f = connect(port)
+
+    # A plain request in one write.
+    s.sendall(b"GET /inspect HTTP/1.1\r\nHost: t\r\nX-Case: plain\r\n\r\n")
+    results["plain"] = json.loads(read_response(f)[1])
+
+    # The head split over three writes: the end of the head is not in the first send.
+    for part in (b"GET /inspect HTTP/1.1\r\nHo", b"st: t\r\nX-Case: split\r\n", b"\r\n"):
+        s.sendall(part)
+        time.sleep(0.05)
+    results["split"] = json.loads(read_response(f)[1])
+
+    # Two pipelined requests in one write.
+    s.sendall(b"GET /inspect HTTP/1.1\r\nHost: t\r\nX-Case: pipe1\r\n\r\nGET /inspect HTTP/1.1\r\nHost: t\r\nX-Case: pipe2\r\n\r\n")
+    results["pipe1"] = json.loads(read_response(f)[1])
+    results["pipe2"] = json.loads(read_response(f)[1])
+
+    # A request that already carries a traceparent.
+    own = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    s.sendall(b"GET /inspect HTTP/1.1\r\nHost: t\r\ntraceparent: " + own.encode() + b"\r\nX-Case: own\r\n\r\n")
+    results["own"] = json.loads(read_response(f)[1])
+
+    # A large POST in one write (many sk_msg pieces): the body must arrive intact.
+    body = bytes(range(256)) * 4096  # 1 MiB
+    head = b"POST /inspect HTTP/1.1\r\nHost: t\r\nX-Case: large\r\nContent-Length: %d\r\n\r\n" % len(body)
+    s.sendall(head + body)
+    results["large"] = json.loads(read_response(f)[1])
+    results["large"]["sent_sha256"] = hashlib.sha256(body).hexdigest()
+    s.close()
+    print(json.dumps(results), flush=True)
+
+
+if __name__ == "__main__":
+    main()

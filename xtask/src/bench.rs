@@ -1,0 +1,638 @@
+//! `cargo xtask bench`: the cost of tracing, measured side by side.
+//!
+//! Real servers (nginx serving a small file, Python's keep-alive http.server) under a real load
+//! generator (wrk, bounded in time and connections), on loopback, in rounds that alternate:
+//! untraced, traced by `tracer run` filtered to the server (spans printed to /dev/null), and
+//! traced with export to a Zipkin test collector. Then the in-kernel cost per traced syscall,
+//! from a tight loop of writes on a TCP socket: not traced, traced, and "another process is
+//! traced" (what untraced processes pay). The report compares each traced run with the
+//! untraced runs of the same round and says pass or fail against the targets; it is written to
+//! `bench/results.md` (and printed).
+
+use std::{
+    fmt::Write as _,
+    io::{BufRead, BufReader, Read, Write},
+    net::{TcpListener, TcpStream},
+    path::Path,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+
+use crate::{root, status};
+
+pub struct BenchOptions {
+    pub duration: u64,
+    pub rounds: u32,
+    pub connections: u32,
+    pub syscalls: u64,
+}
+
+struct Guard(Child);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        // SAFETY: signals our own, unreaped child.
+        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn wait_port(port: u16) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if Instant::now() > deadline {
+            bail!("nothing listens on port {port}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+fn tracer_bin() -> std::path::PathBuf {
+    root().join("target/release/tracer")
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Mode {
+    Untraced,
+    Traced,
+    Exported,
+}
+
+impl Mode {
+    fn name(self) -> &'static str {
+        match self {
+            Mode::Untraced => "untraced",
+            Mode::Traced => "traced",
+            Mode::Exported => "traced+export",
+        }
+    }
+}
+
+#[derive(Default, Clone)]
+struct Run {
+    rps: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    requests: u64,
+    agent_cpu_s: f64,
+    agent_rss_kib: u64,
+    events: u64,
+    lost: u64,
+    spans: u64,
+    dropped: u64,
+}
+
+/// A traced run's agent, started before the load and stopped after it.
+struct Agent {
+    child: Child,
+    stderr: std::sync::Arc<std::sync::Mutex<String>>,
+}
+
+impl Agent {
+    fn start(args: &[String]) -> anyhow::Result<Agent> {
+        let mut child = Command::new(tracer_bin())
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("start the tracer (cargo xtask build first)")?;
+        let stderr = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let sink = stderr.clone();
+        let pipe = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                let mut s = sink.lock().unwrap();
+                s.push_str(&line);
+                s.push('\n');
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let err = stderr.lock().unwrap().clone();
+            if err.contains("tracing ") {
+                return Ok(Agent { child, stderr });
+            }
+            if let Some(st) = child.try_wait()? {
+                bail!("tracer exited ({st}): {err}");
+            }
+            if Instant::now() > deadline {
+                bail!("tracer did not start: {err}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn cpu_seconds(&self) -> f64 {
+        proc_cpu_seconds(self.child.id())
+    }
+
+    /// Stops the agent; returns its RSS high-water mark (KiB) and its exit summary.
+    fn stop(mut self) -> anyhow::Result<(u64, String)> {
+        let rss = proc_status_kib(self.child.id(), "VmHWM:");
+        // SAFETY: our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let st = self.child.wait()?;
+        if !st.success() {
+            bail!("tracer failed: {}", self.stderr.lock().unwrap());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        let summary = self
+            .stderr
+            .lock()
+            .unwrap()
+            .lines()
+            .rfind(|l| l.starts_with("tracer: "))
+            .unwrap_or("")
+            .to_string();
+        Ok((rss, summary))
+    }
+}
+
+fn proc_cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command (which may contain spaces) start after the last ')'.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // utime and stime are fields 14 and 15 of the whole line: 11 and 12 after the command.
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    (ticks(11) + ticks(12)) / hz
+}
+
+fn proc_status_kib(pid: u32, key: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with(key))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// The number before `word` in the agent's summary line ("events: 123 data, 0 lost, ...").
+fn summary_number(summary: &str, word: &str) -> u64 {
+    let words: Vec<&str> = summary
+        .split(|c: char| c.is_whitespace() || c == ',' || c == ';')
+        .filter(|w| !w.is_empty())
+        .collect();
+    words
+        .windows(2)
+        .find(|w| w[1] == word)
+        .and_then(|w| w[0].parse().ok())
+        .unwrap_or(0)
+}
+
+fn parse_latency_ms(v: &str) -> f64 {
+    let (num, unit) = v.trim().split_at(
+        v.trim()
+            .find(|c: char| c.is_ascii_alphabetic())
+            .unwrap_or(v.len()),
+    );
+    let n: f64 = num.parse().unwrap_or(f64::NAN);
+    match unit {
+        "us" => n / 1000.0,
+        "ms" => n,
+        "s" => n * 1000.0,
+        _ => f64::NAN,
+    }
+}
+
+fn wrk(url: &str, opts: &BenchOptions) -> anyhow::Result<Run> {
+    let out = Command::new("wrk")
+        .args([
+            "-t2",
+            &format!("-c{}", opts.connections),
+            &format!("-d{}s", opts.duration),
+            "--latency",
+            url,
+        ])
+        .output()
+        .context("run wrk (apt-get install wrk)")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut run = Run::default();
+    for line in text.lines() {
+        let line = line.trim();
+        if let Some(v) = line.strip_prefix("Requests/sec:") {
+            run.rps = v.trim().parse().unwrap_or(0.0);
+        } else if let Some(v) = line.strip_prefix("50%") {
+            run.p50_ms = parse_latency_ms(v);
+        } else if let Some(v) = line.strip_prefix("99%") {
+            run.p99_ms = parse_latency_ms(v);
+        } else if line.contains("requests in") {
+            run.requests = line
+                .split_whitespace()
+                .next()
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(0);
+        }
+    }
+    if run.requests == 0 {
+        bail!("wrk printed no results:\n{text}");
+    }
+    Ok(run)
+}
+
+struct Target {
+    name: &'static str,
+    url: String,
+    comm: &'static str,
+    _server: Guard,
+    _dir: Option<std::path::PathBuf>,
+}
+
+fn start_nginx() -> anyhow::Result<Target> {
+    let port = free_port()?;
+    let dir = std::env::temp_dir().join(format!("tracer-bench-nginx-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    std::fs::write(dir.join("index.html"), "<html>cats</html>\n".repeat(8))?;
+    let d = dir.display();
+    std::fs::write(
+        dir.join("nginx.conf"),
+        format!(
+            "worker_processes 1;\ndaemon off;\nerror_log {d}/error.log;\npid {d}/nginx.pid;\n\
+             events {{ worker_connections 1024; }}\n\
+             http {{ access_log off; keepalive_requests 1000000;\n  server {{ listen 127.0.0.1:{port}; root {d}; }} }}\n"
+        ),
+    )?;
+    let child = Command::new("nginx")
+        .arg("-c")
+        .arg(dir.join("nginx.conf"))
+        .spawn()
+        .context("start nginx (apt-get install nginx)")?;
+    let guard = Guard(child);
+    wait_port(port)?;
+    Ok(Target {
+        name: "nginx (static file)",
+        url: format!("http://127.0.0.1:{port}/index.html"),
+        comm: "nginx",
+        _server: guard,
+        _dir: Some(dir),
+    })
+}
+
+fn start_python() -> anyhow::Result<Target> {
+    let port = free_port()?;
+    let child = Command::new("python3")
+        .arg(root().join("tests/servers/http_server.py"))
+        .args(["--port", &port.to_string()])
+        .spawn()
+        .context("start python3")?;
+    let guard = Guard(child);
+    wait_port(port)?;
+    Ok(Target {
+        name: "python http.server (keep-alive)",
+        url: format!("http://127.0.0.1:{port}/hello"),
+        comm: "python3",
+        _server: guard,
+        _dir: None,
+    })
+}
+
+fn start_collector() -> anyhow::Result<(Guard, String)> {
+    let port = free_port()?;
+    let child = Command::new("python3")
+        .arg(root().join("tests/collector/zipkin_collector.py"))
+        .args(["--port", &port.to_string()])
+        .stderr(Stdio::null())
+        .spawn()?;
+    let guard = Guard(child);
+    wait_port(port)?;
+    Ok((guard, format!("http://127.0.0.1:{port}")))
+}
+
+fn measure(
+    target: &Target,
+    mode: Mode,
+    collector: &str,
+    opts: &BenchOptions,
+) -> anyhow::Result<Run> {
+    let mut args: Vec<String> = vec![
+        "run".into(),
+        "--comm".into(),
+        target.comm.into(),
+        "--stats-interval".into(),
+        "0".into(),
+    ];
+    match mode {
+        Mode::Untraced => return wrk(&target.url, opts),
+        Mode::Traced => args.extend(["--output".into(), "json".into()]),
+        Mode::Exported => args.extend([
+            "--zipkin".into(),
+            collector.into(),
+            "--queue-size".into(),
+            "100000".into(),
+        ]),
+    }
+    let agent = Agent::start(&args)?;
+    let cpu0 = agent.cpu_seconds();
+    let mut run = wrk(&target.url, opts)?;
+    // Let the last spans reach the exporter before the CPU reading.
+    std::thread::sleep(Duration::from_millis(500));
+    run.agent_cpu_s = agent.cpu_seconds() - cpu0;
+    let (rss, summary) = agent.stop()?;
+    run.agent_rss_kib = rss;
+    run.events = summary_number(&summary, "data");
+    run.lost = summary_number(&summary, "lost");
+    run.spans = summary_number(&summary, "exported");
+    run.dropped = summary_number(&summary, "dropped");
+    Ok(run)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    if v.is_empty() {
+        f64::NAN
+    } else {
+        v[v.len() / 2]
+    }
+}
+
+/// `xtask syscall-loop N`: connects to a local sink, waits for "go" on stdin, does N 64-byte
+/// writes, prints nanoseconds per write.
+pub fn syscall_loop(n: u64) -> anyhow::Result<()> {
+    let listener = TcpListener::bind("127.0.0.1:0")?;
+    let addr = listener.local_addr()?;
+    std::thread::spawn(move || {
+        if let Ok((mut s, _)) = listener.accept() {
+            let mut buf = vec![0u8; 1 << 16];
+            while matches!(s.read(&mut buf), Ok(n) if n > 0) {}
+        }
+    });
+    let mut s = TcpStream::connect(addr)?;
+    println!("ready {}", std::process::id());
+    let mut line = String::new();
+    std::io::stdin().read_line(&mut line)?;
+    let payload = [0x5au8; 64];
+    let t = Instant::now();
+    for _ in 0..n {
+        s.write_all(&payload)?;
+    }
+    println!("{:.1}", t.elapsed().as_nanos() as f64 / n as f64);
+    Ok(())
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum LoopMode {
+    NoTracer,
+    OtherTraced,
+    Traced,
+}
+
+fn loop_cost(mode: LoopMode, n: u64, other_pid: u32) -> anyhow::Result<f64> {
+    let exe = std::env::current_exe()?;
+    let mut child = Command::new(exe)
+        .args(["syscall-loop", &n.to_string()])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()?;
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line)?;
+    let pid = child.id();
+    let agent = match mode {
+        LoopMode::NoTracer => None,
+        LoopMode::OtherTraced => Some(Agent::start(&[
+            "run".into(),
+            "--pid".into(),
+            other_pid.to_string(),
+            "--output".into(),
+            "json".into(),
+        ])?),
+        LoopMode::Traced => Some(Agent::start(&[
+            "run".into(),
+            "--pid".into(),
+            pid.to_string(),
+            "--output".into(),
+            "json".into(),
+        ])?),
+    };
+    child.stdin.as_mut().unwrap().write_all(b"go\n")?;
+    line.clear();
+    out.read_line(&mut line)?;
+    child.wait()?;
+    if let Some(agent) = agent {
+        agent.stop()?;
+    }
+    line.trim().parse().context("syscall loop result")
+}
+
+pub fn bench(opts: &BenchOptions) -> anyhow::Result<()> {
+    if !crate::is_root() {
+        bail!("the benchmark runs the tracer: run it as root");
+    }
+    status(crate::cargo().args(["build", "--release", "-p", "tracer-user", "-p", "xtask"]))?;
+    let (_collector, collector_url) = start_collector()?;
+    let mut report = String::new();
+    let machine = std::fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("model name"))
+        .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        .unwrap_or_default();
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    writeln!(report, "# tracer benchmark\n")?;
+    writeln!(
+        report,
+        "{cpus} CPUs ({machine}), Linux {}; wrk -t2 -c{} -d{}s, {} rounds alternating untraced / traced / traced+export; medians of the rounds.\n",
+        kernel.trim(),
+        opts.connections,
+        opts.duration,
+        opts.rounds
+    )?;
+    let mut all_pass = true;
+    for start in [start_nginx as fn() -> anyhow::Result<Target>, start_python] {
+        let target = start()?;
+        // Warm up (page cache, Python's first imports).
+        let _ = wrk(
+            &target.url,
+            &BenchOptions {
+                duration: 1,
+                ..*opts
+            },
+        );
+        let modes = [Mode::Untraced, Mode::Traced, Mode::Exported];
+        let mut runs: Vec<Vec<Run>> = vec![Vec::new(); modes.len()];
+        for round in 0..opts.rounds {
+            for (i, mode) in modes.iter().enumerate() {
+                let run = measure(&target, *mode, &collector_url, opts)?;
+                eprintln!(
+                    "bench: {} round {} {}: {:.0} req/s p50 {:.3} ms p99 {:.3} ms",
+                    target.name,
+                    round + 1,
+                    mode.name(),
+                    run.rps,
+                    run.p50_ms,
+                    run.p99_ms
+                );
+                runs[i].push(run);
+            }
+        }
+        let base_rps = median(runs[0].iter().map(|r| r.rps).collect());
+        let base_p50 = median(runs[0].iter().map(|r| r.p50_ms).collect());
+        let base_p99 = median(runs[0].iter().map(|r| r.p99_ms).collect());
+        writeln!(report, "## {}\n", target.name)?;
+        writeln!(
+            report,
+            "| mode | req/s | vs untraced | p50 ms | vs | p99 ms | vs | agent CPU ms / 1k req | agent peak RSS MiB | events/s | lost | spans / requests |"
+        )?;
+        writeln!(report, "|---|---|---|---|---|---|---|---|---|---|---|---|")?;
+        for (i, mode) in modes.iter().enumerate() {
+            let r = &runs[i];
+            let rps = median(r.iter().map(|x| x.rps).collect());
+            let p50 = median(r.iter().map(|x| x.p50_ms).collect());
+            let p99 = median(r.iter().map(|x| x.p99_ms).collect());
+            let requests: u64 = r.iter().map(|x| x.requests).sum();
+            let cpu_per_1k =
+                r.iter().map(|x| x.agent_cpu_s).sum::<f64>() * 1000.0 / (requests as f64 / 1000.0);
+            let rss = r.iter().map(|x| x.agent_rss_kib).max().unwrap_or(0) as f64 / 1024.0;
+            let events_per_s = r.iter().map(|x| x.events).sum::<u64>() as f64
+                / (opts.duration as f64 * r.len() as f64);
+            let lost: u64 = r.iter().map(|x| x.lost).sum();
+            let spans: u64 = r.iter().map(|x| x.spans).sum();
+            let traced = *mode != Mode::Untraced;
+            writeln!(
+                report,
+                "| {} | {:.0} | {:.3} | {:.3} | {:.2} | {:.3} | {:.2} | {} | {} | {} | {} | {} |",
+                mode.name(),
+                rps,
+                rps / base_rps,
+                p50,
+                p50 / base_p50,
+                p99,
+                p99 / base_p99,
+                if traced {
+                    format!("{cpu_per_1k:.1}")
+                } else {
+                    "-".into()
+                },
+                if traced {
+                    format!("{rss:.1}")
+                } else {
+                    "-".into()
+                },
+                if traced {
+                    format!("{events_per_s:.0}")
+                } else {
+                    "-".into()
+                },
+                if traced { lost.to_string() } else { "-".into() },
+                if traced {
+                    format!("{:.4}", spans as f64 / requests as f64)
+                } else {
+                    "-".into()
+                },
+            )?;
+        }
+        // Targets, for the traced run without export (export is judged by spans/requests).
+        let traced = &runs[1];
+        let exported = &runs[2];
+        let rps_ratio = median(traced.iter().map(|x| x.rps).collect()) / base_rps;
+        let p99_ratio = median(traced.iter().map(|x| x.p99_ms).collect()) / base_p99;
+        let requests: u64 = traced.iter().map(|x| x.requests).sum();
+        let cpu_per_1k = traced.iter().map(|x| x.agent_cpu_s).sum::<f64>() * 1e6 / requests as f64;
+        let lost: u64 = traced.iter().chain(exported).map(|x| x.lost).sum();
+        let spans_ratio = exported.iter().map(|x| x.spans).sum::<u64>() as f64
+            / exported.iter().map(|x| x.requests).sum::<u64>() as f64;
+        let max_rps = traced
+            .iter()
+            .chain(exported)
+            .map(|x| x.rps)
+            .fold(0.0, f64::max);
+        let checks = [
+            (
+                "throughput >= 97% of untraced",
+                rps_ratio >= 0.97,
+                format!("{:.1}%", rps_ratio * 100.0),
+            ),
+            (
+                "p99 latency <= 1.05x untraced",
+                p99_ratio <= 1.05,
+                format!("{p99_ratio:.2}x"),
+            ),
+            (
+                "agent CPU <= 50 ms per 1k requests",
+                cpu_per_1k <= 50.0,
+                format!("{cpu_per_1k:.1} ms"),
+            ),
+            (
+                "no lost events and a span per request (at <= 20k req/s)",
+                max_rps > 20_000.0 || (lost == 0 && (spans_ratio - 1.0).abs() < 0.001),
+                format!("{lost} lost, {spans_ratio:.4} spans/request at {max_rps:.0} req/s"),
+            ),
+        ];
+        writeln!(report)?;
+        for (what, pass, value) in checks {
+            all_pass &= pass;
+            writeln!(
+                report,
+                "- {} {what}: {value}",
+                if pass { "PASS" } else { "FAIL" }
+            )?;
+        }
+        writeln!(report)?;
+    }
+
+    // In-kernel cost per syscall.
+    let other = Command::new("sleep").arg("600").spawn()?;
+    let other = Guard(other);
+    let n = opts.syscalls;
+    let mut cost = [Vec::new(), Vec::new(), Vec::new()];
+    for _ in 0..opts.rounds {
+        for (i, mode) in [LoopMode::NoTracer, LoopMode::OtherTraced, LoopMode::Traced]
+            .into_iter()
+            .enumerate()
+        {
+            cost[i].push(loop_cost(mode, n, other.0.id())?);
+        }
+    }
+    let [none, other_traced, traced] = cost.map(median);
+    writeln!(report, "## In-kernel cost of a traced syscall\n")?;
+    writeln!(
+        report,
+        "{n} writes of 64 bytes on a loopback TCP socket, medians of {} rounds:\n",
+        opts.rounds
+    )?;
+    writeln!(report, "| | ns per write | added |")?;
+    writeln!(report, "|---|---|---|")?;
+    writeln!(report, "| no tracer | {none:.0} | - |")?;
+    writeln!(
+        report,
+        "| tracer running, this process not traced | {other_traced:.0} | {:+.0} ns |",
+        other_traced - none
+    )?;
+    writeln!(
+        report,
+        "| this process traced | {traced:.0} | {:+.0} ns |",
+        traced - none
+    )?;
+    writeln!(
+        report,
+        "\nOverall: {}",
+        if all_pass { "PASS" } else { "FAIL (see above)" }
+    )?;
+
+    let out_dir = root().join("bench");
+    std::fs::create_dir_all(&out_dir)?;
+    let path = out_dir.join("results.md");
+    std::fs::write(&path, &report)?;
+    println!("{report}");
+    eprintln!("bench: report written to {}", Path::new(&path).display());
+    Ok(())
+}
