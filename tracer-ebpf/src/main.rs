@@ -98,6 +98,24 @@ static SCRATCH: PerCpuArray<syscalls::DataScratch> = PerCpuArray::with_max_entri
 #[map]
 static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stat::COUNT, 0);
 
+/// Below this much unread data the agent is not woken for each record: it drains the ring on
+/// a short timer instead. A wakeup per record (an IPI and a context switch) costs more than
+/// the probe itself at tens of thousands of requests per second.
+const WAKEUP_BYTES: u64 = 256 * 1024;
+const BPF_RB_NO_WAKEUP: u64 = 1;
+const BPF_RB_FORCE_WAKEUP: u64 = 2;
+const BPF_RB_AVAIL_DATA: u64 = 0;
+
+/// Flags for the next ring-buffer record: wake the agent only when data piles up.
+#[inline(always)]
+fn wakeup_flags() -> u64 {
+    if EVENTS.query(BPF_RB_AVAIL_DATA) >= WAKEUP_BYTES {
+        BPF_RB_FORCE_WAKEUP
+    } else {
+        BPF_RB_NO_WAKEUP
+    }
+}
+
 #[inline(always)]
 fn count(index: u32) {
     if let Some(ptr) = STATS.get_ptr_mut(index) {

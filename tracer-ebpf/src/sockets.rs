@@ -168,7 +168,10 @@ pub fn track(fd: u32, role: u16) -> Option<ConnState> {
         return None;
     }
     count(stat::CONNS_OPENED);
-    if EVENTS.output::<ConnEvent>(&ev, 0).is_err() {
+    if EVENTS
+        .output::<ConnEvent>(&ev, crate::wakeup_flags())
+        .is_err()
+    {
         count(stat::RINGBUF_LOST);
     }
     Some(ConnState {
@@ -215,7 +218,10 @@ pub fn header_only(kind: EventKind, tgid: u32, tid: u32, fd: u32, conn_id: u64) 
         ts_ns: unsafe { bpf_ktime_get_ns() },
         conn_id,
     };
-    if EVENTS.output::<EventHeader>(&hdr, 0).is_err() {
+    if EVENTS
+        .output::<EventHeader>(&hdr, crate::wakeup_flags())
+        .is_err()
+    {
         count(stat::RINGBUF_LOST);
     }
 }

@@ -233,7 +233,7 @@ fn emit_data(saved: &SavedArgs, len: u64, pid_tgid: u64) {
     // SAFETY: `size` is within the scratch value (event + 2 * MAX_CAPTURE).
     let bytes =
         unsafe { core::slice::from_raw_parts(scratch as *const DataScratch as *const u8, size) };
-    if EVENTS.output::<[u8]>(bytes, 0).is_err() {
+    if EVENTS.output::<[u8]>(bytes, crate::wakeup_flags()).is_err() {
         count(stat::RINGBUF_LOST);
     } else {
         count(stat::DATA_EVENTS);

@@ -206,6 +206,8 @@ async fn event_loop(plan: Plan, mut probes: Probes) -> anyhow::Result<()> {
     let mut sigterm = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut drain_tick = tokio::time::interval(Duration::from_millis(10));
+    drain_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
     let mut clock = Clock::now_calibrated();
     let mut tracker = ConnTracker::new(plan.tracker);
@@ -221,6 +223,12 @@ async fn event_loop(plan: Plan, mut probes: Probes) -> anyhow::Result<()> {
                 let mut guard = guard.context("ring buffer poll failed")?;
                 drain_ring(guard.get_inner_mut(), &mut tracker, &mut finished, &mut decode_errors);
                 guard.clear_ready();
+                submit(&exporter, &mut finished, &clock);
+            }
+            // The probes wake the agent only when data piles up (see WAKEUP_BYTES in
+            // tracer-ebpf): the rest is picked up here, within milliseconds.
+            _ = drain_tick.tick() => {
+                drain_ring(ring.get_mut(), &mut tracker, &mut finished, &mut decode_errors);
                 submit(&exporter, &mut finished, &clock);
             }
             _ = sigint.recv() => break "interrupted",
