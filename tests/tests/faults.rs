@@ -1,0 +1,145 @@
+//! Faults of the collector never stop capture: it is down when the tracer starts, answers
+//! 500s, is slow, or drops connections mid-run. Spans wait in the bounded queue, export
+//! resumes when the collector is back, and nothing is lost while the queue has room.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Client, PythonServer, Tracer, require_root};
+use tracer_e2e::Collector;
+
+/// Sends `n` requests on one kept-alive connection, all answered 200.
+fn send(server: &PythonServer, n: usize) {
+    let mut client = Client::connect(server.port);
+    for _ in 0..n {
+        assert_eq!(client.get("/hello").status, 200);
+    }
+}
+
+#[test]
+fn collector_faults_do_not_lose_queued_spans() {
+    require_root();
+    let collector = Collector::start();
+    let server = PythonServer::start();
+    let pid = server.pid().to_string();
+
+    // Down at start: every POST fails (500), capture goes on.
+    collector.set_fault("500", 0);
+    let tracer = Tracer::start(&[
+        "attach",
+        "--pid",
+        &pid,
+        "--zipkin",
+        &collector.url(),
+        "--flush-interval-ms",
+        "100",
+        "--batch-size",
+        "10",
+        "--stats-interval",
+        "1",
+    ]);
+    send(&server, 20);
+    std::thread::sleep(Duration::from_millis(800));
+    assert!(
+        collector.spans().is_empty(),
+        "nothing accepted while the collector fails"
+    );
+
+    // Slow (each POST takes a second) and then dropping connections: more requests meanwhile.
+    collector.set_fault("slow", 1000);
+    send(&server, 20);
+    collector.set_fault("drop", 0);
+    send(&server, 20);
+    std::thread::sleep(Duration::from_millis(500));
+
+    // Back: everything queued arrives, exactly once per request.
+    collector.set_fault("none", 0);
+    let spans = collector.wait_for_spans(60, Duration::from_secs(60));
+    let stopped = tracer.stop();
+    assert!(stopped.status.success(), "{}", stopped.stderr);
+    // Retries of a batch whose POST was accepted but whose answer was lost may repeat spans;
+    // count distinct ids.
+    let mut ids: Vec<&str> = spans.iter().map(|s| s["id"].as_str().unwrap()).collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(
+        ids.len(),
+        60,
+        "every request exported once the collector is back: {} spans",
+        spans.len()
+    );
+    assert!(
+        stopped.stderr.contains("cannot export to"),
+        "the outage was reported:\n{}",
+        stopped.stderr
+    );
+    assert!(
+        stopped.stderr.contains("collector is back"),
+        "the recovery was reported:\n{}",
+        stopped.stderr
+    );
+    let summary = stopped
+        .stderr
+        .lines()
+        .rfind(|l| l.starts_with("tracer: "))
+        .unwrap();
+    assert!(
+        summary.contains("0 dropped (queue full), 0 failed"),
+        "{summary}"
+    );
+}
+
+/// A queue smaller than the outage drops the excess, counts it, and keeps capturing.
+#[test]
+fn a_full_queue_drops_and_counts() {
+    require_root();
+    let collector = Collector::start();
+    let server = PythonServer::start();
+    let pid = server.pid().to_string();
+    collector.set_fault("503", 0);
+    let tracer = Tracer::start(&[
+        "attach",
+        "--pid",
+        &pid,
+        "--zipkin",
+        &collector.url(),
+        "--flush-interval-ms",
+        "100",
+        "--batch-size",
+        "5",
+        "--queue-size",
+        "10",
+    ]);
+    send(&server, 50);
+    std::thread::sleep(Duration::from_millis(500));
+    collector.set_fault("none", 0);
+    let spans = collector.wait_for_spans(15, Duration::from_secs(30));
+    std::thread::sleep(Duration::from_secs(1));
+    let stopped = tracer.stop();
+    let summary = stopped
+        .stderr
+        .lines()
+        .rfind(|l| l.starts_with("tracer: "))
+        .unwrap()
+        .to_string();
+    let number_before = |word: &str| -> u64 {
+        let words: Vec<&str> = summary
+            .split([' ', ',', ';'])
+            .filter(|w| !w.is_empty())
+            .collect();
+        words
+            .windows(2)
+            .find(|w| w[1] == word)
+            .and_then(|w| w[0].parse().ok())
+            .unwrap()
+    };
+    let (exported, dropped) = (number_before("exported"), number_before("dropped"));
+    assert!(dropped > 0, "the queue overflowed: {summary}");
+    assert_eq!(
+        exported + dropped,
+        50,
+        "every request either exported or counted as dropped: {summary}"
+    );
+    assert!(spans.len() as u64 >= exported, "{summary}");
+}
