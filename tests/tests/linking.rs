@@ -276,3 +276,77 @@ fn injection_never_corrupts_requests() {
     );
     assert_eq!(results["plain"]["request_line"], "GET /inspect HTTP/1.1");
 }
+
+/// A client connection opened before the tracer attached (a kept-alive pool) carries trace
+/// context too: the tracer puts existing connections in the socket map at attach.
+#[test]
+fn connections_opened_before_attach_get_context() {
+    require_root();
+    let collector = Collector::start();
+    let server = PythonServer::start();
+    let dir = common::tempdir();
+    let go = dir.join("go");
+    // Connects and sends one request at once, then another after the tracer attached.
+    let script = format!(
+        r#"
+import http.client, json, os, time
+c = http.client.HTTPConnection("127.0.0.1", {port})
+c.request("GET", "/inspect"); before = json.loads(c.getresponse().read())
+while not os.path.exists({go:?}): time.sleep(0.02)
+c.request("GET", "/inspect"); after = json.loads(c.getresponse().read())
+print(json.dumps({{"before": before, "after": after}}), flush=True)
+"#,
+        port = server.port,
+        go = go.to_str().unwrap()
+    );
+    let client = std::process::Command::new("python3")
+        .args(["-c", &script])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut client = tracer_e2e::ChildGuard(client);
+    // Let it connect and finish its first request before the tracer exists.
+    std::thread::sleep(Duration::from_millis(500));
+    let pid = client.0.id().to_string();
+    let tracer = Tracer::start(&[
+        "attach",
+        "--pid",
+        &pid,
+        "--zipkin",
+        &collector.url(),
+        "--flush-interval-ms",
+        "200",
+    ]);
+    std::fs::write(&go, b"go").unwrap();
+    let mut out = String::new();
+    std::io::Read::read_to_string(client.0.stdout.as_mut().unwrap(), &mut out).unwrap();
+    assert!(client.0.wait().unwrap().success(), "{out}");
+    let results: Value = serde_json::from_str(out.trim()).unwrap();
+    let spans = collector.wait_for_spans(1, Duration::from_secs(10));
+    let stopped = tracer.stop();
+    assert!(
+        stopped
+            .stderr
+            .contains("connections opened before the tracer"),
+        "{}",
+        stopped.stderr
+    );
+    let traceparent = |doc: &Value| -> Vec<String> {
+        doc["headers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|h| h[0].as_str().unwrap().eq_ignore_ascii_case("traceparent"))
+            .map(|h| h[1].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert!(traceparent(&results["before"]).is_empty());
+    let after = traceparent(&results["after"]);
+    assert_eq!(after.len(), 1, "{results:#}");
+    let parts: Vec<&str> = after[0].split('-').collect();
+    assert_eq!(spans.len(), 1, "{spans:#?}");
+    assert_eq!(
+        (str_of(&spans[0], "traceId"), str_of(&spans[0], "id")),
+        (parts[1], parts[2])
+    );
+}

@@ -163,6 +163,15 @@ fn plan(
 
 fn execute(plan: Plan) -> anyhow::Result<()> {
     let mut probes = Probes::load(&plan.probe)?;
+    let injected = plan
+        .probe
+        .pids
+        .iter()
+        .map(|pid| probes.inject_existing(*pid, &plan.probe.inject))
+        .sum::<usize>();
+    if injected > 0 {
+        info!("{injected} connections opened before the tracer will carry trace context too");
+    }
     let seeded = plan
         .probe
         .pids

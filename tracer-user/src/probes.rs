@@ -2,7 +2,11 @@
 //! offsets the probes need (read from BTF), tracefs, and per-program attach with a clear report
 //! of what is attached.
 
-use std::{fs, path::Path};
+use std::{
+    fs,
+    os::fd::{AsRawFd as _, FromRawFd as _},
+    path::Path,
+};
 
 use aya::{
     Ebpf, EbpfLoader,
@@ -356,6 +360,56 @@ impl Probes {
     /// Whether trace context injection is attached and running.
     pub fn injecting(&self) -> bool {
         self.inject_sockets.is_some()
+    }
+
+    /// Puts the client connections `pid` already has into the socket map, so that requests on
+    /// kept-alive connections opened before the tracer get a trace context header too. The
+    /// sock_ops program only sees connections being established. Each socket is borrowed with
+    /// pidfd_getfd just long enough to insert it: the map holds the socket, not our fd, and
+    /// drops it when the process closes it. Returns how many were added.
+    pub fn inject_existing(&mut self, pid: u32, opts: &InjectOptions) -> usize {
+        let Some(map) = self.inject_sockets.as_mut() else {
+            return 0;
+        };
+        let conns = match existing_client_connections(pid) {
+            Ok(conns) => conns,
+            Err(e) => {
+                debug!("cannot list the connections of pid {pid}: {e}");
+                return 0;
+            }
+        };
+        // SAFETY: pidfd_open takes a pid and flags; the result is checked.
+        let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::c_int, 0) } as i32;
+        if pidfd < 0 {
+            debug!("pidfd_open({pid}): {}", std::io::Error::last_os_error());
+            return 0;
+        }
+        // SAFETY: a fresh fd we own.
+        let pidfd = unsafe { std::os::fd::OwnedFd::from_raw_fd(pidfd) };
+        let mut added = 0;
+        for (fd, key) in conns {
+            if !destination_wanted(opts, &key) {
+                continue;
+            }
+            // SAFETY: pidfd_getfd duplicates the target's fd into ours; the result is checked.
+            let dup = unsafe {
+                libc::syscall(
+                    libc::SYS_pidfd_getfd,
+                    pidfd.as_raw_fd(),
+                    fd as libc::c_int,
+                    0,
+                )
+            } as i32;
+            if dup < 0 {
+                continue;
+            }
+            // SAFETY: a fresh fd we own, closed when `dup` drops.
+            let dup = unsafe { std::os::fd::OwnedFd::from_raw_fd(dup) };
+            if map.insert(key, dup.as_raw_fd(), 0).is_ok() {
+                added += 1;
+            }
+        }
+        added
     }
 
     /// The ring buffer carrying every event. Call once.
@@ -784,6 +838,36 @@ fn attach_injector(
 mod tests {
     use super::*;
 
+    #[test]
+    fn proc_net_tcp_addresses() {
+        // 127.0.0.1:8080 as /proc/net/tcp prints it on little-endian machines.
+        let (addr, port) = proc_net_addr("0100007F:1F90", false).unwrap();
+        assert_eq!(
+            std::net::Ipv6Addr::from(addr),
+            "::ffff:127.0.0.1".parse::<std::net::Ipv6Addr>().unwrap()
+        );
+        assert_eq!(port, 8080);
+        let (addr, _) = proc_net_addr("00000000000000000000000001000000:0050", true).unwrap();
+        assert_eq!(
+            std::net::Ipv6Addr::from(addr),
+            std::net::Ipv6Addr::LOCALHOST
+        );
+        assert!(proc_net_addr("zz:1", false).is_none());
+        let opts = InjectOptions {
+            mode: 1,
+            ports: vec![80],
+            nets: vec![("10.0.0.0".parse().unwrap(), 8)],
+        };
+        let key = |ip: &str, port: u32| SockKey {
+            remote_addr: ip.parse::<std::net::Ipv6Addr>().unwrap().octets(),
+            remote_port: port,
+            ..SockKey::default()
+        };
+        assert!(destination_wanted(&opts, &key("::ffff:10.1.2.3", 80)));
+        assert!(!destination_wanted(&opts, &key("::ffff:11.1.2.3", 80)));
+        assert!(!destination_wanted(&opts, &key("::ffff:10.1.2.3", 81)));
+    }
+
     const FORK_FORMAT: &str = "name: sched_process_fork\nID: 320\nformat:\n\tfield:unsigned short common_type;\toffset:0;\tsize:2;\tsigned:0;\n\tfield:__data_loc char[] parent_comm;\toffset:8;\tsize:4;\tsigned:0;\n\tfield:pid_t parent_pid;\toffset:12;\tsize:4;\tsigned:1;\n\tfield:__data_loc char[] child_comm;\toffset:16;\tsize:4;\tsigned:0;\n\tfield:pid_t child_pid;\toffset:20;\tsize:4;\tsigned:1;\n";
 
     #[test]
@@ -847,4 +931,116 @@ mod tests {
             Err(ProbeError::MissingBtf)
         ));
     }
+}
+
+/// Whether `key`'s remote end passes `--inject-port` / `--inject-net` (as the kernel checks).
+fn destination_wanted(opts: &InjectOptions, key: &SockKey) -> bool {
+    let remote = std::net::Ipv6Addr::from(key.remote_addr);
+    let port_ok = opts.ports.is_empty() || opts.ports.contains(&(key.remote_port as u16));
+    let net_ok = opts.nets.is_empty()
+        || opts.nets.iter().any(|(net, bits)| {
+            let (net, bits) = match net {
+                std::net::IpAddr::V4(v4) => (v4.to_ipv6_mapped(), u32::from(*bits) + 96),
+                std::net::IpAddr::V6(v6) => (*v6, u32::from(*bits)),
+            };
+            let mask = if bits == 0 {
+                0
+            } else {
+                u128::MAX << (128 - bits.min(128))
+            };
+            u128::from(remote) & mask == u128::from(net) & mask
+        });
+    port_ok && net_ok
+}
+
+/// The established TCP connections of `pid` that it opened (not accepted from one of its
+/// listening sockets), as (fd, socket-map key).
+fn existing_client_connections(pid: u32) -> std::io::Result<Vec<(u32, SockKey)>> {
+    use std::collections::{HashMap, HashSet};
+    let mut inode_fd = HashMap::new();
+    for entry in fs::read_dir(format!("/proc/{pid}/fd"))? {
+        let entry = entry?;
+        let Ok(target) = fs::read_link(entry.path()) else {
+            continue;
+        };
+        let target = target.to_string_lossy();
+        if let Some(inode) = target
+            .strip_prefix("socket:[")
+            .and_then(|t| t.strip_suffix(']'))
+            && let (Ok(inode), Ok(fd)) = (
+                inode.parse::<u64>(),
+                entry.file_name().to_string_lossy().parse::<u32>(),
+            )
+        {
+            inode_fd.insert(inode, fd);
+        }
+    }
+    let mut listening = HashSet::new();
+    let mut established = Vec::new();
+    for (file, v6) in [("tcp", false), ("tcp6", true)] {
+        let Ok(table) = fs::read_to_string(format!("/proc/{pid}/net/{file}")) else {
+            continue;
+        };
+        for line in table.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            if f.len() < 10 {
+                continue;
+            }
+            let Ok(inode) = f[9].parse::<u64>() else {
+                continue;
+            };
+            let Some(&fd) = inode_fd.get(&inode) else {
+                continue;
+            };
+            let (Some(local), Some(remote)) = (proc_net_addr(f[1], v6), proc_net_addr(f[2], v6))
+            else {
+                continue;
+            };
+            match f[3] {
+                "0A" => {
+                    listening.insert(local.1);
+                }
+                "01" => established.push((fd, local, remote)),
+                _ => {}
+            }
+        }
+    }
+    Ok(established
+        .into_iter()
+        .filter(|(_, local, _)| !listening.contains(&local.1))
+        .map(|(fd, local, remote)| {
+            (
+                fd,
+                SockKey {
+                    local_addr: local.0,
+                    remote_addr: remote.0,
+                    local_port: u32::from(local.1),
+                    remote_port: u32::from(remote.1),
+                },
+            )
+        })
+        .collect())
+}
+
+/// Parses `/proc/net/tcp{,6}`'s `ADDR:PORT` (hex, the address in host-order 32-bit words)
+/// into an IPv6 (or IPv4-mapped) address in network order and a port.
+fn proc_net_addr(field: &str, v6: bool) -> Option<([u8; 16], u16)> {
+    let (addr, port) = field.split_once(':')?;
+    let port = u16::from_str_radix(port, 16).ok()?;
+    let mut out = [0u8; 16];
+    if v6 {
+        if addr.len() != 32 {
+            return None;
+        }
+        for w in 0..4 {
+            let word = u32::from_str_radix(&addr[w * 8..w * 8 + 8], 16).ok()?;
+            out[w * 4..w * 4 + 4].copy_from_slice(&word.to_ne_bytes());
+        }
+    } else {
+        let word = u32::from_str_radix(addr, 16).ok()?;
+        out[10] = 0xff;
+        out[11] = 0xff;
+        out[12..].copy_from_slice(&word.to_ne_bytes());
+    }
+    Some((out, port))
 }
