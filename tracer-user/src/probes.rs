@@ -834,105 +834,6 @@ fn attach_injector(
     Ok(sockets)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn proc_net_tcp_addresses() {
-        // 127.0.0.1:8080 as /proc/net/tcp prints it on little-endian machines.
-        let (addr, port) = proc_net_addr("0100007F:1F90", false).unwrap();
-        assert_eq!(
-            std::net::Ipv6Addr::from(addr),
-            "::ffff:127.0.0.1".parse::<std::net::Ipv6Addr>().unwrap()
-        );
-        assert_eq!(port, 8080);
-        let (addr, _) = proc_net_addr("00000000000000000000000001000000:0050", true).unwrap();
-        assert_eq!(
-            std::net::Ipv6Addr::from(addr),
-            std::net::Ipv6Addr::LOCALHOST
-        );
-        assert!(proc_net_addr("zz:1", false).is_none());
-        let opts = InjectOptions {
-            mode: 1,
-            ports: vec![80],
-            nets: vec![("10.0.0.0".parse().unwrap(), 8)],
-        };
-        let key = |ip: &str, port: u32| SockKey {
-            remote_addr: ip.parse::<std::net::Ipv6Addr>().unwrap().octets(),
-            remote_port: port,
-            ..SockKey::default()
-        };
-        assert!(destination_wanted(&opts, &key("::ffff:10.1.2.3", 80)));
-        assert!(!destination_wanted(&opts, &key("::ffff:11.1.2.3", 80)));
-        assert!(!destination_wanted(&opts, &key("::ffff:10.1.2.3", 81)));
-    }
-
-    const FORK_FORMAT: &str = "name: sched_process_fork\nID: 320\nformat:\n\tfield:unsigned short common_type;\toffset:0;\tsize:2;\tsigned:0;\n\tfield:__data_loc char[] parent_comm;\toffset:8;\tsize:4;\tsigned:0;\n\tfield:pid_t parent_pid;\toffset:12;\tsize:4;\tsigned:1;\n\tfield:__data_loc char[] child_comm;\toffset:16;\tsize:4;\tsigned:0;\n\tfield:pid_t child_pid;\toffset:20;\tsize:4;\tsigned:1;\n";
-
-    #[test]
-    fn format_offsets_are_parsed() {
-        assert_eq!(parse_format_offset(FORK_FORMAT, "child_pid"), Some(20));
-        assert_eq!(parse_format_offset(FORK_FORMAT, "parent_pid"), Some(12));
-        assert_eq!(parse_format_offset(FORK_FORMAT, "missing"), None);
-    }
-
-    /// Reads this machine's BTF (world-readable, no root needed) when it has one.
-    #[test]
-    fn offsets_from_running_kernel_btf() {
-        let path = Path::new(BTF_PATH);
-        if !path.exists() {
-            assert!(matches!(kernel_offsets(path), Err(ProbeError::MissingBtf)));
-            return;
-        }
-        let off = kernel_offsets(path).expect("offsets");
-        assert_eq!(off.valid, 1);
-        // struct sock starts with struct sock_common, whose first 8 bytes are daddr, rcv_saddr.
-        assert_eq!(off.sk_daddr, 0);
-        assert_eq!(off.sk_rcv_saddr, 4);
-        assert!(off.sk_dport > off.sk_rcv_saddr && off.sk_num > off.sk_dport);
-        assert!(off.sk_family > 0 && off.sk_protocol != u32::MAX);
-        assert!(off.socket_sk > off.socket_type);
-    }
-
-    #[test]
-    fn blocked_reads_are_recognised() {
-        let no_mem = |_| None;
-        let read = blocked_read(
-            "0 0x5 0x7f00001000 0x2000 0x0 0x0 0x0 0x7ffd 0x7f01",
-            no_mem,
-        )
-        .unwrap();
-        assert_eq!(
-            (read.kind, read.fd, read.buf, read.conn_id),
-            (SavedArgs::BUF, 5, 0x7f00001000, 0)
-        );
-        let recv = blocked_read("45 0x4 0x1000 0x10000 0x0 0x0 0x0 0x1 0x2", no_mem).unwrap();
-        assert_eq!((recv.kind, recv.fd, recv.syscall), (SavedArgs::BUF, 4, 45));
-        let readv = blocked_read("19 0x3 0x2000 0x2 0x0 0x0 0x0 0x1 0x2", no_mem).unwrap();
-        assert_eq!(
-            (readv.kind, readv.buf, readv.count),
-            (SavedArgs::IOV, 0x2000, 2)
-        );
-        let msg = blocked_read("47 0x3 0x5000 0x0 0x0 0x0 0x0 0x1 0x2", Some).unwrap();
-        assert_eq!(
-            (msg.kind, msg.buf, msg.count),
-            (SavedArgs::IOV, 0x5010, 0x5018)
-        );
-        // Not blocked in a syscall, or in one that is not a read.
-        assert!(blocked_read("running", no_mem).is_none());
-        assert!(blocked_read("232 0x3 0x0 0x0 0x0 0x0 0x0 0x1 0x2", no_mem).is_none());
-    }
-
-    #[test]
-    fn missing_btf_is_reported() {
-        assert!(matches!(
-            kernel_offsets(Path::new("/nonexistent/btf")),
-            Err(ProbeError::MissingBtf)
-        ));
-    }
-}
-
 /// Whether `key`'s remote end passes `--inject-port` / `--inject-net` (as the kernel checks).
 fn destination_wanted(opts: &InjectOptions, key: &SockKey) -> bool {
     let remote = std::net::Ipv6Addr::from(key.remote_addr);
@@ -1043,4 +944,103 @@ fn proc_net_addr(field: &str, v6: bool) -> Option<([u8; 16], u16)> {
         out[12..].copy_from_slice(&word.to_ne_bytes());
     }
     Some((out, port))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn proc_net_tcp_addresses() {
+        // 127.0.0.1:8080 as /proc/net/tcp prints it on little-endian machines.
+        let (addr, port) = proc_net_addr("0100007F:1F90", false).unwrap();
+        assert_eq!(
+            std::net::Ipv6Addr::from(addr),
+            "::ffff:127.0.0.1".parse::<std::net::Ipv6Addr>().unwrap()
+        );
+        assert_eq!(port, 8080);
+        let (addr, _) = proc_net_addr("00000000000000000000000001000000:0050", true).unwrap();
+        assert_eq!(
+            std::net::Ipv6Addr::from(addr),
+            std::net::Ipv6Addr::LOCALHOST
+        );
+        assert!(proc_net_addr("zz:1", false).is_none());
+        let opts = InjectOptions {
+            mode: 1,
+            ports: vec![80],
+            nets: vec![("10.0.0.0".parse().unwrap(), 8)],
+        };
+        let key = |ip: &str, port: u32| SockKey {
+            remote_addr: ip.parse::<std::net::Ipv6Addr>().unwrap().octets(),
+            remote_port: port,
+            ..SockKey::default()
+        };
+        assert!(destination_wanted(&opts, &key("::ffff:10.1.2.3", 80)));
+        assert!(!destination_wanted(&opts, &key("::ffff:11.1.2.3", 80)));
+        assert!(!destination_wanted(&opts, &key("::ffff:10.1.2.3", 81)));
+    }
+
+    const FORK_FORMAT: &str = "name: sched_process_fork\nID: 320\nformat:\n\tfield:unsigned short common_type;\toffset:0;\tsize:2;\tsigned:0;\n\tfield:__data_loc char[] parent_comm;\toffset:8;\tsize:4;\tsigned:0;\n\tfield:pid_t parent_pid;\toffset:12;\tsize:4;\tsigned:1;\n\tfield:__data_loc char[] child_comm;\toffset:16;\tsize:4;\tsigned:0;\n\tfield:pid_t child_pid;\toffset:20;\tsize:4;\tsigned:1;\n";
+
+    #[test]
+    fn format_offsets_are_parsed() {
+        assert_eq!(parse_format_offset(FORK_FORMAT, "child_pid"), Some(20));
+        assert_eq!(parse_format_offset(FORK_FORMAT, "parent_pid"), Some(12));
+        assert_eq!(parse_format_offset(FORK_FORMAT, "missing"), None);
+    }
+
+    /// Reads this machine's BTF (world-readable, no root needed) when it has one.
+    #[test]
+    fn offsets_from_running_kernel_btf() {
+        let path = Path::new(BTF_PATH);
+        if !path.exists() {
+            assert!(matches!(kernel_offsets(path), Err(ProbeError::MissingBtf)));
+            return;
+        }
+        let off = kernel_offsets(path).expect("offsets");
+        assert_eq!(off.valid, 1);
+        // struct sock starts with struct sock_common, whose first 8 bytes are daddr, rcv_saddr.
+        assert_eq!(off.sk_daddr, 0);
+        assert_eq!(off.sk_rcv_saddr, 4);
+        assert!(off.sk_dport > off.sk_rcv_saddr && off.sk_num > off.sk_dport);
+        assert!(off.sk_family > 0 && off.sk_protocol != u32::MAX);
+        assert!(off.socket_sk > off.socket_type);
+    }
+
+    #[test]
+    fn blocked_reads_are_recognised() {
+        let no_mem = |_| None;
+        let read = blocked_read(
+            "0 0x5 0x7f00001000 0x2000 0x0 0x0 0x0 0x7ffd 0x7f01",
+            no_mem,
+        )
+        .unwrap();
+        assert_eq!(
+            (read.kind, read.fd, read.buf, read.conn_id),
+            (SavedArgs::BUF, 5, 0x7f00001000, 0)
+        );
+        let recv = blocked_read("45 0x4 0x1000 0x10000 0x0 0x0 0x0 0x1 0x2", no_mem).unwrap();
+        assert_eq!((recv.kind, recv.fd, recv.syscall), (SavedArgs::BUF, 4, 45));
+        let readv = blocked_read("19 0x3 0x2000 0x2 0x0 0x0 0x0 0x1 0x2", no_mem).unwrap();
+        assert_eq!(
+            (readv.kind, readv.buf, readv.count),
+            (SavedArgs::IOV, 0x2000, 2)
+        );
+        let msg = blocked_read("47 0x3 0x5000 0x0 0x0 0x0 0x0 0x1 0x2", Some).unwrap();
+        assert_eq!(
+            (msg.kind, msg.buf, msg.count),
+            (SavedArgs::IOV, 0x5010, 0x5018)
+        );
+        // Not blocked in a syscall, or in one that is not a read.
+        assert!(blocked_read("running", no_mem).is_none());
+        assert!(blocked_read("232 0x3 0x0 0x0 0x0 0x0 0x0 0x1 0x2", no_mem).is_none());
+    }
+
+    #[test]
+    fn missing_btf_is_reported() {
+        assert!(matches!(
+            kernel_offsets(Path::new("/nonexistent/btf")),
+            Err(ProbeError::MissingBtf)
+        ));
+    }
 }
