@@ -16,7 +16,7 @@ use std::{
 use anyhow::bail;
 use log::warn;
 use reqwest::Url;
-use tokio::{io::AsyncWriteExt as _, sync::mpsc, task::JoinHandle};
+use tokio::{sync::mpsc, task::JoinHandle};
 
 use crate::spans::{Span, text_line};
 
@@ -68,10 +68,14 @@ impl Exporter {
         let (capacity, task_stats) = (queue_capacity(&output), stats.clone());
         let (tx, rx) = mpsc::channel(capacity);
         let task = match output {
-            Output::Text => tokio::spawn(write_stdout(rx, task_stats, text_line)),
-            Output::Json => tokio::spawn(write_stdout(rx, task_stats, |span| {
-                serde_json::to_string(span).expect("a span always serializes")
-            })),
+            Output::Text => {
+                tokio::task::spawn_blocking(move || write_stdout(rx, task_stats, text_line))
+            }
+            Output::Json => tokio::task::spawn_blocking(move || {
+                write_stdout(rx, task_stats, |span| {
+                    serde_json::to_string(span).expect("a span always serializes")
+                })
+            }),
             Output::Zipkin(config) => tokio::spawn(zipkin::run(config, rx, task_stats)),
         };
         Self {
@@ -137,22 +141,28 @@ fn queue_capacity(output: &Output) -> usize {
     }
 }
 
-async fn write_stdout(
+/// Writes spans to stdout on a thread of its own, a batch per write: tokio's stdout hands every
+/// write to its blocking pool, a thread handoff per line that cost more than the parsing.
+fn write_stdout(
     mut rx: mpsc::Receiver<Span>,
     stats: Arc<ExportStats>,
     format: fn(&Span) -> String,
 ) {
-    let mut out = tokio::io::BufWriter::new(tokio::io::stdout());
-    let mut batch = Vec::new();
-    while rx.recv_many(&mut batch, 256).await > 0 {
-        let mut text = String::new();
-        for span in batch.drain(..) {
+    use std::io::Write as _;
+    let mut text = String::new();
+    let mut stdout = std::io::stdout().lock();
+    while let Some(first) = rx.blocking_recv() {
+        text.clear();
+        let mut n = 0u64;
+        let mut next = Some(first);
+        while let Some(span) = next {
             text.push_str(&format(&span));
             text.push('\n');
+            n += 1;
+            next = if n < 1024 { rx.try_recv().ok() } else { None };
         }
-        let n = text.lines().count() as u64;
         // A closed stdout (`tracer run | head`) is the reader's choice: count, keep capturing.
-        if out.write_all(text.as_bytes()).await.is_ok() && out.flush().await.is_ok() {
+        if stdout.write_all(text.as_bytes()).is_ok() && stdout.flush().is_ok() {
             stats.exported.fetch_add(n, Relaxed);
         } else {
             stats.failed.fetch_add(n, Relaxed);

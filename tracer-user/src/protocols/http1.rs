@@ -30,7 +30,23 @@ const MAX_HEAD: usize = 16 * 1024;
 /// Headers `httparse` may return for one head; a head with more is treated as malformed.
 const MAX_PARSED_HEADERS: usize = 128;
 /// Request headers kept per exchange.
-const MAX_KEPT_HEADERS: usize = 64;
+const MAX_KEPT_HEADERS: usize = 16;
+/// The request headers later stages use: the host (span tags), the user agent (the agent
+/// recognises its own export traffic), and trace context. No other header value is copied:
+/// it costs an allocation per header per request, and most are never to leave the parser
+/// anyway (cookies, credentials).
+const KEPT_HEADERS: [&str; 10] = [
+    "host",
+    "user-agent",
+    "traceparent",
+    "tracestate",
+    "b3",
+    "x-b3-traceid",
+    "x-b3-spanid",
+    "x-b3-parentspanid",
+    "x-b3-sampled",
+    "x-b3-flags",
+];
 /// Bytes kept of a request header value.
 const MAX_HEADER_VALUE: usize = 1024;
 /// Requests awaiting a response; past this the oldest is forgotten (a peer that never answers
@@ -1124,8 +1140,13 @@ impl ReqHead {
             headers: req
                 .headers
                 .iter()
+                .filter_map(|h| {
+                    KEPT_HEADERS
+                        .iter()
+                        .find(|k| h.name.eq_ignore_ascii_case(k))
+                        .map(|k| ((*k).to_owned(), header_value(h.value)))
+                })
                 .take(MAX_KEPT_HEADERS)
-                .map(|h| (h.name.to_ascii_lowercase(), header_value(h.value)))
                 .collect(),
             framing: Framing::from_headers(req.headers),
         }
@@ -1403,7 +1424,10 @@ mod tests {
             (e.req_start_ns, e.req_end_ns, e.req_bytes),
             (1, 3, req.len() as u64)
         );
-        assert_eq!(e.request_headers.len(), 3);
+        assert_eq!(
+            e.request_headers,
+            vec![("host".to_string(), "example".to_string())]
+        );
     }
 
     #[test]
@@ -1824,25 +1848,38 @@ mod tests {
     }
 
     #[test]
-    fn request_headers_are_lowercased_trimmed_and_bounded() {
-        let mut req =
-            b"GET / HTTP/1.1\r\nX-MiXed:   spaced value  \r\nAuthorization: Bearer t\r\n".to_vec();
+    fn only_the_headers_later_stages_use_are_kept_trimmed_and_bounded() {
+        let mut req = b"GET / HTTP/1.1\r\nHOST:   cats.example  \r\nAuthorization: Bearer t\r\nCookie: s=1\r\n".to_vec();
         // 1023 ASCII bytes then a 3-byte character straddling the 1 KiB bound.
-        req.extend_from_slice(b"X-Long: ");
+        req.extend_from_slice(b"User-Agent: ");
         req.extend_from_slice(&[b'a'; 1023]);
         req.extend_from_slice("€tail\r\n".as_bytes());
         for i in 0..100 {
             req.extend_from_slice(format!("H{i}: v{i}\r\n").as_bytes());
         }
+        for _ in 0..20 {
+            req.extend_from_slice(b"b3: 1\r\n");
+        }
         req.extend_from_slice(b"\r\n");
         let mut r = Run::default();
         r.feed(seg(IN, 1, &req)).feed(seg(EG, 2, OK2));
         let h = &r.out[0].request_headers;
-        assert_eq!(h.len(), MAX_KEPT_HEADERS);
-        assert_eq!(h[0], ("x-mixed".into(), "spaced value".into()));
-        assert_eq!(h[1], ("authorization".into(), "Bearer t".into()));
-        assert_eq!(h[2].1, "a".repeat(1023));
-        assert_eq!(h[63].0, "h60");
+        assert_eq!(h.len(), MAX_KEPT_HEADERS, "bounded in count");
+        assert_eq!(
+            h[0],
+            ("host".into(), "cats.example".into()),
+            "lowercased and trimmed"
+        );
+        assert_eq!(h[1].0, "user-agent");
+        assert_eq!(
+            h[1].1,
+            "a".repeat(1023),
+            "bounded, cut on a character boundary"
+        );
+        assert!(h[2..].iter().all(|(n, _)| n == "b3"));
+        assert!(!h.iter().any(|(n, _)| n == "authorization"
+            || n == "cookie"
+            || n.starts_with('h') && n != "host"));
     }
 
     #[test]
