@@ -3,11 +3,6 @@
 use clap::Parser;
 use tracer_user::{agent, cli};
 
-// Every request allocates a few dozen small strings (names, tags, JSON); glibc's malloc was
-// a third of the agent's CPU under load.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 fn main() -> std::process::ExitCode {
     let cli = cli::Cli::parse();
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
