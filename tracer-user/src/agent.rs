@@ -1,7 +1,11 @@
 //! The agent: wires the stages together and runs until a signal (or, for `attach`, until the
 //! traced process exits). Capture never waits on export: spans go through a bounded queue.
 
-use std::{path::Path, time::Duration};
+use std::{
+    path::Path,
+    sync::{Arc, RwLock},
+    time::Duration,
+};
 
 use anyhow::{Context as _, bail};
 use aya::maps::{MapData, RingBuf};
@@ -17,12 +21,15 @@ use crate::{
     conn::{ConnTracker, Finished, TrackerConfig},
     events::decode,
     export::{Exporter, Output, USER_AGENT, ZipkinConfig, parse_zipkin_url},
+    metrics::Red,
     probes::{InjectOptions, ProbeOptions, Probes},
     spans::{Clock, span_from_http},
 };
 
 /// What to trace, resolved from the command line.
 struct Plan {
+    /// `--metrics`: bound at plan time so that a taken port fails the start.
+    metrics: Option<std::net::TcpListener>,
     probe: ProbeOptions,
     tracker: TrackerConfig,
     output: Output,
@@ -156,6 +163,7 @@ fn plan(
         },
         output,
         attached_pid,
+        metrics: common.metrics.map(crate::metrics::bind).transpose()?,
         stats_interval: (common.stats_interval > 0)
             .then(|| Duration::from_secs(common.stats_interval)),
     })
@@ -205,6 +213,13 @@ fn execute(plan: Plan) -> anyhow::Result<()> {
 }
 
 async fn event_loop(plan: Plan, mut probes: Probes) -> anyhow::Result<()> {
+    let mut red = Red::default();
+    let metrics_text = Arc::new(RwLock::new(String::new()));
+    if let Some(listener) = plan.metrics {
+        let listener = tokio::net::TcpListener::from_std(listener).context("metrics listener")?;
+        info!("metrics on http://{}/metrics", listener.local_addr()?);
+        crate::metrics::serve(listener, metrics_text.clone());
+    }
     let exporter = Exporter::start(plan.output);
     let ring = probes.take_events()?;
     // SAFETY: the RingBuf owns its map fd, which stays open and the same until it is dropped,
@@ -232,17 +247,20 @@ async fn event_loop(plan: Plan, mut probes: Probes) -> anyhow::Result<()> {
                 let mut guard = guard.context("ring buffer poll failed")?;
                 drain_ring(guard.get_inner_mut(), &mut tracker, &mut finished, &mut decode_errors);
                 guard.clear_ready();
-                submit(&exporter, &mut finished, &clock);
+                submit(&exporter, &mut finished, &clock, &mut red);
             }
             // The probes wake the agent only when data piles up (see WAKEUP_BYTES in
             // tracer-ebpf): the rest is picked up here, within milliseconds.
             _ = drain_tick.tick() => {
                 drain_ring(ring.get_mut(), &mut tracker, &mut finished, &mut decode_errors);
-                submit(&exporter, &mut finished, &clock);
+                submit(&exporter, &mut finished, &clock, &mut red);
             }
             _ = sigint.recv() => break "interrupted",
             _ = sigterm.recv() => break "terminated",
             _ = tick.tick() => {
+                if let Ok(mut text) = metrics_text.write() {
+                    *text = render_metrics(&probes, &tracker, &exporter, decode_errors, &red);
+                }
                 tracker.sweep(monotonic_ns());
                 if last_calibration.elapsed() >= Duration::from_secs(60) {
                     clock.recalibrate();
@@ -270,7 +288,7 @@ async fn event_loop(plan: Plan, mut probes: Probes) -> anyhow::Result<()> {
         &mut finished,
         &mut decode_errors,
     );
-    submit(&exporter, &mut finished, &clock);
+    submit(&exporter, &mut finished, &clock, &mut red);
     info!("stopping: {reason}; flushing spans");
     let summary = stats_line(&probes, &tracker, &exporter, decode_errors);
     exporter.shutdown(Duration::from_secs(5)).await;
@@ -281,14 +299,16 @@ async fn event_loop(plan: Plan, mut probes: Probes) -> anyhow::Result<()> {
 /// Builds and queues the spans of finished exchanges. Unsampled traces (an upstream caller said
 /// so) are not exported, nor the collector's side of our own export requests: tracing the
 /// collector's host would otherwise add a span per batch, forever.
-fn submit(exporter: &Exporter, finished: &mut Vec<Finished>, clock: &Clock) {
+fn submit(exporter: &Exporter, finished: &mut Vec<Finished>, clock: &Clock, red: &mut Red) {
     for (exchange, conn, identity) in finished.drain(..) {
         let own_export = exchange
             .request_headers
             .iter()
             .any(|(n, v)| n == "user-agent" && v == USER_AGENT);
         if identity.sampled && !own_export {
-            exporter.submit(span_from_http(&exchange, &conn, &identity, clock));
+            let span = span_from_http(&exchange, &conn, &identity, clock);
+            red.observe(&span);
+            exporter.submit(span);
         }
     }
 }
@@ -338,6 +358,166 @@ fn stats_line(
         e.dropped.load(Relaxed),
         e.failed.load(Relaxed),
     )
+}
+
+/// The Prometheus exposition of the agent's counters and the RED metrics of what it traces.
+fn render_metrics(
+    probes: &Probes,
+    tracker: &ConnTracker,
+    exporter: &Exporter,
+    decode_errors: u64,
+    red: &Red,
+) -> String {
+    use crate::metrics::metric;
+    use std::sync::atomic::Ordering::Relaxed;
+    let k = probes.kernel_stats();
+    let t = tracker.stats();
+    let l = tracker.link_stats();
+    let e = exporter.stats();
+    let mut out = String::new();
+    let kernel = |i: u32| k[i as usize];
+    metric(
+        &mut out,
+        "tracer_events_total",
+        "counter",
+        "Data events from the kernel.",
+        kernel(stat::DATA_EVENTS),
+    );
+    metric(
+        &mut out,
+        "tracer_events_lost_total",
+        "counter",
+        "Events the ring buffer had no room for.",
+        kernel(stat::RINGBUF_LOST),
+    );
+    metric(
+        &mut out,
+        "tracer_events_undecodable_total",
+        "counter",
+        "Events that failed to decode.",
+        decode_errors,
+    );
+    metric(
+        &mut out,
+        "tracer_probe_read_errors_total",
+        "counter",
+        "Kernel reads the probes could not make.",
+        kernel(stat::READ_ERRORS),
+    );
+    metric(
+        &mut out,
+        "tracer_probe_payload_faults_total",
+        "counter",
+        "Payload copies from user memory that faulted.",
+        kernel(stat::PAYLOAD_FAULTS),
+    );
+    metric(
+        &mut out,
+        "tracer_probe_unmatched_exits_total",
+        "counter",
+        "Syscall exits without a saved entry.",
+        kernel(stat::UNMATCHED_EXITS),
+    );
+    metric(
+        &mut out,
+        "tracer_inject_headers_total",
+        "counter",
+        "Requests given a trace context header in the kernel.",
+        kernel(stat::INJECTED),
+    );
+    metric(
+        &mut out,
+        "tracer_inject_skipped_total",
+        "counter",
+        "Requests left without a header (already had one, or head not whole).",
+        kernel(stat::INJECT_SKIPPED),
+    );
+    metric(
+        &mut out,
+        "tracer_inject_errors_total",
+        "counter",
+        "Failures to grow or write a message.",
+        kernel(stat::INJECT_ERRORS),
+    );
+    metric(
+        &mut out,
+        "tracer_connections_open",
+        "gauge",
+        "Connections tracked.",
+        tracker.open_connections() as u64,
+    );
+    metric(
+        &mut out,
+        "tracer_connections_evicted_total",
+        "counter",
+        "Connections forgotten for space or idleness.",
+        t.conns_evicted,
+    );
+    metric(
+        &mut out,
+        "tracer_requests_total",
+        "counter",
+        "Request/response exchanges parsed.",
+        t.exchanges,
+    );
+    metric(
+        &mut out,
+        "tracer_links_linked_total",
+        "counter",
+        "Client spans given their server span as parent.",
+        l.linked,
+    );
+    metric(
+        &mut out,
+        "tracer_links_unlinked_total",
+        "counter",
+        "Client spans left as roots because the link was uncertain.",
+        l.unlinked_ambiguous,
+    );
+    metric(
+        &mut out,
+        "tracer_links_incoming_total",
+        "counter",
+        "Server spans that joined an incoming trace context.",
+        l.joined_incoming,
+    );
+    metric(
+        &mut out,
+        "tracer_spans_exported_total",
+        "counter",
+        "Spans the destination accepted.",
+        e.exported.load(Relaxed),
+    );
+    metric(
+        &mut out,
+        "tracer_spans_dropped_total",
+        "counter",
+        "Spans dropped because the export queue was full.",
+        e.dropped.load(Relaxed),
+    );
+    metric(
+        &mut out,
+        "tracer_spans_failed_total",
+        "counter",
+        "Spans the collector rejected or that were unsent at exit.",
+        e.failed.load(Relaxed),
+    );
+    metric(
+        &mut out,
+        "tracer_export_retries_total",
+        "counter",
+        "Export attempts retried.",
+        e.retries.load(Relaxed),
+    );
+    metric(
+        &mut out,
+        "tracer_export_queue_depth",
+        "gauge",
+        "Spans waiting to be exported.",
+        exporter.queue_depth() as u64,
+    );
+    red.render(&mut out);
+    out
 }
 
 /// CLOCK_MONOTONIC, the clock of `bpf_ktime_get_ns`.

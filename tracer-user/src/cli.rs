@@ -136,6 +136,10 @@ pub struct CommonOptions {
     /// default: any address).
     #[arg(long = "inject-net", value_name = "CIDR", value_parser = parse_cidr)]
     pub inject_nets: Vec<(std::net::IpAddr, u8)>,
+    /// Serve Prometheus metrics of the agent and RED metrics of the traced services at
+    /// http://ADDR/metrics (e.g. 127.0.0.1:9464).
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<std::net::SocketAddr>,
     /// Print agent statistics to stderr every this many seconds (0: only at exit).
     #[arg(long, value_name = "SECS", default_value_t = 0)]
     pub stats_interval: u64,
