@@ -419,3 +419,38 @@ fn user_errors_are_one_line() {
     assert!(stderr.contains("needs root"), "{stderr}");
     let _ = repo_root();
 }
+
+/// The per-syscall tracepoints, used where the raw syscall tracepoints cannot be attached,
+/// capture the same exchanges.
+#[test]
+fn per_syscall_tracepoint_fallback_captures() {
+    require_root();
+    let server = PythonServer::start();
+    let pid = server.pid().to_string();
+    let tracer = Tracer::start_with_env(
+        &["attach", "--pid", &pid, "--output", "json"],
+        &[("TRACER_SYSCALL_TRACEPOINTS", "1")],
+    );
+    assert!(
+        tracer.stderr().contains("attached 27 tracepoints"),
+        "{}",
+        tracer.stderr()
+    );
+    let mut client = Client::connect(server.port);
+    assert_eq!(client.get("/hello").status, 200);
+    assert_eq!(client.get("/chunked/10").status, 200);
+    std::thread::sleep(Duration::from_millis(1500));
+    let stopped = tracer.stop();
+    let spans: Vec<Value> = stopped
+        .stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let names: Vec<&str> = spans.iter().map(|s| s["name"].as_str().unwrap()).collect();
+    assert_eq!(
+        names,
+        ["GET /hello", "GET /chunked/{id}"],
+        "{}",
+        stopped.stderr
+    );
+}

@@ -160,8 +160,11 @@ pub struct ConnEvent {
     pub remote_port: u16,
     pub local_addr: [u8; 16],
     pub remote_addr: [u8; 16],
+    /// The opening thread's command name (NUL-padded): names short-lived processes (curl)
+    /// that are gone before the agent could read /proc.
+    pub comm: [u8; 16],
 }
-const _: () = assert!(core::mem::size_of::<ConnEvent>() == 72);
+const _: () = assert!(core::mem::size_of::<ConnEvent>() == 88);
 
 /// Settings the agent writes into the programs' read-only data before loading them.
 #[repr(C)]

@@ -11,6 +11,8 @@
 
 mod inject;
 mod process;
+// x86_64 register offsets and syscall numbers: the agent attaches these only there.
+mod raw;
 mod sockets;
 mod syscalls;
 

@@ -3,7 +3,8 @@
 
 use aya_ebpf::{
     helpers::{
-        bpf_get_current_pid_tgid, bpf_get_current_task, bpf_ktime_get_ns, bpf_probe_read_kernel,
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_task, bpf_ktime_get_ns,
+        bpf_probe_read_kernel,
     },
     macros::tracepoint,
     programs::TracePointContext,
@@ -149,6 +150,7 @@ pub fn track(fd: u32, role: u16) -> Option<ConnState> {
         remote_port: 0,
         local_addr: [0; 16],
         remote_addr: [0; 16],
+        comm: bpf_get_current_comm().unwrap_or([0; 16]),
     };
     if unsafe { read_addresses(sk, &mut ev) }.is_err() {
         count(stat::READ_ERRORS);
@@ -241,20 +243,38 @@ pub fn tracer_exit_accept(ctx: TracePointContext) -> u32 {
         return 0;
     }
     let ret: i64 = unsafe { ctx.read_at(16) }.unwrap_or(-1);
+    exit_accept(ret);
+    0
+}
+
+/// accept/accept4 returned `ret` (the new fd, or an error).
+#[inline(always)]
+pub fn exit_accept(ret: i64) {
     if ret >= 0 {
         track(ret as u32, ROLE_SERVER);
     }
-    0
+}
+
+/// accept/accept4 entered.
+#[inline(always)]
+pub fn enter_accept() {
+    save_for_exit(SavedArgs::ACCEPT, 0);
 }
 
 /// sys_enter_connect: `int fd` at 16.
 #[tracepoint]
 pub fn tracer_enter_connect(ctx: TracePointContext) -> u32 {
     let fd: u64 = unsafe { ctx.read_at(16) }.unwrap_or(u64::MAX);
+    enter_connect(fd);
+    0
+}
+
+/// connect(fd, ...) entered.
+#[inline(always)]
+pub fn enter_connect(fd: u64) {
     if fd <= u32::MAX as u64 {
         save_for_exit(SavedArgs::CONNECT, fd as u32);
     }
-    0
 }
 
 /// sys_exit_connect: `long ret` at 16. A non-blocking connect returns -EINPROGRESS with the
@@ -266,30 +286,43 @@ pub fn tracer_exit_connect(ctx: TracePointContext) -> u32 {
         return 0;
     };
     let ret: i64 = unsafe { ctx.read_at(16) }.unwrap_or(-1);
+    exit_connect(saved, ret, pid_tgid);
+    0
+}
+
+/// connect returned `ret` for the fd its entry saved.
+#[inline(always)]
+pub fn exit_connect(saved: SavedArgs, ret: i64, pid_tgid: u64) {
     if ret == 0 || ret == -EINPROGRESS {
         // A reconnect of the same fd would otherwise keep the stale entry.
         let _ = CONNS.remove(&conn_key((pid_tgid >> 32) as u32, saved.fd));
         track(saved.fd, ROLE_CLIENT);
     }
-    0
 }
 
 /// sys_enter_close: `int fd` at 16. Closing at enter is right: the fd is gone whatever close returns.
 #[tracepoint]
 pub fn tracer_enter_close(ctx: TracePointContext) -> u32 {
+    let fd: u64 = unsafe { ctx.read_at(16) }.unwrap_or(u64::MAX);
+    enter_close(fd);
+    0
+}
+
+/// close(fd) entered.
+#[inline(always)]
+pub fn enter_close(fd: u64) {
     let pid_tgid = bpf_get_current_pid_tgid();
     let tgid = (pid_tgid >> 32) as u32;
     if !is_traced(tgid) {
-        return 0;
+        return;
     }
-    let fd: u64 = unsafe { ctx.read_at(16) }.unwrap_or(u64::MAX);
     if fd > u32::MAX as u64 {
-        return 0;
+        return;
     }
     let key = conn_key(tgid, fd as u32);
     // SAFETY: the value is copied out at once.
     let Some(conn_id) = (unsafe { CONNS.get(&key) }).map(|s| s.conn_id) else {
-        return 0;
+        return;
     };
     let _ = CONNS.remove(&key);
     header_only(
@@ -299,7 +332,6 @@ pub fn tracer_enter_close(ctx: TracePointContext) -> u32 {
         fd as u32,
         conn_id,
     );
-    0
 }
 
 #[inline(always)]

@@ -47,13 +47,26 @@ pub(crate) fn verifier_bound(v: usize, mask: usize) -> usize {
 
 #[inline(always)]
 fn enter(ctx: &TracePointContext, kind: u32, direction: u32) {
+    // SAFETY: offsets are those of the sys_enter_* record (see the module doc).
+    let (fd, arg1, arg2, nr) = unsafe {
+        (
+            ctx.read_at::<u64>(16).unwrap_or(u64::MAX),
+            ctx.read_at::<u64>(24).unwrap_or(0),
+            ctx.read_at::<u64>(32).unwrap_or(0),
+            ctx.read_at::<i32>(8).unwrap_or(-1),
+        )
+    };
+    enter_args(fd, arg1, arg2, nr, kind, direction);
+}
+
+/// A data syscall's entry: `fd`, its buffer or iovec/msghdr pointer, the iovec count.
+#[inline(always)]
+pub fn enter_args(fd: u64, arg1: u64, arg2: u64, syscall: i32, kind: u32, direction: u32) {
     let pid_tgid = bpf_get_current_pid_tgid();
     let tgid = (pid_tgid >> 32) as u32;
     if !is_traced(tgid) {
         return;
     }
-    // SAFETY: offsets are those of the sys_enter_* record (see the module doc).
-    let fd: u64 = unsafe { ctx.read_at(16) }.unwrap_or(u64::MAX);
     if fd > i32::MAX as u64 {
         return;
     }
@@ -64,11 +77,9 @@ fn enter(ctx: &TracePointContext, kind: u32, direction: u32) {
         let _ = ACTIVE.remove(&pid_tgid);
         return;
     };
-    let syscall: i32 = unsafe { ctx.read_at(8) }.unwrap_or(-1);
-    let arg1: u64 = unsafe { ctx.read_at(24) }.unwrap_or(0);
     let (kind, buf, count) = match kind {
         SavedArgs::BUF => (kind, arg1, 0),
-        SavedArgs::IOV => (kind, arg1, unsafe { ctx.read_at::<u64>(32) }.unwrap_or(0)),
+        SavedArgs::IOV => (kind, arg1, arg2),
         // sendmsg/recvmsg: `struct user_msghdr *` with msg_iov at 16 and msg_iovlen at 24.
         MSG => {
             let iov: u64 = unsafe { bpf_probe_read_user((arg1 + 16) as *const u64) }.unwrap_or(0);
@@ -96,7 +107,7 @@ fn enter(ctx: &TracePointContext, kind: u32, direction: u32) {
 }
 
 /// Internal kind for sendmsg/recvmsg enters: saved as `IOV` after reading the msghdr.
-const MSG: u32 = 100;
+pub const MSG: u32 = 100;
 
 /// sys_enter_read, sys_enter_recvfrom: (fd, buf, count, ...).
 #[tracepoint]
@@ -155,18 +166,26 @@ pub fn tracer_exit_data(ctx: TracePointContext) -> u32 {
     let Some(saved) = take_saved(pid_tgid) else {
         return 0;
     };
+    // SAFETY: the sys_exit_* record's `ret`.
+    let ret: i64 = unsafe { ctx.read_at(16) }.unwrap_or(0);
+    exit_data(saved, ret, pid_tgid);
+    0
+}
+
+/// A data syscall's exit with what its entry saved.
+#[inline(always)]
+pub fn exit_data(saved: SavedArgs, ret: i64, pid_tgid: u64) {
     if saved.kind < SavedArgs::BUF {
-        return 0;
+        return;
     }
     let mut saved = saved;
     if saved.conn_id == 0 {
         // Seeded by the agent for a read that was under way when it attached.
         match lookup_or_track((pid_tgid >> 32) as u32, saved.fd) {
             Some(conn) => saved.conn_id = conn.conn_id,
-            None => return 0,
+            None => return,
         }
     }
-    let ret: i64 = unsafe { ctx.read_at(16) }.unwrap_or(0);
     if ret <= 0 {
         if ret == -ECONNRESET || ret == -EPIPE {
             header_only(
@@ -177,10 +196,9 @@ pub fn tracer_exit_data(ctx: TracePointContext) -> u32 {
                 saved.conn_id,
             );
         }
-        return 0;
+        return;
     }
     emit_data(&saved, ret as u64, pid_tgid);
-    0
 }
 
 #[inline(always)]

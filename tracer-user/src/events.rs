@@ -28,6 +28,8 @@ pub enum Event<'a> {
         role: u16,
         local: SocketAddr,
         remote: SocketAddr,
+        /// The opening thread's command name.
+        comm: [u8; 16],
     },
     ConnClose(EventHeader),
     ConnReset(EventHeader),
@@ -111,6 +113,7 @@ pub fn decode(bytes: &[u8]) -> Result<Event<'_>, DecodeError> {
                 role: ev.role,
                 local,
                 remote,
+                comm: ev.comm,
             }
         }
         EventKind::ConnClose => Event::ConnClose(hdr),

@@ -283,7 +283,22 @@ impl Probes {
 
         let mut attached = Vec::new();
         let mut skipped = Vec::new();
+        let raw = match attach_raw_syscalls(&mut ebpf) {
+            Ok(true) => {
+                attached.push("raw_syscalls:sys_enter".to_string());
+                attached.push("raw_syscalls:sys_exit".to_string());
+                true
+            }
+            Ok(false) => false,
+            Err(e) => {
+                warn!("raw syscall tracepoints unavailable ({e}); using per-syscall tracepoints");
+                false
+            }
+        };
         for a in ATTACHMENTS {
+            if raw && a.category == "syscalls" {
+                continue;
+            }
             let program: &mut TracePoint = ebpf
                 .program_mut(a.program)
                 .ok_or(ProbeError::Map(a.program))?
@@ -721,6 +736,39 @@ fn read_process_u64(pid: u32, addr: u64) -> Option<u64> {
     let mut buf = [0u8; 8];
     mem.read_exact_at(&mut buf, addr).ok()?;
     Some(u64::from_ne_bytes(buf))
+}
+
+/// Attaches the raw `sys_enter`/`sys_exit` programs (x86_64): cheaper per syscall than the
+/// per-syscall tracepoints, which stay as the fallback. `TRACER_SYSCALL_TRACEPOINTS=1` forces
+/// the fallback (to compare the two). Ok(false): not used here.
+fn attach_raw_syscalls(ebpf: &mut Ebpf) -> Result<bool, aya::programs::ProgramError> {
+    use aya::programs::RawTracePoint;
+    if !cfg!(target_arch = "x86_64")
+        || std::env::var_os("TRACER_SYSCALL_TRACEPOINTS").is_some_and(|v| v == "1")
+    {
+        return Ok(false);
+    }
+    let enter: &mut RawTracePoint = ebpf
+        .program_mut("tracer_raw_sys_enter")
+        .ok_or(aya::programs::ProgramError::NotLoaded)?
+        .try_into()?;
+    enter.load()?;
+    enter.attach("sys_enter")?;
+    let exit: &mut RawTracePoint = ebpf
+        .program_mut("tracer_raw_sys_exit")
+        .ok_or(aya::programs::ProgramError::NotLoaded)?
+        .try_into()?;
+    let attached = exit.load().and_then(|()| exit.attach("sys_exit").map(drop));
+    if let Err(e) = attached {
+        // Half attached is worse than neither: take the enter side down again.
+        if let Some(p) = ebpf.program_mut("tracer_raw_sys_enter")
+            && let Ok(p) = <&mut RawTracePoint>::try_from(p)
+        {
+            let _ = p.unload();
+        }
+        return Err(e);
+    }
+    Ok(true)
 }
 
 const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;

@@ -59,9 +59,15 @@ fn pump(stream: impl Read + Send + 'static, sink: Arc<Mutex<String>>) {
 impl Tracer {
     /// Starts `tracer ARGS` and waits until it reports that its probes are attached.
     pub fn start(args: &[&str]) -> Tracer {
+        Tracer::start_with_env(args, &[])
+    }
+
+    /// `start` with extra environment variables.
+    pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Tracer {
         let mut child = Command::new(tracer_bin())
             .args(args)
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()

@@ -137,7 +137,15 @@ impl ConnTracker {
         let hdr = *event.header();
         let key = (hdr.tgid, hdr.fd);
         match event {
-            Event::ConnOpen { local, remote, .. } => {
+            Event::ConnOpen {
+                local,
+                remote,
+                comm,
+                ..
+            } => {
+                // Name the process now, while it surely exists (curl may be gone by the time
+                // its exchange finishes); the kernel's comm is the fallback.
+                self.process_named(hdr.tgid, comm);
                 // The fd was reused without a close we saw: finish the old connection first.
                 if let Some(old) = self.conns.remove(&key) {
                     self.finish(key, old, hdr.ts_ns, out);
@@ -330,13 +338,24 @@ impl ConnTracker {
     }
 
     fn process(&mut self, tgid: u32) -> Arc<Process> {
+        self.process_named(tgid, &[0; 16])
+    }
+
+    /// The process `tgid`, read from /proc the first time; `hint` (a comm the kernel saw)
+    /// names it when /proc no longer has it.
+    fn process_named(&mut self, tgid: u32, hint: &[u8; 16]) -> Arc<Process> {
         let override_name = self.config.service_name.clone();
         self.processes
             .entry(tgid)
             .or_insert_with(|| {
+                let from_kernel =
+                    String::from_utf8_lossy(hint.split(|b| *b == 0).next().unwrap_or_default())
+                        .into_owned();
                 let comm = std::fs::read_to_string(format!("/proc/{tgid}/comm"))
                     .map(|s| s.trim_end().to_string())
-                    .unwrap_or_else(|_| format!("pid-{tgid}"));
+                    .ok()
+                    .or_else(|| (!from_kernel.is_empty()).then_some(from_kernel))
+                    .unwrap_or_else(|| format!("pid-{tgid}"));
                 let service_name = override_name.unwrap_or_else(|| comm.clone());
                 Arc::new(Process { comm, service_name })
             })

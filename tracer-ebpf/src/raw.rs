@@ -1,0 +1,121 @@
+//! The same probes on the raw `sys_enter`/`sys_exit` tracepoints, x86_64 only.
+//!
+//! Per-syscall tracepoints run through perf's tracepoint machinery, which builds a record of
+//! every traced syscall before the program sees it; the raw tracepoints hand the program the
+//! registers directly. One program sees every syscall of every process and returns at once
+//! for those that are not socket I/O, which is cheaper for traced and untraced processes
+//! alike. The agent attaches these where it can and falls back to the per-syscall ones.
+
+use aya_ebpf::{
+    helpers::{bpf_get_current_pid_tgid, bpf_probe_read_kernel},
+    macros::raw_tracepoint,
+    programs::RawTracePointContext,
+};
+use tracer_common::{DIR_EGRESS, DIR_INGRESS, SavedArgs};
+
+use crate::{
+    sockets::{enter_accept, enter_close, enter_connect, exit_accept, exit_connect, take_saved},
+    syscalls::{MSG, enter_args, exit_data},
+};
+
+// x86_64 syscall numbers.
+const NR_READ: i64 = 0;
+const NR_WRITE: i64 = 1;
+const NR_CLOSE: i64 = 3;
+const NR_READV: i64 = 19;
+const NR_WRITEV: i64 = 20;
+const NR_SENDFILE: i64 = 40;
+const NR_CONNECT: i64 = 42;
+const NR_ACCEPT: i64 = 43;
+const NR_SENDTO: i64 = 44;
+const NR_RECVFROM: i64 = 45;
+const NR_SENDMSG: i64 = 46;
+const NR_RECVMSG: i64 = 47;
+const NR_ACCEPT4: i64 = 288;
+
+// Offsets in x86_64 `struct pt_regs` of the syscall arguments and of orig_ax (the number).
+const DI: usize = 112;
+const SI: usize = 104;
+const DX: usize = 96;
+const ORIG_AX: usize = 120;
+
+#[inline(always)]
+fn reg(regs: *const u8, offset: usize) -> u64 {
+    // SAFETY: a probe read of the task's saved user registers.
+    unsafe { bpf_probe_read_kernel(regs.add(offset) as *const u64) }.unwrap_or(u64::MAX)
+}
+
+/// raw_syscalls:sys_enter(struct pt_regs *regs, long id)
+#[raw_tracepoint(tracepoint = "sys_enter")]
+pub fn tracer_raw_sys_enter(ctx: RawTracePointContext) -> i32 {
+    let id: i64 = ctx.arg(1);
+    let (kind, direction) = match id {
+        NR_READ | NR_RECVFROM => (SavedArgs::BUF, DIR_INGRESS),
+        NR_WRITE | NR_SENDTO => (SavedArgs::BUF, DIR_EGRESS),
+        NR_READV => (SavedArgs::IOV, DIR_INGRESS),
+        NR_WRITEV => (SavedArgs::IOV, DIR_EGRESS),
+        NR_RECVMSG => (MSG, DIR_INGRESS),
+        NR_SENDMSG => (MSG, DIR_EGRESS),
+        NR_SENDFILE => (SavedArgs::NO_PAYLOAD, DIR_EGRESS),
+        NR_ACCEPT | NR_ACCEPT4 => {
+            enter_accept();
+            return 0;
+        }
+        NR_CONNECT | NR_CLOSE => {
+            let regs: *const u8 = ctx.arg(0);
+            let fd = reg(regs, DI);
+            if id == NR_CONNECT {
+                enter_connect(fd);
+            } else {
+                enter_close(fd);
+            }
+            return 0;
+        }
+        _ => return 0,
+    };
+    let regs: *const u8 = ctx.arg(0);
+    enter_args(
+        reg(regs, DI),
+        reg(regs, SI),
+        reg(regs, DX),
+        id as i32,
+        kind,
+        direction,
+    );
+    0
+}
+
+/// raw_syscalls:sys_exit(struct pt_regs *regs, long ret)
+#[raw_tracepoint(tracepoint = "sys_exit")]
+pub fn tracer_raw_sys_exit(ctx: RawTracePointContext) -> i32 {
+    let regs: *const u8 = ctx.arg(0);
+    let id = reg(regs, ORIG_AX) as i64;
+    if !matches!(
+        id,
+        NR_READ
+            | NR_WRITE
+            | NR_READV
+            | NR_WRITEV
+            | NR_SENDFILE
+            | NR_CONNECT
+            | NR_ACCEPT
+            | NR_SENDTO
+            | NR_RECVFROM
+            | NR_SENDMSG
+            | NR_RECVMSG
+            | NR_ACCEPT4
+    ) {
+        return 0;
+    }
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let Some(saved) = take_saved(pid_tgid) else {
+        return 0;
+    };
+    let ret: i64 = ctx.arg(1);
+    match saved.kind {
+        SavedArgs::ACCEPT => exit_accept(ret),
+        SavedArgs::CONNECT => exit_connect(saved, ret, pid_tgid),
+        _ => exit_data(saved, ret, pid_tgid),
+    }
+    0
+}
