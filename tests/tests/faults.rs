@@ -143,3 +143,46 @@ fn a_full_queue_drops_and_counts() {
     );
     assert!(spans.len() as u64 >= exported, "{summary}");
 }
+
+/// The BPF programs of tracer loaded in the kernel now (names are cut to 15 bytes).
+fn tracer_programs() -> usize {
+    aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .filter(|p| p.name_as_str().is_some_and(|n| n.starts_with("tracer_")))
+        .count()
+}
+
+/// SIGKILL leaves nothing attached (programs and links die with the agent's file
+/// descriptors), and a new tracer then works.
+#[test]
+fn sigkill_leaves_nothing_behind() {
+    require_root();
+    let before = tracer_programs();
+    let server = PythonServer::start();
+    let pid = server.pid().to_string();
+    let mut tracer = Tracer::start(&["attach", "--pid", &pid, "--output", "json"]);
+    assert!(
+        tracer_programs() > before,
+        "the tracer's programs are loaded while it runs"
+    );
+    tracer.kill();
+    // Program teardown after the last fd closes is asynchronous (RCU): allow a moment.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while tracer_programs() > before {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "programs left loaded after SIGKILL"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let again = Tracer::start(&["attach", "--pid", &pid, "--output", "json"]);
+    send(&server, 2);
+    std::thread::sleep(Duration::from_millis(1500));
+    let stopped = again.stop();
+    assert_eq!(
+        stopped.stdout.lines().count(),
+        2,
+        "a restarted tracer captures: {}",
+        stopped.stderr
+    );
+}

@@ -145,6 +145,16 @@ impl Tracer {
     }
 }
 
+impl Tracer {
+    /// SIGKILL, as an OOM killer or `kill -9` would: no flush, no cleanup of its own.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
 impl Drop for Tracer {
     fn drop(&mut self) {
         if let Some(mut child) = self.child.take() {
