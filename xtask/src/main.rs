@@ -59,6 +59,13 @@ enum Task {
         #[arg(long, default_value_t = 200_000)]
         syscalls: u64,
     },
+    /// Fuzz the parsers of untrusted bytes (cargo-fuzz, nightly): replays fuzz/regressions,
+    /// then fuzzes each target for a bounded time.
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 30)]
+        seconds: u64,
+    },
     /// (internal) the syscall loop the benchmark times.
     #[command(hide = true)]
     SyscallLoop { n: u64 },
@@ -95,6 +102,10 @@ fn main() -> anyhow::Result<()> {
             })
         }
         Task::SyscallLoop { n } => bench::syscall_loop(n),
+        Task::Fuzz { seconds } => {
+            setup()?;
+            fuzz(seconds)
+        }
     }
 }
 
@@ -160,6 +171,39 @@ fn setup() -> anyhow::Result<()> {
             "--locked",
             "--force",
         ]))?;
+    }
+    Ok(())
+}
+
+const FUZZ_TARGETS: [&str; 3] = ["http1", "decode", "context"];
+
+fn fuzz(seconds: u64) -> anyhow::Result<()> {
+    if output_of("cargo", &["fuzz", "--version"]).is_none() {
+        eprintln!("xtask: installing cargo-fuzz");
+        status(cargo().args(["install", "cargo-fuzz", "--locked"]))?;
+    }
+    for target in FUZZ_TARGETS {
+        let corpus = root().join("target/fuzz-corpus").join(target);
+        std::fs::create_dir_all(&corpus)?;
+        let regressions = root().join("fuzz/regressions").join(target);
+        // New inputs go to the first directory only: the committed regressions are replayed
+        // at start and never written to. A crash leaves its input in fuzz/artifacts/TARGET:
+        // fix the bug, then move the file into fuzz/regressions/TARGET.
+        status(
+            Command::new("cargo")
+                .current_dir(root())
+                .args(["+nightly", "fuzz", "run", target])
+                .arg(&corpus)
+                .arg(&regressions)
+                .args([
+                    "--",
+                    &format!("-max_total_time={seconds}"),
+                    "-rss_limit_mb=2048",
+                    "-max_len=65536",
+                ])
+                // The fuzz targets need the parsers, not the eBPF object.
+                .env("AYA_BUILD_SKIP", "1"),
+        )?;
     }
     Ok(())
 }
