@@ -272,7 +272,7 @@ async fn event_loop(plan: Plan, mut probes: Probes) -> anyhow::Result<()> {
                     lost_reported = lost;
                 }
                 if let Some(interval) = plan.stats_interval && last_stats.elapsed() >= interval {
-                    eprintln!("{}", stats_line(&probes, &tracker, &exporter, decode_errors));
+                    eprintln!("{}", stats_line(&probes, &tracker, &exporter.stats(), decode_errors));
                     last_stats = std::time::Instant::now();
                 }
                 if let Some(pid) = plan.attached_pid && !Path::new(&format!("/proc/{pid}")).exists() {
@@ -290,8 +290,10 @@ async fn event_loop(plan: Plan, mut probes: Probes) -> anyhow::Result<()> {
     );
     submit(&exporter, &mut finished, &clock, &mut red);
     info!("stopping: {reason}; flushing spans");
-    let summary = stats_line(&probes, &tracker, &exporter, decode_errors);
+    // The counts are read after the flush: spans sent while flushing count as exported.
+    let export_stats = exporter.stats();
     exporter.shutdown(Duration::from_secs(5)).await;
+    let summary = stats_line(&probes, &tracker, &export_stats, decode_errors);
     eprintln!("tracer: {reason}. {summary}");
     Ok(())
 }
@@ -335,14 +337,13 @@ fn drain_ring(
 fn stats_line(
     probes: &Probes,
     tracker: &ConnTracker,
-    exporter: &Exporter,
+    e: &crate::export::ExportStats,
     decode_errors: u64,
 ) -> String {
     use std::sync::atomic::Ordering::Relaxed;
     let k = probes.kernel_stats();
     let t = tracker.stats();
     let l = tracker.link_stats();
-    let e = exporter.stats();
     format!(
         "events: {} data, {} lost, {} undecodable; connections: {} open, {} evicted; requests: {}; links: {} linked, {} left unlinked (uncertain), {} joined incoming context; spans: {} exported, {} dropped (queue full), {} failed",
         k[stat::DATA_EVENTS as usize],
