@@ -89,6 +89,8 @@ struct Run {
     p50_ms: f64,
     p99_ms: f64,
     requests: u64,
+    /// Requests wrk gave up on (socket errors, timeouts): the server may still answer them.
+    wrk_errors: u64,
     agent_cpu_s: f64,
     agent_rss_kib: u64,
     events: u64,
@@ -235,6 +237,12 @@ fn wrk(url: &str, opts: &BenchOptions) -> anyhow::Result<Run> {
             run.p50_ms = parse_latency_ms(v);
         } else if let Some(v) = line.strip_prefix("99%") {
             run.p99_ms = parse_latency_ms(v);
+        } else if let Some(errors) = line.strip_prefix("Socket errors:") {
+            // "connect 0, read 0, write 0, timeout 12"
+            run.wrk_errors = errors
+                .split(',')
+                .filter_map(|part| part.split_whitespace().last()?.parse::<u64>().ok())
+                .sum();
         } else if line.contains("requests in") {
             run.requests = line
                 .split_whitespace()
@@ -358,11 +366,12 @@ fn measure(
 
 /// A traced run accounts for every request: the spans exported plus those dropped or failed
 /// (counted by the agent) match wrk's count within the requests in flight when wrk stopped
-/// (at most one per connection, which wrk does not count but the server answers); below
+/// (at most one per connection) and those wrk gave up on, which it does not count but the
+/// server answers; below
 /// 20k req/s nothing may be lost at all.
 fn accounted(r: &Run, connections: u32) -> bool {
     let seen = r.spans + r.dropped + r.failed;
-    let in_flight = u64::from(connections);
+    let in_flight = u64::from(connections) + r.wrk_errors;
     let complete = seen + in_flight >= r.requests && seen <= r.requests + in_flight;
     let counted_loss = r.lost > 0;
     if r.rps <= 20_000.0 {
