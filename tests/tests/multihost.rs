@@ -1,4 +1,5 @@
-//! Distributed tracing across hosts: "cats as a service" on four test hosts (network
+//! Distributed tracing across hosts: "cats as a service" (Python tiers, and a Ruby/Sinatra
+//! store behind them) on four test hosts (network
 //! namespaces joined by a bridge), one tracer per host limited to it with `--netns`, and the
 //! trace context carried between hosts by the kernel-injected `traceparent` (or, with injection
 //! off, joined by `tracer collect` from TCP sequence numbers).
@@ -133,9 +134,22 @@ fn start_app(hosts: &Hosts) -> Vec<ChildGuard> {
             args.push("--upstream".into());
             args.push(u);
         }
+        // The store tier is Ruby (Sinatra on Puma): one hop crosses another runtime.
+        let (program, args) = if role == "store" {
+            let ruby = vec![
+                repo_root().join("tests/servers/cats_store.rb").to_str().unwrap().to_string(),
+                "--port".into(),
+                PORT.to_string(),
+                "--port-file".into(),
+                port_file.to_str().unwrap().to_string(),
+            ];
+            ("ruby", ruby)
+        } else {
+            ("python3", args)
+        };
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let child = hosts
-            .command(role, "python3", &args)
+            .command(role, program, &args)
             .stdout(Stdio::null())
             .spawn()
             .expect("start a cats tier");
