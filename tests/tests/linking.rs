@@ -350,3 +350,54 @@ print(json.dumps({{"before": before, "after": after}}), flush=True)
         (parts[1], parts[2])
     );
 }
+
+/// `--inject-port` and `--inject-net` limit injection to chosen destinations: requests to
+/// other destinations are sent untouched.
+#[test]
+fn injection_respects_destination_filters() {
+    require_root();
+    let server = PythonServer::start();
+    let other_port = tracer_e2e::free_port().to_string();
+    let own_port = server.port.to_string();
+    let cases: [(&[&str], bool); 4] = [
+        (&["--inject-port", &other_port], false),
+        (&["--inject-port", &own_port], true),
+        (&["--inject-net", "10.0.0.0/8"], false),
+        (&["--inject-net", "127.0.0.0/8"], true),
+    ];
+    for (filter, injected) in cases {
+        let dir = common::tempdir();
+        let go = dir.join("go");
+        let script = format!(
+            r#"
+import http.client, json, os, time
+while not os.path.exists({go:?}): time.sleep(0.02)
+c = http.client.HTTPConnection("127.0.0.1", {port})
+c.request("GET", "/inspect"); print(c.getresponse().read().decode(), flush=True)
+"#,
+            port = server.port,
+            go = go.to_str().unwrap()
+        );
+        let client = std::process::Command::new("python3")
+            .args(["-c", &script])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut client = tracer_e2e::ChildGuard(client);
+        let pid = client.0.id().to_string();
+        let mut args = vec!["attach", "--pid", &pid, "--output", "json"];
+        args.extend_from_slice(filter);
+        let tracer = Tracer::start(&args);
+        std::fs::write(&go, b"go").unwrap();
+        let mut out = String::new();
+        std::io::Read::read_to_string(client.0.stdout.as_mut().unwrap(), &mut out).unwrap();
+        tracer.stop();
+        let doc: Value = serde_json::from_str(out.trim()).unwrap();
+        let has = doc["headers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|h| h[0].as_str().unwrap().eq_ignore_ascii_case("traceparent"));
+        assert_eq!(has, injected, "{filter:?}: {doc}");
+    }
+}

@@ -137,7 +137,11 @@ fn start_app(hosts: &Hosts) -> Vec<ChildGuard> {
         // The store tier is Ruby (Sinatra on Puma): one hop crosses another runtime.
         let (program, args) = if role == "store" {
             let ruby = vec![
-                repo_root().join("tests/servers/cats_store.rb").to_str().unwrap().to_string(),
+                repo_root()
+                    .join("tests/servers/cats_store.rb")
+                    .to_str()
+                    .unwrap()
+                    .to_string(),
                 "--port".into(),
                 PORT.to_string(),
                 "--port-file".into(),

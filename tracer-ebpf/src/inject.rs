@@ -423,7 +423,7 @@ pub fn tracer_sockops(ctx: SockOpsContext) -> u32 {
                 (v6_bytes(f.local_ip6), v6_bytes(f.remote_ip6))
             };
             key.local_port = f.local_port;
-            key.remote_port = u32::from_be(f.remote_port) >> 16;
+            key.remote_port = u32::from_be(f.remote_port);
             if !destination_wanted(&key.remote_addr, key.remote_port as u16) {
                 return 1;
             }
@@ -437,7 +437,9 @@ pub fn tracer_sockops(ctx: SockOpsContext) -> u32 {
     1
 }
 
-/// The address fields of a sock_ops or sk_msg context. The verifier only allows context loads
+/// The address fields of a sock_ops or sk_msg context. `remote_port` is the big-endian port
+/// shifted into the upper half of the word (the kernel's context rewrite does `dport << 16`),
+/// so `u32::from_be` of it is the port; `local_port` is in host order already. The verifier only allows context loads
 /// at constant offsets from the context pointer; reading every field unconditionally, with
 /// volatile loads, keeps LLVM from merging per-family branches into a load through a
 /// computed pointer.
@@ -604,7 +606,7 @@ fn try_inject(ctx: &SkMsgContext) -> Option<()> {
     } else {
         v6_bytes(f.remote_ip6)
     };
-    let remote_port = (u32::from_be(f.remote_port) >> 16) as u16;
+    let remote_port = (u32::from_be(f.remote_port)) as u16;
     if !destination_wanted(&remote, remote_port) {
         return None;
     }
