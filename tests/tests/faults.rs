@@ -186,3 +186,108 @@ fn sigkill_leaves_nothing_behind() {
         stopped.stderr
     );
 }
+
+/// `attach` to a process that exits ends by itself with a clear message and the spans of
+/// what the process did before.
+#[test]
+fn attach_ends_when_the_process_exits() {
+    require_root();
+    let server = PythonServer::start();
+    let dir = common::tempdir();
+    let go = dir.join("go");
+    // A client that makes one request once the tracer is there, then exits.
+    let script = format!(
+        r#"
+import http.client, os, time
+while not os.path.exists({go:?}): time.sleep(0.02)
+c = http.client.HTTPConnection("127.0.0.1", {port})
+c.request("GET", "/hello"); c.getresponse().read()
+"#,
+        port = server.port,
+        go = go.to_str().unwrap()
+    );
+    let client = std::process::Command::new("python3")
+        .args(["-c", &script])
+        .spawn()
+        .unwrap();
+    let mut client = tracer_e2e::ChildGuard(client);
+    let pid = client.0.id().to_string();
+    let tracer = Tracer::start(&["attach", "--pid", &pid, "--output", "json"]);
+    std::fs::write(&go, b"go").unwrap();
+    assert!(client.0.wait().unwrap().success());
+    let stopped = tracer.wait_for_exit(Duration::from_secs(10));
+    assert!(stopped.status.success(), "{}", stopped.stderr);
+    assert!(
+        stopped.stderr.contains("the traced process exited"),
+        "{}",
+        stopped.stderr
+    );
+    assert_eq!(
+        stopped.stdout.lines().count(),
+        1,
+        "the request before the exit: {}",
+        stopped.stdout
+    );
+}
+
+/// A server that forks a child per request (socketserver's ForkingMixIn): the children, born
+/// after the attach, are traced too.
+#[test]
+fn forked_children_are_traced() {
+    require_root();
+    let dir = common::tempdir();
+    let port_file = dir.join("port");
+    let script = format!(
+        r#"
+import http.server, os, socketserver
+class H(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.0"
+    def log_message(self, *a): pass
+    def do_GET(self):
+        body = str(os.getpid()).encode()
+        self.send_response(200); self.send_header("Content-Length", str(len(body))); self.end_headers(); self.wfile.write(body)
+class S(socketserver.ForkingMixIn, http.server.HTTPServer): pass
+s = S(("127.0.0.1", 0), H)
+open({pf:?}, "w").write(str(s.server_address[1]))
+s.serve_forever()
+"#,
+        pf = port_file.to_str().unwrap()
+    );
+    let server = std::process::Command::new("python3")
+        .args(["-c", &script])
+        .spawn()
+        .unwrap();
+    let server = tracer_e2e::ChildGuard(server);
+    let port: u16 = common::wait_for_file(&port_file, Duration::from_secs(10))
+        .trim()
+        .parse()
+        .unwrap();
+    let pid = server.0.id().to_string();
+    let tracer = Tracer::start(&["attach", "--pid", &pid, "--output", "json"]);
+    let mut child_pids = Vec::new();
+    for _ in 0..3 {
+        let (status, body) =
+            tracer_e2e::http_request(&format!("127.0.0.1:{port}"), "GET", "/x", None, &[]).unwrap();
+        assert_eq!(status, 200);
+        child_pids.push(String::from_utf8(body).unwrap());
+    }
+    std::thread::sleep(Duration::from_millis(1500));
+    let stopped = tracer.stop();
+    let spans: Vec<serde_json::Value> = stopped
+        .stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let mut got: Vec<String> = spans
+        .iter()
+        .map(|s| s["tags"]["process.pid"].as_str().unwrap().to_string())
+        .collect();
+    got.sort();
+    child_pids.sort();
+    assert_eq!(
+        got, child_pids,
+        "one SERVER span from each forked child: {}",
+        stopped.stderr
+    );
+    assert!(spans.iter().all(|s| s["kind"] == "SERVER"));
+}

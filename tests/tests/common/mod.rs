@@ -146,6 +146,28 @@ impl Tracer {
 }
 
 impl Tracer {
+    /// Waits (at most `limit`) for the tracer to exit by itself.
+    pub fn wait_for_exit(mut self, limit: Duration) -> Stopped {
+        let mut child = self.child.take().unwrap();
+        let deadline = Instant::now() + limit;
+        let status = loop {
+            if let Some(st) = child.try_wait().unwrap() {
+                break st;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("tracer did not exit within {limit:?}:\n{}", self.stderr());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        std::thread::sleep(Duration::from_millis(100));
+        Stopped {
+            status,
+            stdout: self.stdout(),
+            stderr: self.stderr(),
+        }
+    }
+
     /// SIGKILL, as an OOM killer or `kill -9` would: no flush, no cleanup of its own.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
