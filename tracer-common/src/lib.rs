@@ -73,6 +73,16 @@ pub const SYSCALL_SENDTO: u32 = 5;
 pub const SYSCALL_RECVMSG: u32 = 6;
 pub const SYSCALL_SENDMSG: u32 = 7;
 pub const SYSCALL_SENDFILE: u32 = 8;
+/// Plaintext read by OpenSSL's SSL_read/SSL_read_ex (an uprobe, not a syscall): the syscalls
+/// underneath carried ciphertext and are not reported for that socket.
+pub const SYSCALL_SSL_READ: u32 = 0x1_0000;
+/// Plaintext passed to SSL_write/SSL_write_ex.
+pub const SYSCALL_SSL_WRITE: u32 = 0x1_0001;
+
+/// Whether a data event's bytes are TLS plaintext from the OpenSSL uprobes.
+pub const fn is_tls_plaintext(syscall: u32) -> bool {
+    syscall == SYSCALL_SSL_READ || syscall == SYSCALL_SSL_WRITE
+}
 
 /// Bytes one syscall moved on a traced socket. `head_len` payload bytes follow the struct in the
 /// ring-buffer record.
@@ -309,6 +319,11 @@ pub mod stat {
     pub const INJECT_SOCKETS: u32 = 8;
     /// bpf_msg_push_data / pull_data failures.
     pub const INJECT_ERRORS: u32 = 9;
+    /// OpenSSL calls whose plaintext was reported.
+    pub const TLS_CALLS: u32 = 10;
+    /// OpenSSL calls that moved data but whose socket could not be told (no syscall under
+    /// the call and none seen before for that SSL object): the plaintext is dropped.
+    pub const TLS_NO_SOCKET: u32 = 11;
     pub const COUNT: u32 = 12;
 }
 

@@ -19,11 +19,12 @@ use tracer_common::stat;
 use crate::{
     cli::{AttachOptions, CommonOptions, InjectMode, OutputFormat, RunOptions},
     conn::{ConnTracker, Finished, TrackerConfig},
+    protocols::Exchange,
     events::decode,
     export::{Exporter, Output, USER_AGENT, ZipkinConfig, parse_zipkin_url},
     metrics::Red,
     probes::{InjectOptions, ProbeOptions, Probes},
-    spans::{Clock, span_from_http},
+    spans::{Clock, span_of},
 };
 
 /// What to trace, resolved from the command line.
@@ -303,12 +304,15 @@ async fn event_loop(plan: Plan, mut probes: Probes) -> anyhow::Result<()> {
 /// collector's host would otherwise add a span per batch, forever.
 fn submit(exporter: &Exporter, finished: &mut Vec<Finished>, clock: &Clock, red: &mut Red) {
     for (exchange, conn, identity) in finished.drain(..) {
-        let own_export = exchange
-            .request_headers
-            .iter()
-            .any(|(n, v)| n == "user-agent" && v == USER_AGENT);
+        let own_export = match &exchange {
+            Exchange::Http(e) => e
+                .request_headers
+                .iter()
+                .any(|(n, v)| n == "user-agent" && v == USER_AGENT),
+            Exchange::Db(_) => false,
+        };
         if identity.sampled && !own_export {
-            let span = span_from_http(&exchange, &conn, &identity, clock);
+            let span = span_of(&exchange, &conn, &identity, clock);
             red.observe(&span);
             exporter.submit(span);
         }

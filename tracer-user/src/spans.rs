@@ -14,7 +14,7 @@ use serde::{Serialize, Serializer};
 
 use crate::{
     conn::{ConnInfo, link::Identity},
-    protocols::{HttpExchange, Outcome, Side},
+    protocols::{DbExchange, DbSystem, Exchange, HttpExchange, Outcome, Side},
 };
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -152,6 +152,86 @@ fn clock_ns(clock: libc::clockid_t) -> i128 {
 /// (and the collector's storage) large.
 const MAX_TAG_VALUE: usize = 256;
 
+/// Builds the span of one finished exchange.
+pub fn span_of(exchange: &Exchange, conn: &ConnInfo, identity: &Identity, clock: &Clock) -> Span {
+    match exchange {
+        Exchange::Http(e) => span_from_http(e, conn, identity, clock),
+        Exchange::Db(e) => span_from_db(e, conn, identity, clock),
+    }
+}
+
+/// Builds the span of one database call: named for the operation and its main object
+/// (`SELECT cats`, `GET`), with the statement as the parser left it (literals and arguments
+/// already replaced by `?`).
+pub fn span_from_db(
+    exchange: &DbExchange,
+    conn: &ConnInfo,
+    identity: &Identity,
+    clock: &Clock,
+) -> Span {
+    let system = match exchange.system {
+        DbSystem::Postgresql => "postgresql",
+        DbSystem::Redis => "redis",
+    };
+    let operation = if exchange.operation.is_empty() {
+        system.to_uppercase()
+    } else {
+        bounded(&exchange.operation)
+    };
+    let name = match &exchange.target {
+        Some(target) => format!("{operation} {}", bounded(target)),
+        None => operation.clone(),
+    };
+    let mut tags = BTreeMap::new();
+    tags.insert("db.system".into(), system.to_string());
+    tags.insert("db.operation".into(), operation);
+    if !exchange.statement.is_empty() {
+        tags.insert("db.statement".into(), bounded_to(&exchange.statement, 2048));
+    }
+    if let Some(target) = &exchange.target {
+        tags.insert("db.sql.table".into(), bounded(target));
+    }
+    tags.insert("db.request.size".into(), exchange.req_bytes.to_string());
+    tags.insert("db.response.size".into(), exchange.resp_bytes.to_string());
+    let error = match (&exchange.error, &exchange.outcome) {
+        (Some(message), _) => Some(bounded(message)),
+        (None, Outcome::Closed { reset: true }) => Some("connection reset".into()),
+        (None, Outcome::Closed { reset: false }) => {
+            Some("connection closed before response".into())
+        }
+        (None, Outcome::Complete) => None,
+    };
+    if let Some(error) = error {
+        tags.insert("error".into(), error);
+    }
+    tags.insert("process.pid".into(), conn.pid.to_string());
+    tags.insert("process.command".into(), conn.comm.clone());
+    if let Some(seq) = conn.request_seq {
+        tags.insert(
+            LINK_TAG.into(),
+            link_key(exchange.side, conn.local, conn.remote, seq),
+        );
+    }
+    let start = exchange.req_start_ns;
+    let end = exchange.end_ns.max(start);
+    let (kind, remote_service) = match exchange.side {
+        Side::Server => (SpanKind::Server, None),
+        Side::Client => (SpanKind::Client, Some(system.to_string())),
+    };
+    Span {
+        trace_id: identity.trace_id,
+        id: identity.span_id,
+        parent_id: identity.parent_id,
+        kind,
+        name,
+        timestamp: clock.mono_ns_to_unix_us(start),
+        duration: ((end - start) / 1000).max(1),
+        local_endpoint: Endpoint::new(Some(conn.service_name.clone()), conn.local),
+        remote_endpoint: Some(Endpoint::new(remote_service, conn.remote)),
+        tags,
+    }
+}
+
 /// Builds the span of one HTTP/1.x exchange.
 pub fn span_from_http(
     exchange: &HttpExchange,
@@ -284,10 +364,14 @@ fn split_target(target: &str) -> (&str, &str) {
 }
 
 fn bounded(s: &str) -> String {
-    if s.len() <= MAX_TAG_VALUE {
+    bounded_to(s, MAX_TAG_VALUE)
+}
+
+fn bounded_to(s: &str, max: usize) -> String {
+    if s.len() <= max {
         return s.to_string();
     }
-    let mut end = MAX_TAG_VALUE;
+    let mut end = max;
     while !s.is_char_boundary(end) {
         end -= 1;
     }

@@ -251,28 +251,34 @@ impl Linker {
                     }
                     return identity;
                 }
-                let parent = started
-                    .and_then(|s| self.serving.get(&s.tid))
-                    .filter(|s| s.start_ns <= exchange.req_start_ns);
-                match parent {
-                    Some(p) if p.ambiguous => {
-                        self.stats.unlinked_ambiguous += 1;
-                        self.new_root()
-                    }
-                    Some(p) if !p.finished => {
-                        self.stats.linked += 1;
-                        Identity {
-                            trace_id: p.identity.trace_id,
-                            span_id: new_span_id(),
-                            parent_id: Some(p.identity.span_id),
-                            sampled: p.identity.sampled,
-                        }
-                    }
-                    _ => {
-                        self.stats.roots += 1;
-                        self.new_root()
-                    }
+                self.call_identity(started.map(|s| s.tid), exchange.req_start_ns)
+            }
+        }
+    }
+
+    /// The identity of a call (a client request) that thread `tid` began at `start_ns`:
+    /// a child of the request the thread was serving then, when that is certain.
+    pub fn call_identity(&mut self, tid: Option<u32>, start_ns: u64) -> Identity {
+        let parent = tid
+            .and_then(|tid| self.serving.get(&tid))
+            .filter(|s| s.start_ns <= start_ns);
+        match parent {
+            Some(p) if p.ambiguous => {
+                self.stats.unlinked_ambiguous += 1;
+                self.new_root()
+            }
+            Some(p) if !p.finished => {
+                self.stats.linked += 1;
+                Identity {
+                    trace_id: p.identity.trace_id,
+                    span_id: new_span_id(),
+                    parent_id: Some(p.identity.span_id),
+                    sampled: p.identity.sampled,
                 }
+            }
+            _ => {
+                self.stats.roots += 1;
+                self.new_root()
             }
         }
     }
@@ -313,7 +319,7 @@ impl Linker {
         }
     }
 
-    fn new_root(&self) -> Identity {
+    pub fn new_root(&self) -> Identity {
         Identity {
             trace_id: new_trace_id(),
             span_id: new_span_id(),

@@ -16,11 +16,13 @@ use std::{
     sync::Arc,
 };
 
+use tracer_common::is_tls_plaintext;
+
 use self::link::{Identity, LinkStats, Linker};
 use crate::{
     events::Event,
     protocols::{
-        Direction, HttpExchange, Segment,
+        DbExchange, Direction, Exchange, HttpExchange, Segment, Side,
         http1::{Http1Conn, looks_like_request},
     },
 };
@@ -70,7 +72,10 @@ pub struct TrackerStats {
     pub conns_evicted: u64,
     /// Data for a socket whose open record was never seen (lost, or opened before a restart).
     pub conns_adopted: u64,
-    pub not_http: u64,
+    /// Connections whose bytes matched no protocol parser (or stopped matching one).
+    pub not_parsed: u64,
+    /// Connections that turned out to carry TLS, whose plaintext came from the OpenSSL probes.
+    pub tls_conns: u64,
 }
 
 struct Process {
@@ -85,13 +90,40 @@ struct Conn {
     conn_id: u64,
     local: SocketAddr,
     remote: SocketAddr,
-    /// (first-byte time, TCP sequence number) of requests started and not finished yet.
-    request_seqs: VecDeque<(u64, u32)>,
+    /// Requests started and not finished yet: their first-byte time, the thread that sent or
+    /// read them, and the TCP sequence number of that byte when known.
+    starts: VecDeque<Start>,
     /// Filtered out by port: its events are dropped without parsing.
     ignored: bool,
-    http: Http1Conn,
+    proto: Proto,
+    /// The OpenSSL probes reported plaintext for this socket: its syscall bytes are
+    /// ciphertext and are skipped.
+    tls: bool,
     reset: bool,
     last_ns: u64,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Start {
+    ts_ns: u64,
+    tid: u32,
+    seq: Option<u32>,
+}
+
+/// What a connection was found to carry. Detection is by the bytes, never by the port.
+enum Proto {
+    /// Nothing recognised yet. HTTP/1.x keeps its own search (it knows how to start
+    /// mid-stream); the database protocols are tried on each segment as it goes.
+    Detecting(Box<Http1Conn>),
+    Http(Box<Http1Conn>),
+    /// Not a protocol we parse: bytes are dropped unread.
+    Opaque,
+}
+
+impl Proto {
+    fn new() -> Self {
+        Proto::Detecting(Box::new(Http1Conn::new()))
+    }
 }
 
 pub struct ConnTracker {
@@ -99,12 +131,13 @@ pub struct ConnTracker {
     conns: HashMap<(u32, u32), Conn>,
     processes: HashMap<u32, Arc<Process>>,
     stats: TrackerStats,
-    exchanges: Vec<HttpExchange>,
+    http_out: Vec<HttpExchange>,
+    db_out: Vec<DbExchange>,
     linker: Linker,
 }
 
 /// A finished exchange, the connection it happened on, and its span identity.
-pub type Finished = (HttpExchange, ConnInfo, Identity);
+pub type Finished = (Exchange, ConnInfo, Identity);
 
 const UNSPECIFIED: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0);
 
@@ -115,7 +148,8 @@ impl ConnTracker {
             conns: HashMap::new(),
             processes: HashMap::new(),
             stats: TrackerStats::default(),
-            exchanges: Vec::new(),
+            http_out: Vec::new(),
+            db_out: Vec::new(),
             linker: Linker::new(),
         }
     }
@@ -161,6 +195,7 @@ impl ConnTracker {
             Event::Data {
                 len,
                 ingress,
+                syscall,
                 head,
                 tail,
                 ctx,
@@ -188,19 +223,22 @@ impl ConnTracker {
                     return;
                 };
                 conn.last_ns = hdr.ts_ns;
-                if conn.ignored || conn.http.is_not_http() {
+                if conn.ignored {
                     return;
                 }
-                if looks_like_request(head) {
-                    // Keyed by the time the parser gives the request's first byte.
-                    self.linker
-                        .request_started(key, *ingress, hdr.tid, *start_ns, head, ctx);
-                    if let Some(seq) = seq {
-                        if conn.request_seqs.len() >= MAX_SEQS {
-                            conn.request_seqs.pop_front();
-                        }
-                        conn.request_seqs.push_back((*start_ns, *seq));
-                    }
+                let plaintext = is_tls_plaintext(*syscall);
+                if plaintext && !conn.tls {
+                    // What was parsed so far was the TLS handshake: start over on plaintext.
+                    conn.tls = true;
+                    conn.proto = Proto::new();
+                    conn.starts.clear();
+                    self.linker.conn_closed(key);
+                    self.stats.tls_conns += 1;
+                } else if conn.tls && !plaintext {
+                    return;
+                }
+                if matches!(conn.proto, Proto::Opaque) {
+                    return;
                 }
                 let segment = Segment {
                     dir: if *ingress {
@@ -214,9 +252,49 @@ impl ConnTracker {
                     head,
                     tail,
                 };
-                conn.http.feed(&segment, &mut self.exchanges);
-                if conn.http.is_not_http() {
-                    self.stats.not_http += 1;
+                // The kernel's sequence numbers count ciphertext: meaningless for plaintext.
+                let seq = if plaintext { None } else { *seq };
+                let start = Start {
+                    ts_ns: *start_ns,
+                    tid: hdr.tid,
+                    seq,
+                };
+                let mut fed = false;
+                if let Proto::Detecting(http) = &mut conn.proto {
+                    http.feed(&segment, &mut self.http_out);
+                    fed = true;
+                    if http.is_not_http() {
+                        conn.proto = Proto::Opaque;
+                        self.stats.not_parsed += 1;
+                        return;
+                    }
+                    if http.is_searching() {
+                        return;
+                    }
+                    // The request line was found in this very segment.
+                    if let Proto::Detecting(http) =
+                        std::mem::replace(&mut conn.proto, Proto::Opaque)
+                    {
+                        conn.proto = Proto::Http(http);
+                    }
+                }
+                match &mut conn.proto {
+                    Proto::Http(http) => {
+                        if looks_like_request(head) {
+                            // Keyed by the time the parser gives the request's first byte.
+                            self.linker
+                                .request_started(key, *ingress, hdr.tid, *start_ns, head, ctx);
+                            push_start(&mut conn.starts, start);
+                        }
+                        if !fed {
+                            http.feed(&segment, &mut self.http_out);
+                            if http.is_not_http() {
+                                conn.proto = Proto::Opaque;
+                                self.stats.not_parsed += 1;
+                            }
+                        }
+                    }
+                    Proto::Detecting(_) | Proto::Opaque => {}
                 }
                 self.drain(key.0, key, out);
             }
@@ -288,7 +366,10 @@ impl ConnTracker {
         if conn.ignored {
             return;
         }
-        conn.http.close(ts_ns, conn.reset, &mut self.exchanges);
+        match &mut conn.proto {
+            Proto::Http(http) => http.close(ts_ns, conn.reset, &mut self.http_out),
+            Proto::Detecting(_) | Proto::Opaque => {}
+        }
         // Put it back briefly so that drain() finds its addresses.
         self.conns.insert(key, conn);
         self.drain(key.0, key, out);
@@ -298,42 +379,46 @@ impl ConnTracker {
 
     /// Moves parsed exchanges of `key` into `out` with their connection info.
     fn drain(&mut self, tgid: u32, key: (u32, u32), out: &mut Vec<Finished>) {
-        if self.exchanges.is_empty() {
+        if self.http_out.is_empty() && self.db_out.is_empty() {
             return;
         }
         let process = self.process(tgid);
         let Some(conn) = self.conns.get_mut(&key) else {
-            self.exchanges.clear();
+            self.http_out.clear();
+            self.db_out.clear();
             return;
         };
-        for exchange in self.exchanges.drain(..) {
+        let info = |request_seq| ConnInfo {
+            pid: tgid,
+            comm: process.comm.clone(),
+            service_name: process.service_name.clone(),
+            local: conn.local,
+            remote: conn.remote,
+            request_seq,
+        };
+        for exchange in self.http_out.drain(..) {
             self.stats.exchanges += 1;
-            // Starts older than this exchange never finished; the one at its start is its own.
-            while conn
-                .request_seqs
-                .front()
-                .is_some_and(|(ts, _)| *ts < exchange.req_start_ns)
-            {
-                conn.request_seqs.pop_front();
-            }
-            let request_seq = match conn.request_seqs.front() {
-                Some((ts, seq)) if *ts == exchange.req_start_ns => {
-                    let seq = *seq;
-                    conn.request_seqs.pop_front();
-                    Some(seq)
-                }
-                _ => None,
-            };
-            let info = ConnInfo {
-                pid: tgid,
-                comm: process.comm.clone(),
-                service_name: process.service_name.clone(),
-                local: conn.local,
-                remote: conn.remote,
-                request_seq,
-            };
+            let request_seq = take_start(&mut conn.starts, exchange.req_start_ns, true)
+                .and_then(|s| s.seq);
             let identity = self.linker.finished(key, &exchange);
-            out.push((exchange, info, identity));
+            out.push((Exchange::Http(exchange), info(request_seq), identity));
+        }
+        for exchange in self.db_out.drain(..) {
+            self.stats.exchanges += 1;
+            // Pipelined commands written in one syscall share its start; only the first
+            // begins at the sequence number, but all were sent by its thread.
+            let start = take_start(&mut conn.starts, exchange.req_start_ns, false);
+            let identity = match exchange.side {
+                Side::Client => self
+                    .linker
+                    .call_identity(start.map(|s| s.tid), exchange.req_start_ns),
+                Side::Server => self.linker.new_root(),
+            };
+            out.push((
+                Exchange::Db(exchange),
+                info(start.and_then(|s| s.seq)),
+                identity,
+            ));
         }
     }
 
@@ -363,6 +448,30 @@ impl ConnTracker {
     }
 }
 
+/// The start recorded for a request that began at `ts_ns`. Starts older than it never
+/// finished and are dropped; `consume` removes the match too, otherwise only its sequence
+/// number is taken (the next exchange with the same start gets none).
+fn take_start(starts: &mut VecDeque<Start>, ts_ns: u64, consume: bool) -> Option<Start> {
+    while starts.front().is_some_and(|s| s.ts_ns < ts_ns) {
+        starts.pop_front();
+    }
+    let front = starts.front_mut().filter(|s| s.ts_ns == ts_ns)?;
+    let found = *front;
+    if consume {
+        starts.pop_front();
+    } else {
+        front.seq = None;
+    }
+    Some(found)
+}
+
+fn push_start(starts: &mut VecDeque<Start>, start: Start) {
+    if starts.len() >= MAX_SEQS {
+        starts.pop_front();
+    }
+    starts.push_back(start);
+}
+
 impl Conn {
     fn new(conn_id: u64, local: SocketAddr, remote: SocketAddr, ignored: bool, now: u64) -> Self {
         Self {
@@ -370,8 +479,9 @@ impl Conn {
             local,
             remote,
             ignored,
-            request_seqs: VecDeque::new(),
-            http: Http1Conn::new(),
+            starts: VecDeque::new(),
+            proto: Proto::new(),
+            tls: false,
             reset: false,
             last_ns: now,
         }
@@ -427,6 +537,7 @@ mod tests {
         );
         assert_eq!(out.len(), 1);
         let (ex, info, _) = &out[0];
+        let ex = ex.as_http().unwrap();
         assert_eq!(
             (ex.side, ex.method.as_str(), ex.status),
             (Side::Server, "GET", Some(200))
@@ -476,6 +587,7 @@ mod tests {
         );
         assert_eq!(out.len(), 1);
         let (ex, info, identity) = &out[0];
+        let ex = ex.as_http().unwrap();
         assert_eq!(ex.side, Side::Client);
         assert_eq!(ex.req_start_ns, 1_000, "dated from the send's entry");
         assert_eq!(info.request_seq, Some(12345));
@@ -541,9 +653,9 @@ mod tests {
             ],
         );
         assert_eq!(out.len(), 2);
-        assert_eq!(out[0].0.outcome, Outcome::Closed { reset: false });
+        assert_eq!(out[0].0.as_http().unwrap().outcome, Outcome::Closed { reset: false });
         assert_eq!(out[0].1.remote.port(), 1111);
-        assert_eq!(out[1].0.status, Some(200));
+        assert_eq!(out[1].0.as_http().unwrap().status, Some(200));
         assert_eq!(out[1].1.remote.port(), 2222);
     }
 
@@ -569,8 +681,8 @@ mod tests {
             ],
         );
         assert_eq!(out.len(), 1);
-        assert_eq!(out[0].0.side, Side::Client);
-        assert_eq!(out[0].0.outcome, Outcome::Closed { reset: true });
+        assert_eq!(out[0].0.as_http().unwrap().side, Side::Client);
+        assert_eq!(out[0].0.as_http().unwrap().outcome, Outcome::Closed { reset: true });
         assert_eq!(t.open_connections(), 0);
     }
 

@@ -312,6 +312,11 @@ impl Http1Conn {
         matches!(self.mode, Mode::NotHttp | Mode::Upgraded)
     }
 
+    /// True while no request line was found yet (the connection may carry another protocol).
+    pub fn is_searching(&self) -> bool {
+        matches!(self.mode, Mode::Searching { .. })
+    }
+
     /// Bytes held in partial-head buffers (bounded by about twice `MAX_HEAD`, 16 KiB).
     pub fn buffered_bytes(&self) -> usize {
         self.req.buf.len() + self.resp.buf.len() + self.scratch.len()

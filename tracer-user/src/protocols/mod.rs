@@ -123,3 +123,34 @@ pub struct DbExchange {
     pub resp_bytes: u64,
     pub outcome: Outcome,
 }
+
+/// A finished exchange of any protocol.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Exchange {
+    Http(HttpExchange),
+    Db(DbExchange),
+}
+
+impl Exchange {
+    pub fn side(&self) -> Side {
+        match self {
+            Exchange::Http(e) => e.side,
+            Exchange::Db(e) => e.side,
+        }
+    }
+
+    pub fn as_http(&self) -> Option<&HttpExchange> {
+        match self {
+            Exchange::Http(e) => Some(e),
+            Exchange::Db(_) => None,
+        }
+    }
+
+    /// First byte of the request.
+    pub fn req_start_ns(&self) -> u64 {
+        match self {
+            Exchange::Http(e) => e.req_start_ns,
+            Exchange::Db(e) => e.req_start_ns,
+        }
+    }
+}
