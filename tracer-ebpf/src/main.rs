@@ -5,7 +5,8 @@
 //!
 //! Files: `syscalls.rs` (data syscalls: read/write family, sendfile), `sockets.rs` (fd -> socket
 //! resolution, accept, connect, close), `process.rs` (fork and exit, for the traced set),
-//! `inject.rs` (span ids named in the kernel, and trace context written into requests).
+//! `inject.rs` (span ids named in the kernel, and trace context written into requests),
+//! `tls.rs` (OpenSSL uprobes: plaintext of TLS sockets).
 #![no_std]
 #![no_main]
 
@@ -15,6 +16,7 @@ mod process;
 mod raw;
 mod sockets;
 mod syscalls;
+mod tls;
 
 use aya_ebpf::{
     Global,

@@ -31,6 +31,21 @@ pub struct ConnState {
     pub conn_id: u64,
     /// The `struct sock *`, for reading sequence numbers (never dereferenced directly).
     pub sk: u64,
+    /// `CONN_*` bits.
+    pub flags: u64,
+}
+
+/// The socket carries TLS whose plaintext the OpenSSL probes report: its syscalls move
+/// ciphertext, which is not copied.
+pub const CONN_TLS: u64 = 1;
+
+/// Marks `(tgid, fd)` as a TLS socket.
+#[inline(always)]
+pub fn mark_tls(tgid: u32, fd: u32) {
+    if let Some(state) = CONNS.get_ptr_mut(&conn_key(tgid, fd)) {
+        // SAFETY: a map value pointer, valid for this program's run.
+        unsafe { (*state).flags |= CONN_TLS };
+    }
 }
 
 #[inline(always)]
@@ -162,6 +177,7 @@ pub fn track(fd: u32, role: u16) -> Option<ConnState> {
             &ConnState {
                 conn_id,
                 sk: sk as u64,
+                flags: 0,
             },
             0,
         )
@@ -179,6 +195,7 @@ pub fn track(fd: u32, role: u16) -> Option<ConnState> {
     Some(ConnState {
         conn_id,
         sk: sk as u64,
+        flags: 0,
     })
 }
 

@@ -19,7 +19,8 @@ use tracer_common::{
 
 use crate::{
     ACTIVE, EVENTS, SCRATCH, capture_limit, count, inject, is_traced,
-    sockets::{header_only, lookup_or_track, next_seq, take_saved},
+    sockets::{CONN_TLS, header_only, lookup_or_track, next_seq, take_saved},
+    tls,
 };
 
 const ECONNRESET: i64 = 104;
@@ -77,6 +78,12 @@ pub fn enter_args(fd: u64, arg1: u64, arg2: u64, syscall: i32, kind: u32, direct
         let _ = ACTIVE.remove(&pid_tgid);
         return;
     };
+    // Inside an OpenSSL call the bytes are ciphertext: the call's own probes report the
+    // plaintext, and learn here which socket it uses.
+    if tls::in_ssl_call(pid_tgid, tgid, fd, &conn) || conn.flags & CONN_TLS != 0 {
+        let _ = ACTIVE.remove(&pid_tgid);
+        return;
+    }
     let (kind, buf, count) = match kind {
         SavedArgs::BUF => (kind, arg1, 0),
         SavedArgs::IOV => (kind, arg1, arg2),
@@ -202,7 +209,7 @@ pub fn exit_data(saved: SavedArgs, ret: i64, pid_tgid: u64) {
 }
 
 #[inline(always)]
-fn emit_data(saved: &SavedArgs, len: u64, pid_tgid: u64) {
+pub fn emit_data(saved: &SavedArgs, len: u64, pid_tgid: u64) {
     let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
         return;
     };

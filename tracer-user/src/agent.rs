@@ -19,11 +19,11 @@ use tracer_common::stat;
 use crate::{
     cli::{AttachOptions, CommonOptions, InjectMode, OutputFormat, RunOptions},
     conn::{ConnTracker, Finished, TrackerConfig},
-    protocols::Exchange,
     events::decode,
     export::{Exporter, Output, USER_AGENT, ZipkinConfig, parse_zipkin_url},
     metrics::Red,
     probes::{InjectOptions, ProbeOptions, Probes},
+    protocols::Exchange,
     spans::{Clock, span_of},
 };
 
@@ -156,6 +156,7 @@ fn plan(
                 nets: common.inject_nets.clone(),
             },
             netns_inum: 0,
+            tls: !common.no_tls,
         },
         tracker: TrackerConfig {
             ports,
@@ -263,6 +264,9 @@ async fn event_loop(plan: Plan, mut probes: Probes) -> anyhow::Result<()> {
                     *text = render_metrics(&probes, &tracker, &exporter, decode_errors, &red);
                 }
                 tracker.sweep(monotonic_ns());
+                for pid in tracker.take_new_processes() {
+                    probes.tls_scan(pid);
+                }
                 if last_calibration.elapsed() >= Duration::from_secs(60) {
                     clock.recalibrate();
                     last_calibration = std::time::Instant::now();

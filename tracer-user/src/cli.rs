@@ -125,6 +125,9 @@ pub struct CommonOptions {
     /// Do not trace the children a traced process forks.
     #[arg(long)]
     pub no_follow_forks: bool,
+    /// Do not attach the OpenSSL uprobes: TLS connections are then not parsed.
+    #[arg(long)]
+    pub no_tls: bool,
     /// Trace context header written into outgoing HTTP/1.x requests of traced processes, in
     /// the kernel, so that the tracer on the receiving host joins their trace.
     #[arg(long, value_enum, default_value_t = InjectMode::Traceparent)]

@@ -221,12 +221,27 @@ pub struct PythonServer {
 
 impl PythonServer {
     pub fn start() -> PythonServer {
+        PythonServer::start_with(&[])
+    }
+
+    /// HTTPS, with a certificate and key from [`self_signed_certificate`].
+    pub fn start_tls(cert: &std::path::Path, key: &std::path::Path) -> PythonServer {
+        PythonServer::start_with(&[
+            "--tls-cert".as_ref(),
+            cert.as_os_str(),
+            "--tls-key".as_ref(),
+            key.as_os_str(),
+        ])
+    }
+
+    fn start_with(args: &[&std::ffi::OsStr]) -> PythonServer {
         let dir = tempdir();
         let port_file = dir.join("port");
         let child = Command::new("python3")
             .arg(repo_root().join("tests/servers/http_server.py"))
             .arg("--port-file")
             .arg(&port_file)
+            .args(args)
             .stdin(Stdio::null())
             .spawn()
             .expect("start python3 http server");
@@ -241,6 +256,24 @@ impl PythonServer {
     pub fn pid(&self) -> u32 {
         self.guard.0.id()
     }
+}
+
+/// A self-signed certificate for localhost and its key, made with the openssl tool:
+/// (cert.pem, key.pem) in `dir`.
+pub fn self_signed_certificate(dir: &std::path::Path) -> (PathBuf, PathBuf) {
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    let out = Command::new("openssl")
+        .args([
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "3650",
+        ])
+        .args(["-subj", "/CN=localhost", "-keyout"])
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .expect("run openssl");
+    assert!(out.status.success(), "openssl req: {out:?}");
+    (cert, key)
 }
 
 pub fn tempdir() -> PathBuf {

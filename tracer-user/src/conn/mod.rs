@@ -122,7 +122,7 @@ enum Proto {
 
 impl Proto {
     fn new() -> Self {
-        Proto::Detecting(Box::new(Http1Conn::new()))
+        Proto::Detecting(Box::default())
     }
 }
 
@@ -134,6 +134,8 @@ pub struct ConnTracker {
     http_out: Vec<HttpExchange>,
     db_out: Vec<DbExchange>,
     linker: Linker,
+    /// Processes seen for the first time since the last `take_new_processes`.
+    new_processes: Vec<u32>,
 }
 
 /// A finished exchange, the connection it happened on, and its span identity.
@@ -151,6 +153,7 @@ impl ConnTracker {
             http_out: Vec::new(),
             db_out: Vec::new(),
             linker: Linker::new(),
+            new_processes: Vec::new(),
         }
     }
 
@@ -160,6 +163,12 @@ impl ConnTracker {
 
     pub fn link_stats(&self) -> &LinkStats {
         self.linker.stats()
+    }
+
+    /// Processes seen for the first time (or again after their pid was reused) since the last
+    /// call: the agent looks for OpenSSL in them.
+    pub fn take_new_processes(&mut self) -> Vec<u32> {
+        std::mem::take(&mut self.new_processes)
     }
 
     pub fn open_connections(&self) -> usize {
@@ -398,8 +407,8 @@ impl ConnTracker {
         };
         for exchange in self.http_out.drain(..) {
             self.stats.exchanges += 1;
-            let request_seq = take_start(&mut conn.starts, exchange.req_start_ns, true)
-                .and_then(|s| s.seq);
+            let request_seq =
+                take_start(&mut conn.starts, exchange.req_start_ns, true).and_then(|s| s.seq);
             let identity = self.linker.finished(key, &exchange);
             out.push((Exchange::Http(exchange), info(request_seq), identity));
         }
@@ -430,9 +439,13 @@ impl ConnTracker {
     /// names it when /proc no longer has it.
     fn process_named(&mut self, tgid: u32, hint: &[u8; 16]) -> Arc<Process> {
         let override_name = self.config.service_name.clone();
+        let new_processes = &mut self.new_processes;
         self.processes
             .entry(tgid)
             .or_insert_with(|| {
+                if new_processes.len() < 4096 {
+                    new_processes.push(tgid);
+                }
                 let from_kernel =
                     String::from_utf8_lossy(hint.split(|b| *b == 0).next().unwrap_or_default())
                         .into_owned();
@@ -653,7 +666,10 @@ mod tests {
             ],
         );
         assert_eq!(out.len(), 2);
-        assert_eq!(out[0].0.as_http().unwrap().outcome, Outcome::Closed { reset: false });
+        assert_eq!(
+            out[0].0.as_http().unwrap().outcome,
+            Outcome::Closed { reset: false }
+        );
         assert_eq!(out[0].1.remote.port(), 1111);
         assert_eq!(out[1].0.as_http().unwrap().status, Some(200));
         assert_eq!(out[1].1.remote.port(), 2222);
@@ -682,7 +698,10 @@ mod tests {
         );
         assert_eq!(out.len(), 1);
         assert_eq!(out[0].0.as_http().unwrap().side, Side::Client);
-        assert_eq!(out[0].0.as_http().unwrap().outcome, Outcome::Closed { reset: true });
+        assert_eq!(
+            out[0].0.as_http().unwrap().outcome,
+            Outcome::Closed { reset: true }
+        );
         assert_eq!(t.open_connections(), 0);
     }
 

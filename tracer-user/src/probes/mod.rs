@@ -1,6 +1,8 @@
 //! Loading and attaching the eBPF programs: privilege and kernel checks, the kernel struct
 //! offsets the probes need (read from BTF), tracefs, and per-program attach with a clear report
-//! of what is attached.
+//! of what is attached. `openssl` finds OpenSSL in processes for the TLS uprobes.
+
+pub mod openssl;
 
 use std::{
     fs,
@@ -81,6 +83,8 @@ pub struct ProbeOptions {
     pub inject: InjectOptions,
     /// Trace only tasks in the network namespace with this inode number; 0: any.
     pub netns_inum: u32,
+    /// Attach the OpenSSL uprobes (TLS plaintext).
+    pub tls: bool,
 }
 
 /// Trace context injection into outgoing HTTP/1.x requests (sock_ops + sk_msg).
@@ -218,6 +222,8 @@ pub struct Probes {
     pub skipped: Vec<String>,
     /// The socket map the sk_msg program is attached to, held for the program's lifetime.
     inject_sockets: Option<aya::maps::SockHash<MapData, SockKey>>,
+    /// The TLS probes, when loaded.
+    openssl: Option<openssl::OpenSsl>,
 }
 
 impl Probes {
@@ -362,6 +368,29 @@ impl Probes {
                 skipped.join(", ")
             );
         }
+        let openssl = if opts.tls {
+            match openssl::OpenSsl::load(&mut ebpf) {
+                Ok(mut o) => {
+                    let mut n = o.attach_system(&mut ebpf);
+                    for pid in &opts.pids {
+                        n += o.attach_process(&mut ebpf, *pid);
+                    }
+                    if n == 0 {
+                        info!(
+                            "TLS: no OpenSSL library found yet; processes are checked as they appear"
+                        );
+                    }
+                    Some(o)
+                }
+                // Plaintext capture goes on without it.
+                Err(e) => {
+                    warn!("TLS probes unavailable ({e}); TLS traffic will not be parsed");
+                    None
+                }
+            }
+        } else {
+            None
+        };
         Ok(Self {
             ebpf,
             traced_pids,
@@ -369,7 +398,21 @@ impl Probes {
             attached,
             skipped,
             inject_sockets,
+            openssl,
         })
+    }
+
+    /// Looks for OpenSSL in a process the agent just saw, and attaches the TLS probes to any
+    /// copy not covered yet.
+    pub fn tls_scan(&mut self, pid: u32) {
+        if let Some(o) = &mut self.openssl {
+            o.attach_process(&mut self.ebpf, pid);
+        }
+    }
+
+    /// Files the TLS probes are attached to.
+    pub fn tls_files(&self) -> usize {
+        self.openssl.as_ref().map_or(0, |o| o.attached.len())
     }
 
     /// Whether trace context injection is attached and running.

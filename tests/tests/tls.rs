@@ -1,0 +1,287 @@
+//! End-to-end: TLS traffic seen in plaintext through the OpenSSL uprobes. Real servers (nginx
+//! with a self-signed certificate, Python's ssl module) and clients (curl, Python's ssl), the
+//! real tracer, spans read back from the collector. The spans must look exactly like the
+//! plaintext ones, and the ciphertext the syscall probes see must not add any.
+
+mod common;
+
+use std::{process::Command, time::Duration};
+
+use common::{PythonServer, Tracer, require_root, self_signed_certificate, tempdir};
+use serde_json::Value;
+use tracer_e2e::{ChildGuard, Collector, python, repo_root};
+
+fn tag<'a>(span: &'a Value, key: &str) -> Option<&'a str> {
+    span["tags"][key].as_str()
+}
+
+/// (kind, name, status) of every span, sorted.
+fn shapes(spans: &[Value]) -> Vec<(String, String, String)> {
+    let mut got: Vec<_> = spans
+        .iter()
+        .map(|s| {
+            (
+                s["kind"].as_str().unwrap_or("-").to_string(),
+                s["name"].as_str().unwrap().to_string(),
+                tag(s, "http.status_code").unwrap_or("-").to_string(),
+            )
+        })
+        .collect();
+    got.sort();
+    got
+}
+
+fn assert_client_encloses_server(spans: &[Value]) {
+    for server in spans.iter().filter(|s| s["kind"] == "SERVER") {
+        let client = spans
+            .iter()
+            .filter(|s| s["kind"] == "CLIENT" && s["name"] == server["name"])
+            .find(|c| {
+                let (cs, cd) = (
+                    c["timestamp"].as_u64().unwrap(),
+                    c["duration"].as_u64().unwrap(),
+                );
+                let (ss, sd) = (
+                    server["timestamp"].as_u64().unwrap(),
+                    server["duration"].as_u64().unwrap(),
+                );
+                cs <= ss + 1 && ss + sd <= cs + cd + 1
+            });
+        assert!(client.is_some(), "no CLIENT span encloses {server}");
+    }
+}
+
+/// nginx serving HTTPS (a self-signed certificate) to curl, both traced by `tracer run`: the
+/// same spans as over plaintext, and an incoming traceparent in an encrypted request is read.
+#[test]
+fn nginx_https_and_curl() {
+    require_root();
+    let collector = Collector::start();
+    let dir = tempdir();
+    let (cert, key) = self_signed_certificate(&dir);
+    let html = dir.join("html");
+    std::fs::create_dir_all(&html).unwrap();
+    std::fs::write(html.join("index.html"), "hi\n").unwrap();
+    std::fs::write(html.join("big.txt"), "b".repeat(200_000)).unwrap();
+    let port = tracer_e2e::free_port();
+    let conf = dir.join("nginx.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "worker_processes 2;\ndaemon off;\nerror_log {d}/error.log;\npid {d}/nginx.pid;\nevents {{ worker_connections 128; }}\n\
+             http {{ access_log off; sendfile on; client_body_temp_path {d}; proxy_temp_path {d}; fastcgi_temp_path {d}; uwsgi_temp_path {d}; scgi_temp_path {d};\n\
+             server {{ listen 127.0.0.1:{port} ssl; ssl_certificate {c}; ssl_certificate_key {k};\n\
+             root {h}; location /err {{ return 503; }} }} }}\n",
+            d = dir.display(),
+            h = html.display(),
+            c = cert.display(),
+            k = key.display(),
+        ),
+    )
+    .unwrap();
+    let _nginx = ChildGuard(
+        Command::new("nginx")
+            .arg("-c")
+            .arg(&conf)
+            .spawn()
+            .expect("nginx"),
+    );
+    tracer_e2e::wait_for_port(port, Duration::from_secs(10));
+
+    let port_s = port.to_string();
+    let tracer = Tracer::start(&[
+        "run",
+        "--comm",
+        "nginx",
+        "--comm",
+        "curl",
+        "--port",
+        &port_s,
+        "--zipkin",
+        &collector.url(),
+        "--flush-interval-ms",
+        "200",
+    ]);
+    let base = format!("https://127.0.0.1:{port}");
+    let out = Command::new("curl")
+        .args([
+            "-sk",
+            "-o",
+            "/dev/null",
+            "-o",
+            "/dev/null",
+            "-o",
+            "/dev/null",
+        ])
+        .args(["-w", "%{http_code}\\n"])
+        .args([
+            format!("{base}/index.html"),
+            format!("{base}/big.txt"),
+            format!("{base}/err"),
+        ])
+        .output()
+        .expect("curl");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "200\n200\n503\n");
+    let spans = collector.wait_for_spans(6, Duration::from_secs(10));
+    assert_eq!(
+        shapes(&spans),
+        [
+            ("CLIENT", "GET /big.txt", "200"),
+            ("CLIENT", "GET /err", "503"),
+            ("CLIENT", "GET /index.html", "200"),
+            ("SERVER", "GET /big.txt", "200"),
+            ("SERVER", "GET /err", "503"),
+            ("SERVER", "GET /index.html", "200"),
+        ]
+        .map(|(a, b, c)| (a.to_string(), b.to_string(), c.to_string())),
+        "{spans:#?}"
+    );
+    for s in &spans {
+        let service = if s["kind"] == "SERVER" {
+            "nginx"
+        } else {
+            "curl"
+        };
+        assert_eq!(s["localEndpoint"]["serviceName"], service);
+        let server_port = if s["kind"] == "SERVER" {
+            &s["localEndpoint"]["port"]
+        } else {
+            &s["remoteEndpoint"]["port"]
+        };
+        assert_eq!(server_port.as_u64(), Some(u64::from(port)));
+        assert_eq!(
+            tag(s, "http.host"),
+            Some(format!("127.0.0.1:{port}").as_str())
+        );
+    }
+    let big = spans
+        .iter()
+        .find(|s| s["kind"] == "SERVER" && s["name"] == "GET /big.txt")
+        .unwrap();
+    assert_eq!(
+        tag(big, "http.response.size").map(|n| n.parse::<u64>().unwrap() > 200_000),
+        Some(true)
+    );
+    assert_client_encloses_server(&spans);
+
+    // Trace context arrives encrypted; the server span joins the caller's trace.
+    let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let parent = "00f067aa0ba902b7";
+    collector.reset();
+    let out = Command::new("curl")
+        .args(["-sk", "-o", "/dev/null", "-w", "%{http_code}\\n", "-H"])
+        .arg(format!("traceparent: 00-{trace_id}-{parent}-01"))
+        .arg(format!("{base}/index.html"))
+        .output()
+        .expect("curl");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "200\n");
+    let spans = collector.wait_for_spans(2, Duration::from_secs(10));
+    let server = spans
+        .iter()
+        .find(|s| s["kind"] == "SERVER")
+        .unwrap_or_else(|| panic!("no server span: {spans:#?}"));
+    assert_eq!(server["traceId"], trace_id);
+    assert_eq!(server["parentId"], parent);
+
+    let stopped = tracer.stop();
+    assert!(stopped.status.success(), "{}", stopped.stderr);
+    assert!(
+        stopped.stderr.contains("TLS: OpenSSL probes on"),
+        "{}",
+        stopped.stderr
+    );
+    // Nothing else was reported: the ciphertext made no spans of its own.
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(collector.spans().len(), 2, "{:#?}", collector.spans());
+}
+
+/// Python's ssl module on both ends (SSL_read_ex/SSL_write_ex): a server traced from before,
+/// and a client started after the tracer that loads its own copy of libssl (a different file
+/// from the system's), which the tracer must find in the process's memory map.
+#[test]
+fn python_tls_with_a_private_libssl_copy() {
+    require_root();
+    let collector = Collector::start();
+    let dir = tempdir();
+    let (cert, key) = self_signed_certificate(&dir);
+    let server = PythonServer::start_tls(&cert, &key);
+    let port_s = server.port.to_string();
+    let tracer = Tracer::start(&[
+        "run",
+        "--comm",
+        "python3",
+        "--port",
+        &port_s,
+        "--zipkin",
+        &collector.url(),
+        "--flush-interval-ms",
+        "200",
+    ]);
+    // A private copy of the system libssl, found first through LD_LIBRARY_PATH.
+    let system = [
+        "/usr/lib/x86_64-linux-gnu/libssl.so.3",
+        "/lib/x86_64-linux-gnu/libssl.so.3",
+    ]
+    .into_iter()
+    .find(|p| std::path::Path::new(p).exists())
+    .expect("libssl.so.3");
+    let private = dir.join("lib");
+    std::fs::create_dir_all(&private).unwrap();
+    std::fs::copy(system, private.join("libssl.so.3")).unwrap();
+    let trace_id = "0af7651916cd43dd8448eb211c80319c";
+    let parent = "b7ad6b7169203331";
+    let out = Command::new(python())
+        .arg(repo_root().join("tests/servers/tls_client.py"))
+        .arg(&port_s)
+        .arg("5")
+        .args(["--wait", "2.5", "--traceparent"])
+        .arg(format!("00-{trace_id}-{parent}-01"))
+        .env("LD_LIBRARY_PATH", &private)
+        .output()
+        .expect("tls client");
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "200\n200\n200\n200\n500\n"
+    );
+
+    let spans = collector.wait_for_spans(10, Duration::from_secs(10));
+    let stopped = tracer.stop();
+    assert!(stopped.status.success(), "{}", stopped.stderr);
+    assert!(
+        stopped
+            .stderr
+            .contains(&format!("{}/libssl.so.3", private.display())),
+        "the private libssl copy was not found: {}",
+        stopped.stderr
+    );
+    assert_eq!(spans.len(), 10, "{spans:#?}");
+    let mut expected = Vec::new();
+    for kind in ["CLIENT", "SERVER"] {
+        for _ in 0..4 {
+            expected.push((
+                kind.to_string(),
+                "GET /bytes/{id}".to_string(),
+                "200".to_string(),
+            ));
+        }
+        expected.push((
+            kind.to_string(),
+            "GET /status/{id}".to_string(),
+            "500".to_string(),
+        ));
+    }
+    expected.sort();
+    assert_eq!(shapes(&spans), expected);
+    assert_client_encloses_server(&spans);
+    for s in &spans {
+        assert_eq!(s["localEndpoint"]["serviceName"], "python3");
+    }
+    // The first request carried a traceparent: its server span joined that trace.
+    let joined: Vec<_> = spans
+        .iter()
+        .filter(|s| s["kind"] == "SERVER" && s["traceId"] == trace_id)
+        .collect();
+    assert_eq!(joined.len(), 1, "{spans:#?}");
+    assert_eq!(joined[0]["parentId"], parent);
+}

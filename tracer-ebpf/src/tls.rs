@@ -1,0 +1,191 @@
+//! TLS plaintext from OpenSSL: uprobes on SSL_read, SSL_write and their `_ex` forms.
+//!
+//! The entry probe saves the call's buffer; the return probe copies what the call moved, as a
+//! data event of the socket underneath. Which socket that is, OpenSSL does not say in a
+//! version-independent way (the fd sits in a BIO whose layout changes between releases), so it
+//! is learnt from the syscalls: a read or write a thread makes while inside an SSL call is on
+//! that call's socket. That syscall's own bytes are ciphertext and are not reported, and the
+//! socket is marked TLS so its later syscalls (handshakes, close_notify) are skipped too. An
+//! SSL call that needs no syscall (the record was already buffered) uses the socket learnt
+//! earlier for the same SSL object.
+
+use aya_ebpf::{
+    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user},
+    macros::{map, uprobe, uretprobe},
+    maps::LruHashMap,
+    programs::{ProbeContext, RetProbeContext},
+};
+use tracer_common::{
+    DIR_EGRESS, DIR_INGRESS, SYSCALL_SSL_READ, SYSCALL_SSL_WRITE, SavedArgs, stat,
+};
+
+use crate::{
+    count, is_traced,
+    sockets::{ConnState, lookup_or_track, mark_tls},
+    syscalls::emit_data,
+};
+
+/// An SSL call in progress on a thread.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct SslCall {
+    ssl: u64,
+    buf: u64,
+    /// `size_t *` where the `_ex` forms store the byte count; 0 for SSL_read/SSL_write.
+    count_ptr: u64,
+    enter_ns: u64,
+    conn_id: u64,
+    /// The socket the call used, once a syscall under it showed it; `u32::MAX` until then.
+    fd: u32,
+    direction: u32,
+}
+
+/// SSL calls in progress, by pid_tgid.
+#[map]
+static SSL_CALLS: LruHashMap<u64, SslCall> = LruHashMap::with_max_entries(16384, 0);
+
+/// The socket of each SSL object seen, by (tgid, `SSL *`).
+#[map]
+static SSL_SOCKETS: LruHashMap<[u64; 2], u32> = LruHashMap::with_max_entries(65536, 0);
+
+#[inline(always)]
+fn enter(ssl: u64, buf: u64, count_ptr: u64, direction: u32) {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    if !is_traced((pid_tgid >> 32) as u32) {
+        return;
+    }
+    let call = SslCall {
+        ssl,
+        buf,
+        count_ptr,
+        // SAFETY: no preconditions.
+        enter_ns: unsafe { bpf_ktime_get_ns() },
+        conn_id: 0,
+        fd: u32::MAX,
+        direction,
+    };
+    let _ = SSL_CALLS.insert(&pid_tgid, &call, 0);
+}
+
+/// int SSL_read(SSL *ssl, void *buf, int num)
+#[uprobe]
+pub fn tracer_ssl_read(ctx: ProbeContext) -> u32 {
+    enter(arg(&ctx, 0), arg(&ctx, 1), 0, DIR_INGRESS);
+    0
+}
+
+/// int SSL_read_ex(SSL *ssl, void *buf, size_t num, size_t *readbytes)
+#[uprobe]
+pub fn tracer_ssl_read_ex(ctx: ProbeContext) -> u32 {
+    enter(arg(&ctx, 0), arg(&ctx, 1), arg(&ctx, 3), DIR_INGRESS);
+    0
+}
+
+/// int SSL_write(SSL *ssl, const void *buf, int num)
+#[uprobe]
+pub fn tracer_ssl_write(ctx: ProbeContext) -> u32 {
+    enter(arg(&ctx, 0), arg(&ctx, 1), 0, DIR_EGRESS);
+    0
+}
+
+/// int SSL_write_ex(SSL *s, const void *buf, size_t num, size_t *written)
+#[uprobe]
+pub fn tracer_ssl_write_ex(ctx: ProbeContext) -> u32 {
+    enter(arg(&ctx, 0), arg(&ctx, 1), arg(&ctx, 3), DIR_EGRESS);
+    0
+}
+
+#[inline(always)]
+fn arg(ctx: &ProbeContext, n: usize) -> u64 {
+    ctx.arg::<u64>(n).unwrap_or(0)
+}
+
+/// The return of any of the four: reports the plaintext the call moved.
+#[uretprobe]
+pub fn tracer_ssl_return(ctx: RetProbeContext) -> u32 {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    // SAFETY: copied out at once.
+    let Some(call) = (unsafe { SSL_CALLS.get(&pid_tgid) }).copied() else {
+        return 0;
+    };
+    let _ = SSL_CALLS.remove(&pid_tgid);
+    let ret: i32 = ctx.ret::<i32>();
+    let len: u64 = if call.count_ptr != 0 {
+        if ret != 1 {
+            return 0;
+        }
+        // SAFETY: a user pointer the caller passed; a fault gives 0.
+        unsafe { bpf_probe_read_user(call.count_ptr as *const u64) }.unwrap_or(0)
+    } else if ret > 0 {
+        ret as u64
+    } else {
+        0
+    };
+    if len == 0 {
+        return 0;
+    }
+    let tgid = (pid_tgid >> 32) as u32;
+    let fd = if call.fd != u32::MAX {
+        call.fd
+    } else {
+        // SAFETY: copied out at once.
+        match unsafe { SSL_SOCKETS.get(&[tgid as u64, call.ssl]) } {
+            Some(fd) => *fd,
+            None => {
+                count(stat::TLS_NO_SOCKET);
+                return 0;
+            }
+        }
+    };
+    let conn_id = if call.conn_id != 0 {
+        call.conn_id
+    } else {
+        match lookup_or_track(tgid, fd) {
+            Some(conn) => conn.conn_id,
+            None => {
+                count(stat::TLS_NO_SOCKET);
+                return 0;
+            }
+        }
+    };
+    let saved = SavedArgs {
+        kind: SavedArgs::BUF,
+        fd,
+        buf: call.buf,
+        count: 0,
+        conn_id,
+        syscall: if call.direction == DIR_INGRESS {
+            SYSCALL_SSL_READ
+        } else {
+            SYSCALL_SSL_WRITE
+        },
+        direction: call.direction,
+        // Sequence numbers count ciphertext bytes: none for plaintext.
+        seq: 0,
+        seq_valid: 0,
+        enter_ns: call.enter_ns,
+    };
+    count(stat::TLS_CALLS);
+    emit_data(&saved, len, pid_tgid);
+    0
+}
+
+/// Called for each socket syscall of a traced thread: when the thread is inside an SSL call,
+/// records the call's socket (and the SSL object's, for later calls), marks the socket TLS and
+/// returns true: the syscall's bytes are ciphertext.
+#[inline(always)]
+pub fn in_ssl_call(pid_tgid: u64, tgid: u32, fd: u32, conn: &ConnState) -> bool {
+    let Some(call) = SSL_CALLS.get_ptr_mut(&pid_tgid) else {
+        return false;
+    };
+    // SAFETY: a map value pointer, valid for this program's run.
+    let call = unsafe { &mut *call };
+    if call.fd == fd {
+        return true;
+    }
+    call.fd = fd;
+    call.conn_id = conn.conn_id;
+    let _ = SSL_SOCKETS.insert(&[tgid as u64, call.ssl], &fd, 0);
+    mark_tls(tgid, fd);
+    true
+}
