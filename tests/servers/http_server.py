@@ -12,10 +12,13 @@ ThreadingHTTPServer with keep-alive. Routes:
   /headers               200, the request headers as received (to check injected context)
   /proxy/PORT/PATH       calls http://127.0.0.1:PORT/PATH (a kept-alive connection per thread)
                          and answers with its status: a front tier calling a back tier
+  /exec                  200, then (with --exec PROGRAM) the process execs PROGRAM running
+                         this server again on the same port: same pid, another program
 Writes its port to --port-file once listening. Binds 127.0.0.1 only.
 """
 import argparse
 import hashlib
+import os
 import json
 import socket
 import http.client
@@ -24,6 +27,7 @@ import threading
 import time
 
 _upstream = threading.local()
+EXEC_PROGRAM = None
 
 
 def call_upstream(port, path):
@@ -76,6 +80,13 @@ class Handler(http.server.BaseHTTPRequestHandler):
         parts = path.strip("/").split("/")
         if path == "/hello":
             self._send(200, b"hello\n")
+        elif path == "/exec" and EXEC_PROGRAM:
+            self._send(200, b"exec\n")
+            self.wfile.flush()
+            # The listening and accepted sockets are close-on-exec (Python's default): the new
+            # program binds the port again.
+            port = self.server.server_address[1]
+            os.execv(EXEC_PROGRAM, [EXEC_PROGRAM, __file__, "--port", str(port)])
         elif parts[0] == "status" and len(parts) == 2:
             self._send(int(parts[1]), b"status\n")
         elif parts[0] == "bytes" and len(parts) == 2:
@@ -133,7 +144,10 @@ def main():
     ap.add_argument("--port-file")
     ap.add_argument("--tls-cert", help="serve HTTPS with this certificate (PEM)")
     ap.add_argument("--tls-key", help="and this private key (PEM)")
+    ap.add_argument("--exec", help="program to exec on GET /exec (a copy of the Python binary)")
     args = ap.parse_args()
+    global EXEC_PROGRAM
+    EXEC_PROGRAM = args.exec
     server = http.server.ThreadingHTTPServer(("127.0.0.1", args.port), Handler)
     server.daemon_threads = True
     if args.tls_cert:
@@ -145,7 +159,6 @@ def main():
     if args.port_file:
         with open(args.port_file + ".tmp", "w") as f:
             f.write(str(server.server_address[1]))
-        import os
         os.rename(args.port_file + ".tmp", args.port_file)
     server.serve_forever()
 

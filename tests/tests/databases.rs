@@ -49,7 +49,12 @@ impl Postgres {
             .arg(format!("{PG_BIN}/initdb"))
             .arg("-D")
             .arg(&data)
-            .args(["-U", "postgres", "--auth-local=trust", "--auth-host=scram-sha-256"])
+            .args([
+                "-U",
+                "postgres",
+                "--auth-local=trust",
+                "--auth-host=scram-sha-256",
+            ])
             .arg(format!("--pwfile={}", pwfile.display()))
             .output()
             .expect("initdb (package postgresql)");
@@ -144,7 +149,10 @@ fn names(spans: &[Value]) -> BTreeMap<(String, String), Vec<String>> {
     for s in spans {
         map.entry((
             s["kind"].as_str().unwrap().to_string(),
-            s["localEndpoint"]["serviceName"].as_str().unwrap().to_string(),
+            s["localEndpoint"]["serviceName"]
+                .as_str()
+                .unwrap()
+                .to_string(),
         ))
         .or_default()
         .push(s["name"].as_str().unwrap().to_string());
@@ -209,7 +217,11 @@ fn postgres_calls_are_spans() {
     let spans_now = collector.spans();
     let stopped = tracer.stop();
     assert!(stopped.status.success(), "{}", stopped.stderr);
-    assert_eq!(spans.len(), spans_now.len(), "more spans than queries: {spans_now:#?}");
+    assert_eq!(
+        spans.len(),
+        spans_now.len(),
+        "more spans than queries: {spans_now:#?}"
+    );
     let got = names(&spans);
     let client_psql = &got[&("CLIENT".to_string(), "psql".to_string())];
     assert_eq!(client_psql, &["SELECT cats", "SELECT nope"], "{spans:#?}");
@@ -236,7 +248,10 @@ fn postgres_calls_are_spans() {
         assert_eq!(tag(s, "db.system"), Some("postgresql"));
         if s["kind"] == "CLIENT" {
             assert_eq!(s["remoteEndpoint"]["serviceName"], "postgresql");
-            assert_eq!(s["remoteEndpoint"]["port"].as_u64(), Some(u64::from(pg.port)));
+            assert_eq!(
+                s["remoteEndpoint"]["port"].as_u64(),
+                Some(u64::from(pg.port))
+            );
         }
     }
     let psql_select = find(&spans, "CLIENT", "SELECT name FROM cats WHERE id = ?");
@@ -253,10 +268,17 @@ fn postgres_calls_are_spans() {
         "{division}"
     );
     find(&spans, "CLIENT", "UPDATE cats SET name = $1 WHERE id = $2");
-    find(&spans, "SERVER", "INSERT INTO cats (id, name) VALUES ($1, $2)");
+    find(
+        &spans,
+        "SERVER",
+        "INSERT INTO cats (id, name) VALUES ($1, $2)",
+    );
     let all = serde_json::to_string(&spans).unwrap();
     for secret in [PG_PASSWORD, "Felix", "Garfield", "Kit"] {
-        assert!(!all.contains(secret), "{secret:?} leaked into a span: {all}");
+        assert!(
+            !all.contains(secret),
+            "{secret:?} leaked into a span: {all}"
+        );
     }
 }
 
@@ -300,7 +322,11 @@ fn redis_calls_are_spans() {
     let spans_now = collector.spans();
     let stopped = tracer.stop();
     assert!(stopped.status.success(), "{}", stopped.stderr);
-    assert_eq!(spans.len(), spans_now.len(), "more spans than commands: {spans_now:#?}");
+    assert_eq!(
+        spans.len(),
+        spans_now.len(),
+        "more spans than commands: {spans_now:#?}"
+    );
     let got = names(&spans);
     assert_eq!(
         got[&("CLIENT".to_string(), "redis-cli".to_string())],
@@ -313,7 +339,11 @@ fn redis_calls_are_spans() {
         .chain(std::iter::repeat_n("INCR".to_string(), 10))
         .collect();
     ruby_names.sort();
-    assert_eq!(got[&("CLIENT".to_string(), "ruby".to_string())], ruby_names, "{spans:#?}");
+    assert_eq!(
+        got[&("CLIENT".to_string(), "ruby".to_string())],
+        ruby_names,
+        "{spans:#?}"
+    );
     let server = &got[&("SERVER".to_string(), "redis-server".to_string())];
     assert_eq!(server.len(), n, "one SERVER span per command: {spans:#?}");
     for s in &spans {

@@ -27,6 +27,9 @@ pub enum EventKind {
     ConnReset = 4,
     /// [`EventHeader`] only (fd and conn_id zero): the process (thread group) exited.
     ProcessExit = 5,
+    /// [`EventHeader`] only (fd and conn_id zero): the process ran execve; it is another
+    /// program now (name, libraries), with the same pid.
+    ProcessExec = 6,
 }
 
 impl EventKind {
@@ -37,6 +40,7 @@ impl EventKind {
             3 => Self::ConnClose,
             4 => Self::ConnReset,
             5 => Self::ProcessExit,
+            6 => Self::ProcessExec,
             _ => return None,
         })
     }
@@ -204,7 +208,9 @@ pub struct Config {
     /// Non-zero: trace only tasks in the network namespace with this inode number (one
     /// tracer per container or per test host).
     pub netns_inum: u32,
-    pub _pad: u32,
+    /// Offset of `bool group_dead` in the sched_process_exit record (kernels since 6.16 have
+    /// it); 0: not there, a thread group is taken as dead when its main thread exits.
+    pub exit_group_dead_offset: u32,
 }
 const _: () = assert!(core::mem::size_of::<Config>() == 48);
 

@@ -40,7 +40,7 @@ static CONFIG: Global<Config> = Global::new(Config {
     inject_filter_nets: 0,
     kernel_ctx: 0,
     netns_inum: 0,
-    _pad: 0,
+    exit_group_dead_offset: 0,
 });
 
 /// Written by the agent before load, from the running kernel's BTF.

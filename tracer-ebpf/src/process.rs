@@ -32,9 +32,11 @@ pub fn tracer_sched_fork(ctx: TracePointContext) -> u32 {
     0
 }
 
-/// sched:sched_process_exit, in the exiting thread's context.
+/// sched:sched_process_exit, in the exiting thread's context. A thread group is dead when its
+/// last thread exits (`group_dead`), which is not always the main thread: a thread that execs
+/// kills the others, the main one included, and takes over the group's pid.
 #[tracepoint]
-pub fn tracer_sched_exit(_ctx: TracePointContext) -> u32 {
+pub fn tracer_sched_exit(ctx: TracePointContext) -> u32 {
     let pid_tgid = bpf_get_current_pid_tgid();
     let tgid = (pid_tgid >> 32) as u32;
     let tid = pid_tgid as u32;
@@ -42,11 +44,35 @@ pub fn tracer_sched_exit(_ctx: TracePointContext) -> u32 {
         return 0;
     }
     let config = CONFIG.load();
-    if config.filter_pids != 0 && tid != tgid {
-        let _ = TRACED_PIDS.remove(&tid);
+    let group_dead = match config.exit_group_dead_offset {
+        0 => tid == tgid,
+        // SAFETY: reads the tracepoint record at an offset taken from its format description.
+        offset => unsafe { ctx.read_at::<u8>((offset & 0xff) as usize) }.is_ok_and(|b| b != 0),
+    };
+    if config.filter_pids != 0 {
+        // The thread leaves the set; the process too when it is dead, as its pid may be given
+        // to an unrelated program next.
+        if tid != tgid {
+            let _ = TRACED_PIDS.remove(&tid);
+        }
+        if group_dead {
+            let _ = TRACED_PIDS.remove(&tgid);
+        }
     }
-    if tid == tgid {
+    if group_dead {
         header_only(EventKind::ProcessExit, tgid, tid, 0, 0);
     }
+    0
+}
+
+/// sched:sched_process_exec, in the new program's context (its comm is already the new one).
+#[tracepoint]
+pub fn tracer_sched_exec(_ctx: TracePointContext) -> u32 {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let tgid = (pid_tgid >> 32) as u32;
+    if !is_traced(tgid) {
+        return 0;
+    }
+    header_only(EventKind::ProcessExec, tgid, pid_tgid as u32, 0, 0);
     0
 }

@@ -256,6 +256,11 @@ async fn event_loop(plan: Plan, mut probes: Probes) -> anyhow::Result<()> {
             _ = drain_tick.tick() => {
                 drain_ring(ring.get_mut(), &mut tracker, &mut finished, &mut decode_errors);
                 submit(&exporter, &mut finished, &clock, &mut red);
+                let gone = tracker.take_gone_processes();
+                if !gone.is_empty() {
+                    let n = probes.forget_processes(&gone);
+                    debug!("{} processes exited or exec'd: {n} kernel socket entries dropped", gone.len());
+                }
             }
             _ = sigint.recv() => break "interrupted",
             _ = sigterm.recv() => break "terminated",

@@ -34,13 +34,17 @@ pub enum Event<'a> {
     ConnClose(EventHeader),
     ConnReset(EventHeader),
     ProcessExit(EventHeader),
+    ProcessExec(EventHeader),
 }
 
 impl Event<'_> {
     pub fn header(&self) -> &EventHeader {
         match self {
             Event::Data { hdr, .. } | Event::ConnOpen { hdr, .. } => hdr,
-            Event::ConnClose(hdr) | Event::ConnReset(hdr) | Event::ProcessExit(hdr) => hdr,
+            Event::ConnClose(hdr)
+            | Event::ConnReset(hdr)
+            | Event::ProcessExit(hdr)
+            | Event::ProcessExec(hdr) => hdr,
         }
     }
 }
@@ -119,6 +123,7 @@ pub fn decode(bytes: &[u8]) -> Result<Event<'_>, DecodeError> {
         EventKind::ConnClose => Event::ConnClose(hdr),
         EventKind::ConnReset => Event::ConnReset(hdr),
         EventKind::ProcessExit => Event::ProcessExit(hdr),
+        EventKind::ProcessExec => Event::ProcessExec(hdr),
     })
 }
 

@@ -136,6 +136,8 @@ pub struct ConnTracker {
     linker: Linker,
     /// Processes seen for the first time since the last `take_new_processes`.
     new_processes: Vec<u32>,
+    /// Processes that exited or exec'd since the last `take_gone_processes`.
+    gone: Vec<u32>,
 }
 
 /// A finished exchange, the connection it happened on, and its span identity.
@@ -154,6 +156,7 @@ impl ConnTracker {
             db_out: Vec::new(),
             linker: Linker::new(),
             new_processes: Vec::new(),
+            gone: Vec::new(),
         }
     }
 
@@ -169,6 +172,12 @@ impl ConnTracker {
     /// call: the agent looks for OpenSSL in them.
     pub fn take_new_processes(&mut self) -> Vec<u32> {
         std::mem::take(&mut self.new_processes)
+    }
+
+    /// Processes that exited or ran execve since the last call: the kernel's socket table
+    /// must forget their fds (they were closed without a close syscall).
+    pub fn take_gone_processes(&mut self) -> Vec<u32> {
+        std::mem::take(&mut self.gone)
     }
 
     pub fn open_connections(&self) -> usize {
@@ -318,7 +327,10 @@ impl ConnTracker {
                     self.finish(key, conn, hdr.ts_ns, out);
                 }
             }
-            Event::ProcessExit(_) => {
+            // After exec the pid is another program (name, libraries), and the fds it closed
+            // on exec went without a close: start over as for an exit. Sockets it kept are
+            // adopted again on their next I/O.
+            Event::ProcessExit(_) | Event::ProcessExec(_) => {
                 let keys: Vec<_> = self
                     .conns
                     .keys()
@@ -334,6 +346,12 @@ impl ConnTracker {
                 // The pid may be reused by an unrelated program: forget its name.
                 self.processes.remove(&hdr.tgid);
                 self.linker.process_exited(hdr.tgid);
+                if self.gone.len() < 4096 {
+                    self.gone.push(hdr.tgid);
+                }
+                if matches!(event, Event::ProcessExec(_)) && self.new_processes.len() < 4096 {
+                    self.new_processes.push(hdr.tgid);
+                }
             }
         }
     }

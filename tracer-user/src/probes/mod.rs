@@ -208,6 +208,12 @@ const ATTACHMENTS: &[Attachment] = &[
         tracepoints: &["sched_process_exit"],
         required: false,
     },
+    Attachment {
+        program: "tracer_sched_exec",
+        category: "sched",
+        tracepoints: &["sched_process_exec"],
+        required: false,
+    },
 ];
 
 /// The loaded and attached programs. Dropping it detaches everything (the links are owned by
@@ -250,7 +256,8 @@ impl Probes {
             inject_filter_nets: u32::from(!opts.inject.nets.is_empty()),
             kernel_ctx: u32::from(opts.inject.mode != INJECT_OFF),
             netns_inum: opts.netns_inum,
-            _pad: 0,
+            exit_group_dead_offset: sched_format_offset("sched_process_exit", "group_dead")
+                .unwrap_or(0),
         };
         raise_memlock_limit();
         let mut ebpf = EbpfLoader::new()
@@ -521,6 +528,30 @@ impl Probes {
     }
 
     /// Removes a process from the traced set.
+    /// Drops the kernel's socket entries of processes that exited or exec'd: their fds were
+    /// closed without close syscalls, and a new socket on the same (pid, fd) — the same
+    /// process after exec, or another that got the pid — must not inherit the old entry's
+    /// connection id and addresses. Returns how many entries went.
+    pub fn forget_processes(&mut self, tgids: &[u32]) -> usize {
+        if tgids.is_empty() {
+            return 0;
+        }
+        let Some(map) = self.ebpf.map_mut("CONNS") else {
+            return 0;
+        };
+        // The value (the kernel's ConnState) is not read: only its size matters here.
+        let Ok(mut conns) = HashMap::<&mut MapData, u64, [u8; 24]>::try_from(map) else {
+            warn!("cannot open the kernel's connection map");
+            return 0;
+        };
+        let stale: Vec<u64> = conns
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|key| tgids.contains(&((key >> 32) as u32)))
+            .collect();
+        stale.iter().filter(|key| conns.remove(key).is_ok()).count()
+    }
+
     pub fn untrace_pid(&mut self, pid: u32) {
         let _ = self.traced_pids.remove(&pid);
     }
@@ -601,12 +632,15 @@ fn ensure_tracefs() -> Result<(), ProbeError> {
 
 /// The `child_pid` offset in the sched_process_fork record, from its format file.
 fn fork_child_pid_offset() -> Option<u32> {
+    sched_format_offset("sched_process_fork", "child_pid")
+}
+
+/// The offset of `field` in the record of the sched tracepoint `event`, from its format file.
+fn sched_format_offset(event: &str, field: &str) -> Option<u32> {
     let format = ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"]
         .iter()
-        .find_map(|root| {
-            fs::read_to_string(format!("{root}/events/sched/sched_process_fork/format")).ok()
-        })?;
-    parse_format_offset(&format, "child_pid")
+        .find_map(|root| fs::read_to_string(format!("{root}/events/sched/{event}/format")).ok())?;
+    parse_format_offset(&format, field)
 }
 
 /// Finds `field:<type> <name>;\toffset:N;` in a tracepoint format description.
