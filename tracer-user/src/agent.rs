@@ -173,6 +173,10 @@ fn plan(
 
 fn execute(plan: Plan) -> anyhow::Result<()> {
     let mut probes = Probes::load(&plan.probe)?;
+    // Reading the kernel's BTF and loading the programs took tens of MiB of heap that is all
+    // free now; glibc keeps it unless asked.
+    // SAFETY: malloc_trim has no preconditions.
+    unsafe { libc::malloc_trim(0) };
     let injected = plan
         .probe
         .pids
