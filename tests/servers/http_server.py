@@ -12,6 +12,8 @@ ThreadingHTTPServer with keep-alive. Routes:
   /headers               200, the request headers as received (to check injected context)
   /proxy/PORT/PATH       calls http://127.0.0.1:PORT/PATH (a kept-alive connection per thread)
                          and answers with its status: a front tier calling a back tier
+  /count                 200, the number of requests this server answered before (the
+                         benchmark counts on the server side)
   /exec                  200, then (with --exec PROGRAM) the process execs PROGRAM running
                          this server again on the same port: same pid, another program
 Writes its port to --port-file once listening. Binds 127.0.0.1 only.
@@ -28,6 +30,8 @@ import time
 
 _upstream = threading.local()
 EXEC_PROGRAM = None
+_served = 0
+_served_lock = threading.Lock()
 
 
 def call_upstream(port, path):
@@ -76,8 +80,16 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.do_GET()
 
     def do_GET(self):
+        global _served
         path = self.path.split("?", 1)[0]
         parts = path.strip("/").split("/")
+        if path == "/count":
+            with _served_lock:
+                n = _served
+            self._send(200, str(n).encode())
+            return
+        with _served_lock:
+            _served += 1
         if path == "/hello":
             self._send(200, b"hello\n")
         elif path == "/exec" and EXEC_PROGRAM:

@@ -212,7 +212,7 @@ mod tests {
         let mut red = Red::default();
         let mut slow = span();
         slow.duration = 300_000;
-        slow.tags.insert("error".into(), "503".into());
+        slow.tags.insert("error", "503".into());
         red.observe(&span());
         red.observe(&slow);
         let mut out = String::new();

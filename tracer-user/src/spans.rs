@@ -5,10 +5,7 @@
 //! folded so that ids do not explode the span-name cardinality, query strings are redacted, and
 //! request headers other than the few named here are never exported.
 
-use std::{
-    collections::BTreeMap,
-    net::{IpAddr, SocketAddr},
-};
+use std::net::{IpAddr, SocketAddr};
 
 use serde::{Serialize, Serializer};
 
@@ -84,7 +81,56 @@ pub struct Span {
     pub local_endpoint: Endpoint,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub remote_endpoint: Option<Endpoint>,
-    pub tags: BTreeMap<String, String>,
+    pub tags: Tags,
+}
+
+/// A span's tags: few, with names known at compile time. Kept sorted by name in one vector
+/// (Zipkin's JSON has them as an object; sorted keeps the output stable), which costs one
+/// allocation per span where a map of owned strings cost one per name and per node.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Tags(Vec<(&'static str, String)>);
+
+impl Tags {
+    pub fn new() -> Self {
+        Self(Vec::with_capacity(12))
+    }
+
+    /// Sets `name` to `value`, replacing an earlier value.
+    pub fn insert(&mut self, name: &'static str, value: String) {
+        match self.0.binary_search_by(|(n, _)| (*n).cmp(name)) {
+            Ok(i) => self.0[i].1 = value,
+            Err(i) => self.0.insert(i, (name, value)),
+        }
+    }
+
+    pub fn get(&self, name: &str) -> Option<&String> {
+        self.0
+            .binary_search_by(|(n, _)| (*n).cmp(name))
+            .ok()
+            .map(|i| &self.0[i].1)
+    }
+
+    pub fn contains_key(&self, name: &str) -> bool {
+        self.get(name).is_some()
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&'static str, &str)> {
+        self.0.iter().map(|(n, v)| (*n, v.as_str()))
+    }
+}
+
+impl std::ops::Index<&str> for Tags {
+    type Output = String;
+
+    fn index(&self, name: &str) -> &String {
+        self.get(name).unwrap_or_else(|| panic!("no tag {name:?}"))
+    }
+}
+
+impl Serialize for Tags {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_map(self.0.iter().map(|(n, v)| (n, v)))
+    }
 }
 
 fn hex128<S: Serializer>(v: &u128, s: S) -> Result<S::Ok, S::Error> {
@@ -182,17 +228,17 @@ pub fn span_from_db(
         Some(target) => format!("{operation} {}", bounded(target)),
         None => operation.clone(),
     };
-    let mut tags = BTreeMap::new();
-    tags.insert("db.system".into(), system.to_string());
-    tags.insert("db.operation".into(), operation);
+    let mut tags = Tags::new();
+    tags.insert("db.system", system.to_string());
+    tags.insert("db.operation", operation);
     if !exchange.statement.is_empty() {
-        tags.insert("db.statement".into(), bounded_to(&exchange.statement, 2048));
+        tags.insert("db.statement", bounded_to(&exchange.statement, 2048));
     }
     if let Some(target) = &exchange.target {
-        tags.insert("db.sql.table".into(), bounded(target));
+        tags.insert("db.sql.table", bounded(target));
     }
-    tags.insert("db.request.size".into(), exchange.req_bytes.to_string());
-    tags.insert("db.response.size".into(), exchange.resp_bytes.to_string());
+    tags.insert("db.request.size", exchange.req_bytes.to_string());
+    tags.insert("db.response.size", exchange.resp_bytes.to_string());
     let error = match (&exchange.error, &exchange.outcome) {
         (Some(message), _) => Some(bounded(message)),
         (None, Outcome::Closed { reset: true }) => Some("connection reset".into()),
@@ -202,10 +248,10 @@ pub fn span_from_db(
         (None, Outcome::Complete) => None,
     };
     if let Some(error) = error {
-        tags.insert("error".into(), error);
+        tags.insert("error", error);
     }
-    tags.insert("process.pid".into(), conn.pid.to_string());
-    tags.insert("process.command".into(), conn.comm.clone());
+    tags.insert("process.pid", conn.pid.to_string());
+    tags.insert("process.command", conn.comm.clone());
     if let Some(seq) = conn.request_seq {
         tags.insert(
             LINK_TAG.into(),
@@ -245,25 +291,25 @@ pub fn span_from_http(
         "CONNECT" => "CONNECT".to_string(),
         method => format!("{method} {}", fold_path(path)),
     };
-    let mut tags = BTreeMap::new();
-    tags.insert("http.method".into(), bounded(&exchange.method));
-    tags.insert("http.path".into(), bounded(path));
+    let mut tags = Tags::new();
+    tags.insert("http.method", bounded(&exchange.method));
+    tags.insert("http.path", bounded(path));
     if !query.is_empty() {
-        tags.insert("http.query".into(), bounded(&redact_query(query)));
+        tags.insert("http.query", bounded(&redact_query(query)));
     }
     if let Some(host) = header(exchange, "host") {
-        tags.insert("http.host".into(), bounded(host));
+        tags.insert("http.host", bounded(host));
     }
     if let Some(status) = exchange.status {
-        tags.insert("http.status_code".into(), status.to_string());
+        tags.insert("http.status_code", status.to_string());
     }
-    tags.insert("http.request.size".into(), exchange.req_bytes.to_string());
-    tags.insert("http.response.size".into(), exchange.resp_bytes.to_string());
+    tags.insert("http.request.size", exchange.req_bytes.to_string());
+    tags.insert("http.response.size", exchange.resp_bytes.to_string());
     if let Some(error) = http_error(exchange) {
-        tags.insert("error".into(), error);
+        tags.insert("error", error);
     }
-    tags.insert("process.pid".into(), conn.pid.to_string());
-    tags.insert("process.command".into(), conn.comm.clone());
+    tags.insert("process.pid", conn.pid.to_string());
+    tags.insert("process.command", conn.comm.clone());
     if let Some(seq) = conn.request_seq {
         tags.insert(
             LINK_TAG.into(),
@@ -823,7 +869,11 @@ pub mod tests_support {
             duration: 1_234,
             local_endpoint: Endpoint::new(Some("cats".into()), "127.0.0.1:8080".parse().unwrap()),
             remote_endpoint: Some(Endpoint::new(None, "127.0.0.1:50000".parse().unwrap())),
-            tags: BTreeMap::from([("http.method".to_string(), "GET".to_string())]),
+            tags: {
+                let mut t = Tags::new();
+                t.insert("http.method", "GET".to_string());
+                t
+            },
         }
     }
 }

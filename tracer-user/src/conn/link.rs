@@ -11,7 +11,9 @@
 //! `inject.rs`): the ids it wrote into a request on the wire are the ones that must be
 //! exported, so identities carried by the data events win over the ones made here.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
+
+use rustc_hash::FxHashMap as HashMap;
 
 use rand::Rng as _;
 

@@ -9,8 +9,8 @@
 
 pub mod link;
 
+use rustc_hash::FxHashMap as HashMap;
 use std::{
-    collections::HashMap,
     collections::VecDeque,
     net::{IpAddr, Ipv4Addr, SocketAddr},
     sync::Arc,
@@ -149,8 +149,8 @@ impl ConnTracker {
     pub fn new(config: TrackerConfig) -> Self {
         Self {
             config,
-            conns: HashMap::new(),
-            processes: HashMap::new(),
+            conns: HashMap::default(),
+            processes: HashMap::default(),
             stats: TrackerStats::default(),
             http_out: Vec::new(),
             db_out: Vec::new(),
