@@ -254,7 +254,7 @@ pub fn span_from_db(
     tags.insert("process.command", conn.comm.clone());
     if let Some(seq) = conn.request_seq {
         tags.insert(
-            LINK_TAG.into(),
+            LINK_TAG,
             link_key(exchange.side, conn.local, conn.remote, seq),
         );
     }
@@ -312,7 +312,7 @@ pub fn span_from_http(
     tags.insert("process.command", conn.comm.clone());
     if let Some(seq) = conn.request_seq {
         tags.insert(
-            LINK_TAG.into(),
+            LINK_TAG,
             link_key(exchange.side, conn.local, conn.remote, seq),
         );
     }
