@@ -240,7 +240,7 @@ pub fn span_from_db(
     tags.insert("db.request.size", exchange.req_bytes.to_string());
     tags.insert("db.response.size", exchange.resp_bytes.to_string());
     let error = match (&exchange.error, &exchange.outcome) {
-        (Some(message), _) => Some(bounded(message)),
+        (Some(message), _) => Some(bounded(db_error_without_values(message))),
         (None, Outcome::Closed { reset: true }) => Some("connection reset".into()),
         (None, Outcome::Closed { reset: false }) => {
             Some("connection closed before response".into())
@@ -275,6 +275,15 @@ pub fn span_from_db(
         local_endpoint: Endpoint::new(Some(conn.service_name.clone()), conn.local),
         remote_endpoint: Some(Endpoint::new(remote_service, conn.remote)),
         tags,
+    }
+}
+
+/// A server's error message without the request values some errors quote: Redis's
+/// "ERR unknown command 'x', with args beginning with: 'secret'" keeps only its first part.
+fn db_error_without_values(message: &str) -> &str {
+    match message.find(", with args beginning with") {
+        Some(i) => &message[..i],
+        None => message,
     }
 }
 

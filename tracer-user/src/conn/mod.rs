@@ -24,6 +24,7 @@ use crate::{
     protocols::{
         DbExchange, Direction, Exchange, HttpExchange, Segment, Side,
         http1::{Http1Conn, looks_like_request},
+        redis::{RedisConn, looks_like_redis_request},
     },
 };
 
@@ -116,8 +117,47 @@ enum Proto {
     /// mid-stream); the database protocols are tried on each segment as it goes.
     Detecting(Box<Http1Conn>),
     Http(Box<Http1Conn>),
+    Db {
+        parser: Box<DbConn>,
+        /// Which way requests go: the direction of the segment the protocol was found in.
+        request_dir: Direction,
+    },
     /// Not a protocol we parse: bytes are dropped unread.
     Opaque,
+}
+
+/// The database protocol parsers, behind one interface.
+enum DbConn {
+    Redis(RedisConn),
+}
+
+impl DbConn {
+    /// A parser for the protocol whose request `head` starts, if any.
+    fn detect(head: &[u8]) -> Option<DbConn> {
+        if looks_like_redis_request(head) {
+            return Some(DbConn::Redis(RedisConn::new()));
+        }
+        None
+    }
+
+    fn feed(&mut self, seg: &Segment<'_>, out: &mut Vec<DbExchange>) {
+        match self {
+            DbConn::Redis(p) => p.feed(seg, out),
+        }
+    }
+
+    fn close(&mut self, ts_ns: u64, reset: bool, out: &mut Vec<DbExchange>) {
+        match self {
+            DbConn::Redis(p) => p.close(ts_ns, reset, out),
+        }
+    }
+
+    /// The bytes stopped being (or never were) this protocol's requests and replies.
+    fn gave_up(&self) -> bool {
+        match self {
+            DbConn::Redis(p) => p.is_not_redis(),
+        }
+    }
 }
 
 impl Proto {
@@ -278,6 +318,14 @@ impl ConnTracker {
                     seq,
                 };
                 let mut fed = false;
+                if matches!(conn.proto, Proto::Detecting(_))
+                    && let Some(parser) = DbConn::detect(head)
+                {
+                    conn.proto = Proto::Db {
+                        parser: Box::new(parser),
+                        request_dir: segment.dir,
+                    };
+                }
                 if let Proto::Detecting(http) = &mut conn.proto {
                     http.feed(&segment, &mut self.http_out);
                     fed = true;
@@ -310,6 +358,19 @@ impl ConnTracker {
                                 conn.proto = Proto::Opaque;
                                 self.stats.not_parsed += 1;
                             }
+                        }
+                    }
+                    Proto::Db {
+                        parser,
+                        request_dir,
+                    } => {
+                        if segment.dir == *request_dir {
+                            push_start(&mut conn.starts, start);
+                        }
+                        parser.feed(&segment, &mut self.db_out);
+                        if parser.gave_up() {
+                            conn.proto = Proto::Opaque;
+                            self.stats.not_parsed += 1;
                         }
                     }
                     Proto::Detecting(_) | Proto::Opaque => {}
@@ -395,6 +456,7 @@ impl ConnTracker {
         }
         match &mut conn.proto {
             Proto::Http(http) => http.close(ts_ns, conn.reset, &mut self.http_out),
+            Proto::Db { parser, .. } => parser.close(ts_ns, conn.reset, &mut self.db_out),
             Proto::Detecting(_) | Proto::Opaque => {}
         }
         // Put it back briefly so that drain() finds its addresses.
@@ -527,7 +589,7 @@ mod tests {
     use crate::{
         events::{
             decode,
-            tests::{data_record, header_record, open_record},
+            tests::{data_record, data_record_with, header_record, open_record},
         },
         protocols::{Outcome, Side},
     };
@@ -780,5 +842,90 @@ mod tests {
         );
         assert_eq!(out.len(), 1);
         assert_eq!(t.stats().conns_adopted, 1);
+    }
+
+    #[test]
+    fn database_call_is_a_child_of_the_request_being_served() {
+        let mut t = ConnTracker::new(TrackerConfig::default());
+        let out = feed(
+            &mut t,
+            &[
+                data_record(7, 5, 1, 1_000, true, REQ),
+                // While serving it, the same thread asks Redis.
+                data_record_with(
+                    7,
+                    6,
+                    2,
+                    2_000,
+                    false,
+                    b"*2\r\n$3\r\nGET\r\n$5\r\ncat:1\r\n",
+                    |e| {
+                        e.seq = 77;
+                        e.seq_valid = 1;
+                    },
+                ),
+                data_record(7, 6, 2, 3_000, true, b"$3\r\nTom\r\n"),
+                data_record(7, 5, 1, 4_000, false, RESP),
+            ],
+        );
+        assert_eq!(out.len(), 2, "{out:#?}");
+        let (db, db_info, db_id) = &out[0];
+        let Exchange::Db(db) = db else {
+            panic!("expected the Redis call first: {out:#?}");
+        };
+        assert_eq!((db.side, db.operation.as_str()), (Side::Client, "GET"));
+        assert_eq!(db_info.request_seq, Some(77));
+        let (http, _, http_id) = &out[1];
+        assert!(http.as_http().is_some());
+        assert_eq!(db_id.trace_id, http_id.trace_id);
+        assert_eq!(db_id.parent_id, Some(http_id.span_id));
+    }
+
+    #[test]
+    fn tls_plaintext_replaces_the_ciphertext() {
+        let mut t = ConnTracker::new(TrackerConfig::default());
+        let tls = |ts: u64, ingress: bool, payload: &[u8]| {
+            data_record_with(9, 4, 3, ts, ingress, payload, |e| {
+                e.syscall = if ingress {
+                    tracer_common::SYSCALL_SSL_READ
+                } else {
+                    tracer_common::SYSCALL_SSL_WRITE
+                };
+            })
+        };
+        let out = feed(
+            &mut t,
+            &[
+                // The handshake, as the syscall probes saw it.
+                data_record(
+                    9,
+                    4,
+                    3,
+                    100,
+                    true,
+                    b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03",
+                ),
+                data_record(
+                    9,
+                    4,
+                    3,
+                    200,
+                    false,
+                    b"\x16\x03\x03\x00\x7a\x02\x00\x00\x76\x03\x03",
+                ),
+                tls(1_000, true, REQ),
+                // The same request's ciphertext: skipped.
+                data_record(9, 4, 3, 1_001, true, b"\x17\x03\x03\x00\x40garbage"),
+                tls(2_000, false, RESP),
+            ],
+        );
+        assert_eq!(out.len(), 1, "{out:#?}");
+        let ex = out[0].0.as_http().unwrap();
+        assert_eq!((ex.side, ex.status), (Side::Server, Some(200)));
+        assert_eq!(t.stats().tls_conns, 1);
+        assert_eq!(
+            out[0].1.request_seq, None,
+            "TCP sequence numbers count ciphertext"
+        );
     }
 }

@@ -4,7 +4,11 @@
 //! `cargo test` on byte fixtures. The connection tracker (`crate::conn`) feeds a parser one
 //! [`Segment`] per syscall, in order, per connection; the parser reports finished exchanges.
 
+#[cfg(test)]
+pub(crate) mod fixture;
 pub mod http1;
+pub mod redis;
+pub mod sql;
 
 /// Which way bytes moved, seen from the traced process.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

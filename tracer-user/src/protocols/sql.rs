@@ -146,7 +146,10 @@ impl<'a> Lexer<'a> {
 
     fn number(&mut self) {
         let rest = self.rest().as_bytes();
-        if rest.len() > 1 && rest[0] == b'0' && matches!(rest[1], b'x' | b'X' | b'o' | b'O' | b'b' | b'B') {
+        if rest.len() > 1
+            && rest[0] == b'0'
+            && matches!(rest[1], b'x' | b'X' | b'o' | b'O' | b'b' | b'B')
+        {
             self.pos += 2;
             self.take_while(|c| c.is_ascii_hexdigit() || c == '_');
             return;
@@ -332,7 +335,9 @@ fn upper_word(w: &str) -> String {
 }
 
 /// The verbs that can follow a `WITH` clause.
-const MAIN_VERBS: [&str; 7] = ["SELECT", "INSERT", "UPDATE", "DELETE", "MERGE", "VALUES", "TABLE"];
+const MAIN_VERBS: [&str; 7] = [
+    "SELECT", "INSERT", "UPDATE", "DELETE", "MERGE", "VALUES", "TABLE",
+];
 
 /// Where the main statement starts: after any leading parentheses and, for `WITH`, after the
 /// common table expressions. Returns the verb and the tokens after it.
@@ -439,10 +444,16 @@ mod tests {
 
     #[test]
     fn strings_and_escapes() {
-        assert_eq!(n("SELECT * FROM t WHERE a = 'x'"), "SELECT * FROM t WHERE a = ?");
+        assert_eq!(
+            n("SELECT * FROM t WHERE a = 'x'"),
+            "SELECT * FROM t WHERE a = ?"
+        );
         assert_eq!(n("SELECT 'it''s', 'b'"), "SELECT ?, ?");
         assert_eq!(n(r"SELECT E'a\'b', e'\\'"), "SELECT ?, ?");
-        assert_eq!(n("SELECT B'1010', X'ff', N'nat', U&'d\\0061'"), "SELECT ?, ?, ?, ?");
+        assert_eq!(
+            n("SELECT B'1010', X'ff', N'nat', U&'d\\0061'"),
+            "SELECT ?, ?, ?, ?"
+        );
         assert_eq!(n("SELECT 'unterminated"), "SELECT ?");
         assert_eq!(n("SELECT '' || ''"), "SELECT ? || ?");
         // A word that merely ends in e is not a prefix.
@@ -452,19 +463,25 @@ mod tests {
     #[test]
     fn dollar_quoting_and_params() {
         assert_eq!(n("SELECT $$a 'b' $c$$, 1"), "SELECT ?, ?");
-        assert_eq!(
-            n("DO $body$ BEGIN RAISE '$$'; END $body$"),
-            "DO ?"
-        );
+        assert_eq!(n("DO $body$ BEGIN RAISE '$$'; END $body$"), "DO ?");
         assert_eq!(n("SELECT $fn$ unterminated"), "SELECT ?");
-        assert_eq!(n("SELECT * FROM t WHERE a = $1 AND b = $12"), "SELECT * FROM t WHERE a = $1 AND b = $12");
+        assert_eq!(
+            n("SELECT * FROM t WHERE a = $1 AND b = $12"),
+            "SELECT * FROM t WHERE a = $1 AND b = $12"
+        );
         assert_eq!(n("SELECT a$b FROM t"), "SELECT a$b FROM t");
     }
 
     #[test]
     fn numbers_but_not_identifiers() {
-        assert_eq!(n("SELECT 1, 2.5, .5, 1e10, 1.5E-3, 0x1F, 1_000"), "SELECT ?, ?, ?, ?, ?, ?, ?");
-        assert_eq!(n("SELECT t1.c2, \"col2\" FROM t1 LIMIT 10"), "SELECT t1.c2, \"col2\" FROM t1 LIMIT ?");
+        assert_eq!(
+            n("SELECT 1, 2.5, .5, 1e10, 1.5E-3, 0x1F, 1_000"),
+            "SELECT ?, ?, ?, ?, ?, ?, ?"
+        );
+        assert_eq!(
+            n("SELECT t1.c2, \"col2\" FROM t1 LIMIT 10"),
+            "SELECT t1.c2, \"col2\" FROM t1 LIMIT ?"
+        );
         assert_eq!(n("SELECT a-1, -2"), "SELECT a-?, -?");
         assert_eq!(n("SELECT x::int4[] FROM t"), "SELECT x::int4[] FROM t");
         assert_eq!(n("SELECT arr[1:2]"), "SELECT arr[?:?]");
@@ -473,16 +490,34 @@ mod tests {
 
     #[test]
     fn in_lists_fold() {
-        assert_eq!(n("SELECT * FROM t WHERE id IN (1, 2, 3)"), "SELECT * FROM t WHERE id IN (?)");
-        assert_eq!(n("select * from t where id in ('a','b') and x in ($1, $2)"), "select * from t where id in (?) and x in (?)");
-        assert_eq!(n("SELECT * FROM t WHERE id IN (SELECT id FROM u)"), "SELECT * FROM t WHERE id IN (SELECT id FROM u)");
-        assert_eq!(n("SELECT * FROM t WHERE id IN (-1, 2)"), "SELECT * FROM t WHERE id IN (?)");
-        assert_eq!(n("INSERT INTO t VALUES (1, 'a'), (2, 'b')"), "INSERT INTO t VALUES (?, ?), (?, ?)");
+        assert_eq!(
+            n("SELECT * FROM t WHERE id IN (1, 2, 3)"),
+            "SELECT * FROM t WHERE id IN (?)"
+        );
+        assert_eq!(
+            n("select * from t where id in ('a','b') and x in ($1, $2)"),
+            "select * from t where id in (?) and x in (?)"
+        );
+        assert_eq!(
+            n("SELECT * FROM t WHERE id IN (SELECT id FROM u)"),
+            "SELECT * FROM t WHERE id IN (SELECT id FROM u)"
+        );
+        assert_eq!(
+            n("SELECT * FROM t WHERE id IN (-1, 2)"),
+            "SELECT * FROM t WHERE id IN (?)"
+        );
+        assert_eq!(
+            n("INSERT INTO t VALUES (1, 'a'), (2, 'b')"),
+            "INSERT INTO t VALUES (?, ?), (?, ?)"
+        );
     }
 
     #[test]
     fn comments_and_whitespace() {
-        assert_eq!(n("  SELECT\n\t1 -- one\n  FROM /* a /* nested */ b */ t  "), "SELECT ? FROM t");
+        assert_eq!(
+            n("  SELECT\n\t1 -- one\n  FROM /* a /* nested */ b */ t  "),
+            "SELECT ? FROM t"
+        );
         assert_eq!(n("/* only */"), "");
         assert_eq!(n("SELECT 1 -- trailing"), "SELECT ?");
         assert_eq!(n("SELECT 1 /* unterminated"), "SELECT ?");
@@ -509,15 +544,23 @@ mod tests {
     #[test]
     fn operation() {
         assert_eq!(sql_operation("select 1"), "SELECT");
-        assert_eq!(sql_operation("  -- c\n /* x */ insert into t values (1)"), "INSERT");
+        assert_eq!(
+            sql_operation("  -- c\n /* x */ insert into t values (1)"),
+            "INSERT"
+        );
         assert_eq!(sql_operation("(SELECT 1) UNION (SELECT 2)"), "SELECT");
         assert_eq!(sql_operation("BEGIN"), "BEGIN");
         assert_eq!(sql_operation("commit;"), "COMMIT");
         assert_eq!(
-            sql_operation("WITH a AS (SELECT 1), b(x) AS MATERIALIZED (DELETE FROM t RETURNING *) UPDATE u SET v = 1"),
+            sql_operation(
+                "WITH a AS (SELECT 1), b(x) AS MATERIALIZED (DELETE FROM t RETURNING *) UPDATE u SET v = 1"
+            ),
             "UPDATE"
         );
-        assert_eq!(sql_operation("WITH RECURSIVE r AS (SELECT 1 UNION SELECT 2) SELECT * FROM r"), "SELECT");
+        assert_eq!(
+            sql_operation("WITH RECURSIVE r AS (SELECT 1 UNION SELECT 2) SELECT * FROM r"),
+            "SELECT"
+        );
         assert_eq!(sql_operation("WITH a AS (SELECT 1"), "WITH");
         assert_eq!(sql_operation(""), "UNKNOWN");
         assert_eq!(sql_operation("'x'"), "UNKNOWN");
@@ -527,26 +570,68 @@ mod tests {
     #[test]
     fn target() {
         let t = |s: &str| sql_target(s);
-        assert_eq!(t("SELECT * FROM cats WHERE id = 1").as_deref(), Some("cats"));
-        assert_eq!(t("select a from public.cats c join dogs d on true").as_deref(), Some("public.cats"));
-        assert_eq!(t("SELECT (SELECT max(x) FROM inner_t) FROM outer_t").as_deref(), Some("outer_t"));
+        assert_eq!(
+            t("SELECT * FROM cats WHERE id = 1").as_deref(),
+            Some("cats")
+        );
+        assert_eq!(
+            t("select a from public.cats c join dogs d on true").as_deref(),
+            Some("public.cats")
+        );
+        assert_eq!(
+            t("SELECT (SELECT max(x) FROM inner_t) FROM outer_t").as_deref(),
+            Some("outer_t")
+        );
         assert_eq!(t("SELECT * FROM (SELECT 1) s"), None);
         assert_eq!(t("SELECT 1"), None);
-        assert_eq!(t("INSERT INTO \"Orders\" (a) VALUES (1)").as_deref(), Some("Orders"));
+        assert_eq!(
+            t("INSERT INTO \"Orders\" (a) VALUES (1)").as_deref(),
+            Some("Orders")
+        );
         assert_eq!(t("UPDATE ONLY users SET a = 1").as_deref(), Some("users"));
         assert_eq!(t("DELETE FROM s.t WHERE x").as_deref(), Some("s.t"));
-        assert_eq!(t("WITH x AS (SELECT * FROM a) INSERT INTO b SELECT * FROM x").as_deref(), Some("b"));
+        assert_eq!(
+            t("WITH x AS (SELECT * FROM a) INSERT INTO b SELECT * FROM x").as_deref(),
+            Some("b")
+        );
         assert_eq!(t("TRUNCATE TABLE logs").as_deref(), Some("logs"));
         assert_eq!(t("BEGIN"), None);
         assert_eq!(t("SELECT * FROM"), None);
-        assert!(t(&format!("SELECT * FROM {}", "x".repeat(1000))).is_some_and(|s| s.len() <= MAX_TARGET));
+        assert!(
+            t(&format!("SELECT * FROM {}", "x".repeat(1000)))
+                .is_some_and(|s| s.len() <= MAX_TARGET)
+        );
     }
 
     #[test]
     fn arbitrary_text_never_panics() {
         let samples = [
-            "", "'", "\"", "$", "$$", "$a", "$a$", "/*", "--", "E'", "U&", "U&'", "0x", "1e", "1e+",
-            ".", "..", "é'", "\u{0}", "$é$x$é$", "((((", "))))", "WITH", "WITH (", "IN (", "IN ()",
+            "",
+            "'",
+            "\"",
+            "$",
+            "$$",
+            "$a",
+            "$a$",
+            "/*",
+            "--",
+            "E'",
+            "U&",
+            "U&'",
+            "0x",
+            "1e",
+            "1e+",
+            ".",
+            "..",
+            "é'",
+            "\u{0}",
+            "$é$x$é$",
+            "((((",
+            "))))",
+            "WITH",
+            "WITH (",
+            "IN (",
+            "IN ()",
         ];
         for a in samples {
             for b in samples {
