@@ -3,7 +3,10 @@
 #
 #   GET /store/cats/ID   {"id":"ID","name":"cat-ID"}; ID 0 answers 500
 #
-# Usage: cats_store.rb --port P [--port-file F]
+# With --redis HOST:PORT each request first looks the cat up in Redis (GET cat:ID, over a
+# connection per Puma thread); the cache is empty, so the answer stays the same.
+#
+# Usage: cats_store.rb --port P [--port-file F] [--redis HOST:PORT]
 require "json"
 require "optparse"
 require "socket"
@@ -13,7 +16,19 @@ opts = { port: 8080 }
 OptionParser.new do |o|
   o.on("--port P", Integer) { |v| opts[:port] = v }
   o.on("--port-file F") { |v| opts[:port_file] = v }
+  o.on("--redis HOST_PORT") { |v| opts[:redis] = v }
 end.parse!
+
+if opts[:redis]
+  require "redis"
+  REDIS_HOST, REDIS_PORT = opts[:redis].split(":")
+end
+
+def cached_name(id)
+  return nil unless defined?(REDIS_HOST)
+  redis = (Thread.current[:redis] ||= Redis.new(host: REDIS_HOST, port: REDIS_PORT.to_i))
+  redis.get("cat:#{id}")
+end
 
 class Store < Sinatra::Base
   set :server, :puma
@@ -25,8 +40,9 @@ class Store < Sinatra::Base
 
   get "/store/cats/:id" do
     content_type :json
+    name = cached_name(params[:id])
     halt 500, '{"error":"no such cat"}' if params[:id] == "0"
-    { id: params[:id], name: "cat-#{params[:id]}" }.to_json
+    { id: params[:id], name: name || "cat-#{params[:id]}" }.to_json
   end
 end
 

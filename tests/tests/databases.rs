@@ -211,8 +211,9 @@ fn postgres_calls_are_spans() {
         "Tom\nFelix\nGarfield\nerror: ERROR:  division by zero\npipeline: 3\n"
     );
 
-    // Client spans: psql 2, ruby 1 + 2 + 1 + 3 = 7; the same 9 queries as server spans.
-    let spans = collector.wait_for_spans(18, Duration::from_secs(15));
+    // Client spans: psql 2; ruby 8: exec_params, prepare (a round trip of its own), two
+    // exec_prepared, the division, the pipeline's three. The same 10 as server spans.
+    let spans = collector.wait_for_spans(20, Duration::from_secs(15));
     std::thread::sleep(Duration::from_millis(500));
     let spans_now = collector.spans();
     let stopped = tracer.stop();
@@ -230,6 +231,7 @@ fn postgres_calls_are_spans() {
         client_ruby,
         &[
             "INSERT cats",
+            "PREPARE cats",
             "SELECT",
             "SELECT cats",
             "SELECT cats",

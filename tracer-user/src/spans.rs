@@ -279,12 +279,19 @@ pub fn span_from_db(
 }
 
 /// A server's error message without the request values some errors quote: Redis's
-/// "ERR unknown command 'x', with args beginning with: 'secret'" keeps only its first part.
+/// "ERR unknown command 'x', with args beginning with: 'secret'" and PostgreSQL's
+/// `invalid input syntax for type integer: "secret"` keep only the part before the value.
+/// (PostgreSQL also quotes names, as in `relation "cats" does not exist`: those stay.)
 fn db_error_without_values(message: &str) -> &str {
-    match message.find(", with args beginning with") {
-        Some(i) => &message[..i],
-        None => message,
+    if let Some(i) = message.find(", with args beginning with") {
+        return &message[..i];
     }
+    if message.contains("invalid input ")
+        && let Some(i) = message.rfind(": \"")
+    {
+        return &message[..i];
+    }
+    message
 }
 
 /// Builds the span of one HTTP/1.x exchange.

@@ -24,6 +24,7 @@ use crate::{
     protocols::{
         DbExchange, Direction, Exchange, HttpExchange, Segment, Side,
         http1::{Http1Conn, looks_like_request},
+        postgres::{PgConn, looks_like_postgres_client_start},
         redis::{RedisConn, looks_like_redis_request},
     },
 };
@@ -129,6 +130,7 @@ enum Proto {
 /// The database protocol parsers, behind one interface.
 enum DbConn {
     Redis(RedisConn),
+    Postgres(PgConn),
 }
 
 impl DbConn {
@@ -137,18 +139,23 @@ impl DbConn {
         if looks_like_redis_request(head) {
             return Some(DbConn::Redis(RedisConn::new()));
         }
+        if looks_like_postgres_client_start(head) {
+            return Some(DbConn::Postgres(PgConn::new()));
+        }
         None
     }
 
     fn feed(&mut self, seg: &Segment<'_>, out: &mut Vec<DbExchange>) {
         match self {
             DbConn::Redis(p) => p.feed(seg, out),
+            DbConn::Postgres(p) => p.feed(seg, out),
         }
     }
 
     fn close(&mut self, ts_ns: u64, reset: bool, out: &mut Vec<DbExchange>) {
         match self {
             DbConn::Redis(p) => p.close(ts_ns, reset, out),
+            DbConn::Postgres(p) => p.close(ts_ns, reset, out),
         }
     }
 
@@ -156,6 +163,7 @@ impl DbConn {
     fn gave_up(&self) -> bool {
         match self {
             DbConn::Redis(p) => p.is_not_redis(),
+            DbConn::Postgres(p) => p.is_not_postgres(),
         }
     }
 }

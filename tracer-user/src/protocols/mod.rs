@@ -7,6 +7,7 @@
 #[cfg(test)]
 pub(crate) mod fixture;
 pub mod http1;
+pub mod postgres;
 pub mod redis;
 pub mod sql;
 
