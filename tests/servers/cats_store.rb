@@ -36,7 +36,11 @@ class Store < Sinatra::Base
   set :logging, false
   # More threads than the callers have kept-alive connections: Puma holds a thread per
   # connection while it serves it, and the api tier keeps one connection per thread.
-  set :server_settings, { Silent: true, Threads: "4:32" }
+  # queue_requests: false makes the worker thread read each request itself. By default
+  # Puma's reactor thread may read a request and hand it to a worker, and a call the worker
+  # then makes cannot be tied to that request by thread: tracer leaves such calls as roots
+  # (see README, "Traces across processes and hosts").
+  set :server_settings, { Silent: true, Threads: "4:32", queue_requests: false }
 
   get "/store/cats/:id" do
     content_type :json
