@@ -175,7 +175,7 @@ fn setup() -> anyhow::Result<()> {
     Ok(())
 }
 
-const FUZZ_TARGETS: [&str; 3] = ["http1", "decode", "context"];
+const FUZZ_TARGETS: [&str; 5] = ["http1", "decode", "context", "redis", "postgres"];
 
 fn fuzz(seconds: u64) -> anyhow::Result<()> {
     if output_of("cargo", &["fuzz", "--version"]).is_none() {
