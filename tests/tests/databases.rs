@@ -28,10 +28,17 @@ fn tag<'a>(span: &'a Value, key: &str) -> Option<&'a str> {
 struct Postgres {
     _server: ChildGuard,
     port: u16,
+    /// libpq's sslmode for the clients: `disable`, or `require` when the server has TLS on.
+    sslmode: &'static str,
 }
 
 impl Postgres {
     fn start(dir: &Path) -> Postgres {
+        Postgres::start_with(dir, false)
+    }
+
+    /// With `tls`, the server gets a self-signed certificate and clients must use TLS.
+    fn start_with(dir: &Path, tls: bool) -> Postgres {
         let data = dir.join("pgdata");
         std::fs::create_dir_all(&data).unwrap();
         let pwfile = dir.join("pw");
@@ -60,6 +67,36 @@ impl Postgres {
             .expect("initdb (package postgresql)");
         assert!(out.status.success(), "initdb: {out:?}");
         let port = free_port();
+        let mut tls_args: Vec<String> = Vec::new();
+        if tls {
+            let (cert, key) = common::self_signed_certificate(dir);
+            for f in [&cert, &key] {
+                assert!(
+                    Command::new("chown")
+                        .arg("postgres:postgres")
+                        .arg(f)
+                        .status()
+                        .unwrap()
+                        .success()
+                );
+            }
+            assert!(
+                Command::new("chmod")
+                    .arg("600")
+                    .arg(&key)
+                    .status()
+                    .unwrap()
+                    .success()
+            );
+            tls_args = vec![
+                "-c".into(),
+                "ssl=on".into(),
+                "-c".into(),
+                format!("ssl_cert_file={}", cert.display()),
+                "-c".into(),
+                format!("ssl_key_file={}", key.display()),
+            ];
+        }
         let server = ChildGuard(
             Command::new("runuser")
                 .args(["-u", "postgres", "--"])
@@ -67,6 +104,7 @@ impl Postgres {
                 .arg("-D")
                 .arg(&data)
                 .args(["-p", &port.to_string(), "-c", "listen_addresses=127.0.0.1"])
+                .args(&tls_args)
                 .arg("-k")
                 .arg(dir)
                 .stdout(Stdio::null())
@@ -78,6 +116,7 @@ impl Postgres {
         let pg = Postgres {
             _server: server,
             port,
+            sslmode: if tls { "require" } else { "disable" },
         };
         pg.psql(
             "CREATE TABLE cats (id int PRIMARY KEY, name text); \
@@ -92,7 +131,7 @@ impl Postgres {
             .args(["-X", "-q", "-A", "-t", "-h", "127.0.0.1", "-U", "postgres"])
             .args(["-p", &self.port.to_string(), "-d", "postgres", "-c", sql])
             .env("PGPASSWORD", PG_PASSWORD)
-            .env("PGSSLMODE", "disable")
+            .env("PGSSLMODE", self.sslmode)
             .output()
             .expect("psql");
         String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
@@ -282,6 +321,55 @@ fn postgres_calls_are_spans() {
             "{secret:?} leaked into a span: {all}"
         );
     }
+}
+
+/// The same queries over TLS (libpq with sslmode=require, the server with ssl=on): psql and
+/// the postgres backend both use OpenSSL, and the spans are the plaintext ones.
+#[test]
+fn postgres_over_tls() {
+    require_root();
+    let collector = Collector::start();
+    let dir = scratch_dir();
+    let pg = Postgres::start_with(&dir, true);
+    let port_s = pg.port.to_string();
+    let tracer = Tracer::start(&[
+        "run",
+        "--comm",
+        "psql",
+        "--comm",
+        "postgres",
+        "--port",
+        &port_s,
+        "--zipkin",
+        &collector.url(),
+        "--flush-interval-ms",
+        "200",
+    ]);
+    assert_eq!(pg.psql("SELECT name FROM cats WHERE id = 3"), "Garfield\n");
+    assert!(pg.psql("SELECT * FROM nope").contains("does not exist"));
+    let spans = collector.wait_for_spans(4, Duration::from_secs(15));
+    let stopped = tracer.stop();
+    assert!(stopped.status.success(), "{}", stopped.stderr);
+    assert_eq!(spans.len(), 4, "{spans:#?}");
+    let got = names(&spans);
+    assert_eq!(
+        got[&("CLIENT".to_string(), "psql".to_string())],
+        ["SELECT cats", "SELECT nope"],
+        "{spans:#?}"
+    );
+    assert_eq!(
+        got[&("SERVER".to_string(), "postgres".to_string())],
+        ["SELECT cats", "SELECT nope"],
+        "{spans:#?}"
+    );
+    find(&spans, "SERVER", "SELECT name FROM cats WHERE id = ?");
+    let missing = find(&spans, "CLIENT", "SELECT * FROM nope");
+    assert!(tag(missing, "error").is_some_and(|e| e.contains("does not exist")));
+    let all = serde_json::to_string(&spans).unwrap();
+    assert!(
+        !all.contains(PG_PASSWORD) && !all.contains("Garfield"),
+        "{all}"
+    );
 }
 
 /// redis-cli and the redis gem (single commands, a pipeline, MULTI/EXEC, an error reply)
