@@ -432,7 +432,7 @@ fn per_syscall_tracepoint_fallback_captures() {
         &[("TRACER_SYSCALL_TRACEPOINTS", "1")],
     );
     assert!(
-        tracer.stderr().contains("attached 27 tracepoints"),
+        tracer.stderr().contains("attached 28 tracepoints"),
         "{}",
         tracer.stderr()
     );

@@ -44,12 +44,12 @@ fn metrics_count_requests_errors_and_durations() {
     for _ in 0..2 {
         assert_eq!(client.get("/status/503").status, 503);
     }
-    let hello = r#"service="cats",kind="server",route="GET /hello""#;
-    let status = r#"service="cats",kind="server",route="GET /status/{id}""#;
+    let hello = r#"service="cats",kind="server",protocol="http",route="GET /hello""#;
+    let status = r#"service="cats",kind="server",protocol="http",route="GET /status/{id}""#;
     let deadline = Instant::now() + Duration::from_secs(10);
     let text = loop {
         let text = scrape(&addr);
-        if sample(&text, &format!("tracer_http_requests_total{{{status}}}")) == Some(2.0) {
+        if sample(&text, &format!("tracer_requests_total{{{status}}}")) == Some(2.0) {
             break text;
         }
         assert!(
@@ -60,35 +60,29 @@ fn metrics_count_requests_errors_and_durations() {
     };
     tracer.stop();
     assert_eq!(
-        sample(&text, &format!("tracer_http_requests_total{{{hello}}}")),
+        sample(&text, &format!("tracer_requests_total{{{hello}}}")),
         Some(5.0),
         "{text}"
     );
     assert_eq!(
-        sample(
-            &text,
-            &format!("tracer_http_request_errors_total{{{hello}}}")
-        ),
+        sample(&text, &format!("tracer_request_errors_total{{{hello}}}")),
         Some(0.0)
     );
     assert_eq!(
-        sample(
-            &text,
-            &format!("tracer_http_request_errors_total{{{status}}}")
-        ),
+        sample(&text, &format!("tracer_request_errors_total{{{status}}}")),
         Some(2.0)
     );
     assert_eq!(
         sample(
             &text,
-            &format!("tracer_http_request_duration_seconds_count{{{hello}}}")
+            &format!("tracer_request_duration_seconds_count{{{hello}}}")
         ),
         Some(5.0)
     );
     assert_eq!(
         sample(
             &text,
-            &format!("tracer_http_request_duration_seconds_bucket{{{hello},le=\"+Inf\"}}")
+            &format!("tracer_request_duration_seconds_bucket{{{hello},le=\"+Inf\"}}")
         ),
         Some(5.0)
     );
@@ -98,7 +92,7 @@ fn metrics_count_requests_errors_and_durations() {
     );
     assert_eq!(sample(&text, "tracer_events_lost_total "), Some(0.0));
     assert_eq!(sample(&text, "tracer_requests_total "), Some(7.0));
-    assert!(text.contains("# TYPE tracer_http_request_duration_seconds histogram"));
+    assert!(text.contains("# TYPE tracer_request_duration_seconds histogram"));
 }
 
 #[test]

@@ -438,6 +438,34 @@ fn render_metrics(
     );
     metric(
         &mut out,
+        "tracer_tls_calls_total",
+        "counter",
+        "OpenSSL reads and writes whose plaintext was captured.",
+        kernel(stat::TLS_CALLS),
+    );
+    metric(
+        &mut out,
+        "tracer_tls_no_socket_total",
+        "counter",
+        "OpenSSL calls dropped because their socket could not be told (memory BIOs).",
+        kernel(stat::TLS_NO_SOCKET),
+    );
+    metric(
+        &mut out,
+        "tracer_tls_libraries",
+        "gauge",
+        "OpenSSL files (libraries, executables) the TLS probes are attached to.",
+        probes.tls_files() as u64,
+    );
+    metric(
+        &mut out,
+        "tracer_connections_tls_total",
+        "counter",
+        "Connections found to carry TLS (parsed from the OpenSSL probes' plaintext).",
+        tracker.stats().tls_conns,
+    );
+    metric(
+        &mut out,
         "tracer_inject_headers_total",
         "counter",
         "Requests given a trace context header in the kernel.",

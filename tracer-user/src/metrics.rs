@@ -35,10 +35,13 @@ struct Series {
     buckets: [u64; BUCKETS.len()],
 }
 
-/// Request rate, errors and duration per (service, kind, route).
+/// (service, kind, protocol, route) of a series.
+type SeriesKey = (String, &'static str, &'static str, String);
+
+/// Request rate, errors and duration per (service, kind, protocol, route).
 #[derive(Default)]
 pub struct Red {
-    series: HashMap<(String, &'static str, String), Series>,
+    series: HashMap<SeriesKey, Series>,
 }
 
 impl Red {
@@ -48,9 +51,14 @@ impl Red {
             SpanKind::Server => "server",
             SpanKind::Client => "client",
         };
-        let mut key = (service, kind, span.name.clone());
+        let protocol = match span.tags.get("db.system").map(String::as_str) {
+            Some("postgresql") => "postgresql",
+            Some("redis") => "redis",
+            _ => "http",
+        };
+        let mut key = (service, kind, protocol, span.name.clone());
         if !self.series.contains_key(&key) && self.series.len() >= MAX_SERIES {
-            key.2 = "{other}".into();
+            key.3 = "{other}".into();
         }
         let s = self.series.entry(key).or_default();
         let seconds = span.duration as f64 / 1e6;
@@ -71,67 +79,67 @@ impl Red {
         keys.sort();
         let _ = writeln!(
             out,
-            "# HELP tracer_http_requests_total Requests seen, by service, span kind and route."
+            "# HELP tracer_requests_total Requests and database calls seen, by service, span kind, protocol and route."
         );
-        let _ = writeln!(out, "# TYPE tracer_http_requests_total counter");
+        let _ = writeln!(out, "# TYPE tracer_requests_total counter");
         for k in &keys {
             let _ = writeln!(
                 out,
-                "tracer_http_requests_total{{{}}} {}",
+                "tracer_requests_total{{{}}} {}",
                 labels(k),
                 self.series[*k].count
             );
         }
         let _ = writeln!(
             out,
-            "# HELP tracer_http_request_errors_total Requests that failed (5xx, reset, no response)."
+            "# HELP tracer_request_errors_total Requests that failed (HTTP 5xx, a database error, reset, no response)."
         );
-        let _ = writeln!(out, "# TYPE tracer_http_request_errors_total counter");
+        let _ = writeln!(out, "# TYPE tracer_request_errors_total counter");
         for k in &keys {
             let _ = writeln!(
                 out,
-                "tracer_http_request_errors_total{{{}}} {}",
+                "tracer_request_errors_total{{{}}} {}",
                 labels(k),
                 self.series[*k].errors
             );
         }
         let _ = writeln!(
             out,
-            "# HELP tracer_http_request_duration_seconds Request durations, first request byte to last response byte."
+            "# HELP tracer_request_duration_seconds Request durations, first request byte to last response byte."
         );
-        let _ = writeln!(out, "# TYPE tracer_http_request_duration_seconds histogram");
+        let _ = writeln!(out, "# TYPE tracer_request_duration_seconds histogram");
         for k in &keys {
             let s = &self.series[*k];
             let l = labels(k);
             for (i, bound) in BUCKETS.iter().enumerate() {
                 let _ = writeln!(
                     out,
-                    "tracer_http_request_duration_seconds_bucket{{{l},le=\"{bound}\"}} {}",
+                    "tracer_request_duration_seconds_bucket{{{l},le=\"{bound}\"}} {}",
                     s.buckets[i]
                 );
             }
             let _ = writeln!(
                 out,
-                "tracer_http_request_duration_seconds_bucket{{{l},le=\"+Inf\"}} {}",
+                "tracer_request_duration_seconds_bucket{{{l},le=\"+Inf\"}} {}",
                 s.count
             );
             let _ = writeln!(
                 out,
-                "tracer_http_request_duration_seconds_sum{{{l}}} {}",
+                "tracer_request_duration_seconds_sum{{{l}}} {}",
                 s.sum_seconds
             );
             let _ = writeln!(
                 out,
-                "tracer_http_request_duration_seconds_count{{{l}}} {}",
+                "tracer_request_duration_seconds_count{{{l}}} {}",
                 s.count
             );
         }
     }
 }
 
-fn labels((service, kind, route): &(String, &'static str, String)) -> String {
+fn labels((service, kind, protocol, route): &SeriesKey) -> String {
     format!(
-        "service=\"{}\",kind=\"{kind}\",route=\"{}\"",
+        "service=\"{}\",kind=\"{kind}\",protocol=\"{protocol}\",route=\"{}\"",
         escape(service),
         escape(route)
     )
@@ -217,21 +225,19 @@ mod tests {
         red.observe(&slow);
         let mut out = String::new();
         red.render(&mut out);
-        let l = r#"service="cats",kind="server",route="GET /hello""#;
+        let l = r#"service="cats",kind="server",protocol="http",route="GET /hello""#;
         assert!(
-            out.contains(&format!("tracer_http_requests_total{{{l}}} 2")),
+            out.contains(&format!("tracer_requests_total{{{l}}} 2")),
             "{out}"
         );
-        assert!(out.contains(&format!("tracer_http_request_errors_total{{{l}}} 1")));
+        assert!(out.contains(&format!("tracer_request_errors_total{{{l}}} 1")));
         assert!(out.contains(&format!(
-            "tracer_http_request_duration_seconds_bucket{{{l},le=\"0.0025\"}} 1"
+            "tracer_request_duration_seconds_bucket{{{l},le=\"0.0025\"}} 1"
         )));
         assert!(out.contains(&format!(
-            "tracer_http_request_duration_seconds_bucket{{{l},le=\"0.5\"}} 2"
+            "tracer_request_duration_seconds_bucket{{{l},le=\"0.5\"}} 2"
         )));
-        assert!(out.contains(&format!(
-            "tracer_http_request_duration_seconds_count{{{l}}} 2"
-        )));
+        assert!(out.contains(&format!("tracer_request_duration_seconds_count{{{l}}} 2")));
     }
 
     #[test]

@@ -268,6 +268,7 @@ fn test(unit_only: bool, filter: &[String]) -> anyhow::Result<()> {
     cmd.args([
         "test",
         "--release",
+        "--no-fail-fast",
         "-p",
         "tracer-e2e",
         "--",
