@@ -205,11 +205,13 @@ pub fn exit_data(saved: SavedArgs, ret: i64, pid_tgid: u64) {
         }
         return;
     }
-    emit_data(&saved, ret as u64, pid_tgid);
+    emit_data(&saved, ret as u64, pid_tgid, 0);
 }
 
+/// Reports what a call moved. `end_ns` dates the last byte when the caller knows better than
+/// "now" (0: now).
 #[inline(always)]
-pub fn emit_data(saved: &SavedArgs, len: u64, pid_tgid: u64) {
+pub fn emit_data(saved: &SavedArgs, len: u64, pid_tgid: u64, end_ns: u64) {
     let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
         return;
     };
@@ -225,7 +227,12 @@ pub fn emit_data(saved: &SavedArgs, len: u64, pid_tgid: u64) {
         tgid: (pid_tgid >> 32) as u32,
         tid: pid_tgid as u32,
         fd: saved.fd,
-        ts_ns: unsafe { bpf_ktime_get_ns() },
+        ts_ns: if end_ns != 0 {
+            end_ns
+        } else {
+            // SAFETY: no preconditions.
+            unsafe { bpf_ktime_get_ns() }
+        },
         conn_id: saved.conn_id,
     };
     // A send's first byte left when the call began; a receive's arrived by its return.

@@ -34,6 +34,11 @@ pub struct SslCall {
     /// `size_t *` where the `_ex` forms store the byte count; 0 for SSL_read/SSL_write.
     count_ptr: u64,
     enter_ns: u64,
+    /// Entry of the last socket syscall under the call: for a write, when its last bytes
+    /// went to the socket. The peer may read them before SSL_write returns (and on a busy
+    /// machine the writer may wait milliseconds to run again), so a write's end is dated
+    /// by this rather than by the return.
+    io_ns: u64,
     conn_id: u64,
     /// The socket the call used, once a syscall under it showed it; `u32::MAX` until then.
     fd: u32,
@@ -60,6 +65,7 @@ fn enter(ssl: u64, buf: u64, count_ptr: u64, direction: u32) {
         count_ptr,
         // SAFETY: no preconditions.
         enter_ns: unsafe { bpf_ktime_get_ns() },
+        io_ns: 0,
         conn_id: 0,
         fd: u32::MAX,
         direction,
@@ -166,7 +172,12 @@ pub fn tracer_ssl_return(ctx: RetProbeContext) -> u32 {
         enter_ns: call.enter_ns,
     };
     count(stat::TLS_CALLS);
-    emit_data(&saved, len, pid_tgid);
+    let end_ns = if call.direction == DIR_EGRESS {
+        call.io_ns
+    } else {
+        0
+    };
+    emit_data(&saved, len, pid_tgid, end_ns);
     0
 }
 
@@ -180,6 +191,8 @@ pub fn in_ssl_call(pid_tgid: u64, tgid: u32, fd: u32, conn: &ConnState) -> bool 
     };
     // SAFETY: a map value pointer, valid for this program's run.
     let call = unsafe { &mut *call };
+    // SAFETY: no preconditions.
+    call.io_ns = unsafe { bpf_ktime_get_ns() };
     if call.fd == fd {
         return true;
     }
