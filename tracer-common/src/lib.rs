@@ -247,11 +247,15 @@ pub struct KernelOffsets {
     /// written and read, the same numbers on both ends of a connection.
     pub tcp_write_seq: u32,
     pub tcp_copied_seq: u32,
+    /// `task_struct.group_leader` and `task_struct.comm`: the process's own name (its main
+    /// thread's), which a worker thread's name (Puma's "puma srv tp 001") is not.
+    pub task_group_leader: u32,
+    pub task_comm: u32,
     pub _pad: u32,
     /// Non-zero once the agent has filled the struct in (the probes trace nothing before).
     pub valid: u32,
 }
-const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 96);
+const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 104);
 
 /// What a syscall's enter saved for its exit, in the `ACTIVE` map keyed by pid_tgid. The agent
 /// also writes entries for threads it finds blocked in a socket read when it attaches, so that

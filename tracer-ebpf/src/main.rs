@@ -68,6 +68,8 @@ static OFFSETS: Global<KernelOffsets> = Global::new(KernelOffsets {
     net_ns_inum: 0,
     tcp_write_seq: 0,
     tcp_copied_seq: 0,
+    task_group_leader: 0,
+    task_comm: 0,
     _pad: 0,
     valid: 0,
 });

@@ -131,6 +131,25 @@ unsafe fn read_addresses(sk: *const u8, ev: &mut ConnEvent) -> Result<(), i32> {
     Ok(())
 }
 
+/// The current process's name: its main thread's comm, as /proc/PID/comm shows it (a worker
+/// thread may have named itself otherwise), read now, before an exec can change it. Falls back
+/// to the thread's own comm.
+#[inline(always)]
+fn process_comm() -> [u8; 16] {
+    let off = OFFSETS.load();
+    // SAFETY: probe reads of kernel memory at BTF-derived offsets; failures fall back.
+    unsafe {
+        let task = bpf_get_current_task() as *const u8;
+        if let Ok(leader) = read_at::<*const u8>(task, off.task_group_leader)
+            && !leader.is_null()
+            && let Ok(comm) = read_at::<[u8; 16]>(leader, off.task_comm)
+        {
+            return comm;
+        }
+    }
+    bpf_get_current_comm().unwrap_or([0; 16])
+}
+
 /// Starts tracking `fd` of the current thread group if it is a TCP socket, and tells userspace.
 /// Returns the new connection id, or None when the fd is not a TCP socket.
 #[inline(always)]
@@ -165,7 +184,7 @@ pub fn track(fd: u32, role: u16) -> Option<ConnState> {
         remote_port: 0,
         local_addr: [0; 16],
         remote_addr: [0; 16],
-        comm: bpf_get_current_comm().unwrap_or([0; 16]),
+        comm: process_comm(),
     };
     if unsafe { read_addresses(sk, &mut ev) }.is_err() {
         count(stat::READ_ERRORS);

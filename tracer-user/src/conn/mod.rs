@@ -523,8 +523,8 @@ impl ConnTracker {
         self.process_named(tgid, &[0; 16])
     }
 
-    /// The process `tgid`, read from /proc the first time; `hint` (a comm the kernel saw)
-    /// names it when /proc no longer has it.
+    /// The process `tgid`, named the first time: by `hint` (the process's comm as the kernel
+    /// saw it at the event) when there is one, else from /proc.
     fn process_named(&mut self, tgid: u32, hint: &[u8; 16]) -> Arc<Process> {
         let override_name = self.config.service_name.clone();
         let new_processes = &mut self.new_processes;
@@ -537,10 +537,15 @@ impl ConnTracker {
                 let from_kernel =
                     String::from_utf8_lossy(hint.split(|b| *b == 0).next().unwrap_or_default())
                         .into_owned();
-                let comm = std::fs::read_to_string(format!("/proc/{tgid}/comm"))
-                    .map(|s| s.trim_end().to_string())
-                    .ok()
-                    .or_else(|| (!from_kernel.is_empty()).then_some(from_kernel))
+                // The kernel's name was read when the event happened; /proc is read now,
+                // which may be after an exec made the process another program.
+                let comm = (!from_kernel.is_empty())
+                    .then_some(from_kernel)
+                    .or_else(|| {
+                        std::fs::read_to_string(format!("/proc/{tgid}/comm"))
+                            .map(|s| s.trim_end().to_string())
+                            .ok()
+                    })
                     .unwrap_or_else(|| format!("pid-{tgid}"));
                 let service_name = override_name.unwrap_or_else(|| comm.clone());
                 Arc::new(Process { comm, service_name })

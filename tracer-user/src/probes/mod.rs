@@ -692,6 +692,8 @@ pub fn kernel_offsets(btf_path: &Path) -> Result<KernelOffsets, ProbeError> {
         // Absent fields only cost passive cross-host linking.
         tcp_write_seq: field_offset(&btf, "tcp_sock", "write_seq")?.unwrap_or(u32::MAX),
         tcp_copied_seq: field_offset(&btf, "tcp_sock", "copied_seq")?.unwrap_or(u32::MAX),
+        task_group_leader: field("task_struct", "group_leader")?,
+        task_comm: field("task_struct", "comm")?,
         _pad: 0,
         valid: 1,
     })
