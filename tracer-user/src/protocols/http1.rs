@@ -1235,6 +1235,7 @@ mod tests {
     // prefix only).
 
     use super::*;
+    use crate::protocols::fixture::{Item, check_golden, cut, parse_fixture, tail_of};
 
     const IN: Direction = Direction::Ingress;
     const EG: Direction = Direction::Egress;
@@ -1249,22 +1250,6 @@ mod tests {
             head: bytes,
             tail: tail_of(bytes),
         }
-    }
-
-    /// A segment of which only the first `cap` bytes were captured.
-    fn cut(dir: Direction, ts_ns: u64, bytes: &[u8], cap: usize) -> Segment<'_> {
-        Segment {
-            dir,
-            ts_ns,
-            start_ns: ts_ns,
-            len: bytes.len() as u64,
-            head: &bytes[..cap.min(bytes.len())],
-            tail: tail_of(bytes),
-        }
-    }
-
-    fn tail_of(bytes: &[u8]) -> &[u8] {
-        &bytes[bytes.len().saturating_sub(16)..]
     }
 
     /// Feeds segments; collects what finished.
@@ -2159,106 +2144,6 @@ mod tests {
         assert!(out.is_empty());
     }
 
-    struct FixtureSegment {
-        dir: Direction,
-        ts: u64,
-        cap: Option<usize>,
-        bytes: Vec<u8>,
-    }
-
-    enum Item {
-        Segment(FixtureSegment),
-        Close { ts: u64, reset: bool },
-    }
-
-    fn unescape(text: &str, line: usize) -> Vec<u8> {
-        let mut out = Vec::new();
-        let mut chars = text.bytes();
-        while let Some(c) = chars.next() {
-            if c != b'\\' {
-                out.push(c);
-                continue;
-            }
-            match chars.next() {
-                Some(b'r') => out.push(b'\r'),
-                Some(b'n') => out.push(b'\n'),
-                Some(b't') => out.push(b'\t'),
-                Some(b'\\') => out.push(b'\\'),
-                Some(b'x') => {
-                    let hex: Vec<u8> = chars.by_ref().take(2).collect();
-                    let hex = std::str::from_utf8(&hex).expect("hex escape");
-                    out.push(
-                        u8::from_str_radix(hex, 16)
-                            .unwrap_or_else(|_| panic!("line {line}: bad \\x{hex}")),
-                    );
-                }
-                Some(b'{') => {
-                    let digits: Vec<u8> = chars.by_ref().take_while(|&c| c != b'}').collect();
-                    let n: usize = std::str::from_utf8(&digits)
-                        .ok()
-                        .and_then(|d| d.parse().ok())
-                        .unwrap_or_else(|| panic!("line {line}: bad \\{{N}}"));
-                    out.resize(out.len() + n, b'.');
-                }
-                other => panic!("line {line}: unknown escape {other:?}"),
-            }
-        }
-        out
-    }
-
-    fn parse_fixture(text: &str) -> Vec<Item> {
-        let mut items = Vec::new();
-        for (i, raw) in text.lines().enumerate() {
-            let line = i + 1;
-            if raw.trim().is_empty() || raw.starts_with('#') {
-                continue;
-            }
-            if let Some(more) = raw.strip_prefix("| ").or(raw.strip_prefix('|')) {
-                match items.last_mut() {
-                    Some(Item::Segment(s)) => s.bytes.extend(unescape(more, line)),
-                    _ => panic!("line {line}: continuation without a segment"),
-                }
-                continue;
-            }
-            let (word, rest) = raw
-                .split_once(' ')
-                .unwrap_or_else(|| panic!("line {line}: no timestamp"));
-            let (ts, rest) = rest.split_once(' ').unwrap_or((rest, ""));
-            let ts: u64 = ts
-                .parse()
-                .unwrap_or_else(|_| panic!("line {line}: bad timestamp {ts}"));
-            let dir = match word {
-                "<" => Direction::Ingress,
-                ">" => Direction::Egress,
-                "close" | "reset" => {
-                    items.push(Item::Close {
-                        ts,
-                        reset: word == "reset",
-                    });
-                    continue;
-                }
-                other => panic!("line {line}: unknown item {other}"),
-            };
-            let (cap, payload) = match rest.strip_prefix("cap=") {
-                Some(opt) => {
-                    let (n, payload) = opt.split_once(' ').unwrap_or((opt, ""));
-                    (
-                        Some(n.parse().unwrap_or_else(|_| panic!("line {line}: bad cap"))),
-                        payload,
-                    )
-                }
-                None => (None, rest),
-            };
-            items.push(Item::Segment(FixtureSegment {
-                dir,
-                ts,
-                cap,
-                bytes: unescape(payload, line),
-            }));
-        }
-        items
-    }
-
     fn render(exchanges: &[HttpExchange], not_http: bool) -> String {
         use std::fmt::Write;
         let mut s = String::new();
@@ -2300,18 +2185,7 @@ mod tests {
         let mut not_http = false;
         for item in parse_fixture(text) {
             match item {
-                Item::Segment(f) => {
-                    let head = &f.bytes[..f.cap.unwrap_or(f.bytes.len()).min(f.bytes.len())];
-                    let seg = Segment {
-                        dir: f.dir,
-                        ts_ns: f.ts,
-                        start_ns: f.ts,
-                        len: f.bytes.len() as u64,
-                        head,
-                        tail: tail_of(&f.bytes),
-                    };
-                    conn.feed(&seg, &mut out);
-                }
+                Item::Segment(f) => conn.feed(&f.segment(None), &mut out),
                 Item::Close { ts, reset } => {
                     not_http |= conn.is_not_http();
                     conn.close(ts, reset, &mut out);
@@ -2324,30 +2198,6 @@ mod tests {
 
     #[test]
     fn golden_fixtures() {
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/http1");
-        let mut names: Vec<_> = std::fs::read_dir(&dir)
-            .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
-            .filter_map(|entry| entry.ok().map(|e| e.path()))
-            .filter(|p| p.extension().is_some_and(|x| x == "seg"))
-            .collect();
-        names.sort();
-        assert!(names.len() >= 12, "fixtures missing in {}", dir.display());
-        let mut failed = Vec::new();
-        for seg_path in &names {
-            let text = std::fs::read_to_string(seg_path).expect("fixture readable");
-            let actual = run_fixture(&text);
-            let expected_path = seg_path.with_extension("expected");
-            let actual_path = seg_path.with_extension("actual");
-            if std::fs::read_to_string(&expected_path).ok().as_deref() == Some(actual.as_str()) {
-                let _ = std::fs::remove_file(&actual_path);
-            } else {
-                std::fs::write(&actual_path, &actual).expect("write .actual");
-                failed.push(actual_path.display().to_string());
-            }
-        }
-        assert!(
-            failed.is_empty(),
-            "output differs from .expected; see {failed:?}"
-        );
+        check_golden("http1", 12, run_fixture);
     }
 }
