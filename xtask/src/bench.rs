@@ -391,8 +391,9 @@ fn measure(
     // Let the last spans reach the exporter before the CPU reading.
     std::thread::sleep(Duration::from_millis(500));
     run.agent_cpu_s = agent.cpu_seconds() - cpu0;
-    run.served = target.served.read()? - served0;
     let (rss, summary) = agent.stop()?;
+    // Read after the agent stopped: asking the Python server is a request of its own.
+    run.served = target.served.read()? - served0;
     run.agent_rss_kib = rss;
     run.events = summary_number(&summary, "data");
     run.lost = summary_number(&summary, "lost");
