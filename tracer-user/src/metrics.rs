@@ -41,12 +41,20 @@ type SeriesKey = (String, &'static str, &'static str, String);
 /// Request rate, errors and duration per (service, kind, protocol, route).
 #[derive(Default)]
 pub struct Red {
-    series: HashMap<SeriesKey, Series>,
+    /// By the series' labels joined with NULs (looked up without building a key each time).
+    series: HashMap<String, (SeriesKey, Series)>,
+    /// Scratch for that lookup key.
+    lookup: String,
 }
 
 impl Red {
     pub fn observe(&mut self, span: &Span) {
-        let service = span.local_endpoint.service_name.clone().unwrap_or_default();
+        let Self { series, lookup } = self;
+        let service = span
+            .local_endpoint
+            .service_name
+            .as_deref()
+            .unwrap_or_default();
         let kind = match span.kind {
             SpanKind::Server => "server",
             SpanKind::Client => "client",
@@ -56,11 +64,26 @@ impl Red {
             Some("redis") => "redis",
             _ => "http",
         };
-        let mut key = (service, kind, protocol, span.name.clone());
-        if !self.series.contains_key(&key) && self.series.len() >= MAX_SERIES {
-            key.3 = "{other}".into();
+        let mut route = span.name.as_str();
+        let key_of = |lookup: &mut String, route: &str| {
+            lookup.clear();
+            for part in [service, kind, protocol, route] {
+                lookup.push_str(part);
+                lookup.push('\0');
+            }
+        };
+        key_of(lookup, route);
+        if !series.contains_key(lookup.as_str()) && series.len() >= MAX_SERIES {
+            route = "{other}";
+            key_of(lookup, route);
         }
-        let s = self.series.entry(key).or_default();
+        if !series.contains_key(lookup.as_str()) {
+            let labels = (service.to_string(), kind, protocol, route.to_string());
+            series.insert(lookup.clone(), (labels, Series::default()));
+        }
+        let Some((_, s)) = series.get_mut(lookup.as_str()) else {
+            return;
+        };
         let seconds = span.duration as f64 / 1e6;
         s.count += 1;
         s.sum_seconds += seconds;
@@ -75,8 +98,10 @@ impl Red {
     }
 
     pub fn render(&self, out: &mut String) {
-        let mut keys: Vec<_> = self.series.keys().collect();
-        keys.sort();
+        let mut all: Vec<&(SeriesKey, Series)> = self.series.values().collect();
+        all.sort_by(|a, b| a.0.cmp(&b.0));
+        let keys: Vec<&SeriesKey> = all.iter().map(|(k, _)| k).collect();
+        let by_key: HashMap<&SeriesKey, &Series> = all.iter().map(|(k, s)| (k, s)).collect();
         let _ = writeln!(
             out,
             "# HELP tracer_requests_total Requests and database calls seen, by service, span kind, protocol and route."
@@ -87,7 +112,7 @@ impl Red {
                 out,
                 "tracer_requests_total{{{}}} {}",
                 labels(k),
-                self.series[*k].count
+                by_key[*k].count
             );
         }
         let _ = writeln!(
@@ -100,7 +125,7 @@ impl Red {
                 out,
                 "tracer_request_errors_total{{{}}} {}",
                 labels(k),
-                self.series[*k].errors
+                by_key[*k].errors
             );
         }
         let _ = writeln!(
@@ -109,7 +134,7 @@ impl Red {
         );
         let _ = writeln!(out, "# TYPE tracer_request_duration_seconds histogram");
         for k in &keys {
-            let s = &self.series[*k];
+            let s = by_key[*k];
             let l = labels(k);
             for (i, bound) in BUCKETS.iter().enumerate() {
                 let _ = writeln!(

@@ -45,7 +45,11 @@ impl Endpoint {
         };
         let (ipv4, ipv6) = match ip {
             IpAddr::V4(v4) if v4.is_unspecified() => (None, None),
-            IpAddr::V4(v4) => (Some(v4.to_string()), None),
+            IpAddr::V4(v4) => {
+                let mut text = String::with_capacity(15);
+                push_ipv4(&mut text, v4);
+                (Some(text), None)
+            }
             IpAddr::V6(v6) if v6.is_unspecified() => (None, None),
             IpAddr::V6(v6) => (None, Some(v6.to_string())),
         };
@@ -366,17 +370,47 @@ pub const LINK_TAG: &str = "tracer.link";
 /// server's address (IPv4-mapped addresses as IPv4) and the TCP sequence number of the
 /// request's first byte, which both kernels report for that byte.
 pub fn link_key(side: Side, local: SocketAddr, remote: SocketAddr, seq: u32) -> String {
-    let canonical = |a: SocketAddr| match a.ip() {
-        IpAddr::V6(v6) => v6
-            .to_ipv4_mapped()
-            .map_or(a, |v4| SocketAddr::new(IpAddr::V4(v4), a.port())),
-        IpAddr::V4(_) => a,
-    };
     let (client, server) = match side {
-        Side::Server => (canonical(remote), canonical(local)),
-        Side::Client => (canonical(local), canonical(remote)),
+        Side::Server => (remote, local),
+        Side::Client => (local, remote),
     };
-    format!("{client}>{server}#{seq}")
+    let mut key = String::with_capacity(64);
+    push_socket_addr(&mut key, client);
+    key.push('>');
+    push_socket_addr(&mut key, server);
+    key.push('#');
+    key.push_str(itoa::Buffer::new().format(seq));
+    key
+}
+
+/// Appends `addr` as `Display` would, with IPv4-mapped IPv6 addresses as IPv4. IPv4, the
+/// common case, is written without the formatting machinery (this runs for every span).
+fn push_socket_addr(out: &mut String, addr: SocketAddr) {
+    use std::fmt::Write as _;
+    let v4 = match addr.ip() {
+        IpAddr::V4(v4) => Some(v4),
+        IpAddr::V6(v6) => v6.to_ipv4_mapped(),
+    };
+    match v4 {
+        Some(v4) => {
+            push_ipv4(out, v4);
+            out.push(':');
+            out.push_str(itoa::Buffer::new().format(addr.port()));
+        }
+        None => {
+            let _ = write!(out, "{addr}");
+        }
+    }
+}
+
+fn push_ipv4(out: &mut String, ip: std::net::Ipv4Addr) {
+    let mut buf = itoa::Buffer::new();
+    for (i, octet) in ip.octets().into_iter().enumerate() {
+        if i > 0 {
+            out.push('.');
+        }
+        out.push_str(buf.format(octet));
+    }
 }
 
 fn header<'a>(exchange: &'a HttpExchange, name: &str) -> Option<&'a str> {
@@ -850,6 +884,31 @@ mod tests {
         let e = exchange(Side::Server, "GET", "/", Some(200), Outcome::Complete);
         let span = span_from_http(&e, &info, &identity(), &Clock::with_offset_ns(0));
         assert_eq!(span.tags[LINK_TAG], "127.0.0.1:51000>127.0.0.1:8080#5");
+    }
+
+    #[test]
+    fn addresses_are_written_as_display_writes_them() {
+        for addr in [
+            "0.0.0.0:0",
+            "255.255.255.255:65535",
+            "10.213.0.1:8080",
+            "[::1]:443",
+            "[2001:db8::1]:80",
+            "[::ffff:192.168.1.20]:5432",
+        ] {
+            let a: SocketAddr = addr.parse().unwrap();
+            let mut fast = String::new();
+            push_socket_addr(&mut fast, a);
+            let canonical = match a.ip() {
+                IpAddr::V6(v6) => v6
+                    .to_ipv4_mapped()
+                    .map_or(a, |v4| SocketAddr::new(IpAddr::V4(v4), a.port())),
+                IpAddr::V4(_) => a,
+            };
+            assert_eq!(fast, canonical.to_string());
+        }
+        let e = Endpoint::new(None, "[::ffff:10.0.0.7]:9".parse().unwrap());
+        assert_eq!((e.ipv4.as_deref(), e.port), (Some("10.0.0.7"), Some(9)));
     }
 
     #[test]
