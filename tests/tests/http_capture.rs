@@ -7,7 +7,7 @@ use std::{collections::BTreeMap, time::Duration};
 
 use common::{Client, PythonServer, Response, Tracer, require_root, run_tracer_to_exit, tempdir};
 use serde_json::Value;
-use tracer_e2e::{ChildGuard, Collector, repo_root};
+use tracer_e2e::{Collector, repo_root};
 
 fn tag<'a>(span: &'a Value, key: &str) -> Option<&'a str> {
     span["tags"][key].as_str()
@@ -168,31 +168,7 @@ fn run_traces_nginx_and_curl() {
     require_root();
     let collector = Collector::start();
     let dir = tempdir();
-    let html = dir.join("html");
-    std::fs::create_dir_all(&html).unwrap();
-    std::fs::write(html.join("index.html"), "hi\n").unwrap();
-    std::fs::write(html.join("big.txt"), "b".repeat(200_000)).unwrap();
-    let port = tracer_e2e::free_port();
-    let conf = dir.join("nginx.conf");
-    std::fs::write(
-        &conf,
-        format!(
-            "worker_processes 2;\ndaemon off;\nerror_log {d}/error.log;\npid {d}/nginx.pid;\nevents {{ worker_connections 128; }}\n\
-             http {{ access_log off; sendfile on; client_body_temp_path {d}; proxy_temp_path {d}; fastcgi_temp_path {d}; uwsgi_temp_path {d}; scgi_temp_path {d};\n\
-             server {{ listen 127.0.0.1:{port}; root {h}; location /err {{ return 503; }} }} }}\n",
-            d = dir.display(),
-            h = html.display()
-        ),
-    )
-    .unwrap();
-    let _nginx = ChildGuard(
-        std::process::Command::new("nginx")
-            .arg("-c")
-            .arg(&conf)
-            .spawn()
-            .expect("nginx"),
-    );
-    tracer_e2e::wait_for_port(port, Duration::from_secs(10));
+    let (_nginx, port) = common::start_nginx(&dir, "", "");
 
     let port_s = port.to_string();
     let tracer = Tracer::start(&[

@@ -9,7 +9,7 @@ use std::{process::Command, time::Duration};
 
 use common::{PythonServer, Tracer, require_root, self_signed_certificate, tempdir};
 use serde_json::Value;
-use tracer_e2e::{ChildGuard, Collector, python, repo_root};
+use tracer_e2e::{Collector, python, repo_root};
 
 fn tag<'a>(span: &'a Value, key: &str) -> Option<&'a str> {
     span["tags"][key].as_str()
@@ -68,34 +68,15 @@ fn nginx_https_and_curl() {
     let collector = Collector::start();
     let dir = tempdir();
     let (cert, key) = self_signed_certificate(&dir);
-    let html = dir.join("html");
-    std::fs::create_dir_all(&html).unwrap();
-    std::fs::write(html.join("index.html"), "hi\n").unwrap();
-    std::fs::write(html.join("big.txt"), "b".repeat(200_000)).unwrap();
-    let port = tracer_e2e::free_port();
-    let conf = dir.join("nginx.conf");
-    std::fs::write(
-        &conf,
-        format!(
-            "worker_processes 2;\ndaemon off;\nerror_log {d}/error.log;\npid {d}/nginx.pid;\nevents {{ worker_connections 128; }}\n\
-             http {{ access_log off; sendfile on; client_body_temp_path {d}; proxy_temp_path {d}; fastcgi_temp_path {d}; uwsgi_temp_path {d}; scgi_temp_path {d};\n\
-             server {{ listen 127.0.0.1:{port} ssl; ssl_certificate {c}; ssl_certificate_key {k};\n\
-             root {h}; location /err {{ return 503; }} }} }}\n",
-            d = dir.display(),
-            h = html.display(),
-            c = cert.display(),
-            k = key.display(),
+    let (_nginx, port) = common::start_nginx(
+        &dir,
+        " ssl",
+        &format!(
+            "ssl_certificate {}; ssl_certificate_key {};",
+            cert.display(),
+            key.display()
         ),
-    )
-    .unwrap();
-    let _nginx = ChildGuard(
-        Command::new("nginx")
-            .arg("-c")
-            .arg(&conf)
-            .spawn()
-            .expect("nginx"),
     );
-    tracer_e2e::wait_for_port(port, Duration::from_secs(10));
 
     let port_s = port.to_string();
     let tracer = Tracer::start(&[

@@ -254,32 +254,18 @@ pub fn span_from_db(
     if let Some(error) = error {
         tags.insert("error", error);
     }
-    tags.insert("process.pid", conn.pid.to_string());
-    tags.insert("process.command", conn.comm.clone());
-    if let Some(seq) = conn.request_seq {
-        tags.insert(
-            LINK_TAG,
-            link_key(exchange.side, conn.local, conn.remote, seq),
-        );
-    }
-    let start = exchange.req_start_ns;
-    let end = exchange.end_ns.max(start);
-    let (kind, remote_service) = match exchange.side {
-        Side::Server => (SpanKind::Server, None),
-        Side::Client => (SpanKind::Client, Some(system.to_string())),
-    };
-    Span {
-        trace_id: identity.trace_id,
-        id: identity.span_id,
-        parent_id: identity.parent_id,
-        kind,
+    let remote_service = (exchange.side == Side::Client).then(|| system.to_string());
+    let times = (exchange.req_start_ns, exchange.end_ns);
+    assemble(
         name,
-        timestamp: clock.mono_ns_to_unix_us(start),
-        duration: ((end - start) / 1000).max(1),
-        local_endpoint: Endpoint::new(Some(conn.service_name.clone()), conn.local),
-        remote_endpoint: Some(Endpoint::new(remote_service, conn.remote)),
         tags,
-    }
+        remote_service,
+        exchange.side,
+        times,
+        conn,
+        identity,
+        clock,
+    )
 }
 
 /// A server's error message without the request values some errors quote: Redis's
@@ -328,31 +314,54 @@ pub fn span_from_http(
     if let Some(error) = http_error(exchange) {
         tags.insert("error", error);
     }
+    // The server's name is not known from here; its host name (without the port) is what
+    // Zipkin's dependency graph can use.
+    let remote_service = match exchange.side {
+        Side::Server => None,
+        Side::Client => {
+            header(exchange, "host").map(|h| bounded(host_without_port(h)).to_lowercase())
+        }
+    };
+    let times = (exchange.req_start_ns, exchange.end_ns);
+    assemble(
+        name,
+        tags,
+        remote_service,
+        exchange.side,
+        times,
+        conn,
+        identity,
+        clock,
+    )
+}
+
+/// The part of every span that comes from the connection, the process and the identity:
+/// kind, endpoints, time, and the process and link tags.
+#[allow(clippy::too_many_arguments)]
+fn assemble(
+    name: String,
+    mut tags: Tags,
+    remote_service: Option<String>,
+    side: Side,
+    (start, end): (u64, u64),
+    conn: &ConnInfo,
+    identity: &Identity,
+    clock: &Clock,
+) -> Span {
     tags.insert("process.pid", conn.pid.to_string());
     tags.insert("process.command", conn.comm.clone());
     if let Some(seq) = conn.request_seq {
-        tags.insert(
-            LINK_TAG,
-            link_key(exchange.side, conn.local, conn.remote, seq),
-        );
+        tags.insert(LINK_TAG, link_key(side, conn.local, conn.remote, seq));
     }
-
-    let start = exchange.req_start_ns;
-    let end = exchange.end_ns.max(start);
-    let (kind, remote_service) = match exchange.side {
-        Side::Server => (SpanKind::Server, None),
-        // The server's name is not known from here; its host name (without the port) is what
-        // Zipkin's dependency graph can use.
-        Side::Client => (
-            SpanKind::Client,
-            header(exchange, "host").map(|h| bounded(host_without_port(h)).to_lowercase()),
-        ),
-    };
+    let end = end.max(start);
     Span {
         trace_id: identity.trace_id,
         id: identity.span_id,
         parent_id: identity.parent_id,
-        kind,
+        kind: match side {
+            Side::Server => SpanKind::Server,
+            Side::Client => SpanKind::Client,
+        },
         name,
         timestamp: clock.mono_ns_to_unix_us(start),
         duration: ((end - start) / 1000).max(1),

@@ -258,6 +258,43 @@ impl PythonServer {
     }
 }
 
+/// nginx serving `dir/html` (index.html "hi", big.txt of 200 KB, /err answering 503) on a free
+/// loopback port with two workers; `listen_options` and `server_extra` go into its server block
+/// (`ssl` and the certificate lines for HTTPS). Returns the guard and the port.
+pub fn start_nginx(
+    dir: &std::path::Path,
+    listen_options: &str,
+    server_extra: &str,
+) -> (ChildGuard, u16) {
+    let html = dir.join("html");
+    std::fs::create_dir_all(&html).unwrap();
+    std::fs::write(html.join("index.html"), "hi\n").unwrap();
+    std::fs::write(html.join("big.txt"), "b".repeat(200_000)).unwrap();
+    let port = tracer_e2e::free_port();
+    let conf = dir.join("nginx.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "worker_processes 2;\ndaemon off;\nerror_log {d}/error.log;\npid {d}/nginx.pid;\nevents {{ worker_connections 128; }}\n\
+             http {{ access_log off; sendfile on; client_body_temp_path {d}; proxy_temp_path {d}; fastcgi_temp_path {d}; uwsgi_temp_path {d}; scgi_temp_path {d};\n\
+             server {{ listen 127.0.0.1:{port}{listen_options}; {server_extra}\n\
+             root {h}; location /err {{ return 503; }} }} }}\n",
+            d = dir.display(),
+            h = html.display()
+        ),
+    )
+    .unwrap();
+    let nginx = ChildGuard(
+        Command::new("nginx")
+            .arg("-c")
+            .arg(&conf)
+            .spawn()
+            .expect("nginx"),
+    );
+    tracer_e2e::wait_for_port(port, Duration::from_secs(10));
+    (nginx, port)
+}
+
 /// A self-signed certificate for localhost and its key, made with the openssl tool:
 /// (cert.pem, key.pem) in `dir`.
 pub fn self_signed_certificate(dir: &std::path::Path) -> (PathBuf, PathBuf) {
