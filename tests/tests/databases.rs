@@ -226,21 +226,7 @@ fn postgres_calls_are_spans() {
     let dir = scratch_dir();
     let pg = Postgres::start(&dir);
     let port_s = pg.port.to_string();
-    let tracer = Tracer::start(&[
-        "run",
-        "--comm",
-        "psql",
-        "--comm",
-        "ruby",
-        "--comm",
-        "postgres",
-        "--port",
-        &port_s,
-        "--zipkin",
-        &collector.url(),
-        "--flush-interval-ms",
-        "200",
-    ]);
+    let tracer = Tracer::run_for(&["psql", "ruby", "postgres"], pg.port, &collector.url());
     assert_eq!(pg.psql("SELECT name FROM cats WHERE id = 2"), "Felix\n");
     let err = pg.psql("SELECT * FROM nope");
     assert!(err.contains("does not exist"), "{err}");
@@ -331,20 +317,7 @@ fn postgres_over_tls() {
     let collector = Collector::start();
     let dir = scratch_dir();
     let pg = Postgres::start_with(&dir, true);
-    let port_s = pg.port.to_string();
-    let tracer = Tracer::start(&[
-        "run",
-        "--comm",
-        "psql",
-        "--comm",
-        "postgres",
-        "--port",
-        &port_s,
-        "--zipkin",
-        &collector.url(),
-        "--flush-interval-ms",
-        "200",
-    ]);
+    let tracer = Tracer::run_for(&["psql", "postgres"], pg.port, &collector.url());
     assert_eq!(pg.psql("SELECT name FROM cats WHERE id = 3"), "Garfield\n");
     assert!(pg.psql("SELECT * FROM nope").contains("does not exist"));
     let spans = collector.wait_for_spans(4, Duration::from_secs(15));
@@ -382,21 +355,11 @@ fn redis_calls_are_spans() {
     let dir = scratch_dir();
     let redis = Redis::start(&dir);
     let port_s = redis.port.to_string();
-    let tracer = Tracer::start(&[
-        "run",
-        "--comm",
-        "redis-cli",
-        "--comm",
-        "ruby",
-        "--comm",
-        "redis-server",
-        "--port",
-        &port_s,
-        "--zipkin",
+    let tracer = Tracer::run_for(
+        &["redis-cli", "ruby", "redis-server"],
+        redis.port,
         &collector.url(),
-        "--flush-interval-ms",
-        "200",
-    ]);
+    );
     assert_eq!(redis.cli(&["SET", "greeting", "hello"]), "OK");
     assert_eq!(redis.cli(&["GET", "greeting"]), "hello");
     let out = ruby("redis_client.rb", &[&port_s]);

@@ -170,20 +170,7 @@ fn run_traces_nginx_and_curl() {
     let dir = tempdir();
     let (_nginx, port) = common::start_nginx(&dir, "", "");
 
-    let port_s = port.to_string();
-    let tracer = Tracer::start(&[
-        "run",
-        "--comm",
-        "nginx",
-        "--comm",
-        "curl",
-        "--port",
-        &port_s,
-        "--zipkin",
-        &collector.url(),
-        "--flush-interval-ms",
-        "200",
-    ]);
+    let tracer = Tracer::run_for(&["nginx", "curl"], port, &collector.url());
     let base = format!("http://127.0.0.1:{port}");
     let out = std::process::Command::new("curl")
         // -o applies to one URL each: one per URL keeps the bodies out of stdout.

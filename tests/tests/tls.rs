@@ -78,20 +78,7 @@ fn nginx_https_and_curl() {
         ),
     );
 
-    let port_s = port.to_string();
-    let tracer = Tracer::start(&[
-        "run",
-        "--comm",
-        "nginx",
-        "--comm",
-        "curl",
-        "--port",
-        &port_s,
-        "--zipkin",
-        &collector.url(),
-        "--flush-interval-ms",
-        "200",
-    ]);
+    let tracer = Tracer::run_for(&["nginx", "curl"], port, &collector.url());
     let base = format!("https://127.0.0.1:{port}");
     let out = Command::new("curl")
         .args([
@@ -196,17 +183,7 @@ fn python_tls_with_a_private_libssl_copy() {
     let (cert, key) = self_signed_certificate(&dir);
     let server = PythonServer::start_tls(&cert, &key);
     let port_s = server.port.to_string();
-    let tracer = Tracer::start(&[
-        "run",
-        "--comm",
-        "python3",
-        "--port",
-        &port_s,
-        "--zipkin",
-        &collector.url(),
-        "--flush-interval-ms",
-        "200",
-    ]);
+    let tracer = Tracer::run_for(&["python3"], server.port, &collector.url());
     // A private copy of the system libssl, found first through LD_LIBRARY_PATH.
     let system = [
         "/usr/lib/x86_64-linux-gnu/libssl.so.3",
@@ -303,19 +280,7 @@ fn statically_linked_openssl() {
         .expect("gcc (packages gcc and libssl-dev)");
     assert!(out.status.success(), "building the static client: {out:?}");
     let port_s = server.port.to_string();
-    let tracer = Tracer::start(&[
-        "run",
-        "--comm",
-        "sslstatic",
-        "--comm",
-        "python3",
-        "--port",
-        &port_s,
-        "--zipkin",
-        &collector.url(),
-        "--flush-interval-ms",
-        "200",
-    ]);
+    let tracer = Tracer::run_for(&["sslstatic", "python3"], server.port, &collector.url());
     let out = Command::new(&client)
         .args([port_s.as_str(), "3", "2500"])
         .output()

@@ -62,6 +62,25 @@ impl Tracer {
         Tracer::start_with_env(args, &[])
     }
 
+    /// `tracer run` limited to the programs `comms` and connections on `port`, exporting to
+    /// the collector at `zipkin` with a short flush interval: how most end-to-end tests run it.
+    pub fn run_for(comms: &[&str], port: u16, zipkin: &str) -> Tracer {
+        let port = port.to_string();
+        let mut args = vec!["run"];
+        for comm in comms {
+            args.extend(["--comm", comm]);
+        }
+        args.extend([
+            "--port",
+            &port,
+            "--zipkin",
+            zipkin,
+            "--flush-interval-ms",
+            "200",
+        ]);
+        Tracer::start(&args)
+    }
+
     /// `start` with extra environment variables.
     pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Tracer {
         let mut child = Command::new(tracer_bin())
