@@ -278,8 +278,11 @@ pub struct SavedArgs {
     /// When the syscall entered: a send's bytes leave during the call, so its start is when
     /// they began to go (the peer may read them before the sender's call returns).
     pub enter_ns: u64,
+    /// The client context the sk_msg program wrote into this send, for its exit to report
+    /// (`flags` 0: none).
+    pub injected: TraceCtx,
 }
-const _: () = assert!(core::mem::size_of::<SavedArgs>() == 56);
+const _: () = assert!(core::mem::size_of::<SavedArgs>() == 96);
 
 impl SavedArgs {
     pub const ACCEPT: u32 = 1;

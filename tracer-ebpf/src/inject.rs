@@ -56,10 +56,6 @@ pub struct ThreadCtx {
 #[map]
 static THREAD_CTX: LruHashMap<u32, ThreadCtx> = LruHashMap::with_max_entries(65536, 0);
 
-/// The client context a send injected, by pid_tgid, for the syscall's exit to report.
-#[map]
-static INJECTED: LruHashMap<u64, TraceCtx> = LruHashMap::with_max_entries(16384, 0);
-
 /// Connections of traced processes whose sends the sk_msg program sees.
 #[map]
 static SOCKETS: SockHash<SockKey> = SockHash::with_max_entries(65536, 0);
@@ -374,20 +370,6 @@ pub fn response_written(head: &[u8], conn_id: u64, tid: u32) {
     }
 }
 
-/// The client context injected by this thread's current send, if any.
-#[inline(always)]
-pub fn take_injected(pid_tgid: u64) -> TraceCtx {
-    // SAFETY: copied out before removal.
-    match unsafe { INJECTED.get(&pid_tgid) } {
-        Some(ctx) => {
-            let ctx = *ctx;
-            let _ = INJECTED.remove(&pid_tgid);
-            ctx
-        }
-        None => TraceCtx::default(),
-    }
-}
-
 /// Puts connections that traced threads open into the socket map. The connect callback runs
 /// in the connecting thread, so it can tell traced processes apart; the established callback,
 /// where the socket map may be updated, usually runs in softirq, so the decision is carried
@@ -540,17 +522,16 @@ fn try_inject(ctx: &SkMsgContext) -> Option<()> {
         return None;
     }
     let pid_tgid = bpf_get_current_pid_tgid();
-    // Only the sends the syscall probes saw a traced thread start: its saved arguments say so.
-    // SAFETY: copied fields only.
-    let saved = unsafe { ACTIVE.get(&pid_tgid) }?;
+    // Only the sends the syscall probes saw a traced thread start: its saved arguments say so,
+    // and carry the injected context to the syscall's exit.
+    let saved = ACTIVE.get_ptr_mut(&pid_tgid)?;
+    // SAFETY: a map value pointer, valid for this program's run.
+    let saved = unsafe { &mut *saved };
+    // One header per syscall: a large send reaches this program in several pieces.
     if saved.direction != DIR_EGRESS
         || (saved.kind != SavedArgs::BUF && saved.kind != SavedArgs::IOV)
+        || saved.injected.flags != 0
     {
-        return None;
-    }
-    // One header per syscall: a large send reaches this program in several pieces.
-    // SAFETY: presence check.
-    if unsafe { INJECTED.get(&pid_tgid) }.is_some() {
         return None;
     }
     let size = ctx.size() as usize;
@@ -644,7 +625,7 @@ fn try_inject(ctx: &SkMsgContext) -> Option<()> {
     };
     if ok {
         count(stat::INJECTED);
-        let _ = INJECTED.insert(&pid_tgid, &client, 0);
+        saved.injected = client;
     } else {
         count(stat::INJECT_ERRORS);
     }

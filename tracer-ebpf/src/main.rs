@@ -22,7 +22,7 @@ use aya_ebpf::{
     Global,
     helpers::{bpf_get_current_comm, bpf_probe_read_kernel},
     macros::map,
-    maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 use tracer_common::{Config, KernelOffsets, MAX_CAPTURE, stat};
 
@@ -87,9 +87,27 @@ static TRACED_PIDS: HashMap<u32, u32> = HashMap::with_max_entries(16384, 0);
 #[map]
 static CONNS: LruHashMap<u64, sockets::ConnState> = LruHashMap::with_max_entries(65536, 0);
 
-/// Arguments saved at a syscall's enter for its exit, by pid_tgid.
+/// Arguments saved at a syscall's enter for its exit, by pid_tgid. A plain hash (cheaper than
+/// LRU on this path, twice per traced syscall): the entry of a thread that dies inside a
+/// syscall is removed at its exit (`tracer_sched_exit`).
 #[map]
-static ACTIVE: LruHashMap<u64, tracer_common::SavedArgs> = LruHashMap::with_max_entries(16384, 0);
+static ACTIVE: HashMap<u64, tracer_common::SavedArgs> = HashMap::with_max_entries(16384, 0);
+
+/// `is_traced` verdicts, direct-mapped by tgid: `(tgid << 32) | (generation << 1) | traced`.
+/// Every syscall of every process asks whether its process is traced; the full answer (pid
+/// set, command name, network namespace) costs several lookups and probe reads, this one
+/// array read. A verdict is good while its generation is current: anything that may change
+/// the traced set bumps the generation (see `GENERATION`), and a pid's slot is cleared when a
+/// new process gets it (fork) or changes its name (exec).
+#[map]
+static VERDICTS: Array<u64> = Array::with_max_entries(VERDICT_SLOTS, 0);
+const VERDICT_SLOTS: u32 = 16384;
+
+/// Generation of the traced set: `[0]` bumped by the programs (forks and exits of traced
+/// processes), `[1]` by the agent (its own changes, and a periodic refresh that bounds how long
+/// a renamed or moved process keeps its verdict). A verdict carries their sum.
+#[map]
+static GENERATION: Array<u64> = Array::with_max_entries(2, 0);
 
 /// Command names (`comm`, NUL-padded to 16 bytes) to trace when `Config::filter_comms` is set:
 /// checked in the kernel so that a matching process is traced from its first syscall.
@@ -137,6 +155,64 @@ fn is_traced(tgid: u32) -> bool {
     if tgid == config.self_tgid {
         return false;
     }
+    if config.filter_pids == 0 && config.netns_inum == 0 {
+        return true;
+    }
+    // Read before the sets are consulted: a change made meanwhile bumps it past this verdict.
+    let generation = generation();
+    let Some(slot) = VERDICTS.get_ptr_mut(tgid & (VERDICT_SLOTS - 1)) else {
+        return traced_uncached(tgid);
+    };
+    // SAFETY: an 8-byte aligned map value; other CPUs write whole words too.
+    let cached = unsafe { core::ptr::read_volatile(slot) };
+    if (cached >> 32) as u32 == tgid && ((cached >> 1) as u32 & GENERATION_MASK) == generation {
+        return cached & 1 != 0;
+    }
+    let traced = traced_uncached(tgid);
+    let verdict = ((tgid as u64) << 32) | ((generation as u64) << 1) | traced as u64;
+    // SAFETY: as above.
+    unsafe { core::ptr::write_volatile(slot, verdict) };
+    traced
+}
+
+const GENERATION_MASK: u32 = 0x7fff_ffff;
+
+#[inline(always)]
+fn generation() -> u32 {
+    let mut sum: u64 = 0;
+    for i in 0..2 {
+        if let Some(g) = GENERATION.get_ptr(i) {
+            // SAFETY: a map value; torn reads are impossible for an aligned u64.
+            sum = sum.wrapping_add(unsafe { core::ptr::read_volatile(g) });
+        }
+    }
+    sum as u32 & GENERATION_MASK
+}
+
+/// Invalidates every cached verdict: the traced set changed. Not atomic (the BPF target has no
+/// fetch-add here): two CPUs bumping at once may add one between them, which still moves the
+/// generation past every verdict taken before either change.
+#[inline(always)]
+fn bump_generation() {
+    if let Some(g) = GENERATION.get_ptr_mut(0) {
+        // SAFETY: an aligned map value.
+        unsafe { core::ptr::write_volatile(g, core::ptr::read_volatile(g).wrapping_add(1)) };
+    }
+}
+
+/// Forgets the cached verdict of `tgid`: the pid now names another process, or a new program.
+#[inline(always)]
+fn forget_verdict(tgid: u32) {
+    if let Some(slot) = VERDICTS.get_ptr_mut(tgid & (VERDICT_SLOTS - 1)) {
+        // SAFETY: an aligned map value. A zero slot matches no process (tgid 0 never traces).
+        unsafe { core::ptr::write_volatile(slot, 0) };
+    }
+}
+
+/// The full answer of `is_traced`, from the traced sets.
+#[inline(always)]
+fn traced_uncached(tgid: u32) -> bool {
+    let config = CONFIG.load();
     if config.netns_inum != 0 && current_netns() != config.netns_inum {
         return false;
     }

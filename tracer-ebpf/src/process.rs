@@ -7,13 +7,25 @@ use aya_ebpf::{
 };
 use tracer_common::EventKind;
 
-use crate::{CONFIG, TRACED_PIDS, is_traced, sockets::header_only};
+use crate::{
+    ACTIVE, CONFIG, TRACED_PIDS, bump_generation, forget_verdict, is_traced, sockets::header_only,
+};
 
 /// sched:sched_process_fork. Runs in the parent; `child_pid` is at an offset the agent read
 /// from the tracepoint's format file (it moved in 6.x).
 #[tracepoint]
 pub fn tracer_sched_fork(ctx: TracePointContext) -> u32 {
     let config = CONFIG.load();
+    let offset = (config.fork_child_pid_offset & 0xff) as usize;
+    if offset == 0 {
+        return 0;
+    }
+    // SAFETY: reads the tracepoint record at an offset taken from its format description.
+    let Ok(child) = (unsafe { ctx.read_at::<i32>(offset) }) else {
+        return 0;
+    };
+    // The pid may have named another process before, whose verdict must not stick to this one.
+    forget_verdict(child as u32);
     if config.filter_pids == 0 || config.follow_forks == 0 {
         return 0;
     }
@@ -21,14 +33,10 @@ pub fn tracer_sched_fork(ctx: TracePointContext) -> u32 {
     if !is_traced(tgid) {
         return 0;
     }
-    let offset = (config.fork_child_pid_offset & 0xff) as usize;
-    // SAFETY: reads the tracepoint record at an offset taken from its format description.
-    let Ok(child) = (unsafe { ctx.read_at::<i32>(offset) }) else {
-        return 0;
-    };
     // A new thread of a traced process shows up here too; its tid in the set is harmless and
     // leaves again at its exit.
     let _ = TRACED_PIDS.insert(&(child as u32), &1, 0);
+    bump_generation();
     0
 }
 
@@ -40,6 +48,9 @@ pub fn tracer_sched_exit(ctx: TracePointContext) -> u32 {
     let pid_tgid = bpf_get_current_pid_tgid();
     let tgid = (pid_tgid >> 32) as u32;
     let tid = pid_tgid as u32;
+    // A thread killed inside a syscall never reaches its exit probe. Whatever the verdict:
+    // the process may have left the traced set since the entry was made.
+    let _ = ACTIVE.remove(&pid_tgid);
     if !is_traced(tgid) {
         return 0;
     }
@@ -57,6 +68,7 @@ pub fn tracer_sched_exit(ctx: TracePointContext) -> u32 {
         }
         if group_dead {
             let _ = TRACED_PIDS.remove(&tgid);
+            bump_generation();
         }
     }
     if group_dead {
@@ -70,6 +82,8 @@ pub fn tracer_sched_exit(ctx: TracePointContext) -> u32 {
 pub fn tracer_sched_exec(_ctx: TracePointContext) -> u32 {
     let pid_tgid = bpf_get_current_pid_tgid();
     let tgid = (pid_tgid >> 32) as u32;
+    // The verdict may rest on the old name.
+    forget_verdict(tgid);
     if !is_traced(tgid) {
         return 0;
     }

@@ -1,4 +1,6 @@
-//! The same probes on the raw `sys_enter`/`sys_exit` tracepoints, x86_64 only.
+//! The same probes on the raw `sys_enter`/`sys_exit` tracepoints, x86_64 only, in two builds:
+//! BTF-typed (tp_btf, registers read directly) and plain raw tracepoints (registers read with
+//! probe reads) for kernels that cannot load the first.
 //!
 //! Per-syscall tracepoints run through perf's tracepoint machinery, which builds a record of
 //! every traced syscall before the program sees it; the raw tracepoints hand the program the
@@ -8,14 +10,15 @@
 
 use aya_ebpf::{
     helpers::{bpf_get_current_pid_tgid, bpf_probe_read_kernel},
-    macros::raw_tracepoint,
-    programs::RawTracePointContext,
+    macros::{btf_tracepoint, raw_tracepoint},
+    programs::{BtfTracePointContext, RawTracePointContext},
 };
 use tracer_common::{DIR_EGRESS, DIR_INGRESS, SavedArgs};
 
 use crate::{
+    is_traced,
     sockets::{enter_accept, enter_close, enter_connect, exit_accept, exit_connect, take_saved},
-    syscalls::{MSG, enter_args, exit_data},
+    syscalls::{MSG, enter_traced_args, exit_data},
 };
 
 // x86_64 syscall numbers.
@@ -45,10 +48,50 @@ fn reg(regs: *const u8, offset: usize) -> u64 {
     unsafe { bpf_probe_read_kernel(regs.add(offset) as *const u64) }.unwrap_or(u64::MAX)
 }
 
+/// A register of a BTF-typed `struct pt_regs *`: a plain load, which the verifier checks
+/// against the type and the JIT makes fault-safe. A probe read per register costs more than
+/// the rest of an untraced syscall's visit.
+#[inline(always)]
+fn btf_reg(regs: *const u8, offset: usize) -> u64 {
+    // SAFETY: `offset` is that of a u64 field of struct pt_regs.
+    unsafe { core::ptr::read_volatile(regs.add(offset) as *const u64) }
+}
+
 /// raw_syscalls:sys_enter(struct pt_regs *regs, long id)
 #[raw_tracepoint(tracepoint = "sys_enter")]
 pub fn tracer_raw_sys_enter(ctx: RawTracePointContext) -> i32 {
-    let id: i64 = ctx.arg(1);
+    let regs: *const u8 = ctx.arg(0);
+    on_enter(ctx.arg(1), |offset| reg(regs, offset));
+    0
+}
+
+/// The same, BTF-typed (tp_btf): the registers are read directly.
+#[btf_tracepoint(function = "sys_enter")]
+pub fn tracer_btf_sys_enter(ctx: BtfTracePointContext) -> i32 {
+    let regs: *const u8 = ctx.arg(0);
+    on_enter(ctx.arg(1), |offset| btf_reg(regs, offset));
+    0
+}
+
+/// raw_syscalls:sys_exit(struct pt_regs *regs, long ret)
+#[raw_tracepoint(tracepoint = "sys_exit")]
+pub fn tracer_raw_sys_exit(ctx: RawTracePointContext) -> i32 {
+    let regs: *const u8 = ctx.arg(0);
+    on_exit(reg(regs, ORIG_AX) as i64, ctx.arg(1));
+    0
+}
+
+/// The same, BTF-typed (tp_btf).
+#[btf_tracepoint(function = "sys_exit")]
+pub fn tracer_btf_sys_exit(ctx: BtfTracePointContext) -> i32 {
+    let regs: *const u8 = ctx.arg(0);
+    on_exit(btf_reg(regs, ORIG_AX) as i64, ctx.arg(1));
+    0
+}
+
+/// Syscall `id` entered; `arg` reads a register of its `pt_regs`.
+#[inline(always)]
+fn on_enter(id: i64, arg: impl Fn(usize) -> u64) {
     let (kind, direction) = match id {
         NR_READ | NR_RECVFROM => (SavedArgs::BUF, DIR_INGRESS),
         NR_WRITE | NR_SENDTO => (SavedArgs::BUF, DIR_EGRESS),
@@ -59,37 +102,41 @@ pub fn tracer_raw_sys_enter(ctx: RawTracePointContext) -> i32 {
         NR_SENDFILE => (SavedArgs::NO_PAYLOAD, DIR_EGRESS),
         NR_ACCEPT | NR_ACCEPT4 => {
             enter_accept();
-            return 0;
+            return;
         }
         NR_CONNECT | NR_CLOSE => {
-            let regs: *const u8 = ctx.arg(0);
-            let fd = reg(regs, DI);
+            if !is_traced((bpf_get_current_pid_tgid() >> 32) as u32) {
+                return;
+            }
+            let fd = arg(DI);
             if id == NR_CONNECT {
                 enter_connect(fd);
             } else {
                 enter_close(fd);
             }
-            return 0;
+            return;
         }
-        _ => return 0,
+        _ => return,
     };
-    let regs: *const u8 = ctx.arg(0);
-    enter_args(
-        reg(regs, DI),
-        reg(regs, SI),
-        reg(regs, DX),
+    // Untraced processes leave before any register is read.
+    let pid_tgid = bpf_get_current_pid_tgid();
+    if !is_traced((pid_tgid >> 32) as u32) {
+        return;
+    }
+    enter_traced_args(
+        pid_tgid,
+        arg(DI),
+        arg(SI),
+        arg(DX),
         id as i32,
         kind,
         direction,
     );
-    0
 }
 
-/// raw_syscalls:sys_exit(struct pt_regs *regs, long ret)
-#[raw_tracepoint(tracepoint = "sys_exit")]
-pub fn tracer_raw_sys_exit(ctx: RawTracePointContext) -> i32 {
-    let regs: *const u8 = ctx.arg(0);
-    let id = reg(regs, ORIG_AX) as i64;
+/// Syscall `id` returned `ret`.
+#[inline(always)]
+fn on_exit(id: i64, ret: i64) {
     if !matches!(
         id,
         NR_READ
@@ -105,17 +152,19 @@ pub fn tracer_raw_sys_exit(ctx: RawTracePointContext) -> i32 {
             | NR_RECVMSG
             | NR_ACCEPT4
     ) {
-        return 0;
+        return;
     }
     let pid_tgid = bpf_get_current_pid_tgid();
+    // Cheaper than the saved-arguments lookup that would miss.
+    if !is_traced((pid_tgid >> 32) as u32) {
+        return;
+    }
     let Some(saved) = take_saved(pid_tgid) else {
-        return 0;
+        return;
     };
-    let ret: i64 = ctx.arg(1);
     match saved.kind {
         SavedArgs::ACCEPT => exit_accept(ret),
         SavedArgs::CONNECT => exit_connect(saved, ret, pid_tgid),
         _ => exit_data(saved, ret, pid_tgid),
     }
-    0
 }

@@ -39,6 +39,11 @@ pub struct ConnState {
 /// ciphertext, which is not copied.
 pub const CONN_TLS: u64 = 1;
 
+/// The fd is not a TCP socket (a file, a pipe, a UNIX socket): remembered so that its reads
+/// and writes are dismissed without walking the fd table each time. Dropped at close like a
+/// socket's entry; a socket that replaces it by accept or connect overwrites it.
+pub const CONN_NOT_TCP: u64 = 2;
+
 /// Marks `(tgid, fd)` as a TLS socket.
 #[inline(always)]
 pub fn mark_tls(tgid: u32, fd: u32) {
@@ -159,7 +164,15 @@ pub fn track(fd: u32, role: u16) -> Option<ConnState> {
     // SAFETY: reads of kernel memory through bpf_probe_read_kernel, which fault safely.
     let sk = match unsafe { tcp_sock_of_fd(fd) } {
         Ok(sk) if !sk.is_null() => sk,
-        Ok(_) => return None,
+        Ok(_) => {
+            let not_tcp = ConnState {
+                conn_id: 0,
+                sk: 0,
+                flags: CONN_NOT_TCP,
+            };
+            let _ = CONNS.insert(&conn_key(tgid, fd), &not_tcp, 0);
+            return None;
+        }
         Err(_) => {
             count(stat::READ_ERRORS);
             return None;
@@ -224,7 +237,7 @@ pub fn track(fd: u32, role: u16) -> Option<ConnState> {
 pub fn lookup_or_track(tgid: u32, fd: u32) -> Option<ConnState> {
     // SAFETY: the value is copied out at once.
     if let Some(state) = unsafe { CONNS.get(&conn_key(tgid, fd)) } {
-        return Some(*state);
+        return (state.flags & CONN_NOT_TCP == 0).then_some(*state);
     }
     track(fd, ROLE_UNKNOWN)
 }
@@ -357,10 +370,14 @@ pub fn enter_close(fd: u64) {
     }
     let key = conn_key(tgid, fd as u32);
     // SAFETY: the value is copied out at once.
-    let Some(conn_id) = (unsafe { CONNS.get(&key) }).map(|s| s.conn_id) else {
+    let Some(state) = (unsafe { CONNS.get(&key) }).copied() else {
         return;
     };
     let _ = CONNS.remove(&key);
+    if state.flags & CONN_NOT_TCP != 0 {
+        return;
+    }
+    let conn_id = state.conn_id;
     header_only(
         EventKind::ConnClose,
         tgid,
@@ -387,6 +404,7 @@ fn save_for_exit(kind: u32, fd: u32) {
         seq: 0,
         seq_valid: 0,
         enter_ns: 0,
+        injected: Default::default(),
     };
     let _ = ACTIVE.insert(&pid_tgid, &args, 0);
 }

@@ -64,10 +64,23 @@ fn enter(ctx: &TracePointContext, kind: u32, direction: u32) {
 #[inline(always)]
 pub fn enter_args(fd: u64, arg1: u64, arg2: u64, syscall: i32, kind: u32, direction: u32) {
     let pid_tgid = bpf_get_current_pid_tgid();
-    let tgid = (pid_tgid >> 32) as u32;
-    if !is_traced(tgid) {
-        return;
+    if is_traced((pid_tgid >> 32) as u32) {
+        enter_traced_args(pid_tgid, fd, arg1, arg2, syscall, kind, direction);
     }
+}
+
+/// `enter_args` for a thread known to be traced.
+#[inline(always)]
+pub fn enter_traced_args(
+    pid_tgid: u64,
+    fd: u64,
+    arg1: u64,
+    arg2: u64,
+    syscall: i32,
+    kind: u32,
+    direction: u32,
+) {
+    let tgid = (pid_tgid >> 32) as u32;
     if fd > i32::MAX as u64 {
         return;
     }
@@ -109,6 +122,7 @@ pub fn enter_args(fd: u64, arg1: u64, arg2: u64, syscall: i32, kind: u32, direct
         seq_valid: u32::from(seq.is_some()),
         // SAFETY: no preconditions.
         enter_ns: unsafe { bpf_ktime_get_ns() },
+        injected: Default::default(),
     };
     let _ = ACTIVE.insert(&pid_tgid, &args, 0);
 }
@@ -259,7 +273,7 @@ pub fn emit_data(saved: &SavedArgs, len: u64, pid_tgid: u64, end_ns: u64) {
         inject::server_request(&scratch.payload[..], head_len, saved.conn_id, tid)
     } else {
         inject::response_written(&scratch.payload[..], saved.conn_id, tid);
-        inject::take_injected(pid_tgid)
+        saved.injected
     };
     let size = core::mem::size_of::<DataEvent>() + head_len;
     // SAFETY: `size` is within the scratch value (event + 2 * MAX_CAPTURE).

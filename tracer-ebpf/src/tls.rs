@@ -170,6 +170,7 @@ pub fn tracer_ssl_return(ctx: RetProbeContext) -> u32 {
         seq: 0,
         seq_valid: 0,
         enter_ns: call.enter_ns,
+        injected: Default::default(),
     };
     count(stat::TLS_CALLS);
     let end_ns = if call.direction == DIR_EGRESS {

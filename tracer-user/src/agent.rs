@@ -273,6 +273,7 @@ async fn event_loop(plan: Plan, mut probes: Probes) -> anyhow::Result<()> {
                     *text = render_metrics(&probes, &tracker, &exporter, decode_errors, &red);
                 }
                 tracker.sweep(monotonic_ns());
+                probes.refresh_verdicts();
                 for pid in tracker.take_new_processes() {
                     probes.tls_scan(pid);
                 }

@@ -221,6 +221,8 @@ const ATTACHMENTS: &[Attachment] = &[
 pub struct Probes {
     ebpf: Ebpf,
     traced_pids: HashMap<MapData, u32, u32>,
+    /// The agent's half of the traced set's generation (see GENERATION in tracer-ebpf).
+    generation: aya::maps::Array<MapData, u64>,
     stats: PerCpuArray<MapData, u64>,
     /// Tracepoints attached, as `category:name`.
     pub attached: Vec<String>,
@@ -293,16 +295,21 @@ impl Probes {
         }
         let stats = PerCpuArray::try_from(ebpf.take_map("STATS").ok_or(ProbeError::Map("STATS"))?)
             .map_err(|_| ProbeError::Map("STATS"))?;
+        let generation = aya::maps::Array::try_from(
+            ebpf.take_map("GENERATION")
+                .ok_or(ProbeError::Map("GENERATION"))?,
+        )
+        .map_err(|_| ProbeError::Map("GENERATION"))?;
 
         let mut attached = Vec::new();
         let mut skipped = Vec::new();
         let raw = match attach_raw_syscalls(&mut ebpf) {
-            Ok(true) => {
-                attached.push("raw_syscalls:sys_enter".to_string());
-                attached.push("raw_syscalls:sys_exit".to_string());
+            Ok(Some(kind)) => {
+                attached.push(format!("raw_syscalls:sys_enter ({kind})"));
+                attached.push(format!("raw_syscalls:sys_exit ({kind})"));
                 true
             }
-            Ok(false) => false,
+            Ok(None) => false,
             Err(e) => {
                 warn!("raw syscall tracepoints unavailable ({e}); using per-syscall tracepoints");
                 false
@@ -401,6 +408,7 @@ impl Probes {
         Ok(Self {
             ebpf,
             traced_pids,
+            generation,
             stats,
             attached,
             skipped,
@@ -490,7 +498,19 @@ impl Probes {
     pub fn trace_pid(&mut self, pid: u32) -> Result<(), ProbeError> {
         self.traced_pids
             .insert(pid, 1, 0)
-            .map_err(ProbeError::MapUpdate)
+            .map_err(ProbeError::MapUpdate)?;
+        self.refresh_verdicts();
+        Ok(())
+    }
+
+    /// Makes the programs decide afresh which processes are traced, from the traced sets: after
+    /// a change to them, and periodically, so that a process that renamed itself or moved to
+    /// another network namespace keeps its old verdict for at most that period.
+    pub fn refresh_verdicts(&mut self) {
+        let next = self.generation.get(&1, 0).unwrap_or(0).wrapping_add(1);
+        if let Err(e) = self.generation.set(1, next, 0) {
+            warn!("cannot refresh the traced set's generation: {e}");
+        }
     }
 
     /// Seeds the saved-arguments map for threads of `pid` that are blocked in a socket read
@@ -554,6 +574,7 @@ impl Probes {
 
     pub fn untrace_pid(&mut self, pid: u32) {
         let _ = self.traced_pids.remove(&pid);
+        self.refresh_verdicts();
     }
 
     /// Kernel-side counters summed over CPUs, indexed by `tracer_common::stat`.
@@ -806,6 +827,7 @@ fn blocked_read(line: &str, read_u64: impl Fn(u64) -> Option<u64>) -> Option<Sav
         seq: 0,
         seq_valid: 0,
         enter_ns: 0,
+        injected: Default::default(),
     })
 }
 
@@ -820,13 +842,59 @@ fn read_process_u64(pid: u32, addr: u64) -> Option<u64> {
 /// Attaches the raw `sys_enter`/`sys_exit` programs (x86_64): cheaper per syscall than the
 /// per-syscall tracepoints, which stay as the fallback. `TRACER_SYSCALL_TRACEPOINTS=1` forces
 /// the fallback (to compare the two). Ok(false): not used here.
-fn attach_raw_syscalls(ebpf: &mut Ebpf) -> Result<bool, aya::programs::ProgramError> {
-    use aya::programs::RawTracePoint;
+fn attach_raw_syscalls(ebpf: &mut Ebpf) -> Result<Option<&'static str>, String> {
     if !cfg!(target_arch = "x86_64")
         || std::env::var_os("TRACER_SYSCALL_TRACEPOINTS").is_some_and(|v| v == "1")
     {
-        return Ok(false);
+        return Ok(None);
     }
+    let btf_error = match attach_btf_syscalls(ebpf) {
+        Ok(()) => return Ok(Some("tp_btf")),
+        Err(e) => e,
+    };
+    debug!("BTF-typed syscall tracepoints unavailable ({btf_error}); trying raw tracepoints");
+    attach_raw_syscall_pair(ebpf)
+        .map(|()| Some("raw_tracepoint"))
+        .map_err(|e| format!("tp_btf: {btf_error}; raw_tracepoint: {e}"))
+}
+
+/// sys_enter/sys_exit as BTF-typed tracepoints.
+fn attach_btf_syscalls(ebpf: &mut Ebpf) -> Result<(), aya::programs::ProgramError> {
+    use aya::programs::BtfTracePoint;
+    let btf = aya::Btf::from_sys_fs()
+        .map_err(|e| aya::programs::ProgramError::IOError(std::io::Error::other(e.to_string())))?;
+    let mut done: Vec<&str> = Vec::new();
+    for (program, tracepoint) in [
+        ("tracer_btf_sys_enter", "sys_enter"),
+        ("tracer_btf_sys_exit", "sys_exit"),
+    ] {
+        let attached = (|| {
+            let p: &mut BtfTracePoint = ebpf
+                .program_mut(program)
+                .ok_or(aya::programs::ProgramError::NotLoaded)?
+                .try_into()?;
+            p.load(tracepoint, &btf)?;
+            p.attach().map(drop)
+        })();
+        if let Err(e) = attached {
+            // Half attached is worse than neither: take the other side down again.
+            for name in done {
+                if let Some(p) = ebpf.program_mut(name)
+                    && let Ok(p) = <&mut BtfTracePoint>::try_from(p)
+                {
+                    let _ = p.unload();
+                }
+            }
+            return Err(e);
+        }
+        done.push(program);
+    }
+    Ok(())
+}
+
+/// sys_enter/sys_exit as raw tracepoints.
+fn attach_raw_syscall_pair(ebpf: &mut Ebpf) -> Result<(), aya::programs::ProgramError> {
+    use aya::programs::RawTracePoint;
     let enter: &mut RawTracePoint = ebpf
         .program_mut("tracer_raw_sys_enter")
         .ok_or(aya::programs::ProgramError::NotLoaded)?
@@ -839,7 +907,6 @@ fn attach_raw_syscalls(ebpf: &mut Ebpf) -> Result<bool, aya::programs::ProgramEr
         .try_into()?;
     let attached = exit.load().and_then(|()| exit.attach("sys_exit").map(drop));
     if let Err(e) = attached {
-        // Half attached is worse than neither: take the enter side down again.
         if let Some(p) = ebpf.program_mut("tracer_raw_sys_enter")
             && let Ok(p) = <&mut RawTracePoint>::try_from(p)
         {
@@ -847,7 +914,7 @@ fn attach_raw_syscalls(ebpf: &mut Ebpf) -> Result<bool, aya::programs::ProgramEr
         }
         return Err(e);
     }
-    Ok(true)
+    Ok(())
 }
 
 const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
