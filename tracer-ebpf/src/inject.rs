@@ -207,11 +207,17 @@ struct ScanState {
     tp_sampled: u64,
 }
 
+/// Where `scan_head`'s search resumes. In a map, not in `ScanState` on the stack: the verifier
+/// tracks stack values exactly, and a position it knows step by step makes it verify the loop
+/// body once per position; a map value is just a bounded unknown.
+#[map]
+static SCAN_POS: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
 const SRC_EVENT: u64 = 0;
 const SRC_MSG: u64 = 1;
 
-/// Walks the head in the chosen buffer (`len` ≤ WINDOW) line by line. The walk runs under
-/// `bpf_loop`, so the verifier checks one step instead of every path through 1024 of them.
+/// Walks the head in the chosen buffer (`len` ≤ WINDOW) line by line under `bpf_loop`, so the
+/// verifier checks one step instead of every path through all of them.
 #[inline(always)]
 fn scan_head(source: u64, len: usize) -> HeadScan {
     let mut st = ScanState {
@@ -226,10 +232,20 @@ fn scan_head(source: u64, len: usize) -> HeadScan {
         tp_span: 0,
         tp_sampled: 0,
     };
+    let Some(pos) = SCAN_POS.get_ptr_mut(0) else {
+        return HeadScan {
+            line_end: 0,
+            complete: false,
+            has_context: false,
+            traceparent: None,
+        };
+    };
+    // SAFETY: per-CPU slot, ours for this program's run.
+    unsafe { *pos = 0 };
     // SAFETY: the callback only reads `st` and per-CPU maps, and returns within the loop.
     unsafe {
         bpf_loop(
-            WINDOW as u32,
+            MAX_STEPS,
             scan_step as *mut core::ffi::c_void,
             (&mut st as *mut ScanState).cast(),
             0,
@@ -261,22 +277,81 @@ fn scan_buffer(source: u64) -> Option<&'static [u8]> {
     }
 }
 
-/// One step of `scan_head`: 0 to go on, 1 to stop.
-extern "C" fn scan_step(index: u64, ctx: *mut core::ffi::c_void) -> i64 {
+/// Steps of `scan_head`: one per 8-byte word without a line break, one per line.
+const MAX_STEPS: u32 = (WINDOW / 8 + WINDOW / 2) as u32;
+
+const NEWLINES: u64 = 0x0a0a_0a0a_0a0a_0a0a;
+const LOW_BITS: u64 = 0x0101_0101_0101_0101;
+const HIGH_BITS: u64 = 0x8080_8080_8080_8080;
+
+/// Where the search for a line break from `from` got within one 8-byte word: a byte-per-step
+/// walk cost more than the rest of the request's probes.
+enum WordSearch {
+    /// A `\n` at this offset, with a byte after it inside the head.
+    Found(usize),
+    /// None in this word: go on from the next.
+    Next(usize),
+    End,
+}
+
+/// Looks for `\n` in the word holding `from`. `buf` starts 8-aligned, so the word is an
+/// aligned load.
+#[inline(always)]
+fn search_word(buf: &[u8], from: usize, len: usize) -> WordSearch {
+    if from + 1 >= len {
+        return WordSearch::End;
+    }
+    let at = verifier_bound(from, WINDOW - 1) & !7;
+    // SAFETY: at + 8 ≤ WINDOW, inside both scan buffers; 8-aligned (see above).
+    let word = unsafe { core::ptr::read(buf.as_ptr().add(at) as *const u64) };
+    // Zero bytes of `x` are line breaks; those before `from` are made 0xff.
+    let mut x = word ^ NEWLINES;
+    let skip = from - at;
+    if skip != 0 {
+        x |= (1u64 << (skip * 8)) - 1;
+    }
+    // The high bit of each zero byte of `x`, and maybe of bytes above the first: only the
+    // lowest is used.
+    let zeros = x.wrapping_sub(LOW_BITS) & !x & HIGH_BITS;
+    if zeros == 0 {
+        return WordSearch::Next(at + 8);
+    }
+    // Its byte index, without a branch per byte (each would be a verifier path): the lowest
+    // bit, 1 << (8k + 7), times 0x0001020304050607 has k in its top byte.
+    let lowest = zeros & zeros.wrapping_neg();
+    let k = ((lowest >> 7).wrapping_mul(0x0001_0203_0405_0607) >> 56) as usize;
+    let i = at + (k & 7);
+    if i + 1 < len {
+        WordSearch::Found(i)
+    } else {
+        WordSearch::End
+    }
+}
+
+/// One step of `scan_head`: a word without a line break, or the next line. 0 to go on, 1 to
+/// stop.
+extern "C" fn scan_step(_index: u64, ctx: *mut core::ffi::c_void) -> i64 {
     // SAFETY: `ctx` is the `ScanState` passed to bpf_loop.
     let st = unsafe { &mut *(ctx as *mut ScanState) };
     let Some(buf) = scan_buffer(st.source) else {
         return 1;
     };
-    let len = (st.len as usize).min(WINDOW);
-    let i = verifier_bound(index as usize, WINDOW - 1);
-    if i + 1 >= len {
+    let Some(pos) = SCAN_POS.get_ptr_mut(0) else {
         return 1;
-    }
-    if buf[i] != b'\n' {
-        return 0;
-    }
-    let at = i + 1;
+    };
+    // SAFETY: per-CPU slot, ours for this program's run.
+    let pos = unsafe { &mut *pos };
+    let len = (st.len as usize).min(WINDOW);
+    let i = match search_word(buf, *pos as usize, len) {
+        WordSearch::Found(i) => i,
+        WordSearch::Next(next) => {
+            *pos = next as u64;
+            return 0;
+        }
+        WordSearch::End => return 1,
+    };
+    let at = verifier_bound(i + 1, WINDOW - 1);
+    *pos = at as u64;
     if st.line_end == 0 {
         st.line_end = at as u64;
     }

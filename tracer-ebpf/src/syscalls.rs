@@ -374,3 +374,6 @@ fn copy_iov(scratch: &mut DataScratch, iov: u64, iovcnt: u64, want: usize, len: 
     }
     copied
 }
+
+// The head scan (inject.rs) reads the payload a word at a time with aligned loads.
+const _: () = assert!(core::mem::offset_of!(DataScratch, payload) % 8 == 0);

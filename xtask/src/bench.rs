@@ -69,6 +69,8 @@ fn tracer_bin() -> std::path::PathBuf {
 #[derive(Clone, Copy, PartialEq)]
 enum Mode {
     Untraced,
+    /// The tracer runs, the server is not traced: the cost every process on the host pays.
+    Idle,
     Traced,
     Exported,
 }
@@ -77,6 +79,7 @@ impl Mode {
     fn name(self) -> &'static str {
         match self {
             Mode::Untraced => "untraced",
+            Mode::Idle => "tracer idle",
             Mode::Traced => "traced",
             Mode::Exported => "traced+export",
         }
@@ -362,10 +365,15 @@ fn measure(
     collector: &str,
     opts: &BenchOptions,
 ) -> anyhow::Result<Run> {
+    let comm = if mode == Mode::Idle {
+        "no-such-program"
+    } else {
+        target.comm
+    };
     let mut args: Vec<String> = vec![
         "run".into(),
         "--comm".into(),
-        target.comm.into(),
+        comm.into(),
         "--stats-interval".into(),
         "0".into(),
     ];
@@ -377,7 +385,7 @@ fn measure(
             run.served = target.served.read()? - served0;
             return Ok(run);
         }
-        Mode::Traced => args.extend(["--output".into(), "json".into()]),
+        Mode::Idle | Mode::Traced => args.extend(["--output".into(), "json".into()]),
         Mode::Exported => args.extend([
             "--zipkin".into(),
             collector.into(),
@@ -511,7 +519,7 @@ pub fn bench(opts: &BenchOptions) -> anyhow::Result<()> {
     writeln!(report, "# tracer benchmark\n")?;
     writeln!(
         report,
-        "{cpus} CPUs ({machine}), Linux {}; wrk -t2 -c{} -d{}s, {} rounds alternating untraced / traced / traced+export; medians of the rounds.\n",
+        "{cpus} CPUs ({machine}), Linux {}; wrk -t2 -c{} -d{}s, {} rounds alternating untraced / tracer idle (running, server not traced) / traced / traced+export; medians of the rounds.\n",
         kernel.trim(),
         opts.connections,
         opts.duration,
@@ -528,7 +536,7 @@ pub fn bench(opts: &BenchOptions) -> anyhow::Result<()> {
                 ..*opts
             },
         );
-        let modes = [Mode::Untraced, Mode::Traced, Mode::Exported];
+        let modes = [Mode::Untraced, Mode::Idle, Mode::Traced, Mode::Exported];
         let mut runs: Vec<Vec<Run>> = vec![Vec::new(); modes.len()];
         for round in 0..opts.rounds {
             for (i, mode) in modes.iter().enumerate() {
@@ -569,6 +577,7 @@ pub fn bench(opts: &BenchOptions) -> anyhow::Result<()> {
             let spans: u64 = r.iter().map(|x| x.spans).sum();
             let served: u64 = r.iter().map(|x| x.served).sum();
             let traced = *mode != Mode::Untraced;
+            let spanned = matches!(mode, Mode::Traced | Mode::Exported);
             writeln!(
                 report,
                 "| {} | {:.0} | {:.3} | {:.3} | {:.2} | {:.3} | {:.2} | {} | {} | {} | {} | {} |",
@@ -595,7 +604,7 @@ pub fn bench(opts: &BenchOptions) -> anyhow::Result<()> {
                     "-".into()
                 },
                 if traced { lost.to_string() } else { "-".into() },
-                if traced {
+                if spanned {
                     format!("{spans} / {served}")
                 } else {
                     "-".into()
@@ -603,8 +612,8 @@ pub fn bench(opts: &BenchOptions) -> anyhow::Result<()> {
             )?;
         }
         // Targets, for the traced run without export (export is judged by spans/requests).
-        let traced = &runs[1];
-        let exported = &runs[2];
+        let traced = &runs[2];
+        let exported = &runs[3];
         let rps_ratio = median(traced.iter().map(|x| x.rps).collect()) / base_rps;
         let p99_ratio = median(traced.iter().map(|x| x.p99_ms).collect()) / base_p99;
         let requests: u64 = traced.iter().map(|x| x.requests).sum();
