@@ -20,7 +20,7 @@ mod tls;
 
 use aya_ebpf::{
     Global,
-    helpers::{bpf_get_current_comm, bpf_probe_read_kernel},
+    helpers::bpf_probe_read_kernel,
     macros::map,
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
@@ -224,7 +224,9 @@ fn traced_uncached(tgid: u32) -> bool {
         return true;
     }
     config.filter_comms != 0
-        && bpf_get_current_comm().is_ok_and(|comm| unsafe { TRACED_COMMS.get(&comm).is_some() })
+        // The process's name, as /proc/PID/comm shows it: one answer for all its threads.
+        // SAFETY: a presence check.
+        && unsafe { TRACED_COMMS.get(&sockets::process_comm()).is_some() }
 }
 
 /// The inode number of the current task's network namespace (0 when unreadable).

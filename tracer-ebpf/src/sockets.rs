@@ -140,7 +140,7 @@ unsafe fn read_addresses(sk: *const u8, ev: &mut ConnEvent) -> Result<(), i32> {
 /// thread may have named itself otherwise), read now, before an exec can change it. Falls back
 /// to the thread's own comm.
 #[inline(always)]
-fn process_comm() -> [u8; 16] {
+pub fn process_comm() -> [u8; 16] {
     let off = OFFSETS.load();
     // SAFETY: probe reads of kernel memory at BTF-derived offsets; failures fall back.
     unsafe {
