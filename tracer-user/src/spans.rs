@@ -137,12 +137,27 @@ impl Serialize for Tags {
     }
 }
 
+/// Lowercase hex of `v`'s low `N * 4` bits, zero-padded: ids are written for every span, and
+/// the formatting machinery (then JSON escaping of what it wrote) cost more than the rest of
+/// their serialization.
+fn hex_digits<const N: usize>(v: u128) -> [u8; N] {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = [0u8; N];
+    for (i, d) in out.iter_mut().enumerate() {
+        *d = DIGITS[((v >> (4 * (N - 1 - i))) & 0xf) as usize];
+    }
+    out
+}
+
 fn hex128<S: Serializer>(v: &u128, s: S) -> Result<S::Ok, S::Error> {
-    s.collect_str(&format_args!("{v:032x}"))
+    let digits = hex_digits::<32>(*v);
+    // Hex digits are ASCII.
+    s.serialize_str(std::str::from_utf8(&digits).unwrap_or_default())
 }
 
 fn hex64<S: Serializer>(v: &u64, s: S) -> Result<S::Ok, S::Error> {
-    s.collect_str(&format_args!("{v:016x}"))
+    let digits = hex_digits::<16>(u128::from(*v));
+    s.serialize_str(std::str::from_utf8(&digits).unwrap_or_default())
 }
 
 fn hex64_opt<S: Serializer>(v: &Option<u64>, s: S) -> Result<S::Ok, S::Error> {
@@ -611,6 +626,25 @@ fn format_duration(us: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ids_are_zero_padded_lowercase_hex() {
+        for v in [
+            0u128,
+            1,
+            0xabc,
+            u128::from(u64::MAX),
+            u128::MAX,
+            0x0af7_6519_16cd_43dd_8448_eb21_1c80_319c,
+        ] {
+            assert_eq!(hex_digits::<32>(v), *format!("{v:032x}").as_bytes());
+            let low = v as u64;
+            assert_eq!(
+                hex_digits::<16>(u128::from(low)),
+                *format!("{low:016x}").as_bytes()
+            );
+        }
+    }
 
     fn exchange(
         side: Side,
