@@ -53,8 +53,10 @@ pub struct ThreadCtx {
     pub conn_id: u64,
 }
 
+/// By tid. A plain hash (four operations per request; LRU costs more each): a thread's entry
+/// goes when it answers, or when it exits (`tracer_sched_exit`).
 #[map]
-static THREAD_CTX: LruHashMap<u32, ThreadCtx> = LruHashMap::with_max_entries(65536, 0);
+pub static THREAD_CTX: HashMap<u32, ThreadCtx> = HashMap::with_max_entries(65536, 0);
 
 /// Connections of traced processes whose sends the sk_msg program sees.
 #[map]

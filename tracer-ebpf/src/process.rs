@@ -51,6 +51,7 @@ pub fn tracer_sched_exit(ctx: TracePointContext) -> u32 {
     // A thread killed inside a syscall never reaches its exit probe. Whatever the verdict:
     // the process may have left the traced set since the entry was made.
     let _ = ACTIVE.remove(&pid_tgid);
+    let _ = crate::inject::THREAD_CTX.remove(&tid);
     if !is_traced(tgid) {
         return 0;
     }
