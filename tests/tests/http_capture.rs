@@ -387,18 +387,25 @@ fn user_errors_are_one_line() {
 /// capture the same exchanges.
 #[test]
 fn per_syscall_tracepoint_fallback_captures() {
+    fallback_captures("1", "attached 28 tracepoints");
+}
+
+/// So do the raw (untyped) sys_enter/sys_exit programs, used where the BTF-typed ones do not
+/// load.
+#[test]
+fn raw_tracepoint_fallback_captures() {
+    fallback_captures("raw", "(sys_enter/sys_exit as raw_tracepoint)");
+}
+
+fn fallback_captures(mode: &str, expect: &str) {
     require_root();
     let server = PythonServer::start();
     let pid = server.pid().to_string();
     let tracer = Tracer::start_with_env(
         &["attach", "--pid", &pid, "--output", "json"],
-        &[("TRACER_SYSCALL_TRACEPOINTS", "1")],
+        &[("TRACER_SYSCALL_TRACEPOINTS", mode)],
     );
-    assert!(
-        tracer.stderr().contains("attached 28 tracepoints"),
-        "{}",
-        tracer.stderr()
-    );
+    assert!(tracer.stderr().contains(expect), "{}", tracer.stderr());
     let mut client = Client::connect(server.port);
     assert_eq!(client.get("/hello").status, 200);
     assert_eq!(client.get("/chunked/10").status, 200);

@@ -303,18 +303,19 @@ impl Probes {
 
         let mut attached = Vec::new();
         let mut skipped = Vec::new();
-        let raw = match attach_raw_syscalls(&mut ebpf) {
+        let raw_kind = match attach_raw_syscalls(&mut ebpf) {
             Ok(Some(kind)) => {
                 attached.push(format!("raw_syscalls:sys_enter ({kind})"));
                 attached.push(format!("raw_syscalls:sys_exit ({kind})"));
-                true
+                Some(kind)
             }
-            Ok(None) => false,
+            Ok(None) => None,
             Err(e) => {
                 warn!("raw syscall tracepoints unavailable ({e}); using per-syscall tracepoints");
-                false
+                None
             }
         };
+        let raw = raw_kind.is_some();
         for a in ATTACHMENTS {
             if raw && a.category == "syscalls" {
                 continue;
@@ -363,7 +364,11 @@ impl Probes {
                 });
             }
         }
-        info!("attached {} tracepoints", attached.len());
+        info!(
+            "attached {} tracepoints{}",
+            attached.len(),
+            raw_kind.map_or(String::new(), |k| format!(" (sys_enter/sys_exit as {k})"))
+        );
         let mut inject_sockets = None;
         if opts.inject.mode != INJECT_OFF {
             match attach_injector(&mut ebpf, &opts.inject) {
@@ -848,9 +853,14 @@ fn attach_raw_syscalls(ebpf: &mut Ebpf) -> Result<Option<&'static str>, String> 
     {
         return Ok(None);
     }
-    let btf_error = match attach_btf_syscalls(ebpf) {
-        Ok(()) => return Ok(Some("tp_btf")),
-        Err(e) => e,
+    // TRACER_SYSCALL_TRACEPOINTS=raw skips the BTF-typed programs (to test the fallback).
+    let btf_error = if std::env::var_os("TRACER_SYSCALL_TRACEPOINTS").is_some_and(|v| v == "raw") {
+        "skipped (TRACER_SYSCALL_TRACEPOINTS=raw)".to_string()
+    } else {
+        match attach_btf_syscalls(ebpf) {
+            Ok(()) => return Ok(Some("tp_btf")),
+            Err(e) => e.to_string(),
+        }
     };
     debug!("BTF-typed syscall tracepoints unavailable ({btf_error}); trying raw tracepoints");
     attach_raw_syscall_pair(ebpf)
