@@ -209,8 +209,11 @@ fn forget_verdict(tgid: u32) {
     }
 }
 
-/// The full answer of `is_traced`, from the traced sets.
-#[inline(always)]
+/// The full answer of `is_traced`, from the traced sets. Not inlined: as a BPF subprogram its
+/// stack (the name read) is gone when it returns, so the verifier's states after a cache hit
+/// and after a miss are alike and the rest of each program is verified once, not once per
+/// way through here.
+#[inline(never)]
 fn traced_uncached(tgid: u32) -> bool {
     let config = CONFIG.load();
     if config.netns_inum != 0 && current_netns() != config.netns_inum {
