@@ -55,12 +55,12 @@ pub enum Item {
 }
 
 pub fn tail_of(bytes: &[u8]) -> &[u8] {
-    &bytes[bytes.len().saturating_sub(16)..]
+    Segment::whole(Direction::Ingress, 0, 0, bytes).tail
 }
 
 /// A fully captured segment.
 pub fn seg(dir: Direction, ts_ns: u64, bytes: &[u8]) -> Segment<'_> {
-    cut(dir, ts_ns, bytes, bytes.len())
+    Segment::whole(dir, ts_ns, ts_ns, bytes)
 }
 
 /// A segment of which only the first `cap` bytes were captured.

@@ -51,6 +51,21 @@ pub struct Segment<'a> {
     pub tail: &'a [u8],
 }
 
+impl<'a> Segment<'a> {
+    /// A segment all of whose bytes are at hand: bytes a parser held back and replays, or a
+    /// test's.
+    pub fn whole(dir: Direction, ts_ns: u64, start_ns: u64, bytes: &'a [u8]) -> Self {
+        Segment {
+            dir,
+            ts_ns,
+            start_ns,
+            len: bytes.len() as u64,
+            head: bytes,
+            tail: &bytes[bytes.len().saturating_sub(tracer_common::TAIL_LEN)..],
+        }
+    }
+}
+
 /// Which end of the exchange the traced process was.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Side {

@@ -999,14 +999,7 @@ impl PgConn {
             self.quiet = true;
             let probe = std::mem::take(&mut self.probe);
             if !probe.bytes.is_empty() {
-                let early = Segment {
-                    dir: seg.dir,
-                    ts_ns: probe.ts_ns,
-                    start_ns: probe.start_ns,
-                    len: probe.bytes.len() as u64,
-                    head: &probe.bytes,
-                    tail: &probe.bytes[probe.bytes.len().saturating_sub(16)..],
-                };
+                let early = Segment::whole(seg.dir, probe.ts_ns, probe.start_ns, &probe.bytes);
                 self.dispatch(&early, out);
             }
             self.dispatch(seg, out);

@@ -824,14 +824,12 @@ impl RedisConn {
                     self.push_unknown();
                 }
                 if !found.probe.is_empty() {
-                    let prefix = Segment {
-                        dir: seg.dir,
-                        ts_ns: found.probe_ts_ns,
-                        start_ns: found.probe_start_ns,
-                        len: found.probe.len() as u64,
-                        head: &found.probe,
-                        tail: &found.probe[found.probe.len().saturating_sub(16)..],
-                    };
+                    let prefix = Segment::whole(
+                        seg.dir,
+                        found.probe_ts_ns,
+                        found.probe_start_ns,
+                        &found.probe,
+                    );
                     self.walk_requests(&prefix, out);
                 }
             }
