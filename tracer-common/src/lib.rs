@@ -285,6 +285,8 @@ pub struct SavedArgs {
 const _: () = assert!(core::mem::size_of::<SavedArgs>() == 96);
 
 impl SavedArgs {
+    /// The thread's slot holds nothing: no syscall of interest is under way.
+    pub const EMPTY: u32 = 0;
     pub const ACCEPT: u32 = 1;
     pub const CONNECT: u32 = 2;
     pub const BUF: u32 = 3;
@@ -319,8 +321,9 @@ pub mod stat {
     pub const CONNS_OPENED: u32 = 2;
     /// A kernel read the probes needed failed (stale offsets would show up here).
     pub const READ_ERRORS: u32 = 3;
-    /// Syscall exits whose enter had no saved arguments (tracer attached mid-syscall).
-    pub const UNMATCHED_EXITS: u32 = 4;
+    /// Syscalls of traced threads not captured because the saved-arguments map (a slot per
+    /// traced thread, freed at thread exit) was full.
+    pub const SAVED_ARGS_FULL: u32 = 4;
     /// Syscalls whose payload copy from user memory failed.
     pub const PAYLOAD_FAULTS: u32 = 5;
     /// Requests that got a trace context header in the kernel.

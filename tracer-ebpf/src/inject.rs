@@ -53,8 +53,10 @@ pub struct ThreadCtx {
     pub conn_id: u64,
 }
 
-/// By tid. A plain hash (four operations per request; LRU costs more each): a thread's entry
-/// goes when it answers, or when it exits (`tracer_sched_exit`).
+/// By tid: a slot per thread that served a request, removed when the thread exits
+/// (`tracer_sched_exit`). Between requests the slot stays with `ctx.flags` 0 (nothing served):
+/// writing through a looked-up value is several times cheaper than inserting and deleting an
+/// entry per request. A plain hash, cheaper than LRU.
 #[map]
 pub static THREAD_CTX: HashMap<u32, ThreadCtx> = HashMap::with_max_entries(65536, 0);
 
@@ -422,15 +424,21 @@ pub fn server_request(head: &[u8], head_len: usize, conn_id: u64, tid: u32) -> T
             ctx.trace_id_lo = nonzero_random();
         }
     }
-    // A thread that reads a second request before answering the first (an event loop, or
-    // pipelining) cannot say which one its calls belong to.
-    // SAFETY: the value is copied out at once.
-    if let Some(previous) = unsafe { THREAD_CTX.get(&tid) }
-        && previous.conn_id != conn_id
-    {
-        ctx.flags |= CTX_AMBIGUOUS;
+    match THREAD_CTX.get_ptr_mut(&tid) {
+        Some(slot) => {
+            // SAFETY: a map value; only this thread's programs use its slot.
+            let slot = unsafe { &mut *slot };
+            // A thread that reads a second request before answering the first (an event
+            // loop, or pipelining) cannot say which one its calls belong to.
+            if slot.ctx.flags != 0 && slot.conn_id != conn_id {
+                ctx.flags |= CTX_AMBIGUOUS;
+            }
+            *slot = ThreadCtx { ctx, conn_id };
+        }
+        None => {
+            let _ = THREAD_CTX.insert(&tid, &ThreadCtx { ctx, conn_id }, 0);
+        }
     }
-    let _ = THREAD_CTX.insert(&tid, &ThreadCtx { ctx, conn_id }, 0);
     ctx
 }
 
@@ -441,9 +449,12 @@ pub fn response_written(head: &[u8], conn_id: u64, tid: u32) {
     if CONFIG.load().kernel_ctx == 0 || !starts_with_status(head) {
         return;
     }
-    // SAFETY: the value is read at once.
-    if unsafe { THREAD_CTX.get(&tid) }.is_some_and(|t| t.conn_id == conn_id) {
-        let _ = THREAD_CTX.remove(&tid);
+    if let Some(slot) = THREAD_CTX.get_ptr_mut(&tid) {
+        // SAFETY: a map value, as in `server_request`.
+        let slot = unsafe { &mut *slot };
+        if slot.conn_id == conn_id {
+            slot.ctx.flags = 0;
+        }
     }
 }
 
@@ -676,7 +687,7 @@ fn try_inject(ctx: &SkMsgContext) -> Option<()> {
         ..Default::default()
     };
     // SAFETY: copied out at once.
-    match unsafe { THREAD_CTX.get(&tid) } {
+    match unsafe { THREAD_CTX.get(&tid) }.filter(|t| t.ctx.flags != 0) {
         Some(t) if t.ctx.flags & CTX_AMBIGUOUS == 0 => {
             client.trace_id_hi = t.ctx.trace_id_hi;
             client.trace_id_lo = t.ctx.trace_id_lo;

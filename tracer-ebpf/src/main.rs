@@ -87,11 +87,13 @@ static TRACED_PIDS: HashMap<u32, u32> = HashMap::with_max_entries(16384, 0);
 #[map]
 static CONNS: LruHashMap<u64, sockets::ConnState> = LruHashMap::with_max_entries(65536, 0);
 
-/// Arguments saved at a syscall's enter for its exit, by pid_tgid. A plain hash (cheaper than
-/// LRU on this path, twice per traced syscall): the entry of a thread that dies inside a
-/// syscall is removed at its exit (`tracer_sched_exit`).
+/// Arguments saved at a syscall's enter for its exit, by pid_tgid: a slot per traced thread,
+/// made at its first syscall of interest and removed when the thread exits
+/// (`tracer_sched_exit`). Between syscalls the slot stays, marked `SavedArgs::EMPTY`: writing
+/// through a looked-up value costs a lookup, where inserting and deleting an entry per syscall
+/// cost several times that (bucket locks, the free list). A plain hash, cheaper than LRU.
 #[map]
-static ACTIVE: HashMap<u64, tracer_common::SavedArgs> = HashMap::with_max_entries(16384, 0);
+static ACTIVE: HashMap<u64, tracer_common::SavedArgs> = HashMap::with_max_entries(32768, 0);
 
 /// `is_traced` verdicts, direct-mapped by tgid: `(tgid << 32) | (generation << 1) | traced`.
 /// Every syscall of every process asks whether its process is traced; the full answer (pid

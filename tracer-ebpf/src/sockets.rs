@@ -406,15 +406,44 @@ fn save_for_exit(kind: u32, fd: u32) {
         enter_ns: 0,
         injected: Default::default(),
     };
-    let _ = ACTIVE.insert(&pid_tgid, &args, 0);
+    save_args(pid_tgid, &args);
 }
 
+/// Keeps a syscall's arguments in the thread's slot for its exit.
+#[inline(always)]
+pub fn save_args(pid_tgid: u64, args: &SavedArgs) {
+    match ACTIVE.get_ptr_mut(&pid_tgid) {
+        // SAFETY: a map value; only this thread (and programs running in its syscalls) use
+        // the slot.
+        Some(slot) => unsafe { *slot = *args },
+        None => {
+            if ACTIVE.insert(&pid_tgid, args, 0).is_err() {
+                count(stat::SAVED_ARGS_FULL);
+            }
+        }
+    }
+}
+
+/// The arguments the thread's syscall entry saved, if any; the slot is emptied.
 #[inline(always)]
 pub fn take_saved(pid_tgid: u64) -> Option<SavedArgs> {
-    // SAFETY: copied out before the entry is removed.
-    let saved = unsafe { ACTIVE.get(&pid_tgid) }.copied();
-    if saved.is_some() {
-        let _ = ACTIVE.remove(&pid_tgid);
+    let slot = ACTIVE.get_ptr_mut(&pid_tgid)?;
+    // SAFETY: a map value, as in `save_args`.
+    let slot = unsafe { &mut *slot };
+    if slot.kind == SavedArgs::EMPTY {
+        return None;
     }
-    saved
+    let saved = *slot;
+    slot.kind = SavedArgs::EMPTY;
+    Some(saved)
+}
+
+/// Empties the thread's slot: its syscall is of no interest (an entry the agent seeded for a
+/// read under way at attach must not be taken for this one's).
+#[inline(always)]
+pub fn clear_saved(pid_tgid: u64) {
+    if let Some(slot) = ACTIVE.get_ptr_mut(&pid_tgid) {
+        // SAFETY: a map value, as in `save_args`.
+        unsafe { (*slot).kind = SavedArgs::EMPTY };
+    }
 }

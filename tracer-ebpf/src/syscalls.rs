@@ -18,8 +18,10 @@ use tracer_common::{
 };
 
 use crate::{
-    ACTIVE, EVENTS, SCRATCH, capture_limit, count, inject, is_traced,
-    sockets::{CONN_TLS, header_only, lookup_or_track, next_seq, take_saved},
+    EVENTS, SCRATCH, capture_limit, count, inject, is_traced,
+    sockets::{
+        CONN_TLS, clear_saved, header_only, lookup_or_track, next_seq, save_args, take_saved,
+    },
     tls,
 };
 
@@ -88,13 +90,13 @@ pub fn enter_traced_args(
     let Some(conn) = lookup_or_track(tgid, fd) else {
         // Not a socket. Drop any entry the agent seeded for a read this thread was blocked in
         // at attach time, so this exit cannot be mistaken for it.
-        let _ = ACTIVE.remove(&pid_tgid);
+        clear_saved(pid_tgid);
         return;
     };
     // Inside an OpenSSL call the bytes are ciphertext: the call's own probes report the
     // plaintext, and learn here which socket it uses.
     if tls::in_ssl_call(pid_tgid, tgid, fd, &conn) || conn.flags & CONN_TLS != 0 {
-        let _ = ACTIVE.remove(&pid_tgid);
+        clear_saved(pid_tgid);
         return;
     }
     let (kind, buf, count) = match kind {
@@ -124,7 +126,7 @@ pub fn enter_traced_args(
         enter_ns: unsafe { bpf_ktime_get_ns() },
         injected: Default::default(),
     };
-    let _ = ACTIVE.insert(&pid_tgid, &args, 0);
+    save_args(pid_tgid, &args);
 }
 
 /// Internal kind for sendmsg/recvmsg enters: saved as `IOV` after reading the msghdr.

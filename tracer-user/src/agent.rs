@@ -432,10 +432,10 @@ fn render_metrics(
     );
     metric(
         &mut out,
-        "tracer_probe_unmatched_exits_total",
+        "tracer_probe_saved_args_full_total",
         "counter",
-        "Syscall exits without a saved entry.",
-        kernel(stat::UNMATCHED_EXITS),
+        "Syscalls of traced threads missed because the per-thread saved-arguments map was full.",
+        kernel(stat::SAVED_ARGS_FULL),
     );
     metric(
         &mut out,
