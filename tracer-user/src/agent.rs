@@ -219,14 +219,15 @@ fn execute(plan: Plan) -> anyhow::Result<()> {
 }
 
 async fn event_loop(plan: Plan, mut probes: Probes) -> anyhow::Result<()> {
-    let mut red = Red::default();
+    // RED metrics cost a series lookup per span: kept only when someone can read them.
+    let mut red = plan.metrics.is_some().then(Red::default);
     let metrics_text = Arc::new(RwLock::new(String::new()));
     if let Some(listener) = plan.metrics {
         let listener = tokio::net::TcpListener::from_std(listener).context("metrics listener")?;
         info!("metrics on http://{}/metrics", listener.local_addr()?);
         crate::metrics::serve(listener, metrics_text.clone());
     }
-    let exporter = Exporter::start(plan.output);
+    let mut exporter = Exporter::start(plan.output);
     let ring = probes.take_events()?;
     // SAFETY: the RingBuf owns its map fd, which stays open and the same until it is dropped,
     // and the AsyncFd owns the RingBuf.
@@ -253,13 +254,13 @@ async fn event_loop(plan: Plan, mut probes: Probes) -> anyhow::Result<()> {
                 let mut guard = guard.context("ring buffer poll failed")?;
                 drain_ring(guard.get_inner_mut(), &mut tracker, &mut finished, &mut decode_errors);
                 guard.clear_ready();
-                submit(&exporter, &mut finished, &clock, &mut red);
+                submit(&mut exporter, &mut finished, &clock, &mut red);
             }
             // The probes wake the agent only when data piles up (see WAKEUP_BYTES in
             // tracer-ebpf): the rest is picked up here, within milliseconds.
             _ = drain_tick.tick() => {
                 drain_ring(ring.get_mut(), &mut tracker, &mut finished, &mut decode_errors);
-                submit(&exporter, &mut finished, &clock, &mut red);
+                submit(&mut exporter, &mut finished, &clock, &mut red);
                 let gone = tracker.take_gone_processes();
                 if !gone.is_empty() {
                     let n = probes.forget_processes(&gone);
@@ -269,8 +270,10 @@ async fn event_loop(plan: Plan, mut probes: Probes) -> anyhow::Result<()> {
             _ = sigint.recv() => break "interrupted",
             _ = sigterm.recv() => break "terminated",
             _ = tick.tick() => {
-                if let Ok(mut text) = metrics_text.write() {
-                    *text = render_metrics(&probes, &tracker, &exporter, decode_errors, &red);
+                if let Some(red) = &red
+                    && let Ok(mut text) = metrics_text.write()
+                {
+                    *text = render_metrics(&probes, &tracker, &exporter, decode_errors, red);
                 }
                 tracker.sweep(monotonic_ns());
                 probes.refresh_verdicts();
@@ -303,7 +306,7 @@ async fn event_loop(plan: Plan, mut probes: Probes) -> anyhow::Result<()> {
         &mut finished,
         &mut decode_errors,
     );
-    submit(&exporter, &mut finished, &clock, &mut red);
+    submit(&mut exporter, &mut finished, &clock, &mut red);
     info!("stopping: {reason}; flushing spans");
     // The counts are read after the flush: spans sent while flushing count as exported.
     let export_stats = exporter.stats();
@@ -316,7 +319,12 @@ async fn event_loop(plan: Plan, mut probes: Probes) -> anyhow::Result<()> {
 /// Builds and queues the spans of finished exchanges. Unsampled traces (an upstream caller said
 /// so) are not exported, nor the collector's side of our own export requests: tracing the
 /// collector's host would otherwise add a span per batch, forever.
-fn submit(exporter: &Exporter, finished: &mut Vec<Finished>, clock: &Clock, red: &mut Red) {
+fn submit(
+    exporter: &mut Exporter,
+    finished: &mut Vec<Finished>,
+    clock: &Clock,
+    red: &mut Option<Red>,
+) {
     for (exchange, conn, identity) in finished.drain(..) {
         let own_export = match &exchange {
             Exchange::Http(e) => e
@@ -327,8 +335,10 @@ fn submit(exporter: &Exporter, finished: &mut Vec<Finished>, clock: &Clock, red:
         };
         if identity.sampled && !own_export {
             let span = span_of(&exchange, &conn, &identity, clock);
-            red.observe(&span);
-            exporter.submit(span);
+            if let Some(red) = red {
+                red.observe(&span);
+            }
+            exporter.submit(&span);
         }
     }
 }

@@ -18,6 +18,7 @@ use hyper_util::rt::TokioIo;
 use log::warn;
 
 use crate::spans::{Span, SpanKind};
+use rustc_hash::FxHashMap;
 
 /// Upper bounds (seconds) of the duration histogram buckets.
 const BUCKETS: [f64; 14] = [
@@ -42,7 +43,7 @@ type SeriesKey = (String, &'static str, &'static str, String);
 #[derive(Default)]
 pub struct Red {
     /// By the series' labels joined with NULs (looked up without building a key each time).
-    series: HashMap<String, (SeriesKey, Series)>,
+    series: FxHashMap<String, (SeriesKey, Series)>,
     /// Scratch for that lookup key.
     lookup: String,
 }

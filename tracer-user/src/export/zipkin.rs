@@ -15,13 +15,14 @@ use rand::Rng as _;
 use reqwest::{StatusCode, Url, header};
 use tokio::{sync::mpsc, time::Instant};
 
-use super::ExportStats;
-use serde::Serialize;
+use super::{EncodedSpan, ExportStats};
 
 /// Sent with every batch, so that a tracer tracing the collector's host can tell its own
 /// export traffic apart and not trace it (which would feed back a span per batch).
 pub const USER_AGENT: &str = concat!("tracer/", env!("CARGO_PKG_VERSION"));
 
+/// How often a filling batch looks at the queue.
+const BATCH_POLL: Duration = Duration::from_millis(50);
 const FIRST_BACKOFF: Duration = Duration::from_millis(200);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
@@ -45,9 +46,42 @@ enum Sent {
     Failed(String),
 }
 
+/// A span as a member of a batch's JSON array.
+pub trait JsonSpan: Send + 'static {
+    fn write_json(&self, out: &mut Vec<u8>);
+}
+
+/// Spans built here, encoded when queued.
+impl JsonSpan for EncodedSpan {
+    fn write_json(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(self.as_bytes());
+    }
+}
+
+/// Spans the relay received as JSON.
+impl JsonSpan for serde_json::Value {
+    fn write_json(&self, out: &mut Vec<u8>) {
+        serde_json::to_writer(out, self).expect("a JSON value always serializes");
+    }
+}
+
+/// `[span,span,...]`
+fn batch_json<T: JsonSpan>(batch: &[T]) -> Vec<u8> {
+    let mut json = Vec::with_capacity(batch.len() * 640 + 2);
+    json.push(b'[');
+    for (i, span) in batch.iter().enumerate() {
+        if i > 0 {
+            json.push(b',');
+        }
+        span.write_json(&mut json);
+    }
+    json.push(b']');
+    json
+}
+
 /// Sends what arrives on `rx` to Zipkin until `rx` closes: spans built here, or (for the relay)
 /// spans received as JSON.
-pub async fn run<T: Serialize + Send + 'static>(
+pub async fn run<T: JsonSpan>(
     config: ZipkinConfig,
     mut rx: mpsc::Receiver<T>,
     stats: Arc<ExportStats>,
@@ -80,13 +114,28 @@ pub async fn run<T: Serialize + Send + 'static>(
         if rx.recv_many(&mut batch, batch_size).await == 0 {
             return;
         }
+        // Fill the batch by looking at the queue now and then, not by waiting on it: a task
+        // waiting on the queue is woken for every span (a thread wakeup each, under load
+        // tens of thousands a second).
         let deadline = Instant::now() + exporter.config.flush_interval;
         while batch.len() < batch_size {
             let room = batch_size - batch.len();
-            match tokio::time::timeout_at(deadline, rx.recv_many(&mut batch, room)).await {
-                Ok(0) | Err(_) => break,
-                Ok(_) => {}
+            if rx.len() >= room || rx.is_closed() {
+                rx.recv_many(&mut batch, room).await;
+                break;
             }
+            let now = Instant::now();
+            if now >= deadline {
+                // What is there, without waiting for more.
+                while batch.len() < batch_size {
+                    match rx.try_recv() {
+                        Ok(span) => batch.push(span),
+                        Err(_) => break,
+                    }
+                }
+                break;
+            }
+            tokio::time::sleep_until(deadline.min(now + BATCH_POLL)).await;
         }
         exporter.send(&batch).await;
         batch.clear();
@@ -103,9 +152,9 @@ struct BatchSender {
 }
 
 impl BatchSender {
-    async fn send<T: Serialize>(&mut self, batch: &[T]) {
+    async fn send<T: JsonSpan>(&mut self, batch: &[T]) {
         let n = batch.len() as u64;
-        let json = serde_json::to_vec(batch).expect("spans always serialize");
+        let json = batch_json(batch);
         let gzipped = self.config.gzip.then(|| gzip(&json));
         let mut backoff = FIRST_BACKOFF;
         loop {
@@ -219,4 +268,29 @@ pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
         source = cause.source();
     }
     text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spans::tests_support::span;
+
+    #[test]
+    fn a_batch_of_encoded_spans_is_the_json_array_of_the_spans() {
+        let spans = [span(), span()];
+        let encoded: Vec<EncodedSpan> = spans
+            .iter()
+            .map(|s| EncodedSpan(serde_json::to_vec(s).unwrap().into_boxed_slice()))
+            .collect();
+        assert_eq!(batch_json(&encoded), serde_json::to_vec(&spans).unwrap());
+        assert_eq!(batch_json::<EncodedSpan>(&[]), b"[]");
+        let values: Vec<serde_json::Value> = spans
+            .iter()
+            .map(|s| serde_json::to_value(s).unwrap())
+            .collect();
+        assert_eq!(
+            serde_json::from_slice::<serde_json::Value>(&batch_json(&values)).unwrap(),
+            serde_json::to_value(&spans).unwrap()
+        );
+    }
 }
