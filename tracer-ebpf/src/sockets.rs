@@ -393,42 +393,39 @@ fn save_for_exit(kind: u32, fd: u32) {
     if !is_traced((pid_tgid >> 32) as u32) {
         return;
     }
-    let args = SavedArgs {
-        kind,
-        fd,
-        buf: 0,
-        count: 0,
-        conn_id: 0,
-        syscall: 0,
-        direction: 0,
-        seq: 0,
-        seq_valid: 0,
-        enter_ns: 0,
-        injected: Default::default(),
-    };
-    save_args(pid_tgid, &args);
+    if let Some(slot) = saved_slot(pid_tgid) {
+        slot.fd = fd;
+        slot.conn_id = 0;
+        slot.injected.flags = 0;
+        slot.kind = kind;
+    }
 }
 
-/// Keeps a syscall's arguments in the thread's slot for its exit.
+/// The thread's saved-arguments slot, made at its first use. The caller fills the fields the
+/// exit will read, field by field: building the value on the stack and copying it in made the
+/// compiler zero it with a byte-at-a-time memset call.
 #[inline(always)]
-pub fn save_args(pid_tgid: u64, args: &SavedArgs) {
-    match ACTIVE.get_ptr_mut(&pid_tgid) {
+pub fn saved_slot(pid_tgid: u64) -> Option<&'static mut SavedArgs> {
+    if let Some(slot) = ACTIVE.get_ptr_mut(&pid_tgid) {
         // SAFETY: a map value; only this thread (and programs running in its syscalls) use
         // the slot.
-        Some(slot) => unsafe { *slot = *args },
-        None => {
-            if ACTIVE.insert(&pid_tgid, args, 0).is_err() {
-                count(stat::SAVED_ARGS_FULL);
-            }
-        }
+        return Some(unsafe { &mut *slot });
     }
+    if ACTIVE.insert(&pid_tgid, &SavedArgs::default(), 0).is_err() {
+        count(stat::SAVED_ARGS_FULL);
+        return None;
+    }
+    // SAFETY: as above.
+    ACTIVE
+        .get_ptr_mut(&pid_tgid)
+        .map(|slot| unsafe { &mut *slot })
 }
 
 /// The arguments the thread's syscall entry saved, if any; the slot is emptied.
 #[inline(always)]
 pub fn take_saved(pid_tgid: u64) -> Option<SavedArgs> {
     let slot = ACTIVE.get_ptr_mut(&pid_tgid)?;
-    // SAFETY: a map value, as in `save_args`.
+    // SAFETY: a map value, as in `saved_slot`.
     let slot = unsafe { &mut *slot };
     if slot.kind == SavedArgs::EMPTY {
         return None;
@@ -443,7 +440,7 @@ pub fn take_saved(pid_tgid: u64) -> Option<SavedArgs> {
 #[inline(always)]
 pub fn clear_saved(pid_tgid: u64) {
     if let Some(slot) = ACTIVE.get_ptr_mut(&pid_tgid) {
-        // SAFETY: a map value, as in `save_args`.
+        // SAFETY: a map value, as in `saved_slot`.
         unsafe { (*slot).kind = SavedArgs::EMPTY };
     }
 }

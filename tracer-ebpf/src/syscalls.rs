@@ -20,7 +20,7 @@ use tracer_common::{
 use crate::{
     EVENTS, SCRATCH, capture_limit, count, inject, is_traced,
     sockets::{
-        CONN_TLS, clear_saved, header_only, lookup_or_track, next_seq, save_args, take_saved,
+        CONN_TLS, clear_saved, header_only, lookup_or_track, next_seq, saved_slot, take_saved,
     },
     tls,
 };
@@ -112,21 +112,21 @@ pub fn enter_traced_args(
         _ => (SavedArgs::NO_PAYLOAD, 0, 0),
     };
     let seq = next_seq(conn.sk, direction == DIR_EGRESS);
-    let args = SavedArgs {
-        kind,
-        fd,
-        buf,
-        count,
-        conn_id: conn.conn_id,
-        syscall: syscall as u32,
-        direction,
-        seq: seq.unwrap_or(0),
-        seq_valid: u32::from(seq.is_some()),
-        // SAFETY: no preconditions.
-        enter_ns: unsafe { bpf_ktime_get_ns() },
-        injected: Default::default(),
+    let Some(slot) = saved_slot(pid_tgid) else {
+        return;
     };
-    save_args(pid_tgid, &args);
+    slot.fd = fd;
+    slot.buf = buf;
+    slot.count = count;
+    slot.conn_id = conn.conn_id;
+    slot.syscall = syscall as u32;
+    slot.direction = direction;
+    slot.seq = seq.unwrap_or(0);
+    slot.seq_valid = u32::from(seq.is_some());
+    // SAFETY: no preconditions.
+    slot.enter_ns = unsafe { bpf_ktime_get_ns() };
+    slot.injected.flags = 0;
+    slot.kind = kind;
 }
 
 /// Internal kind for sendmsg/recvmsg enters: saved as `IOV` after reading the msghdr.

@@ -3,11 +3,6 @@
 use clap::Parser;
 use tracer_user::{agent, cli};
 
-/// The agent makes and frees a few small strings per span at tens of thousands of spans a
-/// second; under load glibc's allocator took a fifth of its CPU, mimalloc about an eighth.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 fn main() -> std::process::ExitCode {
     let cli = cli::Cli::parse();
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
