@@ -34,7 +34,7 @@ use tracer_common::{
     INJECT_B3, INJECT_OFF, MAX_CAPTURE, SavedArgs, SockKey, TraceCtx, stat,
 };
 
-use crate::{ACTIVE, CONFIG, SCRATCH, count, is_traced, syscalls::verifier_bound};
+use crate::{ACTIVE, SCRATCH, count, is_traced, syscalls::verifier_bound};
 
 /// Bytes of a request looked at for the header block (its end must be inside).
 const WINDOW: usize = 1024;
@@ -400,7 +400,7 @@ extern "C" fn scan_step(_index: u64, ctx: *mut core::ffi::c_void) -> i64 {
 #[inline(always)]
 pub fn server_request(head: &[u8], head_len: usize, conn_id: u64, tid: u32) -> TraceCtx {
     let none = TraceCtx::default();
-    if CONFIG.load().kernel_ctx == 0 || !starts_with_method(head) {
+    if config!(kernel_ctx) == 0 || !starts_with_method(head) {
         return none;
     }
     let scan = scan_head(SRC_EVENT, head_len.min(WINDOW));
@@ -446,7 +446,7 @@ pub fn server_request(head: &[u8], head_len: usize, conn_id: u64, tid: u32) -> T
 /// serves there.
 #[inline(always)]
 pub fn response_written(head: &[u8], conn_id: u64, tid: u32) {
-    if CONFIG.load().kernel_ctx == 0 || !starts_with_status(head) {
+    if config!(kernel_ctx) == 0 || !starts_with_status(head) {
         return;
     }
     if let Some(slot) = THREAD_CTX.get_ptr_mut(&tid) {
@@ -464,8 +464,7 @@ pub fn response_written(head: &[u8], conn_id: u64, tid: u32) {
 /// from one to the other by the socket's cookie.
 #[sock_ops]
 pub fn tracer_sockops(ctx: SockOpsContext) -> u32 {
-    let config = CONFIG.load();
-    if config.inject == INJECT_OFF {
+    if config!(inject) == INJECT_OFF {
         return 1;
     }
     // SAFETY: the ctx pointer is the program's context.
@@ -585,12 +584,11 @@ fn v6_bytes(w: [u32; 4]) -> [u8; 16] {
 
 #[inline(always)]
 fn destination_wanted(addr: &[u8; 16], port: u16) -> bool {
-    let config = CONFIG.load();
     // SAFETY: presence checks only.
-    if config.inject_filter_ports != 0 && unsafe { INJECT_PORTS.get(&port) }.is_none() {
+    if config!(inject_filter_ports) != 0 && unsafe { INJECT_PORTS.get(&port) }.is_none() {
         return false;
     }
-    if config.inject_filter_nets != 0 && INJECT_NETS.get(Key::new(128, *addr)).is_none() {
+    if config!(inject_filter_nets) != 0 && INJECT_NETS.get(Key::new(128, *addr)).is_none() {
         return false;
     }
     true
@@ -605,8 +603,7 @@ pub fn tracer_inject(ctx: SkMsgContext) -> u32 {
 
 #[inline(always)]
 fn try_inject(ctx: &SkMsgContext) -> Option<()> {
-    let config = CONFIG.load();
-    if config.inject == INJECT_OFF {
+    if config!(inject) == INJECT_OFF {
         return None;
     }
     let pid_tgid = bpf_get_current_pid_tgid();
@@ -706,7 +703,7 @@ fn try_inject(ctx: &SkMsgContext) -> Option<()> {
     }
     let offset = scan.line_end;
     let line = &mut scratch.line;
-    let ok = if config.inject == INJECT_B3 {
+    let ok = if config!(inject) == INJECT_B3 {
         write_header::<B3_LEN>(ctx, line, offset, &client, true)
     } else {
         write_header::<TRACEPARENT_LEN>(ctx, line, offset, &client, false)

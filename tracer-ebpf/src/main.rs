@@ -10,6 +10,24 @@
 #![no_std]
 #![no_main]
 
+/// One field of the load-time `CONFIG`. `Global::load` copies the whole value with a volatile
+/// read that LLVM may not shrink to the fields used: each call site's copy took stack slots of
+/// its own, and together they pushed the sys_enter program past the 512-byte stack limit.
+macro_rules! config {
+    ($field:ident) => {
+        // SAFETY: `Global<T>` is `repr(transparent)` over an initialized `T`.
+        unsafe { core::ptr::read_volatile(&raw const (*crate::config_ptr()).$field) }
+    };
+}
+
+/// One field of the load-time `OFFSETS` (see `config!`).
+macro_rules! offset {
+    ($field:ident) => {
+        // SAFETY: `Global<T>` is `repr(transparent)` over an initialized `T`.
+        unsafe { core::ptr::read_volatile(&raw const (*crate::offsets_ptr()).$field) }
+    };
+}
+
 mod inject;
 mod process;
 // x86_64 register offsets and syscall numbers: the agent attaches these only there.
@@ -42,6 +60,16 @@ static CONFIG: Global<Config> = Global::new(Config {
     netns_inum: 0,
     exit_group_dead_offset: 0,
 });
+
+#[inline(always)]
+fn config_ptr() -> *const Config {
+    (&raw const CONFIG).cast()
+}
+
+#[inline(always)]
+fn offsets_ptr() -> *const KernelOffsets {
+    (&raw const OFFSETS).cast()
+}
 
 /// Written by the agent before load, from the running kernel's BTF.
 #[unsafe(no_mangle)]
@@ -153,11 +181,10 @@ fn count(index: u32) {
 /// Whether the current thread group's syscalls are traced.
 #[inline(always)]
 fn is_traced(tgid: u32) -> bool {
-    let config = CONFIG.load();
-    if tgid == config.self_tgid {
+    if tgid == config!(self_tgid) {
         return false;
     }
-    if config.filter_pids == 0 && config.netns_inum == 0 {
+    if config!(filter_pids) == 0 && config!(netns_inum) == 0 {
         return true;
     }
     // Read before the sets are consulted: a change made meanwhile bumps it past this verdict.
@@ -217,18 +244,17 @@ fn forget_verdict(tgid: u32) {
 /// way through here.
 #[inline(never)]
 fn traced_uncached(tgid: u32) -> bool {
-    let config = CONFIG.load();
-    if config.netns_inum != 0 && current_netns() != config.netns_inum {
+    if config!(netns_inum) != 0 && current_netns() != config!(netns_inum) {
         return false;
     }
-    if config.filter_pids == 0 {
+    if config!(filter_pids) == 0 {
         return true;
     }
     // SAFETY: the values are not used past the lookups.
     if unsafe { TRACED_PIDS.get(&tgid).is_some() } {
         return true;
     }
-    config.filter_comms != 0
+    config!(filter_comms) != 0
         // The process's name, as /proc/PID/comm shows it: one answer for all its threads.
         // SAFETY: a presence check.
         && unsafe { TRACED_COMMS.get(&sockets::process_comm()).is_some() }
@@ -237,30 +263,29 @@ fn traced_uncached(tgid: u32) -> bool {
 /// The inode number of the current task's network namespace (0 when unreadable).
 #[inline(always)]
 fn current_netns() -> u32 {
-    let off = OFFSETS.load();
     // SAFETY: probe reads of kernel memory at BTF-derived offsets; failures give 0.
     unsafe {
         let task = aya_ebpf::helpers::bpf_get_current_task() as *const u8;
         let Ok(nsproxy) =
-            bpf_probe_read_kernel(task.add(off.task_nsproxy as usize) as *const *const u8)
+            bpf_probe_read_kernel(task.add(offset!(task_nsproxy) as usize) as *const *const u8)
         else {
             return 0;
         };
         if nsproxy.is_null() {
             return 0;
         }
-        let Ok(net) =
-            bpf_probe_read_kernel(nsproxy.add(off.nsproxy_net_ns as usize) as *const *const u8)
-        else {
+        let Ok(net) = bpf_probe_read_kernel(
+            nsproxy.add(offset!(nsproxy_net_ns) as usize) as *const *const u8
+        ) else {
             return 0;
         };
-        bpf_probe_read_kernel(net.add(off.net_ns_inum as usize) as *const u32).unwrap_or(0)
+        bpf_probe_read_kernel(net.add(offset!(net_ns_inum) as usize) as *const u32).unwrap_or(0)
     }
 }
 
 #[inline(always)]
 fn capture_limit() -> usize {
-    let configured = CONFIG.load().capture_bytes as usize;
+    let configured = config!(capture_bytes) as usize;
     if configured > MAX_CAPTURE {
         MAX_CAPTURE
     } else {

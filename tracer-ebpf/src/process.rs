@@ -8,15 +8,14 @@ use aya_ebpf::{
 use tracer_common::EventKind;
 
 use crate::{
-    ACTIVE, CONFIG, TRACED_PIDS, bump_generation, forget_verdict, is_traced, sockets::header_only,
+    ACTIVE, TRACED_PIDS, bump_generation, forget_verdict, is_traced, sockets::header_only,
 };
 
 /// sched:sched_process_fork. Runs in the parent; `child_pid` is at an offset the agent read
 /// from the tracepoint's format file (it moved in 6.x).
 #[tracepoint]
 pub fn tracer_sched_fork(ctx: TracePointContext) -> u32 {
-    let config = CONFIG.load();
-    let offset = (config.fork_child_pid_offset & 0xff) as usize;
+    let offset = (config!(fork_child_pid_offset) & 0xff) as usize;
     if offset == 0 {
         return 0;
     }
@@ -26,7 +25,7 @@ pub fn tracer_sched_fork(ctx: TracePointContext) -> u32 {
     };
     // The pid may have named another process before, whose verdict must not stick to this one.
     forget_verdict(child as u32);
-    if config.filter_pids == 0 || config.follow_forks == 0 {
+    if config!(filter_pids) == 0 || config!(follow_forks) == 0 {
         return 0;
     }
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
@@ -55,13 +54,12 @@ pub fn tracer_sched_exit(ctx: TracePointContext) -> u32 {
     if !is_traced(tgid) {
         return 0;
     }
-    let config = CONFIG.load();
-    let group_dead = match config.exit_group_dead_offset {
+    let group_dead = match config!(exit_group_dead_offset) {
         0 => tid == tgid,
         // SAFETY: reads the tracepoint record at an offset taken from its format description.
         offset => unsafe { ctx.read_at::<u8>((offset & 0xff) as usize) }.is_ok_and(|b| b != 0),
     };
-    if config.filter_pids != 0 {
+    if config!(filter_pids) != 0 {
         // The thread leaves the set; the process too when it is dead, as its pid may be given
         // to an unrelated program next.
         if tid != tgid {

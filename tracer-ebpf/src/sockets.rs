@@ -13,7 +13,7 @@ use tracer_common::{
     ConnEvent, EventHeader, EventKind, ROLE_CLIENT, ROLE_SERVER, ROLE_UNKNOWN, SavedArgs, stat,
 };
 
-use crate::{ACTIVE, CONNS, EVENTS, OFFSETS, count, is_traced};
+use crate::{ACTIVE, CONNS, EVENTS, count, is_traced};
 
 const S_IFMT: u16 = 0o170000;
 const S_IFSOCK: u16 = 0o140000;
@@ -67,44 +67,43 @@ unsafe fn read_at<T>(base: *const u8, offset: u32) -> Result<T, i32> {
 /// socket (IPv4 or IPv6), or null.
 #[inline(always)]
 unsafe fn tcp_sock_of_fd(fd: u32) -> Result<*const u8, i32> {
-    let off = OFFSETS.load();
-    if off.valid == 0 {
+    if offset!(valid) == 0 {
         return Ok(core::ptr::null());
     }
     unsafe {
         let task = bpf_get_current_task() as *const u8;
-        let files: *const u8 = read_at(task, off.task_files)?;
-        let fdt: *const u8 = read_at(files, off.files_fdt)?;
-        let max_fds: u32 = read_at(fdt, off.fdt_max_fds)?;
+        let files: *const u8 = read_at(task, offset!(task_files))?;
+        let fdt: *const u8 = read_at(files, offset!(files_fdt))?;
+        let max_fds: u32 = read_at(fdt, offset!(fdt_max_fds))?;
         if fd >= max_fds {
             return Ok(core::ptr::null());
         }
-        let fd_array: *const u8 = read_at(fdt, off.fdt_fd)?;
+        let fd_array: *const u8 = read_at(fdt, offset!(fdt_fd))?;
         let file: *const u8 =
             bpf_probe_read_kernel(fd_array.add(fd as usize * 8) as *const *const u8)?;
         if file.is_null() {
             return Ok(core::ptr::null());
         }
-        let inode: *const u8 = read_at(file, off.file_inode)?;
-        let mode: u16 = read_at(inode, off.inode_mode)?;
+        let inode: *const u8 = read_at(file, offset!(file_inode))?;
+        let mode: u16 = read_at(inode, offset!(inode_mode))?;
         if mode & S_IFMT != S_IFSOCK {
             return Ok(core::ptr::null());
         }
-        let socket: *const u8 = read_at(file, off.file_private_data)?;
-        let sock_type: i16 = read_at(socket, off.socket_type)?;
+        let socket: *const u8 = read_at(file, offset!(file_private_data))?;
+        let sock_type: i16 = read_at(socket, offset!(socket_type))?;
         if sock_type != SOCK_STREAM {
             return Ok(core::ptr::null());
         }
-        let sk: *const u8 = read_at(socket, off.socket_sk)?;
+        let sk: *const u8 = read_at(socket, offset!(socket_sk))?;
         if sk.is_null() {
             return Ok(core::ptr::null());
         }
-        let family: u16 = read_at(sk, off.sk_family)?;
+        let family: u16 = read_at(sk, offset!(sk_family))?;
         if family != AF_INET && family != AF_INET6 {
             return Ok(core::ptr::null());
         }
-        if off.sk_protocol != ABSENT {
-            let protocol: u16 = read_at(sk, off.sk_protocol)?;
+        if offset!(sk_protocol) != ABSENT {
+            let protocol: u16 = read_at(sk, offset!(sk_protocol))?;
             if protocol != IPPROTO_TCP {
                 return Ok(core::ptr::null());
             }
@@ -116,21 +115,20 @@ unsafe fn tcp_sock_of_fd(fd: u32) -> Result<*const u8, i32> {
 /// Reads the socket's addresses into `ev`.
 #[inline(always)]
 unsafe fn read_addresses(sk: *const u8, ev: &mut ConnEvent) -> Result<(), i32> {
-    let off = OFFSETS.load();
     unsafe {
-        let family: u16 = read_at(sk, off.sk_family)?;
+        let family: u16 = read_at(sk, offset!(sk_family))?;
         ev.family = family;
-        let dport: u16 = read_at(sk, off.sk_dport)?;
+        let dport: u16 = read_at(sk, offset!(sk_dport))?;
         ev.remote_port = u16::from_be(dport);
-        ev.local_port = read_at(sk, off.sk_num)?;
+        ev.local_port = read_at(sk, offset!(sk_num))?;
         if family == AF_INET {
-            let daddr: [u8; 4] = read_at(sk, off.sk_daddr)?;
-            let saddr: [u8; 4] = read_at(sk, off.sk_rcv_saddr)?;
+            let daddr: [u8; 4] = read_at(sk, offset!(sk_daddr))?;
+            let saddr: [u8; 4] = read_at(sk, offset!(sk_rcv_saddr))?;
             ev.remote_addr[..4].copy_from_slice(&daddr);
             ev.local_addr[..4].copy_from_slice(&saddr);
         } else {
-            ev.remote_addr = read_at(sk, off.sk_v6_daddr)?;
-            ev.local_addr = read_at(sk, off.sk_v6_rcv_saddr)?;
+            ev.remote_addr = read_at(sk, offset!(sk_v6_daddr))?;
+            ev.local_addr = read_at(sk, offset!(sk_v6_rcv_saddr))?;
         }
     }
     Ok(())
@@ -141,13 +139,12 @@ unsafe fn read_addresses(sk: *const u8, ev: &mut ConnEvent) -> Result<(), i32> {
 /// to the thread's own comm.
 #[inline(always)]
 pub fn process_comm() -> [u8; 16] {
-    let off = OFFSETS.load();
     // SAFETY: probe reads of kernel memory at BTF-derived offsets; failures fall back.
     unsafe {
         let task = bpf_get_current_task() as *const u8;
-        if let Ok(leader) = read_at::<*const u8>(task, off.task_group_leader)
+        if let Ok(leader) = read_at::<*const u8>(task, offset!(task_group_leader))
             && !leader.is_null()
-            && let Ok(comm) = read_at::<[u8; 16]>(leader, off.task_comm)
+            && let Ok(comm) = read_at::<[u8; 16]>(leader, offset!(task_comm))
         {
             return comm;
         }
@@ -246,11 +243,10 @@ pub fn lookup_or_track(tgid: u32, fd: u32) -> Option<ConnState> {
 /// reader, or None when unreadable.
 #[inline(always)]
 pub fn next_seq(sk: u64, egress: bool) -> Option<u32> {
-    let off = OFFSETS.load();
     let field = if egress {
-        off.tcp_write_seq
+        offset!(tcp_write_seq)
     } else {
-        off.tcp_copied_seq
+        offset!(tcp_copied_seq)
     };
     if sk == 0 || field == 0 || field == ABSENT {
         return None;

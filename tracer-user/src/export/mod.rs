@@ -76,7 +76,7 @@ pub struct Exporter {
 }
 
 fn encode_json(span: &Span, out: &mut Vec<u8>) {
-    serde_json::to_writer(out, span).expect("a span always serializes");
+    span.write_json(out);
 }
 
 fn encode_text(span: &Span, out: &mut Vec<u8>) {
