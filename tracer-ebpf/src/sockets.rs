@@ -216,7 +216,7 @@ pub fn track(fd: u32, role: u16) -> Option<ConnState> {
     }
     count(stat::CONNS_OPENED);
     if EVENTS
-        .output::<ConnEvent>(&ev, crate::wakeup_flags())
+        .output::<ConnEvent>(&ev, crate::wakeup_flags(core::mem::size_of::<ConnEvent>()))
         .is_err()
     {
         count(stat::RINGBUF_LOST);
@@ -266,7 +266,10 @@ pub fn header_only(kind: EventKind, tgid: u32, tid: u32, fd: u32, conn_id: u64) 
         conn_id,
     };
     if EVENTS
-        .output::<EventHeader>(&hdr, crate::wakeup_flags())
+        .output::<EventHeader>(
+            &hdr,
+            crate::wakeup_flags(core::mem::size_of::<EventHeader>()),
+        )
         .is_err()
     {
         count(stat::RINGBUF_LOST);
