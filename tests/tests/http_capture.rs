@@ -229,7 +229,9 @@ fn run_traces_nginx_and_curl() {
             assert_eq!(server_side_port.as_u64(), Some(u64::from(port)));
         }
     }
-    // Each CLIENT span encloses its SERVER span in time.
+    // Each CLIENT span encloses its SERVER span in time. A send is dated by its return, and on
+    // loopback the reader of the response can run before the writer returns (the wakeup may
+    // even preempt it), so the server's end may trail the client's by that wait (as in tls.rs).
     for server in spans.iter().filter(|s| s["kind"] == "SERVER") {
         let client = spans
             .iter()
@@ -244,7 +246,7 @@ fn run_traces_nginx_and_curl() {
             server["duration"].as_u64().unwrap(),
         );
         assert!(
-            cs <= ss + 1 && ss + sd <= cs + cd + 1,
+            cs <= ss + 1 && ss + sd <= cs + cd + 2_000,
             "client {client} must enclose server {server}"
         );
     }
