@@ -432,8 +432,22 @@ fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
+/// CPU time of the calling thread.
+fn thread_cpu() -> Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid timespec for the call to fill.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
 /// `xtask syscall-loop N`: connects to a local sink, waits for "go" on stdin, does N 64-byte
-/// writes, prints nanoseconds per write.
+/// writes, prints the writing thread's CPU nanoseconds per write, then wall nanoseconds per
+/// write. CPU time is what the syscall costs the thread that makes it (probes included); wall
+/// time also counts waiting for a core that the sink or the agent holds, which on two cores
+/// is most of the difference.
 pub fn syscall_loop(n: u64) -> anyhow::Result<()> {
     let listener = TcpListener::bind("127.0.0.1:0")?;
     let addr = listener.local_addr()?;
@@ -449,10 +463,16 @@ pub fn syscall_loop(n: u64) -> anyhow::Result<()> {
     std::io::stdin().read_line(&mut line)?;
     let payload = [0x5au8; 64];
     let t = Instant::now();
+    let cpu = thread_cpu();
     for _ in 0..n {
         s.write_all(&payload)?;
     }
-    println!("{:.1}", t.elapsed().as_nanos() as f64 / n as f64);
+    let cpu = thread_cpu() - cpu;
+    println!(
+        "{:.1} {:.1}",
+        cpu.as_nanos() as f64 / n as f64,
+        t.elapsed().as_nanos() as f64 / n as f64
+    );
     Ok(())
 }
 
@@ -463,7 +483,8 @@ enum LoopMode {
     Traced,
 }
 
-fn loop_cost(mode: LoopMode, n: u64, other_pid: u32) -> anyhow::Result<f64> {
+/// CPU and wall nanoseconds per write of one syscall loop.
+fn loop_cost(mode: LoopMode, n: u64, other_pid: u32) -> anyhow::Result<(f64, f64)> {
     let exe = std::env::current_exe()?;
     let mut child = Command::new(exe)
         .args(["syscall-loop", &n.to_string()])
@@ -498,7 +519,11 @@ fn loop_cost(mode: LoopMode, n: u64, other_pid: u32) -> anyhow::Result<f64> {
     if let Some(agent) = agent {
         agent.stop()?;
     }
-    line.trim().parse().context("syscall loop result")
+    let mut fields = line.split_whitespace().map(str::parse::<f64>);
+    match (fields.next(), fields.next()) {
+        (Some(Ok(cpu)), Some(Ok(wall))) => Ok((cpu, wall)),
+        _ => bail!("syscall loop result: {line:?}"),
+    }
 }
 
 pub fn bench(opts: &BenchOptions) -> anyhow::Result<()> {
@@ -666,34 +691,48 @@ pub fn bench(opts: &BenchOptions) -> anyhow::Result<()> {
     let other = Command::new("sleep").arg("600").spawn()?;
     let other = Guard(other);
     let n = opts.syscalls;
-    let mut cost = [Vec::new(), Vec::new(), Vec::new()];
+    let mut cpu = [Vec::new(), Vec::new(), Vec::new()];
+    let mut wall = [Vec::new(), Vec::new(), Vec::new()];
     for _ in 0..opts.rounds {
         for (i, mode) in [LoopMode::NoTracer, LoopMode::OtherTraced, LoopMode::Traced]
             .into_iter()
             .enumerate()
         {
-            cost[i].push(loop_cost(mode, n, other.0.id())?);
+            let (c, w) = loop_cost(mode, n, other.0.id())?;
+            cpu[i].push(c);
+            wall[i].push(w);
         }
     }
-    let [none, other_traced, traced] = cost.map(median);
+    let [none, other_traced, traced] = cpu.map(median);
+    let [wall_none, wall_other, wall_traced] = wall.map(median);
     writeln!(report, "## In-kernel cost of a traced syscall\n")?;
     writeln!(
         report,
         "{n} writes of 64 bytes on a loopback TCP socket, medians of {} rounds:\n",
         opts.rounds
     )?;
-    writeln!(report, "| | ns per write | added |")?;
-    writeln!(report, "|---|---|---|")?;
-    writeln!(report, "| no tracer | {none:.0} | - |")?;
     writeln!(
         report,
-        "| tracer running, this process not traced | {other_traced:.0} | {:+.0} ns |",
-        other_traced - none
+        "| | CPU ns per write (writing thread) | added | wall ns per write | added |"
+    )?;
+    writeln!(report, "|---|---|---|---|---|")?;
+    writeln!(report, "| no tracer | {none:.0} | - | {wall_none:.0} | - |")?;
+    writeln!(
+        report,
+        "| tracer running, this process not traced | {other_traced:.0} | {:+.0} ns | {wall_other:.0} | {:+.0} ns |",
+        other_traced - none,
+        wall_other - wall_none
     )?;
     writeln!(
         report,
-        "| this process traced | {traced:.0} | {:+.0} ns |",
-        traced - none
+        "| this process traced | {traced:.0} | {:+.0} ns | {wall_traced:.0} | {:+.0} ns |",
+        traced - none,
+        wall_traced - wall_none
+    )?;
+    writeln!(
+        report,
+        "\nCPU time is the writing thread's own (the syscall and the probes it runs); wall time also \
+         waits for a core held by the sink thread or the agent."
     )?;
     writeln!(
         report,
