@@ -172,6 +172,11 @@ fn setup() -> anyhow::Result<()> {
             "--force",
         ]))?;
     }
+    // The eBPF build depends on nightly's codegen (a new LLVM once pushed a program past the
+    // 512-byte stack limit): say which one this is, for whoever reads a failed build's log.
+    if let Some(version) = output_of("rustup", &["run", "nightly", "rustc", "--version"]) {
+        eprintln!("xtask: eBPF toolchain {}", version.trim());
+    }
     Ok(())
 }
 
