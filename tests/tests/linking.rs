@@ -127,24 +127,44 @@ fn incoming_context_is_joined() {
         "--flush-interval-ms",
         "200",
     ]);
-    let send = |headers: &str| {
+    // Each piece is one write; a pause between pieces makes the server read them apart, as
+    // it would from a client that sends its headers in several writes.
+    let send = |pieces: &[&str]| {
         let mut s = std::net::TcpStream::connect(("127.0.0.1", server.port)).unwrap();
-        write!(
-            s,
-            "GET /hello HTTP/1.1\r\nHost: x\r\n{headers}Connection: close\r\n\r\n"
-        )
-        .unwrap();
+        s.set_nodelay(true).unwrap();
+        let last = pieces.len() - 1;
+        for (i, piece) in pieces.iter().enumerate() {
+            let piece = match (i, i == last) {
+                (0, true) => {
+                    format!("GET /hello HTTP/1.1\r\nHost: x\r\n{piece}Connection: close\r\n\r\n")
+                }
+                (0, false) => format!("GET /hello HTTP/1.1\r\nHost: x\r\n{piece}"),
+                (_, true) => format!("{piece}Connection: close\r\n\r\n"),
+                _ => piece.to_string(),
+            };
+            s.write_all(piece.as_bytes()).unwrap();
+            if i != last {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
         let mut out = String::new();
         std::io::Read::read_to_string(&mut s, &mut out).unwrap();
         assert!(out.starts_with("HTTP/1.1 200"), "{out}");
     };
-    send("traceparent: 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01\r\n");
-    send("b3: 80f198ee56343ba864fe8b2a57d3eff7-e457b5a2e4d86bd1-1\r\n");
-    send(
-        "X-B3-TraceId: 463ac35c9f6413ad48485a3953bb6124\r\nX-B3-SpanId: a2fb4a1d1a96d312\r\nX-B3-Sampled: 1\r\n",
-    );
-    send("traceparent: 00-11111111111111111111111111111111-2222222222222222-00\r\n");
-    send("");
+    send(&["traceparent: 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01\r\n"]);
+    send(&["b3: 80f198ee56343ba864fe8b2a57d3eff7-e457b5a2e4d86bd1-1\r\n"]);
+    // B3 headers read in three pieces, after a first read without any context.
+    send(&[
+        "",
+        "X-B3-TraceId: 463ac35c9f6413ad48485a3953bb6124\r\n",
+        "X-B3-SpanId: a2fb4a1d1a96d312\r\nX-B3-Sampled: 1\r\n",
+    ]);
+    // Unsampled, and said only in the head's second read.
+    send(&[
+        "",
+        "traceparent: 00-11111111111111111111111111111111-2222222222222222-00\r\n",
+    ]);
+    send(&[""]);
     collector.wait_for_spans(4, Duration::from_secs(10));
     // Past the flush interval: an exported unsampled span would have arrived by now.
     std::thread::sleep(Duration::from_millis(600));

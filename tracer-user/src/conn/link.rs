@@ -106,7 +106,18 @@ pub struct Linker {
     serving: HashMap<u32, Serving>,
     /// Request starts per connection, oldest first, matched to finished exchanges by start time.
     started: HashMap<ConnKey, VecDeque<Started>>,
+    /// Served requests whose head has not all been read yet, and began without a caller's
+    /// context: the rest of their header lines may carry it.
+    open_heads: HashMap<ConnKey, OpenHead>,
     stats: LinkStats,
+}
+
+/// A request head read in pieces (a client that writes its headers in several sends).
+struct OpenHead {
+    start_ns: u64,
+    tid: u32,
+    /// The context headers seen so far.
+    headers: Vec<(String, String)>,
 }
 
 impl Linker {
@@ -119,7 +130,9 @@ impl Linker {
     }
 
     /// A segment on `conn` began with a request line: read by the process (it serves the
-    /// request) when `ingress`, written (it makes a call) otherwise.
+    /// request) when `ingress`, written (it makes a call) otherwise. `whole`: `head` is all
+    /// the call moved (not cut by the capture size).
+    #[allow(clippy::too_many_arguments)] // the fields of one data event, from one call site
     pub fn request_started(
         &mut self,
         conn: ConnKey,
@@ -127,9 +140,11 @@ impl Linker {
         tid: u32,
         ts_ns: u64,
         head: &[u8],
+        whole: bool,
         kernel: &TraceCtx,
     ) {
         let kernel = KernelIdentity::of(kernel);
+        self.open_heads.remove(&conn);
         if !ingress {
             // A client request the kernel wrote a context into: its identity is fixed already.
             if let Some(k) = kernel.filter(|k| k.injected) {
@@ -156,7 +171,9 @@ impl Linker {
             return;
         }
         let identity = {
-            let incoming = incoming_context(head);
+            let mut context_headers = Vec::new();
+            let head_ended = context_header_lines(head, true, &mut context_headers);
+            let incoming = extract_some(&context_headers);
             let identity = match (&incoming, kernel) {
                 // The kernel named this server span (and its calls already carry that name),
                 // unless the caller used a header the kernel does not read (b3), whose trace
@@ -198,6 +215,22 @@ impl Linker {
                     finished: false,
                 },
             );
+            // All of what the call moved was seen and the head did not end in it: the rest
+            // of the head comes in the next reads.
+            if identity.parent_id.is_none()
+                && whole
+                && !head_ended
+                && self.open_heads.len() < MAX_THREADS
+            {
+                self.open_heads.insert(
+                    conn,
+                    OpenHead {
+                        start_ns: ts_ns,
+                        tid,
+                        headers: context_headers,
+                    },
+                );
+            }
             identity
         };
         self.push_started(
@@ -209,6 +242,47 @@ impl Linker {
                 injected: false,
             },
         );
+    }
+
+    /// More of a served request's bytes on `conn`, read after its first segment. While its
+    /// head is open, the header lines in them can still join the caller's trace: until then the
+    /// request is a root (or carries the name the kernel gave it, which is given up here as it
+    /// is for a b3 caller: joining the caller's trace matters more).
+    pub fn request_continued(&mut self, conn: ConnKey, bytes: &[u8]) {
+        let Some(open) = self.open_heads.get_mut(&conn) else {
+            return;
+        };
+        let before = open.headers.len();
+        let ended = context_header_lines(bytes, false, &mut open.headers);
+        let context = (open.headers.len() > before)
+            .then(|| extract_some(&open.headers))
+            .flatten();
+        let (start_ns, tid) = (open.start_ns, open.tid);
+        if ended || context.is_some() {
+            self.open_heads.remove(&conn);
+        }
+        let Some(ctx) = context else {
+            return;
+        };
+        let join = |identity: &mut Identity| {
+            identity.trace_id = ctx.trace_id;
+            identity.parent_id = Some(ctx.parent_span_id);
+            identity.sampled = ctx.sampled != Some(false);
+        };
+        if let Some(started) = self
+            .started
+            .get_mut(&conn)
+            .and_then(|q| q.iter_mut().find(|s| s.start_ns == start_ns))
+            && let Some(identity) = started.identity.as_mut()
+        {
+            join(identity);
+        }
+        if let Some(serving) = self.serving.get_mut(&tid)
+            && serving.conn == conn
+            && serving.start_ns == start_ns
+        {
+            join(&mut serving.identity);
+        }
     }
 
     fn push_started(&mut self, conn: ConnKey, started: Started) {
@@ -288,11 +362,13 @@ impl Linker {
     /// The connection is gone: forget its unmatched starts.
     pub fn conn_closed(&mut self, conn: ConnKey) {
         self.started.remove(&conn);
+        self.open_heads.remove(&conn);
     }
 
     /// The process is gone (its tids may be reused).
     pub fn process_exited(&mut self, tgid: u32) {
         self.started.retain(|conn, _| conn.0 != tgid);
+        self.open_heads.retain(|conn, _| conn.0 != tgid);
         self.serving.retain(|_, s| s.conn.0 != tgid);
     }
 
@@ -331,15 +407,26 @@ impl Linker {
     }
 }
 
-/// Reads trace context from a request head as captured (it may be cut short: then whatever
-/// complete header lines it has are used).
-fn incoming_context(head: &[u8]) -> Option<IncomingContext> {
-    let mut headers: Vec<(String, String)> = Vec::new();
-    // Skip the request line; stop at the blank line or the end of what was captured.
-    for line in head.split(|b| *b == b'\n').skip(1) {
+/// Collects the trace-context header lines of `bytes` (a request head as captured, or a later
+/// piece of it: `skip_first` skips the request line) into `headers`. Returns whether the head's
+/// blank line was among them. A head cut short gives the complete lines it has.
+fn context_header_lines(
+    bytes: &[u8],
+    skip_first: bool,
+    headers: &mut Vec<(String, String)>,
+) -> bool {
+    let mut lines = bytes
+        .split(|b| *b == b'\n')
+        .skip(usize::from(skip_first))
+        .peekable();
+    while let Some(line) = lines.next() {
+        // What follows the last line break is a line cut short.
+        if lines.peek().is_none() {
+            break;
+        }
         let line = line.strip_suffix(b"\r").unwrap_or(line);
         if line.is_empty() {
-            break;
+            return true;
         }
         let Some(colon) = line.iter().position(|b| *b == b':') else {
             continue;
@@ -355,10 +442,14 @@ fn incoming_context(head: &[u8]) -> Option<IncomingContext> {
             ));
         }
     }
+    false
+}
+
+fn extract_some(headers: &[(String, String)]) -> Option<IncomingContext> {
     if headers.is_empty() {
         None
     } else {
-        extract(&headers)
+        extract(headers)
     }
 }
 
@@ -411,8 +502,16 @@ mod tests {
     #[test]
     fn call_made_while_serving_is_a_child() {
         let mut l = Linker::new();
-        l.request_started(IN, true, 11, 100, b"GET /a HTTP/1.1\r\n\r\n", &NO_CTX);
-        l.request_started(OUT, false, 11, 150, b"GET /b HTTP/1.1\r\n\r\n", &NO_CTX);
+        l.request_started(IN, true, 11, 100, b"GET /a HTTP/1.1\r\n\r\n", true, &NO_CTX);
+        l.request_started(
+            OUT,
+            false,
+            11,
+            150,
+            b"GET /b HTTP/1.1\r\n\r\n",
+            true,
+            &NO_CTX,
+        );
         let client = l.finished(OUT, &exchange(Side::Client, 150, 180, &[]));
         let server = l.finished(IN, &exchange(Side::Server, 100, 200, &[]));
         assert_eq!(client.trace_id, server.trace_id);
@@ -425,8 +524,16 @@ mod tests {
     #[test]
     fn incoming_traceparent_is_joined_and_passed_to_children() {
         let mut l = Linker::new();
-        l.request_started(IN, true, 11, 100, b"GET /a HTTP/1.1\r\nHost: x\r\ntraceparent: 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01\r\n\r\n", &NO_CTX);
-        l.request_started(OUT, false, 11, 150, b"GET /b HTTP/1.1\r\n\r\n", &NO_CTX);
+        l.request_started(IN, true, 11, 100, b"GET /a HTTP/1.1\r\nHost: x\r\ntraceparent: 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01\r\n\r\n", true, &NO_CTX);
+        l.request_started(
+            OUT,
+            false,
+            11,
+            150,
+            b"GET /b HTTP/1.1\r\n\r\n",
+            true,
+            &NO_CTX,
+        );
         let client = l.finished(OUT, &exchange(Side::Client, 150, 180, &[]));
         let server = l.finished(IN, &exchange(Side::Server, 100, 200, &[]));
         assert_eq!(server.trace_id, 0x4bf92f3577b34da6a3ce929d0e0e4736);
@@ -434,6 +541,97 @@ mod tests {
         assert_eq!(client.trace_id, server.trace_id);
         assert_eq!(client.parent_id, Some(server.span_id));
         assert_eq!(l.stats().joined_incoming, 1);
+    }
+
+    #[test]
+    fn context_in_a_later_piece_of_the_head_is_joined() {
+        let mut l = Linker::new();
+        l.request_started(
+            IN,
+            true,
+            11,
+            100,
+            b"GET /a HTTP/1.1\r\nHost: x\r\n",
+            true,
+            &NO_CTX,
+        );
+        // B3 headers split over two more reads, then the end of the head.
+        l.request_continued(IN, b"X-B3-TraceId: 463ac35c9f6413ad48485a3953bb6124\r\n");
+        l.request_continued(
+            IN,
+            b"X-B3-SpanId: a2fb4a1d1a96d312\r\nX-B3-Sampled: 1\r\n\r\n",
+        );
+        l.request_started(
+            OUT,
+            false,
+            11,
+            150,
+            b"GET /b HTTP/1.1\r\n\r\n",
+            true,
+            &NO_CTX,
+        );
+        let client = l.finished(OUT, &exchange(Side::Client, 150, 180, &[]));
+        let server = l.finished(IN, &exchange(Side::Server, 100, 200, &[]));
+        assert_eq!(server.trace_id, 0x463ac35c9f6413ad48485a3953bb6124);
+        assert_eq!(server.parent_id, Some(0xa2fb4a1d1a96d312));
+        assert_eq!(
+            (client.trace_id, client.parent_id),
+            (server.trace_id, Some(server.span_id)),
+            "a call made while serving joins the caller's trace too"
+        );
+    }
+
+    #[test]
+    fn an_unsampled_context_in_a_later_piece_is_respected() {
+        let mut l = Linker::new();
+        l.request_started(IN, true, 11, 100, b"GET /a HTTP/1.1\r\n", true, &NO_CTX);
+        l.request_continued(
+            IN,
+            b"traceparent: 00-11111111111111111111111111111111-2222222222222222-00\r\n\r\n",
+        );
+        let server = l.finished(IN, &exchange(Side::Server, 100, 200, &[]));
+        assert!(!server.sampled);
+        assert_eq!(server.trace_id, 0x11111111111111111111111111111111);
+    }
+
+    #[test]
+    fn bytes_after_the_head_or_an_unseen_rest_are_not_read_as_headers() {
+        let body = b"traceparent: 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01\r\n";
+        // The head ended in its first read: what follows is the body.
+        let mut l = Linker::new();
+        l.request_started(
+            IN,
+            true,
+            11,
+            100,
+            b"POST /a HTTP/1.1\r\n\r\n",
+            true,
+            &NO_CTX,
+        );
+        l.request_continued(IN, body);
+        let server = l.finished(IN, &exchange(Side::Server, 100, 200, &[]));
+        assert_eq!(server.parent_id, None);
+        // The first read was not all captured: the head's end may have been in the unseen rest.
+        let mut l = Linker::new();
+        l.request_started(
+            IN,
+            true,
+            11,
+            100,
+            b"POST /a HTTP/1.1\r\nHost:",
+            false,
+            &NO_CTX,
+        );
+        l.request_continued(IN, body);
+        let server = l.finished(IN, &exchange(Side::Server, 100, 200, &[]));
+        assert_eq!(server.parent_id, None);
+        // A head whose piece ends it without context: later bytes are the body.
+        let mut l = Linker::new();
+        l.request_started(IN, true, 11, 100, b"POST /a HTTP/1.1\r\n", true, &NO_CTX);
+        l.request_continued(IN, b"Host: x\r\n\r\n");
+        l.request_continued(IN, body);
+        let server = l.finished(IN, &exchange(Side::Server, 100, 200, &[]));
+        assert_eq!(server.parent_id, None);
     }
 
     #[test]
@@ -445,9 +643,18 @@ mod tests {
             11,
             100,
             b"GET /a HTTP/1.1\r\nb3: 80f198ee56343ba864fe8b2a57d3eff7-e457b5a2e4d86bd1-0\r\n\r\n",
+            true,
             &NO_CTX,
         );
-        l.request_started(OUT, false, 11, 150, b"GET /b HTTP/1.1\r\n\r\n", &NO_CTX);
+        l.request_started(
+            OUT,
+            false,
+            11,
+            150,
+            b"GET /b HTTP/1.1\r\n\r\n",
+            true,
+            &NO_CTX,
+        );
         assert!(
             !l.finished(OUT, &exchange(Side::Client, 150, 180, &[]))
                 .sampled
@@ -462,10 +669,26 @@ mod tests {
     fn thread_reused_for_the_next_request_links_to_the_new_one() {
         let mut l = Linker::new();
         let in2: ConnKey = (1, 7);
-        l.request_started(IN, true, 11, 100, b"GET /1 HTTP/1.1\r\n\r\n", &NO_CTX);
+        l.request_started(IN, true, 11, 100, b"GET /1 HTTP/1.1\r\n\r\n", true, &NO_CTX);
         let first = l.finished(IN, &exchange(Side::Server, 100, 120, &[]));
-        l.request_started(in2, true, 11, 130, b"GET /2 HTTP/1.1\r\n\r\n", &NO_CTX);
-        l.request_started(OUT, false, 11, 140, b"GET /b HTTP/1.1\r\n\r\n", &NO_CTX);
+        l.request_started(
+            in2,
+            true,
+            11,
+            130,
+            b"GET /2 HTTP/1.1\r\n\r\n",
+            true,
+            &NO_CTX,
+        );
+        l.request_started(
+            OUT,
+            false,
+            11,
+            140,
+            b"GET /b HTTP/1.1\r\n\r\n",
+            true,
+            &NO_CTX,
+        );
         let client = l.finished(OUT, &exchange(Side::Client, 140, 150, &[]));
         let second = l.finished(in2, &exchange(Side::Server, 130, 160, &[]));
         assert_eq!(client.parent_id, Some(second.span_id));
@@ -475,9 +698,17 @@ mod tests {
     #[test]
     fn call_after_the_request_finished_is_a_root() {
         let mut l = Linker::new();
-        l.request_started(IN, true, 11, 100, b"GET /1 HTTP/1.1\r\n\r\n", &NO_CTX);
+        l.request_started(IN, true, 11, 100, b"GET /1 HTTP/1.1\r\n\r\n", true, &NO_CTX);
         l.finished(IN, &exchange(Side::Server, 100, 120, &[]));
-        l.request_started(OUT, false, 11, 140, b"GET /b HTTP/1.1\r\n\r\n", &NO_CTX);
+        l.request_started(
+            OUT,
+            false,
+            11,
+            140,
+            b"GET /b HTTP/1.1\r\n\r\n",
+            true,
+            &NO_CTX,
+        );
         let client = l.finished(OUT, &exchange(Side::Client, 140, 150, &[]));
         assert_eq!(client.parent_id, None);
         assert_eq!(l.stats().roots, 1);
@@ -487,9 +718,25 @@ mod tests {
     fn event_loop_with_concurrent_requests_stays_unlinked() {
         let mut l = Linker::new();
         let in2: ConnKey = (1, 7);
-        l.request_started(IN, true, 11, 100, b"GET /1 HTTP/1.1\r\n\r\n", &NO_CTX);
-        l.request_started(in2, true, 11, 110, b"GET /2 HTTP/1.1\r\n\r\n", &NO_CTX);
-        l.request_started(OUT, false, 11, 120, b"GET /b HTTP/1.1\r\n\r\n", &NO_CTX);
+        l.request_started(IN, true, 11, 100, b"GET /1 HTTP/1.1\r\n\r\n", true, &NO_CTX);
+        l.request_started(
+            in2,
+            true,
+            11,
+            110,
+            b"GET /2 HTTP/1.1\r\n\r\n",
+            true,
+            &NO_CTX,
+        );
+        l.request_started(
+            OUT,
+            false,
+            11,
+            120,
+            b"GET /b HTTP/1.1\r\n\r\n",
+            true,
+            &NO_CTX,
+        );
         let client = l.finished(OUT, &exchange(Side::Client, 120, 130, &[]));
         assert_eq!(client.parent_id, None);
         assert_eq!(l.stats().unlinked_ambiguous, 1);
@@ -498,8 +745,16 @@ mod tests {
     #[test]
     fn other_threads_do_not_link() {
         let mut l = Linker::new();
-        l.request_started(IN, true, 11, 100, b"GET /1 HTTP/1.1\r\n\r\n", &NO_CTX);
-        l.request_started(OUT, false, 12, 110, b"GET /b HTTP/1.1\r\n\r\n", &NO_CTX);
+        l.request_started(IN, true, 11, 100, b"GET /1 HTTP/1.1\r\n\r\n", true, &NO_CTX);
+        l.request_started(
+            OUT,
+            false,
+            12,
+            110,
+            b"GET /b HTTP/1.1\r\n\r\n",
+            true,
+            &NO_CTX,
+        );
         assert_eq!(
             l.finished(OUT, &exchange(Side::Client, 110, 130, &[]))
                 .parent_id,
@@ -523,6 +778,12 @@ mod tests {
             ),
         );
         assert_eq!(id.trace_id, 0x4bf92f3577b34da6a3ce929d0e0e4736);
+    }
+
+    fn incoming_context(head: &[u8]) -> Option<IncomingContext> {
+        let mut headers = Vec::new();
+        context_header_lines(head, true, &mut headers);
+        extract_some(&headers)
     }
 
     #[test]
@@ -550,8 +811,16 @@ mod tests {
             flags: CTX_VALID | CTX_SAMPLED | CTX_INJECTED,
             _pad: 0,
         };
-        l.request_started(IN, true, 11, 100, b"GET /a HTTP/1.1\r\n\r\n", &server);
-        l.request_started(OUT, false, 11, 150, b"GET /b HTTP/1.1\r\n\r\n", &client);
+        l.request_started(IN, true, 11, 100, b"GET /a HTTP/1.1\r\n\r\n", true, &server);
+        l.request_started(
+            OUT,
+            false,
+            11,
+            150,
+            b"GET /b HTTP/1.1\r\n\r\n",
+            true,
+            &client,
+        );
         let c = l.finished(OUT, &exchange(Side::Client, 150, 200, &[]));
         let s = l.finished(IN, &exchange(Side::Server, 100, 300, &[]));
         let trace = (7u128 << 64) | 8;
@@ -580,6 +849,7 @@ mod tests {
             11,
             100,
             b"GET /a HTTP/1.1\r\nb3: 80f198ee56343ba864fe8b2a57d3eff7-e457b5a2e4d86bd1-1\r\n\r\n",
+            true,
             &server,
         );
         let s = l.finished(IN, &exchange(Side::Server, 100, 300, &[]));

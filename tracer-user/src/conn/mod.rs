@@ -356,9 +356,13 @@ impl ConnTracker {
                     Proto::Http(http) => {
                         if looks_like_request(head) {
                             // Keyed by the time the parser gives the request's first byte.
-                            self.linker
-                                .request_started(key, *ingress, hdr.tid, *start_ns, head, ctx);
+                            let whole = head.len() as u64 == *len;
+                            self.linker.request_started(
+                                key, *ingress, hdr.tid, *start_ns, head, whole, ctx,
+                            );
                             push_start(&mut conn.starts, start);
+                        } else if *ingress {
+                            self.linker.request_continued(key, head);
                         }
                         if !fed {
                             http.feed(&segment, &mut self.http_out);
