@@ -503,15 +503,7 @@ mod tests {
     fn call_made_while_serving_is_a_child() {
         let mut l = Linker::new();
         l.request_started(IN, true, 11, 100, b"GET /a HTTP/1.1\r\n\r\n", true, &NO_CTX);
-        l.request_started(
-            OUT,
-            false,
-            11,
-            150,
-            b"GET /b HTTP/1.1\r\n\r\n",
-            true,
-            &NO_CTX,
-        );
+        call_started(&mut l, 11, 150, &NO_CTX);
         let client = l.finished(OUT, &exchange(Side::Client, 150, 180, &[]));
         let server = l.finished(IN, &exchange(Side::Server, 100, 200, &[]));
         assert_eq!(client.trace_id, server.trace_id);
@@ -525,15 +517,7 @@ mod tests {
     fn incoming_traceparent_is_joined_and_passed_to_children() {
         let mut l = Linker::new();
         l.request_started(IN, true, 11, 100, b"GET /a HTTP/1.1\r\nHost: x\r\ntraceparent: 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01\r\n\r\n", true, &NO_CTX);
-        l.request_started(
-            OUT,
-            false,
-            11,
-            150,
-            b"GET /b HTTP/1.1\r\n\r\n",
-            true,
-            &NO_CTX,
-        );
+        call_started(&mut l, 11, 150, &NO_CTX);
         let client = l.finished(OUT, &exchange(Side::Client, 150, 180, &[]));
         let server = l.finished(IN, &exchange(Side::Server, 100, 200, &[]));
         assert_eq!(server.trace_id, 0x4bf92f3577b34da6a3ce929d0e0e4736);
@@ -561,15 +545,7 @@ mod tests {
             IN,
             b"X-B3-SpanId: a2fb4a1d1a96d312\r\nX-B3-Sampled: 1\r\n\r\n",
         );
-        l.request_started(
-            OUT,
-            false,
-            11,
-            150,
-            b"GET /b HTTP/1.1\r\n\r\n",
-            true,
-            &NO_CTX,
-        );
+        call_started(&mut l, 11, 150, &NO_CTX);
         let client = l.finished(OUT, &exchange(Side::Client, 150, 180, &[]));
         let server = l.finished(IN, &exchange(Side::Server, 100, 200, &[]));
         assert_eq!(server.trace_id, 0x463ac35c9f6413ad48485a3953bb6124);
@@ -596,42 +572,37 @@ mod tests {
 
     #[test]
     fn bytes_after_the_head_or_an_unseen_rest_are_not_read_as_headers() {
-        let body = b"traceparent: 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01\r\n";
+        let body: &[u8] =
+            b"traceparent: 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01\r\n";
+        let parent_after = |first: &[u8], whole: bool, later: &[&[u8]]| {
+            let mut l = Linker::new();
+            l.request_started(IN, true, 11, 100, first, whole, &NO_CTX);
+            for bytes in later {
+                l.request_continued(IN, bytes);
+            }
+            l.finished(IN, &exchange(Side::Server, 100, 200, &[]))
+                .parent_id
+        };
         // The head ended in its first read: what follows is the body.
-        let mut l = Linker::new();
-        l.request_started(
-            IN,
-            true,
-            11,
-            100,
-            b"POST /a HTTP/1.1\r\n\r\n",
-            true,
-            &NO_CTX,
+        assert_eq!(
+            parent_after(b"POST /a HTTP/1.1\r\n\r\n", true, &[body]),
+            None
         );
-        l.request_continued(IN, body);
-        let server = l.finished(IN, &exchange(Side::Server, 100, 200, &[]));
-        assert_eq!(server.parent_id, None);
         // The first read was not all captured: the head's end may have been in the unseen rest.
-        let mut l = Linker::new();
-        l.request_started(
-            IN,
-            true,
-            11,
-            100,
-            b"POST /a HTTP/1.1\r\nHost:",
-            false,
-            &NO_CTX,
+        assert_eq!(
+            parent_after(b"POST /a HTTP/1.1\r\nHost:", false, &[body]),
+            None
         );
-        l.request_continued(IN, body);
-        let server = l.finished(IN, &exchange(Side::Server, 100, 200, &[]));
-        assert_eq!(server.parent_id, None);
-        // A head whose piece ends it without context: later bytes are the body.
-        let mut l = Linker::new();
-        l.request_started(IN, true, 11, 100, b"POST /a HTTP/1.1\r\n", true, &NO_CTX);
-        l.request_continued(IN, b"Host: x\r\n\r\n");
-        l.request_continued(IN, body);
-        let server = l.finished(IN, &exchange(Side::Server, 100, 200, &[]));
-        assert_eq!(server.parent_id, None);
+        // A later piece ends the head without context: what follows is the body.
+        assert_eq!(
+            parent_after(b"POST /a HTTP/1.1\r\n", true, &[b"Host: x\r\n\r\n", body]),
+            None
+        );
+        // The same context before the blank line joins.
+        assert_eq!(
+            parent_after(b"POST /a HTTP/1.1\r\n", true, &[body]),
+            Some(0x00f067aa0ba902b7)
+        );
     }
 
     #[test]
@@ -646,15 +617,7 @@ mod tests {
             true,
             &NO_CTX,
         );
-        l.request_started(
-            OUT,
-            false,
-            11,
-            150,
-            b"GET /b HTTP/1.1\r\n\r\n",
-            true,
-            &NO_CTX,
-        );
+        call_started(&mut l, 11, 150, &NO_CTX);
         assert!(
             !l.finished(OUT, &exchange(Side::Client, 150, 180, &[]))
                 .sampled
@@ -680,15 +643,7 @@ mod tests {
             true,
             &NO_CTX,
         );
-        l.request_started(
-            OUT,
-            false,
-            11,
-            140,
-            b"GET /b HTTP/1.1\r\n\r\n",
-            true,
-            &NO_CTX,
-        );
+        call_started(&mut l, 11, 140, &NO_CTX);
         let client = l.finished(OUT, &exchange(Side::Client, 140, 150, &[]));
         let second = l.finished(in2, &exchange(Side::Server, 130, 160, &[]));
         assert_eq!(client.parent_id, Some(second.span_id));
@@ -700,15 +655,7 @@ mod tests {
         let mut l = Linker::new();
         l.request_started(IN, true, 11, 100, b"GET /1 HTTP/1.1\r\n\r\n", true, &NO_CTX);
         l.finished(IN, &exchange(Side::Server, 100, 120, &[]));
-        l.request_started(
-            OUT,
-            false,
-            11,
-            140,
-            b"GET /b HTTP/1.1\r\n\r\n",
-            true,
-            &NO_CTX,
-        );
+        call_started(&mut l, 11, 140, &NO_CTX);
         let client = l.finished(OUT, &exchange(Side::Client, 140, 150, &[]));
         assert_eq!(client.parent_id, None);
         assert_eq!(l.stats().roots, 1);
@@ -728,15 +675,7 @@ mod tests {
             true,
             &NO_CTX,
         );
-        l.request_started(
-            OUT,
-            false,
-            11,
-            120,
-            b"GET /b HTTP/1.1\r\n\r\n",
-            true,
-            &NO_CTX,
-        );
+        call_started(&mut l, 11, 120, &NO_CTX);
         let client = l.finished(OUT, &exchange(Side::Client, 120, 130, &[]));
         assert_eq!(client.parent_id, None);
         assert_eq!(l.stats().unlinked_ambiguous, 1);
@@ -746,15 +685,7 @@ mod tests {
     fn other_threads_do_not_link() {
         let mut l = Linker::new();
         l.request_started(IN, true, 11, 100, b"GET /1 HTTP/1.1\r\n\r\n", true, &NO_CTX);
-        l.request_started(
-            OUT,
-            false,
-            12,
-            110,
-            b"GET /b HTTP/1.1\r\n\r\n",
-            true,
-            &NO_CTX,
-        );
+        call_started(&mut l, 12, 110, &NO_CTX);
         assert_eq!(
             l.finished(OUT, &exchange(Side::Client, 110, 130, &[]))
                 .parent_id,
@@ -778,6 +709,19 @@ mod tests {
             ),
         );
         assert_eq!(id.trace_id, 0x4bf92f3577b34da6a3ce929d0e0e4736);
+    }
+
+    /// Thread `tid` writes a request on `OUT` at `ts`.
+    fn call_started(l: &mut Linker, tid: u32, ts: u64, kernel: &TraceCtx) {
+        l.request_started(
+            OUT,
+            false,
+            tid,
+            ts,
+            b"GET /b HTTP/1.1\r\n\r\n",
+            true,
+            kernel,
+        );
     }
 
     fn incoming_context(head: &[u8]) -> Option<IncomingContext> {
@@ -812,15 +756,7 @@ mod tests {
             _pad: 0,
         };
         l.request_started(IN, true, 11, 100, b"GET /a HTTP/1.1\r\n\r\n", true, &server);
-        l.request_started(
-            OUT,
-            false,
-            11,
-            150,
-            b"GET /b HTTP/1.1\r\n\r\n",
-            true,
-            &client,
-        );
+        call_started(&mut l, 11, 150, &client);
         let c = l.finished(OUT, &exchange(Side::Client, 150, 200, &[]));
         let s = l.finished(IN, &exchange(Side::Server, 100, 300, &[]));
         let trace = (7u128 << 64) | 8;
