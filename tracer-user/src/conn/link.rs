@@ -144,7 +144,6 @@ impl Linker {
         kernel: &TraceCtx,
     ) {
         let kernel = KernelIdentity::of(kernel);
-        self.open_heads.remove(&conn);
         if !ingress {
             // A client request the kernel wrote a context into: its identity is fixed already.
             if let Some(k) = kernel.filter(|k| k.injected) {
@@ -170,6 +169,8 @@ impl Linker {
             }
             return;
         }
+        // A new request on the connection: the previous one's head is over.
+        self.open_heads.remove(&conn);
         let identity = {
             let mut context_headers = Vec::new();
             let head_ended = context_header_lines(head, true, &mut context_headers);
