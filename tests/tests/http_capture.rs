@@ -389,24 +389,43 @@ fn user_errors_are_one_line() {
 /// capture the same exchanges.
 #[test]
 fn per_syscall_tracepoint_fallback_captures() {
-    fallback_captures("1", "attached 28 tracepoints");
+    captures_with_hooks("1", "attached 28 tracepoints");
 }
 
 /// So do the raw (untyped) sys_enter/sys_exit programs, used where the BTF-typed ones do not
 /// load.
 #[test]
 fn raw_tracepoint_fallback_captures() {
-    fallback_captures("raw", "(sys_enter/sys_exit as raw_tracepoint)");
+    captures_with_hooks("raw", "(sys_enter/sys_exit as raw_tracepoint)");
 }
 
-fn fallback_captures(mode: &str, expect: &str) {
+/// And the BTF-typed sys_enter/sys_exit programs, used where the socket-layer tracepoints
+/// (Linux 6.3+) are missing.
+#[test]
+fn syscall_tracepoint_fallback_captures() {
+    captures_with_hooks("tp_btf", "(sys_enter/sys_exit as tp_btf)");
+}
+
+/// Where the kernel has them (this one does), socket I/O is watched at the socket layer and no
+/// syscall tracepoint is attached at all.
+#[test]
+fn socket_layer_is_the_default() {
+    captures_with_hooks(
+        "",
+        "(socket I/O at the socket layer, no syscall tracepoints)",
+    );
+}
+
+fn captures_with_hooks(mode: &str, expect: &str) {
     require_root();
     let server = PythonServer::start();
     let pid = server.pid().to_string();
-    let tracer = Tracer::start_with_env(
-        &["attach", "--pid", &pid, "--output", "json"],
-        &[("TRACER_SYSCALL_TRACEPOINTS", mode)],
-    );
+    let env: &[(&str, &str)] = if mode.is_empty() {
+        &[]
+    } else {
+        &[("TRACER_SYSCALL_TRACEPOINTS", mode)]
+    };
+    let tracer = Tracer::start_with_env(&["attach", "--pid", &pid, "--output", "json"], env);
     assert!(tracer.stderr().contains(expect), "{}", tracer.stderr());
     let mut client = Client::connect(server.port);
     assert_eq!(client.get("/hello").status, 200);

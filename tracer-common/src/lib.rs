@@ -211,8 +211,12 @@ pub struct Config {
     /// Offset of `bool group_dead` in the sched_process_exit record (kernels since 6.16 have
     /// it); 0: not there, a thread group is taken as dead when its main thread exits.
     pub exit_group_dead_offset: u32,
+    /// Non-zero: socket I/O is watched at the socket layer (`sock:sock_send_length`,
+    /// `sock:sock_recv_length`), not at syscall entry and exit. The agent sets it when the
+    /// kernel's BTF has those tracepoints; the programs that serve both ways read it.
+    pub sock_hooks: u32,
 }
-const _: () = assert!(core::mem::size_of::<Config>() == 48);
+const _: () = assert!(core::mem::size_of::<Config>() == 52);
 
 /// Byte offsets of the kernel struct fields the probes read, taken from the running kernel's BTF
 /// by the agent at start: a hand-made CO-RE, since the probes walk `task->files->fdt->fd[fd]`

@@ -34,7 +34,7 @@ use tracer_common::{
     INJECT_B3, INJECT_OFF, MAX_CAPTURE, SavedArgs, SockKey, TraceCtx, stat,
 };
 
-use crate::{ACTIVE, SCRATCH, count, is_traced, syscalls::verifier_bound};
+use crate::{ACTIVE, SCRATCH, count, is_traced, sockets::saved_slot, syscalls::verifier_bound};
 
 /// Bytes of a request looked at for the header block (its end must be inside).
 const WINDOW: usize = 1024;
@@ -607,16 +607,28 @@ fn try_inject(ctx: &SkMsgContext) -> Option<()> {
         return None;
     }
     let pid_tgid = bpf_get_current_pid_tgid();
-    // Only the sends the syscall probes saw a traced thread start: its saved arguments say so,
-    // and carry the injected context to the syscall's exit.
-    let saved = ACTIVE.get_ptr_mut(&pid_tgid)?;
-    // SAFETY: a map value pointer, valid for this program's run.
-    let saved = unsafe { &mut *saved };
+    let saved = if config!(sock_hooks) != 0 {
+        // Sends of traced threads; the thread's slot carries the injected context to the
+        // socket-layer hook that reports the send (and empties it).
+        if !is_traced((pid_tgid >> 32) as u32) {
+            return None;
+        }
+        saved_slot(pid_tgid)?
+    } else {
+        // Only the sends the syscall probes saw a traced thread start: its saved arguments
+        // say so, and carry the injected context to the syscall's exit.
+        let saved = ACTIVE.get_ptr_mut(&pid_tgid)?;
+        // SAFETY: a map value pointer, valid for this program's run.
+        let saved = unsafe { &mut *saved };
+        if saved.direction != DIR_EGRESS
+            || (saved.kind != SavedArgs::BUF && saved.kind != SavedArgs::IOV)
+        {
+            return None;
+        }
+        saved
+    };
     // One header per syscall: a large send reaches this program in several pieces.
-    if saved.direction != DIR_EGRESS
-        || (saved.kind != SavedArgs::BUF && saved.kind != SavedArgs::IOV)
-        || saved.injected.flags != 0
-    {
+    if saved.injected.flags != 0 {
         return None;
     }
     let size = ctx.size() as usize;

@@ -33,6 +33,8 @@ mod process;
 // x86_64 register offsets and syscall numbers: the agent attaches these only there.
 mod raw;
 mod sockets;
+// x86_64 register offsets and syscall numbers, as in `raw`.
+mod sockio;
 mod syscalls;
 mod tls;
 
@@ -59,6 +61,7 @@ static CONFIG: Global<Config> = Global::new(Config {
     kernel_ctx: 0,
     netns_inum: 0,
     exit_group_dead_offset: 0,
+    sock_hooks: 0,
 });
 
 #[inline(always)]
@@ -114,6 +117,12 @@ static TRACED_PIDS: HashMap<u32, u32> = HashMap::with_max_entries(16384, 0);
 /// (the process died, or closed them with close_range) age out instead of filling the map.
 #[map]
 static CONNS: LruHashMap<u64, sockets::ConnState> = LruHashMap::with_max_entries(65536, 0);
+
+/// The traced connection each socket is, by `struct sock *`, when the socket-layer hooks are
+/// on: there are no close syscalls to watch then, and the socket's move to TCP_CLOSE
+/// (`sock:inet_sock_set_state`) names only the socket. LRU like `CONNS`.
+#[map]
+static SK_OWNERS: LruHashMap<u64, sockets::SockOwner> = LruHashMap::with_max_entries(65536, 0);
 
 /// Arguments saved at a syscall's enter for its exit, by pid_tgid: a slot per traced thread,
 /// made at its first syscall of interest and removed when the thread exits

@@ -22,25 +22,25 @@ use crate::{
 };
 
 // x86_64 syscall numbers.
-const NR_READ: i64 = 0;
-const NR_WRITE: i64 = 1;
-const NR_CLOSE: i64 = 3;
-const NR_READV: i64 = 19;
-const NR_WRITEV: i64 = 20;
-const NR_SENDFILE: i64 = 40;
-const NR_CONNECT: i64 = 42;
-const NR_ACCEPT: i64 = 43;
-const NR_SENDTO: i64 = 44;
-const NR_RECVFROM: i64 = 45;
-const NR_SENDMSG: i64 = 46;
-const NR_RECVMSG: i64 = 47;
-const NR_ACCEPT4: i64 = 288;
+pub(crate) const NR_READ: i64 = 0;
+pub(crate) const NR_WRITE: i64 = 1;
+pub(crate) const NR_CLOSE: i64 = 3;
+pub(crate) const NR_READV: i64 = 19;
+pub(crate) const NR_WRITEV: i64 = 20;
+pub(crate) const NR_SENDFILE: i64 = 40;
+pub(crate) const NR_CONNECT: i64 = 42;
+pub(crate) const NR_ACCEPT: i64 = 43;
+pub(crate) const NR_SENDTO: i64 = 44;
+pub(crate) const NR_RECVFROM: i64 = 45;
+pub(crate) const NR_SENDMSG: i64 = 46;
+pub(crate) const NR_RECVMSG: i64 = 47;
+pub(crate) const NR_ACCEPT4: i64 = 288;
 
 // Offsets in x86_64 `struct pt_regs` of the syscall arguments and of orig_ax (the number).
-const DI: usize = 112;
-const SI: usize = 104;
-const DX: usize = 96;
-const ORIG_AX: usize = 120;
+pub(crate) const DI: usize = 112;
+pub(crate) const SI: usize = 104;
+pub(crate) const DX: usize = 96;
+pub(crate) const ORIG_AX: usize = 120;
 
 #[inline(always)]
 fn reg(regs: *const u8, offset: usize) -> u64 {
@@ -52,7 +52,7 @@ fn reg(regs: *const u8, offset: usize) -> u64 {
 /// against the type and the JIT makes fault-safe. A probe read per register costs more than
 /// the rest of an untraced syscall's visit.
 #[inline(always)]
-fn btf_reg(regs: *const u8, offset: usize) -> u64 {
+pub(crate) fn btf_reg(regs: *const u8, offset: usize) -> u64 {
     // SAFETY: `offset` is that of a u64 field of struct pt_regs.
     unsafe { core::ptr::read_volatile(regs.add(offset) as *const u64) }
 }

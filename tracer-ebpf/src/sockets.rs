@@ -13,7 +13,7 @@ use tracer_common::{
     ConnEvent, EventHeader, EventKind, ROLE_CLIENT, ROLE_SERVER, ROLE_UNKNOWN, SavedArgs, stat,
 };
 
-use crate::{ACTIVE, CONNS, EVENTS, count, is_traced};
+use crate::{ACTIVE, CONNS, EVENTS, SK_OWNERS, count, is_traced};
 
 const S_IFMT: u16 = 0o170000;
 const S_IFSOCK: u16 = 0o140000;
@@ -175,6 +175,13 @@ pub fn track(fd: u32, role: u16) -> Option<ConnState> {
             return None;
         }
     };
+    track_socket(pid_tgid, fd, sk, role)
+}
+
+/// Starts tracking `fd`, known to be the TCP socket `sk`, and tells userspace.
+#[inline(always)]
+pub fn track_socket(pid_tgid: u64, fd: u32, sk: *const u8, role: u16) -> Option<ConnState> {
+    let tgid = (pid_tgid >> 32) as u32;
     let ts_ns = unsafe { bpf_ktime_get_ns() };
     // The timestamp is unique enough per (tgid, fd): the same slot cannot be opened twice in
     // one nanosecond.
@@ -200,9 +207,10 @@ pub fn track(fd: u32, role: u16) -> Option<ConnState> {
         count(stat::READ_ERRORS);
         return None;
     }
+    let key = conn_key(tgid, fd);
     if CONNS
         .insert(
-            &conn_key(tgid, fd),
+            &key,
             &ConnState {
                 conn_id,
                 sk: sk as u64,
@@ -213,6 +221,11 @@ pub fn track(fd: u32, role: u16) -> Option<ConnState> {
         .is_err()
     {
         return None;
+    }
+    // Without close syscalls, the socket's move to TCP_CLOSE ends the connection: remember
+    // whose it is.
+    if config!(sock_hooks) != 0 {
+        let _ = SK_OWNERS.insert(&(sk as u64), &SockOwner { key, conn_id }, 0);
     }
     count(stat::CONNS_OPENED);
     if EVENTS
@@ -226,6 +239,31 @@ pub fn track(fd: u32, role: u16) -> Option<ConnState> {
         sk: sk as u64,
         flags: 0,
     })
+}
+
+/// Which traced connection a socket is (socket-layer hooks only): the `CONNS` key and the
+/// connection id, for ending it when the socket closes.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct SockOwner {
+    pub key: u64,
+    pub conn_id: u64,
+}
+
+/// Whether `sk` is an IPv4/IPv6 TCP socket.
+#[inline(always)]
+pub fn is_tcp(sk: *const u8) -> bool {
+    // SAFETY: probe reads of the socket the kernel handed the tracepoint.
+    unsafe {
+        let Ok(family) = read_at::<u16>(sk, offset!(sk_family)) else {
+            return false;
+        };
+        if family != AF_INET && family != AF_INET6 {
+            return false;
+        }
+        offset!(sk_protocol) == ABSENT
+            || read_at::<u16>(sk, offset!(sk_protocol)).is_ok_and(|p| p == IPPROTO_TCP)
+    }
 }
 
 /// The connection id of `fd` if it is a traced TCP socket, resolving (and announcing) sockets

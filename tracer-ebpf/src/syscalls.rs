@@ -95,7 +95,9 @@ pub fn enter_traced_args(
     };
     // Inside an OpenSSL call the bytes are ciphertext: the call's own probes report the
     // plaintext, and learn here which socket it uses.
-    if tls::in_ssl_call(pid_tgid, tgid, fd, &conn) || conn.flags & CONN_TLS != 0 {
+    // SAFETY: no preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    if tls::in_ssl_call(pid_tgid, tgid, fd, &conn, now) || conn.flags & CONN_TLS != 0 {
         clear_saved(pid_tgid);
         return;
     }
@@ -123,8 +125,7 @@ pub fn enter_traced_args(
     slot.direction = direction;
     slot.seq = seq.unwrap_or(0);
     slot.seq_valid = u32::from(seq.is_some());
-    // SAFETY: no preconditions.
-    slot.enter_ns = unsafe { bpf_ktime_get_ns() };
+    slot.enter_ns = now;
     slot.injected.flags = 0;
     slot.kind = kind;
 }

@@ -184,16 +184,16 @@ pub fn tracer_ssl_return(ctx: RetProbeContext) -> u32 {
 
 /// Called for each socket syscall of a traced thread: when the thread is inside an SSL call,
 /// records the call's socket (and the SSL object's, for later calls), marks the socket TLS and
-/// returns true: the syscall's bytes are ciphertext.
+/// returns true: the syscall's bytes are ciphertext. `io_ns` is when the syscall's bytes
+/// began to move (see `SslCall::io_ns`).
 #[inline(always)]
-pub fn in_ssl_call(pid_tgid: u64, tgid: u32, fd: u32, conn: &ConnState) -> bool {
+pub fn in_ssl_call(pid_tgid: u64, tgid: u32, fd: u32, conn: &ConnState, io_ns: u64) -> bool {
     let Some(call) = SSL_CALLS.get_ptr_mut(&pid_tgid) else {
         return false;
     };
     // SAFETY: a map value pointer, valid for this program's run.
     let call = unsafe { &mut *call };
-    // SAFETY: no preconditions.
-    call.io_ns = unsafe { bpf_ktime_get_ns() };
+    call.io_ns = io_ns;
     if call.fd == fd {
         return true;
     }

@@ -444,8 +444,8 @@ fn thread_cpu() -> Duration {
 }
 
 /// `xtask syscall-loop N`: connects to a local sink, waits for "go" on stdin, does N 64-byte
-/// writes, prints the writing thread's CPU nanoseconds per write, then wall nanoseconds per
-/// write. CPU time is what the syscall costs the thread that makes it (probes included); wall
+/// writes, prints the writing thread's CPU nanoseconds per write and wall nanoseconds per
+/// write, then the same two for N writes to /dev/null. CPU time is what the syscall costs the thread that makes it (probes included); wall
 /// time also counts waiting for a core that the sink or the agent holds, which on two cores
 /// is most of the difference.
 pub fn syscall_loop(n: u64) -> anyhow::Result<()> {
@@ -468,10 +468,23 @@ pub fn syscall_loop(n: u64) -> anyhow::Result<()> {
         s.write_all(&payload)?;
     }
     let cpu = thread_cpu() - cpu;
+    let wall = t.elapsed();
+    // The same writes to a file that is not a socket: what any other syscall pays.
+    let mut null = std::fs::OpenOptions::new().write(true).open("/dev/null")?;
+    let t = Instant::now();
+    let null_cpu = thread_cpu();
+    for _ in 0..n {
+        null.write_all(&payload)?;
+    }
+    let null_cpu = thread_cpu() - null_cpu;
+    let null_wall = t.elapsed();
+    let per = |d: Duration| d.as_nanos() as f64 / n as f64;
     println!(
-        "{:.1} {:.1}",
-        cpu.as_nanos() as f64 / n as f64,
-        t.elapsed().as_nanos() as f64 / n as f64
+        "{:.1} {:.1} {:.1} {:.1}",
+        per(cpu),
+        per(wall),
+        per(null_cpu),
+        per(null_wall)
     );
     Ok(())
 }
@@ -483,8 +496,8 @@ enum LoopMode {
     Traced,
 }
 
-/// CPU and wall nanoseconds per write of one syscall loop.
-fn loop_cost(mode: LoopMode, n: u64, other_pid: u32) -> anyhow::Result<(f64, f64)> {
+/// CPU and wall nanoseconds per write of one syscall loop: to a socket, then to /dev/null.
+fn loop_cost(mode: LoopMode, n: u64, other_pid: u32) -> anyhow::Result<[f64; 4]> {
     let exe = std::env::current_exe()?;
     let mut child = Command::new(exe)
         .args(["syscall-loop", &n.to_string()])
@@ -519,9 +532,13 @@ fn loop_cost(mode: LoopMode, n: u64, other_pid: u32) -> anyhow::Result<(f64, f64
     if let Some(agent) = agent {
         agent.stop()?;
     }
-    let mut fields = line.split_whitespace().map(str::parse::<f64>);
-    match (fields.next(), fields.next()) {
-        (Some(Ok(cpu)), Some(Ok(wall))) => Ok((cpu, wall)),
+    let fields: Vec<f64> = line
+        .split_whitespace()
+        .map(str::parse::<f64>)
+        .collect::<Result<_, _>>()
+        .map_err(|e| anyhow::anyhow!("syscall loop result {line:?}: {e}"))?;
+    match fields[..] {
+        [a, b, c, d] => Ok([a, b, c, d]),
         _ => bail!("syscall loop result: {line:?}"),
     }
 }
@@ -693,18 +710,21 @@ pub fn bench(opts: &BenchOptions) -> anyhow::Result<()> {
     let n = opts.syscalls;
     let mut cpu = [Vec::new(), Vec::new(), Vec::new()];
     let mut wall = [Vec::new(), Vec::new(), Vec::new()];
+    let mut null_cpu = [Vec::new(), Vec::new(), Vec::new()];
     for _ in 0..opts.rounds {
         for (i, mode) in [LoopMode::NoTracer, LoopMode::OtherTraced, LoopMode::Traced]
             .into_iter()
             .enumerate()
         {
-            let (c, w) = loop_cost(mode, n, other.0.id())?;
+            let [c, w, nc, _] = loop_cost(mode, n, other.0.id())?;
             cpu[i].push(c);
             wall[i].push(w);
+            null_cpu[i].push(nc);
         }
     }
     let [none, other_traced, traced] = cpu.map(median);
     let [wall_none, wall_other, wall_traced] = wall.map(median);
+    let [null_none, null_other, null_traced] = null_cpu.map(median);
     writeln!(report, "## In-kernel cost of a traced syscall\n")?;
     writeln!(
         report,
@@ -733,6 +753,14 @@ pub fn bench(opts: &BenchOptions) -> anyhow::Result<()> {
         report,
         "\nCPU time is the writing thread's own (the syscall and the probes it runs); wall time also \
          waits for a core held by the sink thread or the agent."
+    )?;
+    writeln!(
+        report,
+        "\nThe same number of 64-byte writes to /dev/null (any syscall that is not socket I/O), \
+         CPU ns per write: no tracer {null_none:.0}; tracer running, not traced {null_other:.0} \
+         ({:+.0} ns); traced {null_traced:.0} ({:+.0} ns).",
+        null_other - null_none,
+        null_traced - null_none
     )?;
     writeln!(
         report,

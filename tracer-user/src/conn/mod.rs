@@ -395,7 +395,14 @@ impl ConnTracker {
                 }
             }
             Event::ConnClose(_) => {
-                if let Some(conn) = self.conns.remove(&key) {
+                // The socket-layer hooks may report a socket's close after its fd was reused
+                // (TCP_CLOSE can come late): that close is not the new connection's.
+                if self
+                    .conns
+                    .get(&key)
+                    .is_some_and(|c| c.conn_id == hdr.conn_id)
+                    && let Some(conn) = self.conns.remove(&key)
+                {
                     self.stats.conns_closed += 1;
                     self.finish(key, conn, hdr.ts_ns, out);
                 }
@@ -770,6 +777,34 @@ mod tests {
         assert_eq!(out[0].1.remote.port(), 1111);
         assert_eq!(out[1].0.as_http().unwrap().status, Some(200));
         assert_eq!(out[1].1.remote.port(), 2222);
+    }
+
+    /// The socket-layer hooks report a close when the socket reaches TCP_CLOSE, which may be
+    /// after its fd went to a new connection: that close ends only the old one.
+    #[test]
+    fn late_close_of_a_reused_fd_spares_the_new_connection() {
+        let mut t = ConnTracker::new(TrackerConfig::default());
+        let open =
+            |conn_id, port| open_record(1, 5, conn_id, 0, [127, 0, 0, 1], 80, [127, 0, 0, 1], port);
+        let out = feed(
+            &mut t,
+            &[
+                open(1, 1111),
+                data_record(1, 5, 1, 1, true, REQ),
+                data_record(1, 5, 1, 2, false, RESP),
+                open(2, 2222),
+                data_record(1, 5, 2, 3, true, REQ),
+                header_record(EventKind::ConnClose, 1, 5, 1, 4),
+                data_record(1, 5, 2, 5, false, RESP),
+                header_record(EventKind::ConnClose, 1, 5, 2, 6),
+            ],
+        );
+        let answered: Vec<_> = out
+            .iter()
+            .map(|(ex, info, _)| (info.remote.port(), ex.as_http().unwrap().status))
+            .collect();
+        assert_eq!(answered, [(1111, Some(200)), (2222, Some(200))]);
+        assert_eq!(t.open_connections(), 0);
     }
 
     #[test]

@@ -220,6 +220,8 @@ const ATTACHMENTS: &[Attachment] = &[
 /// `ebpf`); a SIGKILLed agent leaves nothing behind either, as the links die with its fds.
 pub struct Probes {
     ebpf: Ebpf,
+    /// Socket I/O is watched at the socket layer, not at syscall entry and exit.
+    socket_layer: bool,
     traced_pids: HashMap<MapData, u32, u32>,
     /// The agent's half of the traced set's generation (see GENERATION in tracer-ebpf).
     generation: aya::maps::Array<MapData, u64>,
@@ -260,6 +262,7 @@ impl Probes {
             netns_inum: opts.netns_inum,
             exit_group_dead_offset: sched_format_offset("sched_process_exit", "group_dead")
                 .unwrap_or(0),
+            sock_hooks: u32::from(socket_layer_wanted(Path::new(BTF_PATH))),
         };
         raise_memlock_limit();
         let mut ebpf = EbpfLoader::new()
@@ -303,7 +306,22 @@ impl Probes {
 
         let mut attached = Vec::new();
         let mut skipped = Vec::new();
-        let raw_kind = match attach_raw_syscalls(&mut ebpf) {
+        let socket_layer = config.sock_hooks != 0
+            && match attach_socket_layer(&mut ebpf) {
+                Ok(()) => {
+                    attached.extend(SOCKET_LAYER.iter().map(|(_, tp)| format!("{tp} (tp_btf)")));
+                    true
+                }
+                Err(e) => {
+                    warn!("socket-layer tracepoints unavailable ({e}); using syscall tracepoints");
+                    false
+                }
+            };
+        let raw_kind = match if socket_layer {
+            Ok(None)
+        } else {
+            attach_raw_syscalls(&mut ebpf)
+        } {
             Ok(Some(kind)) => {
                 attached.push(format!("raw_syscalls:sys_enter ({kind})"));
                 attached.push(format!("raw_syscalls:sys_exit ({kind})"));
@@ -317,7 +335,7 @@ impl Probes {
         };
         let raw = raw_kind.is_some();
         for a in ATTACHMENTS {
-            if raw && a.category == "syscalls" {
+            if (raw || socket_layer) && a.category == "syscalls" {
                 continue;
             }
             let program: &mut TracePoint = ebpf
@@ -364,11 +382,12 @@ impl Probes {
                 });
             }
         }
-        info!(
-            "attached {} tracepoints{}",
-            attached.len(),
-            raw_kind.map_or(String::new(), |k| format!(" (sys_enter/sys_exit as {k})"))
-        );
+        let how = match raw_kind {
+            _ if socket_layer => " (socket I/O at the socket layer, no syscall tracepoints)".into(),
+            Some(k) => format!(" (sys_enter/sys_exit as {k})"),
+            None => String::new(),
+        };
+        info!("attached {} tracepoints{how}", attached.len());
         let mut inject_sockets = None;
         if opts.inject.mode != INJECT_OFF {
             match attach_injector(&mut ebpf, &opts.inject) {
@@ -412,6 +431,7 @@ impl Probes {
         };
         Ok(Self {
             ebpf,
+            socket_layer,
             traced_pids,
             generation,
             stats,
@@ -524,6 +544,10 @@ impl Probes {
     /// many threads were seeded. Best effort: a thread that moves on meanwhile is harmless
     /// (its next enter overwrites the entry, or the probe drops it).
     pub fn seed_blocked_reads(&mut self, pid: u32) -> usize {
+        // The socket-layer hooks see a read when it returns: nothing to seed.
+        if self.socket_layer {
+            return 0;
+        }
         let Some(map) = self.ebpf.map_mut("ACTIVE") else {
             return 0;
         };
@@ -842,6 +866,72 @@ fn read_process_u64(pid: u32, addr: u64) -> Option<u64> {
     let mut buf = [0u8; 8];
     mem.read_exact_at(&mut buf, addr).ok()?;
     Some(u64::from_ne_bytes(buf))
+}
+
+/// The socket-layer programs and their tracepoints (see tracer-ebpf/src/sockio.rs).
+const SOCKET_LAYER: [(&str, &str); 4] = [
+    ("tracer_sock_send", "sock:sock_send_length"),
+    ("tracer_sock_recv", "sock:sock_recv_length"),
+    ("tracer_tcp_send_begin", "tcp:tcp_sendmsg_locked"),
+    ("tracer_sock_state", "sock:inet_sock_set_state"),
+];
+
+/// Whether to watch socket I/O at the socket layer: x86_64 (the programs read syscall
+/// registers), a kernel whose BTF has all of `SOCKET_LAYER`'s tracepoints (6.3+ for the
+/// first two), and no `TRACER_SYSCALL_TRACEPOINTS` asking for a syscall path.
+fn socket_layer_wanted(btf_path: &Path) -> bool {
+    if !cfg!(target_arch = "x86_64") || std::env::var_os("TRACER_SYSCALL_TRACEPOINTS").is_some() {
+        return false;
+    }
+    let Ok(btf) = Btf::from_file(btf_path) else {
+        return false;
+    };
+    let missing: Vec<&str> = SOCKET_LAYER
+        .iter()
+        .map(|(_, tp)| tp.split_once(':').map_or(*tp, |(_, name)| name))
+        .filter(|name| {
+            btf.resolve_types_by_name(&format!("btf_trace_{name}"))
+                .is_err()
+        })
+        .collect();
+    if !missing.is_empty() {
+        info!(
+            "this kernel lacks {}: socket I/O is watched at syscalls",
+            missing.join(", ")
+        );
+    }
+    missing.is_empty()
+}
+
+/// Attaches `SOCKET_LAYER`, all or none.
+fn attach_socket_layer(ebpf: &mut Ebpf) -> Result<(), aya::programs::ProgramError> {
+    use aya::programs::BtfTracePoint;
+    let btf = aya::Btf::from_sys_fs()
+        .map_err(|e| aya::programs::ProgramError::IOError(std::io::Error::other(e.to_string())))?;
+    let mut done: Vec<&str> = Vec::new();
+    for (program, tracepoint) in SOCKET_LAYER {
+        let name = tracepoint.split_once(':').map_or(tracepoint, |(_, n)| n);
+        let attached = (|| {
+            let p: &mut BtfTracePoint = ebpf
+                .program_mut(program)
+                .ok_or(aya::programs::ProgramError::NotLoaded)?
+                .try_into()?;
+            p.load(name, &btf)?;
+            p.attach().map(drop)
+        })();
+        if let Err(e) = attached {
+            for done_name in done {
+                if let Some(p) = ebpf.program_mut(done_name)
+                    && let Ok(p) = <&mut BtfTracePoint>::try_from(p)
+                {
+                    let _ = p.unload();
+                }
+            }
+            return Err(e);
+        }
+        done.push(program);
+    }
+    Ok(())
 }
 
 /// Attaches the raw `sys_enter`/`sys_exit` programs (x86_64): cheaper per syscall than the

@@ -1,0 +1,282 @@
+//! Socket I/O watched at the socket layer: the `sock:sock_send_length` and
+//! `sock:sock_recv_length` tracepoints (Linux 6.3+), BTF-typed, x86_64.
+//!
+//! Any syscall tracepoint, raw or per-syscall, puts every thread of every process on the
+//! kernel's slow syscall path, and a raw one runs its program for every syscall on the host:
+//! an untraced process paid for each of its syscalls. These tracepoints fire only where a
+//! socket sends or receives, after the bytes moved, inside the syscall that moved them; one
+//! program sees the socket, the byte count, and (from the task's saved registers) the
+//! syscall's buffers. Nothing is saved between entry and exit, and no fd table is walked:
+//! the tracepoint names the socket.
+//!
+//! Two more tracepoints complete it: `tcp:tcp_sendmsg_locked` dates a send's first byte and
+//! its sequence number before anything is queued (the reader of a loopback send may run
+//! before the sender's call returns), and `sock:inet_sock_set_state` ends a connection when
+//! its socket reaches TCP_CLOSE (there are no close syscalls to watch).
+
+use aya_ebpf::{
+    helpers::{
+        bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user,
+        generated::{bpf_get_current_task_btf, bpf_task_pt_regs},
+    },
+    macros::btf_tracepoint,
+    programs::BtfTracePointContext,
+};
+use tracer_common::{DIR_EGRESS, DIR_INGRESS, EventKind, ROLE_UNKNOWN, SavedArgs, TraceCtx};
+
+use crate::{
+    CONNS, SK_OWNERS, is_traced,
+    raw::{
+        DI, DX, NR_READ, NR_READV, NR_RECVFROM, NR_RECVMSG, NR_SENDFILE, NR_SENDMSG, NR_SENDTO,
+        NR_WRITE, NR_WRITEV, ORIG_AX, SI, btf_reg,
+    },
+    sockets::{
+        CONN_NOT_TCP, CONN_TLS, ConnState, conn_key, header_only, is_tcp, next_seq, saved_slot,
+        track_socket,
+    },
+    syscalls::emit_data,
+    tls,
+};
+
+const TCP_CLOSE: i32 = 7;
+const MSG_PEEK: i32 = 2;
+const ECONNRESET: i64 = 104;
+const EPIPE: i64 = 32;
+
+/// sock_send_length(struct sock *sk, int ret, int flags)
+#[btf_tracepoint(function = "sock_send_length")]
+pub fn tracer_sock_send(ctx: BtfTracePointContext) -> i32 {
+    sock_io(&ctx, DIR_EGRESS);
+    0
+}
+
+/// sock_recv_length(struct sock *sk, int ret, int flags)
+#[btf_tracepoint(function = "sock_recv_length")]
+pub fn tracer_sock_recv(ctx: BtfTracePointContext) -> i32 {
+    sock_io(&ctx, DIR_INGRESS);
+    0
+}
+
+/// tcp_sendmsg_locked(const struct sock *sk, const struct msghdr *msg,
+/// const struct sk_buff *skb, int size_goal): fires once per segment a send fills, the first
+/// time before any byte of it is queued. Notes that moment and the sequence number of the
+/// first byte in the thread's slot, for `sock_send_length` to take. The sk_msg program (trace
+/// context injection) has run by then, and its added bytes are part of what follows: the
+/// sequence number is still that of the sender's first byte.
+#[btf_tracepoint(function = "tcp_sendmsg_locked")]
+pub fn tracer_tcp_send_begin(ctx: BtfTracePointContext) -> i32 {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    if !is_traced((pid_tgid >> 32) as u32) {
+        return 0;
+    }
+    let Some(slot) = saved_slot(pid_tgid) else {
+        return 0;
+    };
+    if slot.enter_ns != 0 {
+        // A later segment of the same send.
+        return 0;
+    }
+    // SAFETY: no preconditions.
+    slot.enter_ns = unsafe { bpf_ktime_get_ns() };
+    let sk: u64 = ctx.arg(0);
+    match next_seq(sk, true) {
+        Some(seq) => {
+            slot.seq = seq;
+            slot.seq_valid = 1;
+        }
+        None => slot.seq_valid = 0,
+    }
+    0
+}
+
+/// inet_sock_set_state(const struct sock *sk, const int oldstate, const int newstate): a
+/// traced connection whose socket reaches TCP_CLOSE is over. Runs for every TCP state change
+/// on the host; all but the closes of traced sockets leave at the first or second test.
+#[btf_tracepoint(function = "inet_sock_set_state")]
+pub fn tracer_sock_state(ctx: BtfTracePointContext) -> i32 {
+    let newstate: i32 = ctx.arg(2);
+    if newstate != TCP_CLOSE {
+        return 0;
+    }
+    let sk: u64 = ctx.arg(0);
+    // SAFETY: copied out at once.
+    let Some(owner) = (unsafe { SK_OWNERS.get(&sk) }).copied() else {
+        return 0;
+    };
+    let _ = SK_OWNERS.remove(&sk);
+    // SAFETY: copied out at once.
+    if unsafe { CONNS.get(&owner.key) }.is_some_and(|c| c.conn_id == owner.conn_id) {
+        let _ = CONNS.remove(&owner.key);
+    }
+    // Often in softirq, on no particular thread: the tid is not the owner's.
+    header_only(
+        EventKind::ConnClose,
+        (owner.key >> 32) as u32,
+        0,
+        owner.key as u32,
+        owner.conn_id,
+    );
+    0
+}
+
+/// A send or receive of `ctx`'s socket returned.
+#[inline(always)]
+fn sock_io(ctx: &BtfTracePointContext, direction: u32) {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let tgid = (pid_tgid >> 32) as u32;
+    if !is_traced(tgid) {
+        return;
+    }
+    // What the send's first segment noted, and the context sk_msg wrote into it; the slot is
+    // emptied whatever becomes of this send (a later send must not inherit them).
+    let mut enter_ns = 0;
+    let mut seq_at_start = None;
+    let mut injected = TraceCtx::default();
+    if direction == DIR_EGRESS
+        && let Some(slot) = crate::ACTIVE.get_ptr_mut(&pid_tgid)
+    {
+        // SAFETY: a map value; only this thread's programs use its slot.
+        let slot = unsafe { &mut *slot };
+        enter_ns = slot.enter_ns;
+        if enter_ns != 0 && slot.seq_valid != 0 {
+            seq_at_start = Some(slot.seq);
+        }
+        if slot.injected.flags != 0 {
+            injected = slot.injected;
+            slot.injected.flags = 0;
+        }
+        slot.enter_ns = 0;
+    }
+    let sk: u64 = ctx.arg(0);
+    let ret = ctx.arg::<i32>(1) as i64;
+    // SAFETY: the current task, BTF-typed; its saved user registers are plain loads.
+    let regs = unsafe { bpf_task_pt_regs(bpf_get_current_task_btf()) } as *const u8;
+    let syscall = btf_reg(regs, ORIG_AX) as i64;
+    let kind = match (direction, syscall) {
+        (DIR_INGRESS, NR_READ | NR_RECVFROM) | (DIR_EGRESS, NR_WRITE | NR_SENDTO) => SavedArgs::BUF,
+        (DIR_INGRESS, NR_READV) | (DIR_EGRESS, NR_WRITEV) => SavedArgs::IOV,
+        (DIR_INGRESS, NR_RECVMSG) | (DIR_EGRESS, NR_SENDMSG) => crate::syscalls::MSG,
+        (DIR_EGRESS, NR_SENDFILE) => SavedArgs::NO_PAYLOAD,
+        // io_uring, recvmmsg, splice, in-kernel users: their buffers are not in these
+        // registers.
+        _ => return,
+    };
+    let fd = btf_reg(regs, DI);
+    if fd > i32::MAX as u64 {
+        return;
+    }
+    let fd = fd as u32;
+    let conn = if ret > 0 {
+        socket_conn(pid_tgid, fd, sk)
+    } else {
+        // Nothing moved: no reason to start tracking the socket.
+        known_conn(tgid, fd, sk)
+    };
+    let Some(conn) = conn else {
+        return;
+    };
+    // SAFETY: no preconditions.
+    let io_ns = if enter_ns != 0 {
+        enter_ns
+    } else {
+        unsafe { bpf_ktime_get_ns() }
+    };
+    // Inside an OpenSSL call the bytes are ciphertext: the call's own probes report the
+    // plaintext, and learn here which socket it uses.
+    if tls::in_ssl_call(pid_tgid, tgid, fd, &conn, io_ns) || conn.flags & CONN_TLS != 0 {
+        return;
+    }
+    if ret <= 0 {
+        if ret == -ECONNRESET || ret == -EPIPE {
+            header_only(
+                EventKind::ConnReset,
+                tgid,
+                pid_tgid as u32,
+                fd,
+                conn.conn_id,
+            );
+        }
+        return;
+    }
+    let flags: i32 = ctx.arg(2);
+    if direction == DIR_INGRESS && flags & MSG_PEEK != 0 {
+        // The same bytes will be read again.
+        return;
+    }
+    let (kind, buf, count) = match kind {
+        SavedArgs::BUF => (kind, btf_reg(regs, SI), 0),
+        SavedArgs::IOV => (kind, btf_reg(regs, SI), btf_reg(regs, DX)),
+        // sendmsg/recvmsg: `struct user_msghdr *` with msg_iov at 16 and msg_iovlen at 24.
+        crate::syscalls::MSG => {
+            let msg = btf_reg(regs, SI);
+            // SAFETY: probe reads of the caller's msghdr; a fault gives an empty iovec.
+            let iov: u64 = unsafe { bpf_probe_read_user((msg + 16) as *const u64) }.unwrap_or(0);
+            let iovlen: u64 = unsafe { bpf_probe_read_user((msg + 24) as *const u64) }.unwrap_or(0);
+            (SavedArgs::IOV, iov, iovlen)
+        }
+        _ => (SavedArgs::NO_PAYLOAD, 0, 0),
+    };
+    // The bytes moved already: the sequence number of the first is where the socket stands
+    // now, less the count (a send's was noted before it began, in case sk_msg added bytes).
+    let seq = match seq_at_start {
+        Some(seq) => Some(seq),
+        None => next_seq(sk, direction == DIR_EGRESS).map(|s| s.wrapping_sub(ret as u32)),
+    };
+    let saved = SavedArgs {
+        kind,
+        fd,
+        buf,
+        count,
+        conn_id: conn.conn_id,
+        syscall: syscall as u32,
+        direction,
+        seq: seq.unwrap_or(0),
+        seq_valid: u32::from(seq.is_some()),
+        enter_ns,
+        injected,
+    };
+    emit_data(&saved, ret as u64, pid_tgid, 0);
+}
+
+/// The traced connection `fd` is, if the socket map already has it as `sk`.
+#[inline(always)]
+fn known_conn(tgid: u32, fd: u32, sk: u64) -> Option<ConnState> {
+    // SAFETY: copied out at once.
+    let state = (unsafe { CONNS.get(&conn_key(tgid, fd)) }).copied()?;
+    (state.sk == sk && state.flags & CONN_NOT_TCP == 0).then_some(state)
+}
+
+/// The traced connection `fd` is, starting to track it when new. An fd that names another
+/// socket than the map says was closed and reused unseen: that connection ends here (its
+/// socket may still be on its way to TCP_CLOSE).
+#[inline(always)]
+fn socket_conn(pid_tgid: u64, fd: u32, sk: u64) -> Option<ConnState> {
+    let tgid = (pid_tgid >> 32) as u32;
+    let key = conn_key(tgid, fd);
+    // SAFETY: copied out at once.
+    if let Some(state) = (unsafe { CONNS.get(&key) }).copied() {
+        if state.sk == sk {
+            return (state.flags & CONN_NOT_TCP == 0).then_some(state);
+        }
+        if state.flags & CONN_NOT_TCP == 0 {
+            let _ = SK_OWNERS.remove(&state.sk);
+            header_only(
+                EventKind::ConnClose,
+                tgid,
+                pid_tgid as u32,
+                fd,
+                state.conn_id,
+            );
+        }
+    }
+    if !is_tcp(sk as *const u8) {
+        let not_tcp = ConnState {
+            conn_id: 0,
+            sk,
+            flags: CONN_NOT_TCP,
+        };
+        let _ = CONNS.insert(&key, &not_tcp, 0);
+        return None;
+    }
+    track_socket(pid_tgid, fd, sk as *const u8, ROLE_UNKNOWN)
+}
