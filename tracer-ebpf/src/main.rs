@@ -1,12 +1,13 @@
-//! tracer's eBPF programs. They watch socket I/O from syscall tracepoints only (kprobes and
-//! fentry are not available on every kernel tracer runs on), filter in the kernel (traced
-//! process set, TCP sockets only), and send what a request parser needs to userspace through one
-//! ring buffer.
+//! tracer's eBPF programs. They watch socket I/O from tracepoints only (kprobes and fentry are
+//! not available on every kernel tracer runs on), filter in the kernel (traced process set,
+//! TCP sockets only), and send what a request parser needs to userspace through one ring
+//! buffer.
 //!
-//! Files: `syscalls.rs` (data syscalls: read/write family, sendfile), `sockets.rs` (fd -> socket
-//! resolution, accept, connect, close), `process.rs` (fork and exit, for the traced set),
-//! `inject.rs` (span ids named in the kernel, and trace context written into requests),
-//! `tls.rs` (OpenSSL uprobes: plaintext of TLS sockets).
+//! Files: `sockio.rs` (socket I/O at the socket layer, the default where the kernel has those
+//! tracepoints), `raw.rs` and `syscalls.rs` (the same from syscall tracepoints, the fallback),
+//! `sockets.rs` (fd -> socket resolution, accept, connect, close), `process.rs` (fork and
+//! exit, for the traced set), `inject.rs` (span ids named in the kernel, and trace context
+//! written into requests), `tls.rs` (OpenSSL uprobes: plaintext of TLS sockets).
 #![no_std]
 #![no_main]
 

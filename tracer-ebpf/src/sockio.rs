@@ -166,13 +166,24 @@ fn sock_io(ctx: &BtfTracePointContext, direction: u32) {
         return;
     }
     let fd = fd as u32;
-    let conn = if ret > 0 {
-        socket_conn(pid_tgid, fd, sk)
-    } else {
-        // Nothing moved: no reason to start tracking the socket.
-        known_conn(tgid, fd, sk)
-    };
-    let Some(conn) = conn else {
+    if ret <= 0 {
+        // Nothing moved (mostly EAGAIN on a non-blocking socket): no reason to look further,
+        // or to start tracking the socket. A reset ends what the connection was doing.
+        if (ret == -ECONNRESET || ret == -EPIPE)
+            && let Some(conn) = known_conn(tgid, fd, sk)
+            && conn.flags & CONN_TLS == 0
+        {
+            header_only(
+                EventKind::ConnReset,
+                tgid,
+                pid_tgid as u32,
+                fd,
+                conn.conn_id,
+            );
+        }
+        return;
+    }
+    let Some(conn) = socket_conn(pid_tgid, fd, sk) else {
         return;
     };
     // SAFETY: no preconditions.
@@ -184,18 +195,6 @@ fn sock_io(ctx: &BtfTracePointContext, direction: u32) {
     // Inside an OpenSSL call the bytes are ciphertext: the call's own probes report the
     // plaintext, and learn here which socket it uses.
     if tls::in_ssl_call(pid_tgid, tgid, fd, &conn, io_ns) || conn.flags & CONN_TLS != 0 {
-        return;
-    }
-    if ret <= 0 {
-        if ret == -ECONNRESET || ret == -EPIPE {
-            header_only(
-                EventKind::ConnReset,
-                tgid,
-                pid_tgid as u32,
-                fd,
-                conn.conn_id,
-            );
-        }
         return;
     }
     let flags: i32 = ctx.arg(2);
