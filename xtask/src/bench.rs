@@ -462,30 +462,21 @@ pub fn syscall_loop(n: u64) -> anyhow::Result<()> {
     let mut line = String::new();
     std::io::stdin().read_line(&mut line)?;
     let payload = [0x5au8; 64];
-    let t = Instant::now();
-    let cpu = thread_cpu();
-    for _ in 0..n {
-        s.write_all(&payload)?;
-    }
-    let cpu = thread_cpu() - cpu;
-    let wall = t.elapsed();
+    // The writing thread's CPU time and the wall time of n writes of `payload` to `to`.
+    let timed = |to: &mut dyn Write| -> anyhow::Result<(f64, f64)> {
+        let t = Instant::now();
+        let cpu = thread_cpu();
+        for _ in 0..n {
+            to.write_all(&payload)?;
+        }
+        let per = |d: Duration| d.as_nanos() as f64 / n as f64;
+        Ok((per(thread_cpu() - cpu), per(t.elapsed())))
+    };
+    let (cpu, wall) = timed(&mut s)?;
     // The same writes to a file that is not a socket: what any other syscall pays.
-    let mut null = std::fs::OpenOptions::new().write(true).open("/dev/null")?;
-    let t = Instant::now();
-    let null_cpu = thread_cpu();
-    for _ in 0..n {
-        null.write_all(&payload)?;
-    }
-    let null_cpu = thread_cpu() - null_cpu;
-    let null_wall = t.elapsed();
-    let per = |d: Duration| d.as_nanos() as f64 / n as f64;
-    println!(
-        "{:.1} {:.1} {:.1} {:.1}",
-        per(cpu),
-        per(wall),
-        per(null_cpu),
-        per(null_wall)
-    );
+    let (null_cpu, null_wall) =
+        timed(&mut std::fs::OpenOptions::new().write(true).open("/dev/null")?)?;
+    println!("{cpu:.1} {wall:.1} {null_cpu:.1} {null_wall:.1}");
     Ok(())
 }
 

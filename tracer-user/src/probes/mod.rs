@@ -905,33 +905,9 @@ fn socket_layer_wanted(btf_path: &Path) -> bool {
 
 /// Attaches `SOCKET_LAYER`, all or none.
 fn attach_socket_layer(ebpf: &mut Ebpf) -> Result<(), aya::programs::ProgramError> {
-    use aya::programs::BtfTracePoint;
-    let btf = aya::Btf::from_sys_fs()
-        .map_err(|e| aya::programs::ProgramError::IOError(std::io::Error::other(e.to_string())))?;
-    let mut done: Vec<&str> = Vec::new();
-    for (program, tracepoint) in SOCKET_LAYER {
-        let name = tracepoint.split_once(':').map_or(tracepoint, |(_, n)| n);
-        let attached = (|| {
-            let p: &mut BtfTracePoint = ebpf
-                .program_mut(program)
-                .ok_or(aya::programs::ProgramError::NotLoaded)?
-                .try_into()?;
-            p.load(name, &btf)?;
-            p.attach().map(drop)
-        })();
-        if let Err(e) = attached {
-            for done_name in done {
-                if let Some(p) = ebpf.program_mut(done_name)
-                    && let Ok(p) = <&mut BtfTracePoint>::try_from(p)
-                {
-                    let _ = p.unload();
-                }
-            }
-            return Err(e);
-        }
-        done.push(program);
-    }
-    Ok(())
+    let list =
+        SOCKET_LAYER.map(|(program, tp)| (program, tp.split_once(':').map_or(tp, |(_, n)| n)));
+    attach_btf_tracepoints(ebpf, &list)
 }
 
 /// Attaches the raw `sys_enter`/`sys_exit` programs (x86_64): cheaper per syscall than the
@@ -960,14 +936,27 @@ fn attach_raw_syscalls(ebpf: &mut Ebpf) -> Result<Option<&'static str>, String> 
 
 /// sys_enter/sys_exit as BTF-typed tracepoints.
 fn attach_btf_syscalls(ebpf: &mut Ebpf) -> Result<(), aya::programs::ProgramError> {
+    attach_btf_tracepoints(
+        ebpf,
+        &[
+            ("tracer_btf_sys_enter", "sys_enter"),
+            ("tracer_btf_sys_exit", "sys_exit"),
+        ],
+    )
+}
+
+/// Loads and attaches BTF-typed programs, `(program, tracepoint)`, all or none: a half
+/// attached set (a send seen without its connection's close, an enter without its exit) is
+/// worse than none, so the ones done are taken down again on a failure.
+fn attach_btf_tracepoints(
+    ebpf: &mut Ebpf,
+    list: &[(&str, &str)],
+) -> Result<(), aya::programs::ProgramError> {
     use aya::programs::BtfTracePoint;
     let btf = aya::Btf::from_sys_fs()
         .map_err(|e| aya::programs::ProgramError::IOError(std::io::Error::other(e.to_string())))?;
     let mut done: Vec<&str> = Vec::new();
-    for (program, tracepoint) in [
-        ("tracer_btf_sys_enter", "sys_enter"),
-        ("tracer_btf_sys_exit", "sys_exit"),
-    ] {
+    for &(program, tracepoint) in list {
         let attached = (|| {
             let p: &mut BtfTracePoint = ebpf
                 .program_mut(program)
@@ -977,7 +966,6 @@ fn attach_btf_syscalls(ebpf: &mut Ebpf) -> Result<(), aya::programs::ProgramErro
             p.attach().map(drop)
         })();
         if let Err(e) = attached {
-            // Half attached is worse than neither: take the other side down again.
             for name in done {
                 if let Some(p) = ebpf.program_mut(name)
                     && let Ok(p) = <&mut BtfTracePoint>::try_from(p)
