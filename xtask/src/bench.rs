@@ -71,7 +71,10 @@ enum Mode {
     Untraced,
     /// The tracer runs, the server is not traced: the cost every process on the host pays.
     Idle,
+    /// The same on the syscall-tracepoint path, which kernels before 6.3 get.
+    IdleSyscalls,
     Traced,
+    TracedSyscalls,
     Exported,
 }
 
@@ -80,7 +83,9 @@ impl Mode {
         match self {
             Mode::Untraced => "untraced",
             Mode::Idle => "tracer idle",
+            Mode::IdleSyscalls => "tracer idle (syscall tracepoints)",
             Mode::Traced => "traced",
+            Mode::TracedSyscalls => "traced (syscall tracepoints)",
             Mode::Exported => "traced+export",
         }
     }
@@ -114,9 +119,14 @@ struct Agent {
 
 impl Agent {
     fn start(args: &[String]) -> anyhow::Result<Agent> {
+        Self::start_with_env(args, &[])
+    }
+
+    fn start_with_env(args: &[String], env: &[(&str, &str)]) -> anyhow::Result<Agent> {
         let mut child = Command::new(tracer_bin())
             .args(args)
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -365,7 +375,7 @@ fn measure(
     collector: &str,
     opts: &BenchOptions,
 ) -> anyhow::Result<Run> {
-    let comm = if mode == Mode::Idle {
+    let comm = if matches!(mode, Mode::Idle | Mode::IdleSyscalls) {
         "no-such-program"
     } else {
         target.comm
@@ -385,7 +395,9 @@ fn measure(
             run.served = target.served.read()? - served0;
             return Ok(run);
         }
-        Mode::Idle | Mode::Traced => args.extend(["--output".into(), "json".into()]),
+        Mode::Idle | Mode::IdleSyscalls | Mode::Traced | Mode::TracedSyscalls => {
+            args.extend(["--output".into(), "json".into()])
+        }
         Mode::Exported => args.extend([
             "--zipkin".into(),
             collector.into(),
@@ -393,7 +405,12 @@ fn measure(
             "100000".into(),
         ]),
     }
-    let agent = Agent::start(&args)?;
+    let env: &[(&str, &str)] = if matches!(mode, Mode::IdleSyscalls | Mode::TracedSyscalls) {
+        &[("TRACER_SYSCALL_TRACEPOINTS", "tp_btf")]
+    } else {
+        &[]
+    };
+    let agent = Agent::start_with_env(&args, env)?;
     let cpu0 = agent.cpu_seconds();
     let mut run = wrk(&target.url, opts)?;
     // Let the last spans reach the exporter before the CPU reading.
@@ -552,14 +569,31 @@ pub fn bench(opts: &BenchOptions) -> anyhow::Result<()> {
     writeln!(report, "# tracer benchmark\n")?;
     writeln!(
         report,
-        "{cpus} CPUs ({machine}), Linux {}; wrk -t2 -c{} -d{}s, {} rounds alternating untraced / tracer idle (running, server not traced) / traced / traced+export; medians of the rounds.\n",
+        "{cpus} CPUs ({machine}), Linux {}; wrk -t2 -c{} -d{}s, {} rounds alternating untraced / tracer idle (running, server not traced) / traced / traced+export, and for nginx the idle and traced runs again on the syscall-tracepoint path (`TRACER_SYSCALL_TRACEPOINTS=tp_btf`, what kernels before 6.3 get); medians of the rounds.\n",
         kernel.trim(),
         opts.connections,
         opts.duration,
         opts.rounds
     )?;
     let mut all_pass = true;
-    for start in [start_nginx as fn() -> anyhow::Result<Target>, start_python] {
+    for (start, modes) in [
+        (
+            start_nginx as fn() -> anyhow::Result<Target>,
+            // The syscall-tracepoint path too, on the server where its cost shows.
+            &[
+                Mode::Untraced,
+                Mode::Idle,
+                Mode::IdleSyscalls,
+                Mode::Traced,
+                Mode::TracedSyscalls,
+                Mode::Exported,
+            ][..],
+        ),
+        (
+            start_python,
+            &[Mode::Untraced, Mode::Idle, Mode::Traced, Mode::Exported][..],
+        ),
+    ] {
         let target = start()?;
         // Warm up (page cache, Python's first imports).
         let _ = wrk(
@@ -569,7 +603,6 @@ pub fn bench(opts: &BenchOptions) -> anyhow::Result<()> {
                 ..*opts
             },
         );
-        let modes = [Mode::Untraced, Mode::Idle, Mode::Traced, Mode::Exported];
         let mut runs: Vec<Vec<Run>> = vec![Vec::new(); modes.len()];
         for round in 0..opts.rounds {
             for (i, mode) in modes.iter().enumerate() {
@@ -610,7 +643,7 @@ pub fn bench(opts: &BenchOptions) -> anyhow::Result<()> {
             let spans: u64 = r.iter().map(|x| x.spans).sum();
             let served: u64 = r.iter().map(|x| x.served).sum();
             let traced = *mode != Mode::Untraced;
-            let spanned = matches!(mode, Mode::Traced | Mode::Exported);
+            let spanned = matches!(mode, Mode::Traced | Mode::TracedSyscalls | Mode::Exported);
             writeln!(
                 report,
                 "| {} | {:.0} | {:.3} | {:.3} | {:.2} | {:.3} | {:.2} | {} | {} | {} | {} | {} |",
@@ -645,8 +678,9 @@ pub fn bench(opts: &BenchOptions) -> anyhow::Result<()> {
             )?;
         }
         // Targets, for the traced run without export (export is judged by spans/requests).
-        let traced = &runs[2];
-        let exported = &runs[3];
+        let of = |m: Mode| &runs[modes.iter().position(|x| *x == m).expect("mode measured")];
+        let traced = of(Mode::Traced);
+        let exported = of(Mode::Exported);
         let rps_ratio = median(traced.iter().map(|x| x.rps).collect()) / base_rps;
         let p99_ratio = median(traced.iter().map(|x| x.p99_ms).collect()) / base_p99;
         let requests: u64 = traced.iter().map(|x| x.requests).sum();
