@@ -569,7 +569,7 @@ pub fn bench(opts: &BenchOptions) -> anyhow::Result<()> {
     writeln!(report, "# tracer benchmark\n")?;
     writeln!(
         report,
-        "{cpus} CPUs ({machine}), Linux {}; wrk -t2 -c{} -d{}s, {} rounds alternating untraced / tracer idle (running, server not traced) / traced / traced+export, and for nginx the idle and traced runs again on the syscall-tracepoint path (`TRACER_SYSCALL_TRACEPOINTS=tp_btf`, what kernels before 6.3 get); medians of the rounds.\n",
+        "{cpus} CPUs ({machine}), Linux {}; wrk -t2 -c{} -d{}s, {} rounds (every other one in reverse order) of untraced / tracer idle (running, server not traced) / traced / traced+export, and for nginx the idle and traced runs again on the syscall-tracepoint path (`TRACER_SYSCALL_TRACEPOINTS=tp_btf`, what kernels before 6.3 get); medians of the rounds.\n",
         kernel.trim(),
         opts.connections,
         opts.duration,
@@ -605,7 +605,16 @@ pub fn bench(opts: &BenchOptions) -> anyhow::Result<()> {
         );
         let mut runs: Vec<Vec<Run>> = vec![Vec::new(); modes.len()];
         for round in 0..opts.rounds {
-            for (i, mode) in modes.iter().enumerate() {
+            // Every other round runs the modes in reverse (ABBA): this machine class drifts by
+            // tens of percent over minutes, and a fixed order would charge the drift to
+            // whichever mode runs last.
+            let order: Vec<usize> = if round % 2 == 0 {
+                (0..modes.len()).collect()
+            } else {
+                (0..modes.len()).rev().collect()
+            };
+            for i in order {
+                let mode = &modes[i];
                 let run = measure(&target, *mode, &collector_url, opts)?;
                 eprintln!(
                     "bench: {} round {} {}: {:.0} req/s p50 {:.3} ms p99 {:.3} ms",

@@ -47,10 +47,10 @@ enum Task {
     /// traced with export, and the in-kernel cost per syscall. Writes bench/results.md.
     Bench {
         /// Seconds per wrk run.
-        #[arg(long, default_value_t = 10)]
+        #[arg(long, default_value_t = 8)]
         duration: u64,
         /// Rounds of untraced / traced / exported runs (medians are reported).
-        #[arg(long, default_value_t = 3)]
+        #[arg(long, default_value_t = 4)]
         rounds: u32,
         /// wrk connections.
         #[arg(long, default_value_t = 50)]
