@@ -261,9 +261,10 @@ async fn event_loop(plan: Plan, mut probes: Probes) -> anyhow::Result<()> {
             }
             // The probes wake the agent only when data piles up (see WAKEUP_BYTES in
             // tracer-ebpf): the rest is picked up here, within milliseconds while events flow.
-            // An idle agent backs off: a timer wakeup every 10 ms, cheap as it is, cost the
-            // untraced server of the benchmark about 5% of its requests (on two virtual CPUs
-            // a wakeup preempts a busy task or brings an idle CPU back from the hypervisor).
+            // An idle agent backs off rather than wake a CPU a hundred times a second: on a
+            // virtual machine each wakeup preempts a busy task or brings an idle CPU back from
+            // the hypervisor (a process doing only that cost an untraced nginx about 5% in an
+            // A/B here, within this machine's noise).
             _ = &mut drain_sleep => {
                 let drained =
                     drain_ring(ring.get_mut(), &mut tracker, &mut finished, &mut decode_errors);

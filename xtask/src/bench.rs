@@ -195,6 +195,20 @@ fn proc_cpu_seconds(pid: u32) -> f64 {
     (ticks(11) + ticks(12)) / hz
 }
 
+/// Waits (at most 10 s) until process `pid` has used no CPU for 300 ms.
+fn wait_until_idle(pid: u32) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut last = proc_cpu_seconds(pid);
+    while Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(300));
+        let now = proc_cpu_seconds(pid);
+        if now == last {
+            return;
+        }
+        last = now;
+    }
+}
+
 fn proc_status_kib(pid: u32, key: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap_or_default()
@@ -278,7 +292,7 @@ struct Target {
     url: String,
     comm: &'static str,
     served: ServedCounter,
-    _server: Guard,
+    server: Guard,
     _dir: Option<std::path::PathBuf>,
 }
 
@@ -333,7 +347,7 @@ fn start_nginx() -> anyhow::Result<Target> {
         url: format!("http://127.0.0.1:{port}/index.html"),
         comm: "nginx",
         served: ServedCounter::AccessLog(dir.join("access.log")),
-        _server: guard,
+        server: guard,
         _dir: Some(dir),
     })
 }
@@ -352,7 +366,7 @@ fn start_python() -> anyhow::Result<Target> {
         url: format!("http://127.0.0.1:{port}/hello"),
         comm: "python3",
         served: ServedCounter::CountUrl(format!("http://127.0.0.1:{port}/count")),
-        _server: guard,
+        server: guard,
         _dir: None,
     })
 }
@@ -413,8 +427,11 @@ fn measure(
     let agent = Agent::start_with_env(&args, env)?;
     let cpu0 = agent.cpu_seconds();
     let mut run = wrk(&target.url, opts)?;
-    // Let the last spans reach the exporter before the CPU reading.
+    // Let the server answer what wrk left in flight (Python's p99 is over a second) and the
+    // last spans reach the exporter, before the CPU reading and the agent's stop: a request
+    // answered after the stop would be served without a span.
     std::thread::sleep(Duration::from_millis(500));
+    wait_until_idle(target.server.0.id());
     run.agent_cpu_s = agent.cpu_seconds() - cpu0;
     let (rss, summary) = agent.stop()?;
     // Read after the agent stopped: asking the Python server is a request of its own.
