@@ -95,18 +95,8 @@ unsafe fn tcp_sock_of_fd(fd: u32) -> Result<*const u8, i32> {
             return Ok(core::ptr::null());
         }
         let sk: *const u8 = read_at(socket, offset!(socket_sk))?;
-        if sk.is_null() {
+        if sk.is_null() || !is_tcp(sk) {
             return Ok(core::ptr::null());
-        }
-        let family: u16 = read_at(sk, offset!(sk_family))?;
-        if family != AF_INET && family != AF_INET6 {
-            return Ok(core::ptr::null());
-        }
-        if offset!(sk_protocol) != ABSENT {
-            let protocol: u16 = read_at(sk, offset!(sk_protocol))?;
-            if protocol != IPPROTO_TCP {
-                return Ok(core::ptr::null());
-            }
         }
         Ok(sk)
     }

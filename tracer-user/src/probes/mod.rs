@@ -242,7 +242,12 @@ impl Probes {
         if EBPF_OBJECT.is_empty() {
             return Err(ProbeError::NoObject);
         }
-        let offsets = kernel_offsets(Path::new(BTF_PATH))?;
+        // The parsed BTF is large: dropped here, before the programs load, it does not add to
+        // the agent's peak memory.
+        let (offsets, socket_layer_ok) = {
+            let btf = read_btf(Path::new(BTF_PATH))?;
+            (offsets_of(&btf)?, socket_layer_wanted(&btf))
+        };
         ensure_tracefs()?;
         let fork_offset = fork_child_pid_offset().unwrap_or_else(|| {
             warn!("cannot read sched_process_fork's format; children of traced processes will not be followed");
@@ -262,7 +267,7 @@ impl Probes {
             netns_inum: opts.netns_inum,
             exit_group_dead_offset: sched_format_offset("sched_process_exit", "group_dead")
                 .unwrap_or(0),
-            sock_hooks: u32::from(socket_layer_wanted(Path::new(BTF_PATH))),
+            sock_hooks: u32::from(socket_layer_ok),
         };
         raise_memlock_limit();
         let mut ebpf = EbpfLoader::new()
@@ -309,7 +314,11 @@ impl Probes {
         let socket_layer = config.sock_hooks != 0
             && match attach_socket_layer(&mut ebpf) {
                 Ok(()) => {
-                    attached.extend(SOCKET_LAYER.iter().map(|(_, tp)| format!("{tp} (tp_btf)")));
+                    attached.extend(
+                        SOCKET_LAYER
+                            .iter()
+                            .map(|(_, category, name)| format!("{category}:{name} (tp_btf)")),
+                    );
                     true
                 }
                 Err(e) => {
@@ -317,11 +326,12 @@ impl Probes {
                     false
                 }
             };
-        let raw_kind = match if socket_layer {
+        let raw_attempt = if socket_layer {
             Ok(None)
         } else {
             attach_raw_syscalls(&mut ebpf)
-        } {
+        };
+        let raw_kind = match raw_attempt {
             Ok(Some(kind)) => {
                 attached.push(format!("raw_syscalls:sys_enter ({kind})"));
                 attached.push(format!("raw_syscalls:sys_exit ({kind})"));
@@ -710,12 +720,20 @@ fn parse_format_offset(format: &str, name: &str) -> Option<u32> {
 
 /// Computes the struct field offsets the probes use, from the running kernel's BTF.
 pub fn kernel_offsets(btf_path: &Path) -> Result<KernelOffsets, ProbeError> {
+    offsets_of(&read_btf(btf_path)?)
+}
+
+/// The kernel's BTF, parsed.
+fn read_btf(btf_path: &Path) -> Result<Btf, ProbeError> {
     if !btf_path.exists() {
         return Err(ProbeError::MissingBtf);
     }
-    let btf = Btf::from_file(btf_path).map_err(|e| ProbeError::Btf(e.to_string()))?;
+    Btf::from_file(btf_path).map_err(|e| ProbeError::Btf(e.to_string()))
+}
+
+fn offsets_of(btf: &Btf) -> Result<KernelOffsets, ProbeError> {
     let field = |s: &str, path: &str| -> Result<u32, ProbeError> {
-        field_offset(&btf, s, path)?.ok_or_else(|| ProbeError::MissingField(format!("{s}.{path}")))
+        field_offset(btf, s, path)?.ok_or_else(|| ProbeError::MissingField(format!("{s}.{path}")))
     };
     Ok(KernelOffsets {
         task_files: field("task_struct", "files")?,
@@ -729,7 +747,7 @@ pub fn kernel_offsets(btf_path: &Path) -> Result<KernelOffsets, ProbeError> {
         socket_sk: field("socket", "sk")?,
         sk_family: field("sock", "__sk_common.skc_family")?,
         // A bitfield on kernels before 5.6; the probes then skip the protocol check.
-        sk_protocol: field_offset(&btf, "sock", "sk_protocol")?.unwrap_or(u32::MAX),
+        sk_protocol: field_offset(btf, "sock", "sk_protocol")?.unwrap_or(u32::MAX),
         sk_daddr: field("sock", "__sk_common.skc_daddr")?,
         sk_rcv_saddr: field("sock", "__sk_common.skc_rcv_saddr")?,
         sk_dport: field("sock", "__sk_common.skc_dport")?,
@@ -740,8 +758,8 @@ pub fn kernel_offsets(btf_path: &Path) -> Result<KernelOffsets, ProbeError> {
         nsproxy_net_ns: field("nsproxy", "net_ns")?,
         net_ns_inum: field("net", "ns.inum")?,
         // Absent fields only cost passive cross-host linking.
-        tcp_write_seq: field_offset(&btf, "tcp_sock", "write_seq")?.unwrap_or(u32::MAX),
-        tcp_copied_seq: field_offset(&btf, "tcp_sock", "copied_seq")?.unwrap_or(u32::MAX),
+        tcp_write_seq: field_offset(btf, "tcp_sock", "write_seq")?.unwrap_or(u32::MAX),
+        tcp_copied_seq: field_offset(btf, "tcp_sock", "copied_seq")?.unwrap_or(u32::MAX),
         task_group_leader: field("task_struct", "group_leader")?,
         task_comm: field("task_struct", "comm")?,
         _pad: 0,
@@ -868,27 +886,25 @@ fn read_process_u64(pid: u32, addr: u64) -> Option<u64> {
     Some(u64::from_ne_bytes(buf))
 }
 
-/// The socket-layer programs and their tracepoints (see tracer-ebpf/src/sockio.rs).
-const SOCKET_LAYER: [(&str, &str); 4] = [
-    ("tracer_sock_send", "sock:sock_send_length"),
-    ("tracer_sock_recv", "sock:sock_recv_length"),
-    ("tracer_tcp_send_begin", "tcp:tcp_sendmsg_locked"),
-    ("tracer_sock_state", "sock:inet_sock_set_state"),
+/// The socket-layer programs and their tracepoints, `(program, category, tracepoint)` (see
+/// tracer-ebpf/src/sockio.rs).
+const SOCKET_LAYER: [(&str, &str, &str); 4] = [
+    ("tracer_sock_send", "sock", "sock_send_length"),
+    ("tracer_sock_recv", "sock", "sock_recv_length"),
+    ("tracer_tcp_send_begin", "tcp", "tcp_sendmsg_locked"),
+    ("tracer_sock_state", "sock", "inet_sock_set_state"),
 ];
 
 /// Whether to watch socket I/O at the socket layer: x86_64 (the programs read syscall
 /// registers), a kernel whose BTF has all of `SOCKET_LAYER`'s tracepoints (6.3+ for the
 /// first two), and no `TRACER_SYSCALL_TRACEPOINTS` asking for a syscall path.
-fn socket_layer_wanted(btf_path: &Path) -> bool {
+fn socket_layer_wanted(btf: &Btf) -> bool {
     if !cfg!(target_arch = "x86_64") || std::env::var_os("TRACER_SYSCALL_TRACEPOINTS").is_some() {
         return false;
     }
-    let Ok(btf) = Btf::from_file(btf_path) else {
-        return false;
-    };
     let missing: Vec<&str> = SOCKET_LAYER
         .iter()
-        .map(|(_, tp)| tp.split_once(':').map_or(*tp, |(_, name)| name))
+        .map(|(_, _, name)| *name)
         .filter(|name| {
             btf.resolve_types_by_name(&format!("btf_trace_{name}"))
                 .is_err()
@@ -905,9 +921,10 @@ fn socket_layer_wanted(btf_path: &Path) -> bool {
 
 /// Attaches `SOCKET_LAYER`, all or none.
 fn attach_socket_layer(ebpf: &mut Ebpf) -> Result<(), aya::programs::ProgramError> {
-    let list =
-        SOCKET_LAYER.map(|(program, tp)| (program, tp.split_once(':').map_or(tp, |(_, n)| n)));
-    attach_btf_tracepoints(ebpf, &list)
+    attach_btf_tracepoints(
+        ebpf,
+        &SOCKET_LAYER.map(|(program, _, name)| (program, name)),
+    )
 }
 
 /// Attaches the raw `sys_enter`/`sys_exit` programs (x86_64): cheaper per syscall than the
