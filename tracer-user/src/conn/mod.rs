@@ -184,8 +184,8 @@ pub struct ConnTracker {
     linker: Linker,
     /// Processes seen for the first time since the last `take_new_processes`.
     new_processes: Vec<u32>,
-    /// Processes that exited or exec'd since the last `take_gone_processes`.
-    gone: Vec<u32>,
+    /// Processes that exited or exec'd since the last `take_gone_processes`, and when.
+    gone: Vec<(u32, u64)>,
 }
 
 /// A finished exchange, the connection it happened on, and its span identity.
@@ -224,7 +224,7 @@ impl ConnTracker {
 
     /// Processes that exited or ran execve since the last call: the kernel's socket table
     /// must forget their fds (they were closed without a close syscall).
-    pub fn take_gone_processes(&mut self) -> Vec<u32> {
+    pub fn take_gone_processes(&mut self) -> Vec<(u32, u64)> {
         std::mem::take(&mut self.gone)
     }
 
@@ -427,7 +427,7 @@ impl ConnTracker {
                 self.processes.remove(&hdr.tgid);
                 self.linker.process_exited(hdr.tgid);
                 if self.gone.len() < 4096 {
-                    self.gone.push(hdr.tgid);
+                    self.gone.push((hdr.tgid, hdr.ts_ns));
                 }
                 if matches!(event, Event::ProcessExec(_)) && self.new_processes.len() < 4096 {
                     self.new_processes.push(hdr.tgid);

@@ -591,22 +591,28 @@ impl Probes {
     /// closed without close syscalls, and a new socket on the same (pid, fd) — the same
     /// process after exec, or another that got the pid — must not inherit the old entry's
     /// connection id and addresses. Returns how many entries went.
-    pub fn forget_processes(&mut self, tgids: &[u32]) -> usize {
-        if tgids.is_empty() {
+    /// `gone` is `(tgid, when)`: entries the kernel made after that moment belong to the
+    /// program the process exec'd (or to a new process with the pid) and stay; the agent hears
+    /// of an exec only at its next drain, by which time the new program may well have
+    /// connected and sent its first request.
+    pub fn forget_processes(&mut self, gone: &[(u32, u64)]) -> usize {
+        if gone.is_empty() {
             return 0;
         }
         let Some(map) = self.ebpf.map_mut("CONNS") else {
             return 0;
         };
-        // The value (the kernel's ConnState) is not read: only its size matters here.
+        // The value is the kernel's ConnState: its first field, the connection id, is the
+        // time the entry was made.
         let Ok(mut conns) = HashMap::<&mut MapData, u64, [u8; 24]>::try_from(map) else {
             warn!("cannot open the kernel's connection map");
             return 0;
         };
         let stale: Vec<u64> = conns
-            .keys()
+            .iter()
             .filter_map(Result::ok)
-            .filter(|key| tgids.contains(&((key >> 32) as u32)))
+            .filter(|(key, value)| entry_predates(*key, value, gone))
+            .map(|(key, _)| key)
             .collect();
         stale.iter().filter(|key| conns.remove(key).is_ok()).count()
     }
@@ -626,6 +632,13 @@ impl Probes {
         }
         out
     }
+}
+
+/// Whether the `CONNS` entry `key` -> `value` was made before its process left, per `gone`.
+fn entry_predates(key: u64, value: &[u8; 24], gone: &[(u32, u64)]) -> bool {
+    let made = u64::from_ne_bytes(value[..8].try_into().expect("8 bytes"));
+    gone.iter()
+        .any(|&(tgid, when)| tgid == (key >> 32) as u32 && made < when)
 }
 
 fn check_privileges() -> Result<(), ProbeError> {
@@ -1248,6 +1261,31 @@ fn proc_net_addr(field: &str, v6: bool) -> Option<([u8; 16], u16)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An exec seen late must not take the new program's first connection with it.
+    #[test]
+    fn only_entries_made_before_the_process_left_are_forgotten() {
+        let value = |made: u64| {
+            let mut v = [0u8; 24];
+            v[..8].copy_from_slice(&made.to_ne_bytes());
+            v
+        };
+        let key = |tgid: u64, fd: u64| (tgid << 32) | fd;
+        let gone = [(7, 1_000)];
+        assert!(entry_predates(key(7, 3), &value(999), &gone));
+        assert!(
+            !entry_predates(key(7, 3), &value(1_001), &gone),
+            "made after the exec"
+        );
+        assert!(
+            !entry_predates(key(8, 3), &value(5), &gone),
+            "another process"
+        );
+        assert!(
+            entry_predates(key(7, 4), &value(0), &gone),
+            "a not-TCP marker"
+        );
+    }
 
     #[test]
     fn proc_net_tcp_addresses() {
