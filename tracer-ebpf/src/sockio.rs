@@ -16,7 +16,7 @@
 
 use aya_ebpf::{
     helpers::{
-        bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user,
+        bpf_get_current_pid_tgid, bpf_ktime_get_ns,
         generated::{bpf_get_current_task_btf, bpf_task_pt_regs},
     },
     macros::btf_tracepoint,
@@ -207,10 +207,7 @@ fn sock_io(ctx: &BtfTracePointContext, direction: u32) {
         SavedArgs::IOV => (kind, btf_reg(regs, SI), btf_reg(regs, DX)),
         // sendmsg/recvmsg: `struct user_msghdr *` with msg_iov at 16 and msg_iovlen at 24.
         crate::syscalls::MSG => {
-            let msg = btf_reg(regs, SI);
-            // SAFETY: probe reads of the caller's msghdr; a fault gives an empty iovec.
-            let iov: u64 = unsafe { bpf_probe_read_user((msg + 16) as *const u64) }.unwrap_or(0);
-            let iovlen: u64 = unsafe { bpf_probe_read_user((msg + 24) as *const u64) }.unwrap_or(0);
+            let [iov, iovlen] = crate::syscalls::msg_iov(btf_reg(regs, SI));
             (SavedArgs::IOV, iov, iovlen)
         }
         _ => (SavedArgs::NO_PAYLOAD, 0, 0),

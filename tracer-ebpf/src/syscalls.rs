@@ -38,6 +38,17 @@ const MAX_IOV: usize = 8;
 pub struct DataScratch {
     pub event: DataEvent,
     pub payload: [u8; 3 * MAX_CAPTURE],
+    /// The iovec array of the call, read at once (`copy_iov`); after the payload, which must
+    /// follow the event directly.
+    pub iov: [[u64; 2]; MAX_IOV],
+}
+
+/// `msg_iov` and `msg_iovlen` of a `struct user_msghdr` (at 16 and 24), in one read; a fault
+/// gives an empty iovec.
+#[inline(always)]
+pub(crate) fn msg_iov(msg: u64) -> [u64; 2] {
+    // SAFETY: a probe read of the caller's msghdr.
+    unsafe { bpf_probe_read_user((msg + 16) as *const [u64; 2]) }.unwrap_or([0, 0])
 }
 
 /// Bounds `v` with a mask the verifier sees. The volatile reload stops LLVM from proving the
@@ -106,9 +117,7 @@ pub fn enter_traced_args(
         SavedArgs::IOV => (kind, arg1, arg2),
         // sendmsg/recvmsg: `struct user_msghdr *` with msg_iov at 16 and msg_iovlen at 24.
         MSG => {
-            let iov: u64 = unsafe { bpf_probe_read_user((arg1 + 16) as *const u64) }.unwrap_or(0);
-            let iovlen: u64 =
-                unsafe { bpf_probe_read_user((arg1 + 24) as *const u64) }.unwrap_or(0);
+            let [iov, iovlen] = msg_iov(arg1);
             (SavedArgs::IOV, iov, iovlen)
         }
         _ => (SavedArgs::NO_PAYLOAD, 0, 0),
@@ -346,18 +355,38 @@ fn copy_buf(scratch: &mut DataScratch, buf: u64, want: usize, len: u64) -> usize
 
 #[inline(always)]
 fn copy_iov(scratch: &mut DataScratch, iov: u64, iovcnt: u64, want: usize, len: u64) -> usize {
+    // The whole array in one read: each probe read of user memory costs more than copying a
+    // few hundred bytes (fault handling set up, hardened-usercopy checks), and writev callers
+    // such as nginx pass a header and a body.
+    let entries = if iovcnt < MAX_IOV as u64 {
+        iovcnt as usize
+    } else {
+        MAX_IOV
+    };
+    let size = verifier_bound(entries * 16, 2 * MAX_IOV * 16 - 1);
+    if size == 0 || size > MAX_IOV * 16 {
+        return 0;
+    }
+    // SAFETY: `size` ≤ the `iov` field's size; the source is the caller's iovec array.
+    if unsafe {
+        probe_read_user_raw(
+            scratch.iov.as_mut_ptr().cast(),
+            size as u32,
+            iov as *const core::ffi::c_void,
+        )
+    } != 0
+    {
+        count(stat::PAYLOAD_FAULTS);
+        return 0;
+    }
     let mut copied: usize = 0;
     let mut seen: u64 = 0;
     for i in 0..MAX_IOV {
-        if i as u64 >= iovcnt {
+        if i >= entries {
             break;
         }
         // struct iovec { void *iov_base; size_t iov_len; }
-        let Ok(entry) = (unsafe { bpf_probe_read_user((iov + i as u64 * 16) as *const [u64; 2]) })
-        else {
-            break;
-        };
-        let (base, iov_len) = (entry[0], entry[1]);
+        let [base, iov_len] = scratch.iov[i];
         if copied < want {
             let mut n = want - copied;
             if n as u64 > iov_len {
