@@ -533,7 +533,7 @@ fn header<'a>(exchange: &'a HttpExchange, name: &str) -> Option<&'a str> {
     exchange
         .request_headers
         .iter()
-        .find(|(n, _)| n == name)
+        .find(|(n, _)| *n == name)
         .map(|(_, v)| v.as_str())
 }
 
@@ -777,9 +777,9 @@ mod tests {
             target: target.into(),
             minor_version: 1,
             request_headers: vec![
-                ("host".into(), "cats.example:8080".into()),
-                ("authorization".into(), "Bearer s3cret".into()),
-                ("cookie".into(), "session=abc".into()),
+                ("host", "cats.example:8080".into()),
+                ("authorization", "Bearer s3cret".into()),
+                ("cookie", "session=abc".into()),
             ],
             status,
             req_start_ns: 1_000_000,
@@ -1018,7 +1018,7 @@ mod tests {
     #[test]
     fn long_tag_values_are_cut_on_char_boundaries() {
         let mut e = exchange(Side::Server, "GET", "/", Some(200), Outcome::Complete);
-        e.request_headers.push(("host".into(), "é".repeat(500)));
+        e.request_headers.push(("host", "é".repeat(500)));
         e.request_headers.remove(0);
         let span = build(&e);
         assert!(span.tags["http.host"].len() <= MAX_TAG_VALUE + 3);

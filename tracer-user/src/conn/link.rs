@@ -476,16 +476,18 @@ mod tests {
     };
     use crate::protocols::Outcome;
 
-    fn exchange(side: Side, start: u64, end: u64, headers: &[(&str, &str)]) -> HttpExchange {
+    fn exchange(
+        side: Side,
+        start: u64,
+        end: u64,
+        headers: &[(&'static str, &str)],
+    ) -> HttpExchange {
         HttpExchange {
             side,
             method: "GET".into(),
             target: "/".into(),
             minor_version: 1,
-            request_headers: headers
-                .iter()
-                .map(|(n, v)| ((*n).into(), (*v).into()))
-                .collect(),
+            request_headers: headers.iter().map(|(n, v)| (*n, (*v).into())).collect(),
             status: Some(200),
             req_start_ns: start,
             req_end_ns: start,

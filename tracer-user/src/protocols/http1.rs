@@ -208,7 +208,7 @@ struct Pending {
     method: String,
     target: String,
     minor_version: u8,
-    headers: Vec<(String, String)>,
+    headers: Vec<(&'static str, String)>,
     /// Responses to HEAD carry no body whatever their headers say.
     is_head: bool,
     /// A 2xx to CONNECT turns the connection into a tunnel.
@@ -240,7 +240,7 @@ struct ReqHead {
     method: String,
     target: String,
     minor_version: u8,
-    headers: Vec<(String, String)>,
+    headers: Vec<(&'static str, String)>,
     framing: Framing,
 }
 
@@ -1149,7 +1149,7 @@ impl ReqHead {
                     KEPT_HEADERS
                         .iter()
                         .find(|k| h.name.eq_ignore_ascii_case(k))
-                        .map(|k| ((*k).to_owned(), header_value(h.value)))
+                        .map(|k| (*k, header_value(h.value)))
                 })
                 .take(MAX_KEPT_HEADERS)
                 .collect(),
@@ -1320,7 +1320,7 @@ mod tests {
             (e.req_bytes, e.resp_bytes),
             (GET.len() as u64, OK2.len() as u64)
         );
-        assert_eq!(e.request_headers, [("host".to_string(), "x".to_string())]);
+        assert_eq!(e.request_headers, [("host", "x".to_string())]);
         assert_eq!(r.out[1].req_start_ns, 30);
     }
 
@@ -1414,10 +1414,7 @@ mod tests {
             (e.req_start_ns, e.req_end_ns, e.req_bytes),
             (1, 3, req.len() as u64)
         );
-        assert_eq!(
-            e.request_headers,
-            vec![("host".to_string(), "example".to_string())]
-        );
+        assert_eq!(e.request_headers, vec![("host", "example".to_string())]);
     }
 
     #[test]
@@ -1857,7 +1854,7 @@ mod tests {
         assert_eq!(h.len(), MAX_KEPT_HEADERS, "bounded in count");
         assert_eq!(
             h[0],
-            ("host".into(), "cats.example".into()),
+            ("host", "cats.example".into()),
             "lowercased and trimmed"
         );
         assert_eq!(h[1].0, "user-agent");
@@ -1866,10 +1863,10 @@ mod tests {
             "a".repeat(1023),
             "bounded, cut on a character boundary"
         );
-        assert!(h[2..].iter().all(|(n, _)| n == "b3"));
-        assert!(!h.iter().any(|(n, _)| n == "authorization"
-            || n == "cookie"
-            || n.starts_with('h') && n != "host"));
+        assert!(h[2..].iter().all(|(n, _)| *n == "b3"));
+        assert!(!h.iter().any(|(n, _)| *n == "authorization"
+            || *n == "cookie"
+            || n.starts_with('h') && *n != "host"));
     }
 
     #[test]
@@ -1885,7 +1882,7 @@ mod tests {
             (e.target.as_str(), e.req_bytes, e.status),
             ("/profile?tab=1", req.len() as u64, Some(200))
         );
-        assert_eq!(e.request_headers, [("host".to_string(), "app".to_string())]);
+        assert_eq!(e.request_headers, [("host", "app".to_string())]);
     }
 
     #[test]

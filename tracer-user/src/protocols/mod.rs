@@ -95,7 +95,8 @@ pub struct HttpExchange {
     /// 0 for HTTP/1.0, 1 for HTTP/1.1.
     pub minor_version: u8,
     /// Request headers in order, names lowercased; bounded in count and size by the parser.
-    pub request_headers: Vec<(String, String)>,
+    /// Only a fixed list of headers is kept, so their names are that list's constants.
+    pub request_headers: Vec<(&'static str, String)>,
     /// `None` when the connection ended before a response head arrived.
     pub status: Option<u16>,
     /// First byte of the request.
