@@ -456,7 +456,7 @@ fn assemble(
     clock: &Clock,
 ) -> Span {
     tags.insert("process.pid", conn.pid.to_string());
-    tags.insert("process.command", conn.comm.clone());
+    tags.insert("process.command", conn.comm.to_string());
     if let Some(seq) = conn.request_seq {
         tags.insert(LINK_TAG, link_key(side, conn.local, conn.remote, seq));
     }
@@ -472,7 +472,7 @@ fn assemble(
         name,
         timestamp: clock.mono_ns_to_unix_us(start),
         duration: ((end - start) / 1000).max(1),
-        local_endpoint: Endpoint::new(Some(conn.service_name.clone()), conn.local),
+        local_endpoint: Endpoint::new(Some(conn.service_name.to_string()), conn.local),
         remote_endpoint: Some(Endpoint::new(remote_service, conn.remote)),
         tags,
     }
