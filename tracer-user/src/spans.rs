@@ -455,7 +455,16 @@ pub fn span_from_http(
     let name = match exchange.method.as_str() {
         // CONNECT's target is host:port, an address rather than a route.
         "CONNECT" => "CONNECT".to_string(),
-        method => format!("{method} {}", fold_path(path)),
+        method => {
+            // Folding may lengthen a path (`/1` is `/{id}`), not much past FOLD_MAX: a segment
+            // of 32 bytes or more is an id.
+            let folded = (3 * path.len()).min(FOLD_MAX + 40);
+            let mut name = String::with_capacity(method.len() + 1 + folded);
+            name.push_str(method);
+            name.push(' ');
+            fold_path_into(&mut name, path);
+            name
+        }
     };
     let mut tags = Tags::new();
     tags.insert_bounded("http.method", &exchange.method, MAX_TAG_VALUE);
@@ -681,12 +690,22 @@ fn cut_from(out: &mut String, start: usize, max: usize) {
 /// Replaces path segments that look like identifiers with `{id}`: the span name is a route,
 /// not a request (`GET /users/42` and `GET /users/43` are one operation).
 pub fn fold_path(path: &str) -> String {
-    let mut out = String::with_capacity(path.len().min(128));
+    let mut out = String::with_capacity(path.len().min(FOLD_MAX));
+    fold_path_into(&mut out, path);
+    out
+}
+
+/// A folded path is cut (with `...`) once it is longer than this.
+const FOLD_MAX: usize = 128;
+
+/// Appends [`fold_path`] to `out`.
+fn fold_path_into(out: &mut String, path: &str) {
+    let start = out.len();
     for (i, segment) in path.split('/').enumerate() {
         if i > 0 {
             out.push('/');
         }
-        if out.len() > 128 {
+        if out.len() - start > FOLD_MAX {
             out.push_str("...");
             break;
         }
@@ -696,7 +715,6 @@ pub fn fold_path(path: &str) -> String {
             out.push_str(segment);
         }
     }
-    out
 }
 
 fn looks_like_id(segment: &str) -> bool {
@@ -1137,6 +1155,27 @@ mod tests {
         ];
         for (path, want) in cases {
             assert_eq!(fold_path(path), want, "{path}");
+        }
+    }
+
+    #[test]
+    fn span_names_are_the_method_and_the_folded_path() {
+        let long_word = format!("/{}", "x".repeat(31)).repeat(10);
+        for path in [
+            "/",
+            "/users/42",
+            &"/a".repeat(100),
+            &"/1".repeat(100),
+            &long_word,
+        ] {
+            let span = build(&exchange(
+                Side::Server,
+                "DELETE",
+                path,
+                Some(200),
+                Outcome::Complete,
+            ));
+            assert_eq!(span.name, format!("DELETE {}", fold_path(path)));
         }
     }
 
