@@ -5,7 +5,10 @@
 //! folded so that ids do not explode the span-name cardinality, query strings are redacted, and
 //! request headers other than the few named here are never exported.
 
-use std::net::{IpAddr, SocketAddr};
+use std::{
+    net::{IpAddr, SocketAddr},
+    sync::{Arc, LazyLock},
+};
 
 use serde::{Serialize, Serializer};
 
@@ -21,48 +24,76 @@ pub enum SpanKind {
     Client,
 }
 
-/// A Zipkin v2 endpoint. `ipv4`/`ipv6` come from the address; an IPv4-mapped IPv6 address is
-/// reported as IPv4, as the peer would see it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "camelCase")]
+/// A Zipkin v2 endpoint: `ipv4` or `ipv6` in its JSON comes from the address, an IPv4-mapped
+/// IPv6 address as IPv4 (as the peer would see it), the unspecified address not at all. The
+/// address is kept as a value and written as text only when the span is, and the service name
+/// is the process's shared one: an endpoint costs no allocation.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Endpoint {
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub service_name: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub ipv4: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub ipv6: Option<String>,
+    pub service_name: Option<Arc<str>>,
+    /// Never IPv4-mapped nor unspecified ([`Endpoint::new`] sees to it).
+    ip: Option<IpAddr>,
     /// Zipkin omits port 0.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub port: Option<u16>,
 }
 
 impl Endpoint {
-    pub fn new(service_name: Option<String>, addr: SocketAddr) -> Self {
+    pub fn new(service_name: Option<Arc<str>>, addr: SocketAddr) -> Self {
         let ip = match addr.ip() {
             IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
             v4 => v4,
         };
-        let (ipv4, ipv6) = match ip {
-            IpAddr::V4(v4) if v4.is_unspecified() => (None, None),
-            IpAddr::V4(v4) => {
-                let mut text = String::with_capacity(15);
-                push_ipv4(&mut text, v4);
-                (Some(text), None)
-            }
-            IpAddr::V6(v6) if v6.is_unspecified() => (None, None),
-            IpAddr::V6(v6) => (None, Some(v6.to_string())),
-        };
         Self {
             service_name,
-            ipv4,
-            ipv6,
+            ip: (!ip.is_unspecified()).then_some(ip),
             port: (addr.port() != 0).then_some(addr.port()),
         }
     }
 
-    pub fn ip(&self) -> Option<&str> {
-        self.ipv4.as_deref().or(self.ipv6.as_deref())
+    /// The address, as reported: IPv4 for an IPv4-mapped one, `None` for the unspecified one.
+    pub fn ip(&self) -> Option<IpAddr> {
+        self.ip
+    }
+
+    /// The `ipv4` field's text.
+    pub fn ipv4(&self) -> Option<String> {
+        self.ip.filter(IpAddr::is_ipv4).map(|ip| ip.to_string())
+    }
+
+    /// The `ipv6` field's text.
+    pub fn ipv6(&self) -> Option<String> {
+        self.ip.filter(IpAddr::is_ipv6).map(|ip| ip.to_string())
+    }
+}
+
+impl Serialize for Endpoint {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct as _;
+        let fields = usize::from(self.service_name.is_some())
+            + usize::from(self.ip.is_some())
+            + usize::from(self.port.is_some());
+        let mut st = s.serialize_struct("Endpoint", fields)?;
+        if let Some(name) = &self.service_name {
+            st.serialize_field("serviceName", &**name)?;
+        }
+        match &self.ip {
+            Some(ip @ IpAddr::V4(_)) => st.serialize_field("ipv4", &DisplayStr(ip))?,
+            Some(ip @ IpAddr::V6(_)) => st.serialize_field("ipv6", &DisplayStr(ip))?,
+            None => {}
+        }
+        if let Some(port) = self.port {
+            st.serialize_field("port", &port)?;
+        }
+        st.end()
+    }
+}
+
+/// Serializes as the string `Display` writes, without a String of it first.
+struct DisplayStr<'a, T>(&'a T);
+
+impl<T: std::fmt::Display> Serialize for DisplayStr<'_, T> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self.0)
     }
 }
 
@@ -241,19 +272,27 @@ impl Endpoint {
     fn write_json(&self, out: &mut Vec<u8>) {
         out.push(b'{');
         let mut sep = "";
-        for (name, value) in [
-            ("serviceName", &self.service_name),
-            ("ipv4", &self.ipv4),
-            ("ipv6", &self.ipv6),
-        ] {
-            if let Some(value) = value {
+        if let Some(name) = &self.service_name {
+            out.extend_from_slice(b"\"serviceName\":");
+            json_str(out, name);
+            sep = ",";
+        }
+        // Address text needs no JSON escaping.
+        match self.ip {
+            Some(IpAddr::V4(v4)) => {
                 out.extend_from_slice(sep.as_bytes());
+                out.extend_from_slice(b"\"ipv4\":\"");
+                ipv4_text(v4, |part| out.extend_from_slice(part.as_bytes()));
                 out.push(b'"');
-                out.extend_from_slice(name.as_bytes());
-                out.extend_from_slice(b"\":");
-                json_str(out, value);
                 sep = ",";
             }
+            Some(IpAddr::V6(v6)) => {
+                use std::io::Write as _;
+                out.extend_from_slice(sep.as_bytes());
+                let _ = write!(out, "\"ipv6\":\"{v6}\"");
+                sep = ",";
+            }
+            None => {}
         }
         if let Some(port) = self.port {
             out.extend_from_slice(sep.as_bytes());
@@ -414,7 +453,10 @@ pub fn span_from_db(
         }
         (None, Outcome::Complete) => {}
     }
-    let remote_service = (exchange.side == Side::Client).then(|| system.to_string());
+    let remote_service = (exchange.side == Side::Client).then(|| match exchange.system {
+        DbSystem::Postgresql => POSTGRESQL.clone(),
+        DbSystem::Redis => REDIS.clone(),
+    });
     let times = (exchange.req_start_ns, exchange.end_ns);
     assemble(
         name,
@@ -427,6 +469,10 @@ pub fn span_from_db(
         clock,
     )
 }
+
+/// The remote service of database calls, shared by all their spans.
+static POSTGRESQL: LazyLock<Arc<str>> = LazyLock::new(|| Arc::from("postgresql"));
+static REDIS: LazyLock<Arc<str>> = LazyLock::new(|| Arc::from("redis"));
 
 /// A server's error message without the request values some errors quote: Redis's
 /// "ERR unknown command 'x', with args beginning with: 'secret'" and PostgreSQL's
@@ -493,11 +539,7 @@ pub fn span_from_http(
     // Zipkin's dependency graph can use.
     let remote_service = match exchange.side {
         Side::Server => None,
-        Side::Client => header(exchange, "host").map(|h| {
-            let mut host = String::new();
-            push_bounded(&mut host, host_without_port(h), MAX_TAG_VALUE);
-            host.to_lowercase()
-        }),
+        Side::Client => header(exchange, "host").map(|h| host_service(host_without_port(h))),
     };
     let times = (exchange.req_start_ns, exchange.end_ns);
     assemble(
@@ -518,7 +560,7 @@ pub fn span_from_http(
 fn assemble(
     name: String,
     mut tags: Tags,
-    remote_service: Option<String>,
+    remote_service: Option<Arc<str>>,
     side: Side,
     (start, end): (u64, u64),
     conn: &ConnInfo,
@@ -544,7 +586,7 @@ fn assemble(
         name,
         timestamp: clock.mono_ns_to_unix_us(start),
         duration: ((end - start) / 1000).max(1),
-        local_endpoint: Endpoint::new(Some(conn.service_name.to_string()), conn.local),
+        local_endpoint: Endpoint::new(Some(conn.service_name.clone()), conn.local),
         remote_endpoint: Some(Endpoint::new(remote_service, conn.remote)),
         tags,
     }
@@ -597,12 +639,17 @@ fn push_socket_addr(out: &mut String, addr: SocketAddr) {
 }
 
 fn push_ipv4(out: &mut String, ip: std::net::Ipv4Addr) {
+    ipv4_text(ip, |part| out.push_str(part));
+}
+
+/// `ip` as `Display` writes it, in pieces given to `push`.
+fn ipv4_text(ip: std::net::Ipv4Addr, mut push: impl FnMut(&str)) {
     let mut buf = itoa::Buffer::new();
     for (i, octet) in ip.octets().into_iter().enumerate() {
         if i > 0 {
-            out.push('.');
+            push(".");
         }
-        out.push_str(buf.format(octet));
+        push(buf.format(octet));
     }
 }
 
@@ -635,6 +682,21 @@ fn http_error(exchange: &HttpExchange) -> Option<HttpError> {
         (Outcome::Complete, Some(s)) if s >= 500 => Some(HttpError::Status(s)),
         (Outcome::Complete, _) => None,
     }
+}
+
+/// The service name of a Host header's host: bounded, lowercase.
+fn host_service(host: &str) -> Arc<str> {
+    // Nearly always short and lowercase already: then it is the name as it is.
+    if host.len() <= MAX_TAG_VALUE
+        && host
+            .bytes()
+            .all(|b| b.is_ascii() && !b.is_ascii_uppercase())
+    {
+        return Arc::from(host);
+    }
+    let mut bounded = String::new();
+    push_bounded(&mut bounded, host, MAX_TAG_VALUE);
+    Arc::from(bounded.to_lowercase())
 }
 
 fn host_without_port(host: &str) -> &str {
@@ -807,7 +869,7 @@ pub fn text_line(span: &Span) -> String {
     let peer = span.remote_endpoint.as_ref().map_or_else(
         || "-".to_string(),
         |r| match (r.ip(), r.port) {
-            (Some(ip), Some(port)) if ip.contains(':') => format!("[{ip}]:{port}"),
+            (Some(ip @ IpAddr::V6(_)), Some(port)) => format!("[{ip}]:{port}"),
             (Some(ip), Some(port)) => format!("{ip}:{port}"),
             (Some(ip), None) => ip.to_string(),
             _ => "-".into(),
@@ -1074,6 +1136,25 @@ mod tests {
     }
 
     #[test]
+    fn remote_host_names_are_bounded_and_lowercase() {
+        let long = "A".repeat(300);
+        for (host, want) in [
+            ("Cats.EXAMPLE:8080", "cats.example".to_string()),
+            ("ÉCOLE.example", "école.example".to_string()),
+            ("[::1]:80", "::1".to_string()),
+            (&long, format!("{}...", "a".repeat(MAX_TAG_VALUE))),
+        ] {
+            let mut e = exchange(Side::Client, "GET", "/", Some(200), Outcome::Complete);
+            e.request_headers[0].1 = host.to_string();
+            let span = build(&e);
+            assert_eq!(
+                span.remote_endpoint.unwrap().service_name.as_deref(),
+                Some(want.as_str())
+            );
+        }
+    }
+
+    #[test]
     fn errors_are_tagged() {
         let five = build(&exchange(
             Side::Server,
@@ -1207,16 +1288,46 @@ mod tests {
     }
 
     #[test]
+    fn endpoints_are_written_as_zipkin_reads_them() {
+        for (name, addr, want) in [
+            (
+                Some("a"),
+                "10.0.0.1:80",
+                r#"{"serviceName":"a","ipv4":"10.0.0.1","port":80}"#,
+            ),
+            (
+                None,
+                "[::ffff:10.0.0.7]:9",
+                r#"{"ipv4":"10.0.0.7","port":9}"#,
+            ),
+            (None, "[2001:db8::1]:0", r#"{"ipv6":"2001:db8::1"}"#),
+            (Some("b"), "[::]:443", r#"{"serviceName":"b","port":443}"#),
+            (None, "[::ffff:0.0.0.0]:0", "{}"),
+            (
+                Some("q\"uote"),
+                "0.0.0.0:1",
+                r#"{"serviceName":"q\"uote","port":1}"#,
+            ),
+        ] {
+            let e = Endpoint::new(name.map(Arc::from), addr.parse().unwrap());
+            assert_eq!(serde_json::to_string(&e).unwrap(), want, "{addr}");
+            let mut direct = Vec::new();
+            e.write_json(&mut direct);
+            assert_eq!(String::from_utf8(direct).unwrap(), want, "{addr}");
+        }
+    }
+
+    #[test]
     fn mapped_ipv6_is_reported_as_ipv4() {
         let e = Endpoint::new(None, "[::ffff:10.1.2.3]:80".parse().unwrap());
         assert_eq!(
-            (e.ipv4.as_deref(), e.ipv6.as_deref()),
+            (e.ipv4().as_deref(), e.ipv6().as_deref()),
             (Some("10.1.2.3"), None)
         );
         let e = Endpoint::new(None, "[2001:db8::1]:80".parse().unwrap());
-        assert_eq!(e.ipv6.as_deref(), Some("2001:db8::1"));
+        assert_eq!(e.ipv6().as_deref(), Some("2001:db8::1"));
         let e = Endpoint::new(None, "0.0.0.0:0".parse().unwrap());
-        assert_eq!((e.ipv4, e.port), (None, None));
+        assert_eq!((e.ipv4(), e.port), (None, None));
     }
 
     #[test]
@@ -1273,7 +1384,7 @@ mod tests {
             assert_eq!(fast, canonical.to_string());
         }
         let e = Endpoint::new(None, "[::ffff:10.0.0.7]:9".parse().unwrap());
-        assert_eq!((e.ipv4.as_deref(), e.port), (Some("10.0.0.7"), Some(9)));
+        assert_eq!((e.ipv4().as_deref(), e.port), (Some("10.0.0.7"), Some(9)));
     }
 
     #[test]
