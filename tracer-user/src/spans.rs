@@ -511,7 +511,7 @@ pub fn span_from_http(
     clock: &Clock,
 ) -> Span {
     let (path, query) = split_target(&exchange.target);
-    let name = match exchange.method.as_str() {
+    let name = match &*exchange.method {
         // CONNECT's target is host:port, an address rather than a route.
         "CONNECT" => "CONNECT".to_string(),
         method => {
@@ -1049,7 +1049,7 @@ mod tests {
     ) -> HttpExchange {
         HttpExchange {
             side,
-            method: method.into(),
+            method: method.to_owned().into(),
             target: target.into(),
             minor_version: 1,
             request_headers: vec![

@@ -660,7 +660,7 @@ mod tests {
         let (ex, info, _) = &out[0];
         let ex = ex.as_http().unwrap();
         assert_eq!(
-            (ex.side, ex.method.as_str(), ex.status),
+            (ex.side, &*ex.method, ex.status),
             (Side::Server, "GET", Some(200))
         );
         assert_eq!(info.local.port(), 8080);
