@@ -340,7 +340,7 @@ fn submit(
             Exchange::Http(e) => e
                 .request_headers
                 .iter()
-                .any(|(n, v)| n == "user-agent" && v == USER_AGENT),
+                .any(|(n, v)| *n == "user-agent" && v == USER_AGENT),
             Exchange::Db(_) => false,
         };
         if identity.sampled && !own_export {

@@ -19,12 +19,12 @@ pub struct IncomingContext {
 const MAX_TRACESTATE: usize = 512;
 
 /// Reads the first valid context, W3C first (it is the standard), then B3 single, then B3 multi.
-pub fn extract(headers: &[(String, String)]) -> Option<IncomingContext> {
+pub fn extract<N: AsRef<str>, V: AsRef<str>>(headers: &[(N, V)]) -> Option<IncomingContext> {
     let get = |name: &str| {
         headers
             .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, v)| v.trim())
+            .find(|(n, _)| n.as_ref() == name)
+            .map(|(_, v)| v.as_ref().trim())
     };
     if let Some(ctx) = get("traceparent").and_then(parse_traceparent) {
         let tracestate = get("tracestate")

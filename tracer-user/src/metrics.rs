@@ -60,7 +60,7 @@ impl Red {
             SpanKind::Server => "server",
             SpanKind::Client => "client",
         };
-        let protocol = match span.tags.get("db.system").map(String::as_str) {
+        let protocol = match span.tags.get("db.system") {
             Some("postgresql") => "postgresql",
             Some("redis") => "redis",
             _ => "http",
@@ -246,7 +246,7 @@ mod tests {
         let mut red = Red::default();
         let mut slow = span();
         slow.duration = 300_000;
-        slow.tags.insert("error", "503".into());
+        slow.tags.insert("error", "503");
         red.observe(&span());
         red.observe(&slow);
         let mut out = String::new();

@@ -5,7 +5,10 @@
 //! folded so that ids do not explode the span-name cardinality, query strings are redacted, and
 //! request headers other than the few named here are never exported.
 
-use std::net::{IpAddr, SocketAddr};
+use std::{
+    net::{IpAddr, SocketAddr},
+    sync::{Arc, LazyLock},
+};
 
 use serde::{Serialize, Serializer};
 
@@ -21,48 +24,76 @@ pub enum SpanKind {
     Client,
 }
 
-/// A Zipkin v2 endpoint. `ipv4`/`ipv6` come from the address; an IPv4-mapped IPv6 address is
-/// reported as IPv4, as the peer would see it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "camelCase")]
+/// A Zipkin v2 endpoint: `ipv4` or `ipv6` in its JSON comes from the address, an IPv4-mapped
+/// IPv6 address as IPv4 (as the peer would see it), the unspecified address not at all. The
+/// address is kept as a value and written as text only when the span is, and the service name
+/// is the process's shared one: an endpoint costs no allocation.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Endpoint {
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub service_name: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub ipv4: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub ipv6: Option<String>,
+    pub service_name: Option<Arc<str>>,
+    /// Never IPv4-mapped nor unspecified ([`Endpoint::new`] sees to it).
+    ip: Option<IpAddr>,
     /// Zipkin omits port 0.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub port: Option<u16>,
 }
 
 impl Endpoint {
-    pub fn new(service_name: Option<String>, addr: SocketAddr) -> Self {
+    pub fn new(service_name: Option<Arc<str>>, addr: SocketAddr) -> Self {
         let ip = match addr.ip() {
             IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
             v4 => v4,
         };
-        let (ipv4, ipv6) = match ip {
-            IpAddr::V4(v4) if v4.is_unspecified() => (None, None),
-            IpAddr::V4(v4) => {
-                let mut text = String::with_capacity(15);
-                push_ipv4(&mut text, v4);
-                (Some(text), None)
-            }
-            IpAddr::V6(v6) if v6.is_unspecified() => (None, None),
-            IpAddr::V6(v6) => (None, Some(v6.to_string())),
-        };
         Self {
             service_name,
-            ipv4,
-            ipv6,
+            ip: (!ip.is_unspecified()).then_some(ip),
             port: (addr.port() != 0).then_some(addr.port()),
         }
     }
 
-    pub fn ip(&self) -> Option<&str> {
-        self.ipv4.as_deref().or(self.ipv6.as_deref())
+    /// The address, as reported: IPv4 for an IPv4-mapped one, `None` for the unspecified one.
+    pub fn ip(&self) -> Option<IpAddr> {
+        self.ip
+    }
+
+    /// The `ipv4` field's text.
+    pub fn ipv4(&self) -> Option<String> {
+        self.ip.filter(IpAddr::is_ipv4).map(|ip| ip.to_string())
+    }
+
+    /// The `ipv6` field's text.
+    pub fn ipv6(&self) -> Option<String> {
+        self.ip.filter(IpAddr::is_ipv6).map(|ip| ip.to_string())
+    }
+}
+
+impl Serialize for Endpoint {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct as _;
+        let fields = usize::from(self.service_name.is_some())
+            + usize::from(self.ip.is_some())
+            + usize::from(self.port.is_some());
+        let mut st = s.serialize_struct("Endpoint", fields)?;
+        if let Some(name) = &self.service_name {
+            st.serialize_field("serviceName", &**name)?;
+        }
+        match &self.ip {
+            Some(ip @ IpAddr::V4(_)) => st.serialize_field("ipv4", &DisplayStr(ip))?,
+            Some(ip @ IpAddr::V6(_)) => st.serialize_field("ipv6", &DisplayStr(ip))?,
+            None => {}
+        }
+        if let Some(port) = self.port {
+            st.serialize_field("port", &port)?;
+        }
+        st.end()
+    }
+}
+
+/// Serializes as the string `Display` writes, without a String of it first.
+struct DisplayStr<'a, T>(&'a T);
+
+impl<T: std::fmt::Display> Serialize for DisplayStr<'_, T> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self.0)
     }
 }
 
@@ -88,11 +119,18 @@ pub struct Span {
     pub tags: Tags,
 }
 
-/// A span's tags: few, with names known at compile time, in one vector in the order they were
-/// set (Zipkin's JSON has them as an object; the order is the same for every span of a kind).
-/// One allocation per span, where a map of owned strings cost one per name and per node.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Tags(Vec<(&'static str, String)>);
+/// A span's tags: few, with names known at compile time, in the order they were first set
+/// (Zipkin's JSON has them as an object; the order is the same for every span of a kind).
+/// The values share one buffer: a span's tags cost two allocations, where a String per value
+/// cost one per tag, about ten per span.
+#[derive(Clone, Default)]
+pub struct Tags {
+    /// Each tag's name and the byte range of its value in `text`.
+    entries: Vec<(&'static str, usize, usize)>,
+    /// The values, back to back. A replaced value's bytes stay behind, unused: replacing is
+    /// rare and spans are short-lived.
+    text: String,
+}
 
 /// Tag names are string constants, usually one copy each: comparing addresses first saves
 /// comparing bytes, which a span's dozen tags did dozens of times.
@@ -102,22 +140,45 @@ fn same_name(a: &str, b: &str) -> bool {
 
 impl Tags {
     pub fn new() -> Self {
-        Self(Vec::with_capacity(12))
-    }
-
-    /// Sets `name` to `value`, replacing an earlier value.
-    pub fn insert(&mut self, name: &'static str, value: String) {
-        match self.0.iter_mut().find(|(n, _)| same_name(n, name)) {
-            Some((_, v)) => *v = value,
-            None => self.0.push((name, value)),
+        // An HTTP span's values take about 100 bytes: room for them without regrowing.
+        Self {
+            entries: Vec::with_capacity(12),
+            text: String::with_capacity(256),
         }
     }
 
-    pub fn get(&self, name: &str) -> Option<&String> {
-        self.0
+    /// Sets `name` to `value`, replacing an earlier value.
+    pub fn insert(&mut self, name: &'static str, value: &str) {
+        self.insert_with(name, |text| text.push_str(value));
+    }
+
+    /// Sets `name` to the decimal digits of `value`, without a String of them first.
+    pub fn insert_int(&mut self, name: &'static str, value: impl itoa::Integer) {
+        self.insert(name, itoa::Buffer::new().format(value));
+    }
+
+    /// Sets `name` to `value` cut to `max` bytes on a character boundary, with `...` when cut.
+    fn insert_bounded(&mut self, name: &'static str, value: &str, max: usize) {
+        self.insert_with(name, |text| push_bounded(text, value, max));
+    }
+
+    /// Sets `name` to what `write` appends to the value buffer; `write` must only append.
+    fn insert_with(&mut self, name: &'static str, write: impl FnOnce(&mut String)) {
+        let start = self.text.len();
+        write(&mut self.text);
+        debug_assert!(self.text.len() >= start, "a tag writer only appends");
+        let end = self.text.len();
+        match self.entries.iter_mut().find(|(n, _, _)| same_name(n, name)) {
+            Some((_, s, e)) => (*s, *e) = (start, end),
+            None => self.entries.push((name, start, end)),
+        }
+    }
+
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.entries
             .iter()
-            .find(|(n, _)| same_name(n, name))
-            .map(|(_, v)| v)
+            .find(|(n, _, _)| same_name(n, name))
+            .map(|(_, start, end)| &self.text[*start..*end])
     }
 
     pub fn contains_key(&self, name: &str) -> bool {
@@ -125,21 +186,39 @@ impl Tags {
     }
 
     pub fn iter(&self) -> impl Iterator<Item = (&'static str, &str)> {
-        self.0.iter().map(|(n, v)| (*n, v.as_str()))
+        self.entries
+            .iter()
+            .map(|(n, start, end)| (*n, &self.text[*start..*end]))
+    }
+}
+
+/// Equal when the same names have the same values in the same order, whatever bytes replaced
+/// values left behind.
+impl PartialEq for Tags {
+    fn eq(&self, other: &Self) -> bool {
+        self.iter().eq(other.iter())
+    }
+}
+
+impl Eq for Tags {}
+
+impl std::fmt::Debug for Tags {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_map().entries(self.iter()).finish()
     }
 }
 
 impl std::ops::Index<&str> for Tags {
-    type Output = String;
+    type Output = str;
 
-    fn index(&self, name: &str) -> &String {
+    fn index(&self, name: &str) -> &str {
         self.get(name).unwrap_or_else(|| panic!("no tag {name:?}"))
     }
 }
 
 impl Serialize for Tags {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_map(self.0.iter().map(|(n, v)| (n, v)))
+        s.collect_map(self.iter())
     }
 }
 
@@ -193,19 +272,27 @@ impl Endpoint {
     fn write_json(&self, out: &mut Vec<u8>) {
         out.push(b'{');
         let mut sep = "";
-        for (name, value) in [
-            ("serviceName", &self.service_name),
-            ("ipv4", &self.ipv4),
-            ("ipv6", &self.ipv6),
-        ] {
-            if let Some(value) = value {
+        if let Some(name) = &self.service_name {
+            out.extend_from_slice(b"\"serviceName\":");
+            json_str(out, name);
+            sep = ",";
+        }
+        // Address text needs no JSON escaping.
+        match self.ip {
+            Some(IpAddr::V4(v4)) => {
                 out.extend_from_slice(sep.as_bytes());
+                out.extend_from_slice(b"\"ipv4\":\"");
+                ipv4_text(v4, |part| out.extend_from_slice(part.as_bytes()));
                 out.push(b'"');
-                out.extend_from_slice(name.as_bytes());
-                out.extend_from_slice(b"\":");
-                json_str(out, value);
                 sep = ",";
             }
+            Some(IpAddr::V6(v6)) => {
+                use std::io::Write as _;
+                out.extend_from_slice(sep.as_bytes());
+                let _ = write!(out, "\"ipv6\":\"{v6}\"");
+                sep = ",";
+            }
+            None => {}
         }
         if let Some(port) = self.port {
             out.extend_from_slice(sep.as_bytes());
@@ -219,7 +306,7 @@ impl Endpoint {
 /// A JSON string. Nearly every string here needs no escaping (names, addresses, numbers); the
 /// rest goes through serde_json, so the output is always its.
 fn json_str(out: &mut Vec<u8>, s: &str) {
-    if s.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
+    if !needs_escaping(s.as_bytes()) {
         out.reserve(s.len() + 2);
         out.push(b'"');
         out.extend_from_slice(s.as_bytes());
@@ -227,6 +314,19 @@ fn json_str(out: &mut Vec<u8>, s: &str) {
     } else {
         serde_json::to_writer(&mut *out, s).expect("a string always serializes");
     }
+}
+
+/// Whether `s` has a byte JSON escapes: a control character, `"` or `\`. Tested 16 bytes at
+/// a time with no exit inside a chunk, which LLVM turns into a few SIMD compares per chunk; a
+/// byte-by-byte `all` that stops at the first such byte was not vectorised, and this check
+/// runs over every string of every span.
+fn needs_escaping(s: &[u8]) -> bool {
+    let escaped = |b: u8| (b < 0x20) | (b == b'"') | (b == b'\\');
+    let (chunks, rest) = s.as_chunks::<16>();
+    chunks
+        .iter()
+        .any(|chunk| chunk.iter().fold(false, |any, &b| any | escaped(b)))
+        || rest.iter().any(|&b| escaped(b))
 }
 
 /// Lowercase hex of `v`'s low `N * 4` bits, zero-padded: ids are written for every span, and
@@ -326,42 +426,50 @@ pub fn span_from_db(
     identity: &Identity,
     clock: &Clock,
 ) -> Span {
-    let system = match exchange.system {
-        DbSystem::Postgresql => "postgresql",
-        DbSystem::Redis => "redis",
-    };
-    let operation = if exchange.operation.is_empty() {
-        system.to_uppercase()
-    } else {
-        bounded(&exchange.operation)
-    };
-    let name = match &exchange.target {
-        Some(target) => format!("{operation} {}", bounded(target)),
-        None => operation.clone(),
+    let (system, system_upper) = match exchange.system {
+        DbSystem::Postgresql => ("postgresql", "POSTGRESQL"),
+        DbSystem::Redis => ("redis", "REDIS"),
     };
     let mut tags = Tags::new();
-    tags.insert("db.system", system.to_string());
-    tags.insert("db.operation", operation);
+    tags.insert("db.system", system);
+    if exchange.operation.is_empty() {
+        tags.insert("db.operation", system_upper);
+    } else {
+        tags.insert_bounded("db.operation", &exchange.operation, MAX_TAG_VALUE);
+    }
+    let operation = &tags["db.operation"];
+    let target_len = exchange
+        .target
+        .as_ref()
+        .map_or(0, |t| 1 + t.len().min(MAX_TAG_VALUE + 3));
+    let mut name = String::with_capacity(operation.len() + target_len);
+    name.push_str(operation);
+    if let Some(target) = &exchange.target {
+        name.push(' ');
+        push_bounded(&mut name, target, MAX_TAG_VALUE);
+    }
     if !exchange.statement.is_empty() {
-        tags.insert("db.statement", bounded_to(&exchange.statement, 2048));
+        tags.insert_bounded("db.statement", &exchange.statement, 2048);
     }
     if let Some(target) = &exchange.target {
-        tags.insert("db.sql.table", bounded(target));
+        tags.insert_bounded("db.sql.table", target, MAX_TAG_VALUE);
     }
-    tags.insert("db.request.size", exchange.req_bytes.to_string());
-    tags.insert("db.response.size", exchange.resp_bytes.to_string());
-    let error = match (&exchange.error, &exchange.outcome) {
-        (Some(message), _) => Some(bounded(db_error_without_values(message))),
-        (None, Outcome::Closed { reset: true }) => Some("connection reset".into()),
-        (None, Outcome::Closed { reset: false }) => {
-            Some("connection closed before response".into())
+    tags.insert_int("db.request.size", exchange.req_bytes);
+    tags.insert_int("db.response.size", exchange.resp_bytes);
+    match (&exchange.error, &exchange.outcome) {
+        (Some(message), _) => {
+            tags.insert_bounded("error", db_error_without_values(message), MAX_TAG_VALUE);
         }
-        (None, Outcome::Complete) => None,
-    };
-    if let Some(error) = error {
-        tags.insert("error", error);
+        (None, Outcome::Closed { reset: true }) => tags.insert("error", "connection reset"),
+        (None, Outcome::Closed { reset: false }) => {
+            tags.insert("error", "connection closed before response");
+        }
+        (None, Outcome::Complete) => {}
     }
-    let remote_service = (exchange.side == Side::Client).then(|| system.to_string());
+    let remote_service = (exchange.side == Side::Client).then(|| match exchange.system {
+        DbSystem::Postgresql => POSTGRESQL.clone(),
+        DbSystem::Redis => REDIS.clone(),
+    });
     let times = (exchange.req_start_ns, exchange.end_ns);
     assemble(
         name,
@@ -374,6 +482,10 @@ pub fn span_from_db(
         clock,
     )
 }
+
+/// The remote service of database calls, shared by all their spans.
+static POSTGRESQL: LazyLock<Arc<str>> = LazyLock::new(|| Arc::from("postgresql"));
+static REDIS: LazyLock<Arc<str>> = LazyLock::new(|| Arc::from("redis"));
 
 /// A server's error message without the request values some errors quote: Redis's
 /// "ERR unknown command 'x', with args beginning with: 'secret'" and PostgreSQL's
@@ -399,35 +511,48 @@ pub fn span_from_http(
     clock: &Clock,
 ) -> Span {
     let (path, query) = split_target(&exchange.target);
-    let name = match exchange.method.as_str() {
+    let name = match &*exchange.method {
         // CONNECT's target is host:port, an address rather than a route.
         "CONNECT" => "CONNECT".to_string(),
-        method => format!("{method} {}", fold_path(path)),
+        method => {
+            // Folding may lengthen a path (`/1` is `/{id}`), not much past FOLD_MAX: a segment
+            // of 32 bytes or more is an id.
+            let folded = (3 * path.len()).min(FOLD_MAX + 40);
+            let mut name = String::with_capacity(method.len() + 1 + folded);
+            name.push_str(method);
+            name.push(' ');
+            fold_path_into(&mut name, path);
+            name
+        }
     };
     let mut tags = Tags::new();
-    tags.insert("http.method", bounded(&exchange.method));
-    tags.insert("http.path", bounded(path));
+    tags.insert_bounded("http.method", &exchange.method, MAX_TAG_VALUE);
+    tags.insert_bounded("http.path", path, MAX_TAG_VALUE);
     if !query.is_empty() {
-        tags.insert("http.query", bounded(&redact_query(query)));
+        tags.insert_with("http.query", |text| {
+            let start = text.len();
+            push_redacted_query(text, query);
+            cut_from(text, start, MAX_TAG_VALUE);
+        });
     }
     if let Some(host) = header(exchange, "host") {
-        tags.insert("http.host", bounded(host));
+        tags.insert_bounded("http.host", host, MAX_TAG_VALUE);
     }
     if let Some(status) = exchange.status {
-        tags.insert("http.status_code", status.to_string());
+        tags.insert_int("http.status_code", status);
     }
-    tags.insert("http.request.size", exchange.req_bytes.to_string());
-    tags.insert("http.response.size", exchange.resp_bytes.to_string());
-    if let Some(error) = http_error(exchange) {
-        tags.insert("error", error);
+    tags.insert_int("http.request.size", exchange.req_bytes);
+    tags.insert_int("http.response.size", exchange.resp_bytes);
+    match http_error(exchange) {
+        Some(HttpError::Message(message)) => tags.insert("error", message),
+        Some(HttpError::Status(status)) => tags.insert_int("error", status),
+        None => {}
     }
     // The server's name is not known from here; its host name (without the port) is what
     // Zipkin's dependency graph can use.
     let remote_service = match exchange.side {
         Side::Server => None,
-        Side::Client => {
-            header(exchange, "host").map(|h| bounded(host_without_port(h)).to_lowercase())
-        }
+        Side::Client => header(exchange, "host").map(|h| host_service(host_without_port(h))),
     };
     let times = (exchange.req_start_ns, exchange.end_ns);
     assemble(
@@ -448,17 +573,19 @@ pub fn span_from_http(
 fn assemble(
     name: String,
     mut tags: Tags,
-    remote_service: Option<String>,
+    remote_service: Option<Arc<str>>,
     side: Side,
     (start, end): (u64, u64),
     conn: &ConnInfo,
     identity: &Identity,
     clock: &Clock,
 ) -> Span {
-    tags.insert("process.pid", conn.pid.to_string());
-    tags.insert("process.command", conn.comm.clone());
+    tags.insert_int("process.pid", conn.pid);
+    tags.insert("process.command", &conn.comm);
     if let Some(seq) = conn.request_seq {
-        tags.insert(LINK_TAG, link_key(side, conn.local, conn.remote, seq));
+        tags.insert_with(LINK_TAG, |text| {
+            push_link_key(text, side, conn.local, conn.remote, seq);
+        });
     }
     let end = end.max(start);
     Span {
@@ -486,17 +613,22 @@ pub const LINK_TAG: &str = "tracer.link";
 /// server's address (IPv4-mapped addresses as IPv4) and the TCP sequence number of the
 /// request's first byte, which both kernels report for that byte.
 pub fn link_key(side: Side, local: SocketAddr, remote: SocketAddr, seq: u32) -> String {
+    let mut key = String::with_capacity(64);
+    push_link_key(&mut key, side, local, remote, seq);
+    key
+}
+
+/// Appends [`link_key`] to `out`.
+fn push_link_key(out: &mut String, side: Side, local: SocketAddr, remote: SocketAddr, seq: u32) {
     let (client, server) = match side {
         Side::Server => (remote, local),
         Side::Client => (local, remote),
     };
-    let mut key = String::with_capacity(64);
-    push_socket_addr(&mut key, client);
-    key.push('>');
-    push_socket_addr(&mut key, server);
-    key.push('#');
-    key.push_str(itoa::Buffer::new().format(seq));
-    key
+    push_socket_addr(out, client);
+    out.push('>');
+    push_socket_addr(out, server);
+    out.push('#');
+    out.push_str(itoa::Buffer::new().format(seq));
 }
 
 /// Appends `addr` as `Display` would, with IPv4-mapped IPv6 addresses as IPv4. IPv4, the
@@ -520,12 +652,17 @@ fn push_socket_addr(out: &mut String, addr: SocketAddr) {
 }
 
 fn push_ipv4(out: &mut String, ip: std::net::Ipv4Addr) {
+    ipv4_text(ip, |part| out.push_str(part));
+}
+
+/// `ip` as `Display` writes it, in pieces given to `push`.
+fn ipv4_text(ip: std::net::Ipv4Addr, mut push: impl FnMut(&str)) {
     let mut buf = itoa::Buffer::new();
     for (i, octet) in ip.octets().into_iter().enumerate() {
         if i > 0 {
-            out.push('.');
+            push(".");
         }
-        out.push_str(buf.format(octet));
+        push(buf.format(octet));
     }
 }
 
@@ -533,24 +670,46 @@ fn header<'a>(exchange: &'a HttpExchange, name: &str) -> Option<&'a str> {
     exchange
         .request_headers
         .iter()
-        .find(|(n, _)| n == name)
+        .find(|(n, _)| *n == name)
         .map(|(_, v)| v.as_str())
 }
 
-/// Why the exchange failed, as Zipkin's `error` tag: a 5xx, or a connection that ended early.
-fn http_error(exchange: &HttpExchange) -> Option<String> {
+/// Zipkin's `error` tag of an HTTP exchange.
+enum HttpError {
+    Message(&'static str),
+    /// A 5xx, tagged with its number.
+    Status(u16),
+}
+
+/// Why the exchange failed: a 5xx, or a connection that ended early.
+fn http_error(exchange: &HttpExchange) -> Option<HttpError> {
     match (&exchange.outcome, exchange.status) {
-        (Outcome::Closed { reset: true }, _) => Some("connection reset".into()),
+        (Outcome::Closed { reset: true }, _) => Some(HttpError::Message("connection reset")),
         (Outcome::Closed { reset: false }, None) => {
-            Some("connection closed before response".into())
+            Some(HttpError::Message("connection closed before response"))
         }
-        (Outcome::Closed { reset: false }, Some(s)) if s >= 500 => Some(s.to_string()),
+        (Outcome::Closed { reset: false }, Some(s)) if s >= 500 => Some(HttpError::Status(s)),
         (Outcome::Closed { reset: false }, Some(_)) => {
-            Some("connection closed during response".into())
+            Some(HttpError::Message("connection closed during response"))
         }
-        (Outcome::Complete, Some(s)) if s >= 500 => Some(s.to_string()),
+        (Outcome::Complete, Some(s)) if s >= 500 => Some(HttpError::Status(s)),
         (Outcome::Complete, _) => None,
     }
+}
+
+/// The service name of a Host header's host: bounded, lowercase.
+fn host_service(host: &str) -> Arc<str> {
+    // Nearly always short and lowercase already: then it is the name as it is.
+    if host.len() <= MAX_TAG_VALUE
+        && host
+            .bytes()
+            .all(|b| b.is_ascii() && !b.is_ascii_uppercase())
+    {
+        return Arc::from(host);
+    }
+    let mut bounded = String::new();
+    push_bounded(&mut bounded, host, MAX_TAG_VALUE);
+    Arc::from(bounded.to_lowercase())
 }
 
 fn host_without_port(host: &str) -> &str {
@@ -575,30 +734,53 @@ fn split_target(target: &str) -> (&str, &str) {
     (if path.is_empty() { "/" } else { path }, query)
 }
 
-fn bounded(s: &str) -> String {
-    bounded_to(s, MAX_TAG_VALUE)
-}
-
-fn bounded_to(s: &str, max: usize) -> String {
+/// Appends `s` cut to `max` bytes on a character boundary, with `...` when cut.
+fn push_bounded(out: &mut String, s: &str, max: usize) {
     if s.len() <= max {
-        return s.to_string();
+        out.push_str(s);
+        return;
     }
     let mut end = max;
     while !s.is_char_boundary(end) {
         end -= 1;
     }
-    format!("{}...", &s[..end])
+    out.push_str(&s[..end]);
+    out.push_str("...");
+}
+
+/// Cuts what `out` holds past `start` to `max` bytes on a character boundary, with `...` when
+/// cut.
+fn cut_from(out: &mut String, start: usize, max: usize) {
+    if out.len() - start <= max {
+        return;
+    }
+    let mut end = start + max;
+    while !out.is_char_boundary(end) {
+        end -= 1;
+    }
+    out.truncate(end);
+    out.push_str("...");
 }
 
 /// Replaces path segments that look like identifiers with `{id}`: the span name is a route,
 /// not a request (`GET /users/42` and `GET /users/43` are one operation).
 pub fn fold_path(path: &str) -> String {
-    let mut out = String::with_capacity(path.len().min(128));
+    let mut out = String::with_capacity(path.len().min(FOLD_MAX));
+    fold_path_into(&mut out, path);
+    out
+}
+
+/// A folded path is cut (with `...`) once it is longer than this.
+const FOLD_MAX: usize = 128;
+
+/// Appends [`fold_path`] to `out`.
+fn fold_path_into(out: &mut String, path: &str) {
+    let start = out.len();
     for (i, segment) in path.split('/').enumerate() {
         if i > 0 {
             out.push('/');
         }
-        if out.len() > 128 {
+        if out.len() - start > FOLD_MAX {
             out.push_str("...");
             break;
         }
@@ -608,7 +790,6 @@ pub fn fold_path(path: &str) -> String {
             out.push_str(segment);
         }
     }
-    out
 }
 
 fn looks_like_id(segment: &str) -> bool {
@@ -655,19 +836,35 @@ const SECRET_PARAMS: [&str; 11] = [
 /// The query with the values of secret-looking parameters replaced by `REDACTED`; what users
 /// put in URLs (`?api_key=...`) must not reach the collector.
 pub fn redact_query(query: &str) -> String {
-    query
-        .split('&')
-        .map(|pair| match pair.split_once('=') {
-            Some((name, _)) if is_secret_name(name) => format!("{name}=REDACTED"),
-            _ => pair.to_string(),
-        })
-        .collect::<Vec<_>>()
-        .join("&")
+    let mut out = String::with_capacity(query.len());
+    push_redacted_query(&mut out, query);
+    out
 }
 
+/// Appends [`redact_query`] to `out`.
+fn push_redacted_query(out: &mut String, query: &str) {
+    for (i, pair) in query.split('&').enumerate() {
+        if i > 0 {
+            out.push('&');
+        }
+        match pair.split_once('=') {
+            Some((name, _)) if is_secret_name(name) => {
+                out.push_str(name);
+                out.push_str("=REDACTED");
+            }
+            _ => out.push_str(pair),
+        }
+    }
+}
+
+/// Whether a lowercase [`SECRET_PARAMS`] entry is within `name`, in any ASCII case (a
+/// lowercased copy per query parameter was an allocation each).
 fn is_secret_name(name: &str) -> bool {
-    let name = name.to_ascii_lowercase();
-    SECRET_PARAMS.iter().any(|s| name.contains(s))
+    let name = name.as_bytes();
+    SECRET_PARAMS.iter().any(|secret| {
+        name.windows(secret.len())
+            .any(|w| w.eq_ignore_ascii_case(secret.as_bytes()))
+    })
 }
 
 /// One human-readable line for the live view on stdout.
@@ -676,19 +873,16 @@ pub fn text_line(span: &Span) -> String {
     let (h, m, s) = ((secs / 3600) % 24, (secs / 60) % 60, secs % 60);
     let ms = (span.timestamp / 1000) % 1000;
     let service = span.local_endpoint.service_name.as_deref().unwrap_or("?");
-    let pid = span.tags.get("process.pid").map_or("?", String::as_str);
+    let pid = span.tags.get("process.pid").unwrap_or("?");
     let kind = match span.kind {
         SpanKind::Server => "SERVER",
         SpanKind::Client => "CLIENT",
     };
-    let status = span
-        .tags
-        .get("http.status_code")
-        .map_or("-", String::as_str);
+    let status = span.tags.get("http.status_code").unwrap_or("-");
     let peer = span.remote_endpoint.as_ref().map_or_else(
         || "-".to_string(),
         |r| match (r.ip(), r.port) {
-            (Some(ip), Some(port)) if ip.contains(':') => format!("[{ip}]:{port}"),
+            (Some(ip @ IpAddr::V6(_)), Some(port)) => format!("[{ip}]:{port}"),
             (Some(ip), Some(port)) => format!("{ip}:{port}"),
             (Some(ip), None) => ip.to_string(),
             _ => "-".into(),
@@ -728,8 +922,10 @@ mod tests {
         odd.name = "GET /\"quoted\"\\back\u{1}ctl\ttab é ☃ \u{7f}".into();
         odd.local_endpoint = Endpoint::new(None, "[2001:db8::1]:0".parse().unwrap());
         odd.remote_endpoint = None;
-        odd.tags.insert("error", "line\nbreak".into());
-        odd.tags.insert("http.path", String::new());
+        odd.tags.insert("error", "line\nbreak");
+        odd.tags.insert("http.path", "");
+        // Replaced: its first value stays in the buffer, unused.
+        odd.tags.insert("http.method", "POST");
         spans.push(odd);
         let mut bare = tests_support::span();
         bare.tags = Tags::new();
@@ -742,6 +938,86 @@ mod tests {
                 String::from_utf8(direct).unwrap(),
                 serde_json::to_string(span).unwrap()
             );
+        }
+    }
+
+    #[test]
+    fn tags_keep_first_set_order_and_replace_values() {
+        let mut tags = Tags::new();
+        tags.insert("b", "1");
+        tags.insert_int("a", 42u16);
+        tags.insert("c", "three");
+        tags.insert("b", "two");
+        tags.insert_bounded("d", &"é".repeat(10), 5);
+        tags.insert("e", "");
+        let want = [
+            ("b", "two"),
+            ("a", "42"),
+            ("c", "three"),
+            ("d", "éé..."),
+            ("e", ""),
+        ];
+        assert_eq!(tags.iter().collect::<Vec<_>>(), want);
+        assert_eq!((tags.get("b"), &tags["a"]), (Some("two"), "42"));
+        // The same name at another address is the same name.
+        assert_eq!(tags.get(&String::from("c")), Some("three"));
+        assert!(tags.contains_key("e") && !tags.contains_key("f"));
+        assert_eq!(tags.get("f"), None);
+        assert_eq!(
+            serde_json::to_string(&tags).unwrap(),
+            r#"{"b":"two","a":"42","c":"three","d":"éé...","e":""}"#
+        );
+        assert_eq!(
+            format!("{tags:?}"),
+            r#"{"b": "two", "a": "42", "c": "three", "d": "éé...", "e": ""}"#
+        );
+        // Equal to tags set once each: the replaced value's bytes do not count.
+        let mut fresh = Tags::new();
+        for (name, value) in want {
+            fresh.insert(name, value);
+        }
+        assert_eq!(tags, fresh);
+        fresh.insert("e", "x");
+        assert_ne!(tags, fresh);
+    }
+
+    #[test]
+    fn long_queries_are_redacted_then_cut() {
+        let query = format!("TOKEN=abc&X-Api-Key=k&q={}", "é".repeat(200));
+        let e = exchange(
+            Side::Server,
+            "GET",
+            &format!("/s?{query}"),
+            Some(200),
+            Outcome::Complete,
+        );
+        let redacted = redact_query(&query);
+        assert!(redacted.starts_with("TOKEN=REDACTED&X-Api-Key=REDACTED&q=éé"));
+        let mut end = MAX_TAG_VALUE;
+        while !redacted.is_char_boundary(end) {
+            end -= 1;
+        }
+        assert_eq!(
+            &build(&e).tags["http.query"],
+            format!("{}...", &redacted[..end])
+        );
+    }
+
+    #[test]
+    fn escaping_is_found_at_every_position() {
+        let plain = "abcdefghijklmnopqrstuvwxyz0123456789/é-_.:?=&ABCDEFGHIJKLMNOPQRSTUVWXYZ";
+        for len in 0..plain.len() {
+            assert!(!needs_escaping(&plain.as_bytes()[..len]));
+            for pos in 0..len {
+                for bad in [b'"', b'\\', 0, b'\n', 0x1f] {
+                    let mut bytes = plain.as_bytes()[..len].to_vec();
+                    bytes[pos] = bad;
+                    assert!(needs_escaping(&bytes), "{len} {pos} {bad}");
+                }
+                let mut bytes = plain.as_bytes()[..len].to_vec();
+                bytes[pos] = 0x7f;
+                assert!(!needs_escaping(&bytes), "DEL is not escaped");
+            }
         }
     }
 
@@ -773,13 +1049,13 @@ mod tests {
     ) -> HttpExchange {
         HttpExchange {
             side,
-            method: method.into(),
+            method: method.to_owned().into(),
             target: target.into(),
             minor_version: 1,
             request_headers: vec![
-                ("host".into(), "cats.example:8080".into()),
-                ("authorization".into(), "Bearer s3cret".into()),
-                ("cookie".into(), "session=abc".into()),
+                ("host", "cats.example:8080".into()),
+                ("authorization", "Bearer s3cret".into()),
+                ("cookie", "session=abc".into()),
             ],
             status,
             req_start_ns: 1_000_000,
@@ -869,7 +1145,7 @@ mod tests {
             assert!(!text.contains(secret), "{secret} leaked: {text}");
         }
         assert_eq!(
-            span.tags["http.query"],
+            &span.tags["http.query"],
             "user=bob&password=REDACTED&api_key=REDACTED"
         );
     }
@@ -891,6 +1167,25 @@ mod tests {
     }
 
     #[test]
+    fn remote_host_names_are_bounded_and_lowercase() {
+        let long = "A".repeat(300);
+        for (host, want) in [
+            ("Cats.EXAMPLE:8080", "cats.example".to_string()),
+            ("ÉCOLE.example", "école.example".to_string()),
+            ("[::1]:80", "::1".to_string()),
+            (&long, format!("{}...", "a".repeat(MAX_TAG_VALUE))),
+        ] {
+            let mut e = exchange(Side::Client, "GET", "/", Some(200), Outcome::Complete);
+            e.request_headers[0].1 = host.to_string();
+            let span = build(&e);
+            assert_eq!(
+                span.remote_endpoint.unwrap().service_name.as_deref(),
+                Some(want.as_str())
+            );
+        }
+    }
+
+    #[test]
     fn errors_are_tagged() {
         let five = build(&exchange(
             Side::Server,
@@ -899,7 +1194,7 @@ mod tests {
             Some(503),
             Outcome::Complete,
         ));
-        assert_eq!(five.tags["error"], "503");
+        assert_eq!(&five.tags["error"], "503");
         let four = build(&exchange(
             Side::Server,
             "GET",
@@ -915,7 +1210,7 @@ mod tests {
             None,
             Outcome::Closed { reset: true },
         ));
-        assert_eq!(reset.tags["error"], "connection reset");
+        assert_eq!(&reset.tags["error"], "connection reset");
         assert!(!reset.tags.contains_key("http.status_code"));
         let closed = build(&exchange(
             Side::Client,
@@ -924,7 +1219,7 @@ mod tests {
             None,
             Outcome::Closed { reset: false },
         ));
-        assert_eq!(closed.tags["error"], "connection closed before response");
+        assert_eq!(&closed.tags["error"], "connection closed before response");
     }
 
     #[test]
@@ -976,6 +1271,27 @@ mod tests {
     }
 
     #[test]
+    fn span_names_are_the_method_and_the_folded_path() {
+        let long_word = format!("/{}", "x".repeat(31)).repeat(10);
+        for path in [
+            "/",
+            "/users/42",
+            &"/a".repeat(100),
+            &"/1".repeat(100),
+            &long_word,
+        ] {
+            let span = build(&exchange(
+                Side::Server,
+                "DELETE",
+                path,
+                Some(200),
+                Outcome::Complete,
+            ));
+            assert_eq!(span.name, format!("DELETE {}", fold_path(path)));
+        }
+    }
+
+    #[test]
     fn folding_is_bounded() {
         let long = "/a".repeat(10_000);
         assert!(fold_path(&long).len() < 200);
@@ -1003,22 +1319,52 @@ mod tests {
     }
 
     #[test]
+    fn endpoints_are_written_as_zipkin_reads_them() {
+        for (name, addr, want) in [
+            (
+                Some("a"),
+                "10.0.0.1:80",
+                r#"{"serviceName":"a","ipv4":"10.0.0.1","port":80}"#,
+            ),
+            (
+                None,
+                "[::ffff:10.0.0.7]:9",
+                r#"{"ipv4":"10.0.0.7","port":9}"#,
+            ),
+            (None, "[2001:db8::1]:0", r#"{"ipv6":"2001:db8::1"}"#),
+            (Some("b"), "[::]:443", r#"{"serviceName":"b","port":443}"#),
+            (None, "[::ffff:0.0.0.0]:0", "{}"),
+            (
+                Some("q\"uote"),
+                "0.0.0.0:1",
+                r#"{"serviceName":"q\"uote","port":1}"#,
+            ),
+        ] {
+            let e = Endpoint::new(name.map(Arc::from), addr.parse().unwrap());
+            assert_eq!(serde_json::to_string(&e).unwrap(), want, "{addr}");
+            let mut direct = Vec::new();
+            e.write_json(&mut direct);
+            assert_eq!(String::from_utf8(direct).unwrap(), want, "{addr}");
+        }
+    }
+
+    #[test]
     fn mapped_ipv6_is_reported_as_ipv4() {
         let e = Endpoint::new(None, "[::ffff:10.1.2.3]:80".parse().unwrap());
         assert_eq!(
-            (e.ipv4.as_deref(), e.ipv6.as_deref()),
+            (e.ipv4().as_deref(), e.ipv6().as_deref()),
             (Some("10.1.2.3"), None)
         );
         let e = Endpoint::new(None, "[2001:db8::1]:80".parse().unwrap());
-        assert_eq!(e.ipv6.as_deref(), Some("2001:db8::1"));
+        assert_eq!(e.ipv6().as_deref(), Some("2001:db8::1"));
         let e = Endpoint::new(None, "0.0.0.0:0".parse().unwrap());
-        assert_eq!((e.ipv4, e.port), (None, None));
+        assert_eq!((e.ipv4(), e.port), (None, None));
     }
 
     #[test]
     fn long_tag_values_are_cut_on_char_boundaries() {
         let mut e = exchange(Side::Server, "GET", "/", Some(200), Outcome::Complete);
-        e.request_headers.push(("host".into(), "é".repeat(500)));
+        e.request_headers.push(("host", "é".repeat(500)));
         e.request_headers.remove(0);
         let span = build(&e);
         assert!(span.tags["http.host"].len() <= MAX_TAG_VALUE + 3);
@@ -1044,7 +1390,7 @@ mod tests {
         info.request_seq = Some(5);
         let e = exchange(Side::Server, "GET", "/", Some(200), Outcome::Complete);
         let span = span_from_http(&e, &info, &identity(), &Clock::with_offset_ns(0));
-        assert_eq!(span.tags[LINK_TAG], "127.0.0.1:51000>127.0.0.1:8080#5");
+        assert_eq!(&span.tags[LINK_TAG], "127.0.0.1:51000>127.0.0.1:8080#5");
     }
 
     #[test]
@@ -1069,7 +1415,7 @@ mod tests {
             assert_eq!(fast, canonical.to_string());
         }
         let e = Endpoint::new(None, "[::ffff:10.0.0.7]:9".parse().unwrap());
-        assert_eq!((e.ipv4.as_deref(), e.port), (Some("10.0.0.7"), Some(9)));
+        assert_eq!((e.ipv4().as_deref(), e.port), (Some("10.0.0.7"), Some(9)));
     }
 
     #[test]
@@ -1107,7 +1453,7 @@ pub mod tests_support {
             remote_endpoint: Some(Endpoint::new(None, "127.0.0.1:50000".parse().unwrap())),
             tags: {
                 let mut t = Tags::new();
-                t.insert("http.method", "GET".to_string());
+                t.insert("http.method", "GET");
                 t
             },
         }

@@ -117,7 +117,7 @@ struct OpenHead {
     start_ns: u64,
     tid: u32,
     /// The context headers seen so far.
-    headers: Vec<(String, String)>,
+    headers: Vec<(&'static str, String)>,
 }
 
 impl Linker {
@@ -414,7 +414,7 @@ impl Linker {
 fn context_header_lines(
     bytes: &[u8],
     skip_first: bool,
-    headers: &mut Vec<(String, String)>,
+    headers: &mut Vec<(&'static str, String)>,
 ) -> bool {
     let mut lines = bytes
         .split(|b| *b == b'\n')
@@ -432,21 +432,53 @@ fn context_header_lines(
         let Some(colon) = line.iter().position(|b| *b == b':') else {
             continue;
         };
-        let name = String::from_utf8_lossy(&line[..colon]).to_ascii_lowercase();
-        if matches!(name.as_str(), "traceparent" | "tracestate" | "b3") || name.starts_with("x-b3-")
-        {
-            headers.push((
+        // Every header line of every request passes here: only a context header costs an
+        // allocation (its value).
+        match context_header_name(&line[..colon]) {
+            Some(OTHER_B3) => headers.push((OTHER_B3, String::new())),
+            Some(name) => headers.push((
                 name,
                 String::from_utf8_lossy(&line[colon + 1..])
                     .trim()
                     .to_string(),
-            ));
+            )),
+            None => {}
         }
     }
     false
 }
 
-fn extract_some(headers: &[(String, String)]) -> Option<IncomingContext> {
+/// The trace-context headers `context::extract` reads, named as it looks them up.
+const CONTEXT_HEADERS: [&str; 8] = [
+    "traceparent",
+    "tracestate",
+    "b3",
+    "x-b3-traceid",
+    "x-b3-spanid",
+    "x-b3-parentspanid",
+    "x-b3-sampled",
+    "x-b3-flags",
+];
+
+/// Any other `X-B3-*` header. `extract` reads none, but one arriving in a later piece of a
+/// head still counts as new context there (`request_continued` reads the context again), so
+/// it is kept, by this name and without its value.
+const OTHER_B3: &str = "x-b3-*";
+
+/// The static name of a trace-context header line's `name` (any case).
+fn context_header_name(name: &[u8]) -> Option<&'static str> {
+    if let Some(known) = CONTEXT_HEADERS
+        .iter()
+        .find(|known| name.eq_ignore_ascii_case(known.as_bytes()))
+    {
+        return Some(known);
+    }
+    name.get(..5)
+        .is_some_and(|prefix| prefix.eq_ignore_ascii_case(b"x-b3-"))
+        .then_some(OTHER_B3)
+}
+
+fn extract_some(headers: &[(&'static str, String)]) -> Option<IncomingContext> {
     if headers.is_empty() {
         None
     } else {
@@ -476,16 +508,18 @@ mod tests {
     };
     use crate::protocols::Outcome;
 
-    fn exchange(side: Side, start: u64, end: u64, headers: &[(&str, &str)]) -> HttpExchange {
+    fn exchange(
+        side: Side,
+        start: u64,
+        end: u64,
+        headers: &[(&'static str, &str)],
+    ) -> HttpExchange {
         HttpExchange {
             side,
             method: "GET".into(),
             target: "/".into(),
             minor_version: 1,
-            request_headers: headers
-                .iter()
-                .map(|(n, v)| ((*n).into(), (*v).into()))
-                .collect(),
+            request_headers: headers.iter().map(|(n, v)| (*n, (*v).into())).collect(),
             status: Some(200),
             req_start_ns: start,
             req_end_ns: start,
@@ -729,6 +763,28 @@ mod tests {
         let mut headers = Vec::new();
         context_header_lines(head, true, &mut headers);
         extract_some(&headers)
+    }
+
+    #[test]
+    fn context_header_names_match_in_any_case() {
+        let mut headers = Vec::new();
+        let ended = context_header_lines(
+            b"GET / HTTP/1.1\r\nHost: x\r\nTRACEPARENT:  00-a \r\nTraceState: k=v\r\nB3: 1\r\nX-B3-TraceId: t\r\nx-B3-sPaNiD:s\r\nX-B3-Future: f\r\nX-B3: no\r\nTraceparentX: no\r\nb3 : no\r\n\r\nx-b3-flags: body\r\n",
+            true,
+            &mut headers,
+        );
+        assert!(ended);
+        assert_eq!(
+            headers,
+            [
+                ("traceparent", "00-a".to_string()),
+                ("tracestate", "k=v".to_string()),
+                ("b3", "1".to_string()),
+                ("x-b3-traceid", "t".to_string()),
+                ("x-b3-spanid", "s".to_string()),
+                (OTHER_B3, String::new()),
+            ]
+        );
     }
 
     #[test]

@@ -33,8 +33,9 @@ use crate::{
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ConnInfo {
     pub pid: u32,
-    pub comm: String,
-    pub service_name: String,
+    /// Shared with the process's entry: every exchange carries them.
+    pub comm: Arc<str>,
+    pub service_name: Arc<str>,
     pub local: SocketAddr,
     pub remote: SocketAddr,
     /// TCP sequence number of the request's first byte, when the kernel read it: the same
@@ -81,8 +82,8 @@ pub struct TrackerStats {
 }
 
 struct Process {
-    comm: String,
-    service_name: String,
+    comm: Arc<str>,
+    service_name: Arc<str>,
 }
 
 /// Request starts remembered per connection for their sequence numbers (pipelining depth).
@@ -537,7 +538,7 @@ impl ConnTracker {
     /// The process `tgid`, named the first time: by `hint` (the process's comm as the kernel
     /// saw it at the event) when there is one, else from /proc.
     fn process_named(&mut self, tgid: u32, hint: &[u8; 16]) -> Arc<Process> {
-        let override_name = self.config.service_name.clone();
+        let override_name = &self.config.service_name;
         let new_processes = &mut self.new_processes;
         self.processes
             .entry(tgid)
@@ -558,7 +559,10 @@ impl ConnTracker {
                             .ok()
                     })
                     .unwrap_or_else(|| format!("pid-{tgid}"));
-                let service_name = override_name.unwrap_or_else(|| comm.clone());
+                let comm = Arc::<str>::from(comm);
+                let service_name = override_name
+                    .as_deref()
+                    .map_or_else(|| comm.clone(), Arc::from);
                 Arc::new(Process { comm, service_name })
             })
             .clone()
@@ -656,12 +660,12 @@ mod tests {
         let (ex, info, _) = &out[0];
         let ex = ex.as_http().unwrap();
         assert_eq!(
-            (ex.side, ex.method.as_str(), ex.status),
+            (ex.side, &*ex.method, ex.status),
             (Side::Server, "GET", Some(200))
         );
         assert_eq!(info.local.port(), 8080);
         assert_eq!(info.remote.port(), 50000);
-        assert_eq!(info.service_name, "cats");
+        assert_eq!(&*info.service_name, "cats");
         assert_eq!(info.pid, 4242);
     }
 

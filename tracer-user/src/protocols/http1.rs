@@ -20,7 +20,7 @@
 //! Bytes the tracer missed (lost events) make a counted body swallow what follows; a status line
 //! at a segment start after the peer already sent its next request ends such a response.
 
-use std::{collections::VecDeque, mem::MaybeUninit};
+use std::{borrow::Cow, collections::VecDeque, mem::MaybeUninit};
 
 use super::{Direction, HttpExchange, Outcome, Segment, Side};
 
@@ -46,6 +46,10 @@ const KEPT_HEADERS: [&str; 10] = [
     "x-b3-parentspanid",
     "x-b3-sampled",
     "x-b3-flags",
+];
+/// Methods kept as these constants rather than copied: nearly every request's.
+const KNOWN_METHODS: [&str; 9] = [
+    "GET", "POST", "PUT", "DELETE", "HEAD", "OPTIONS", "PATCH", "CONNECT", "TRACE",
 ];
 /// Bytes kept of a request header value.
 const MAX_HEADER_VALUE: usize = 1024;
@@ -205,10 +209,10 @@ enum Chunk {
 #[derive(Debug)]
 struct Pending {
     seq: u64,
-    method: String,
+    method: Cow<'static, str>,
     target: String,
     minor_version: u8,
-    headers: Vec<(String, String)>,
+    headers: Vec<(&'static str, String)>,
     /// Responses to HEAD carry no body whatever their headers say.
     is_head: bool,
     /// A 2xx to CONNECT turns the connection into a tunnel.
@@ -237,10 +241,10 @@ struct Framing {
 
 #[derive(Debug)]
 struct ReqHead {
-    method: String,
+    method: Cow<'static, str>,
     target: String,
     minor_version: u8,
-    headers: Vec<(String, String)>,
+    headers: Vec<(&'static str, String)>,
     framing: Framing,
 }
 
@@ -1118,7 +1122,7 @@ fn parse_cut_head(role: Role, bytes: &[u8], scratch: &mut Vec<u8>) -> Option<Hea
                     .into_owned(),
             };
             Some(Head::Request(ReqHead {
-                method: method.to_owned(),
+                method: method_of(method),
                 target,
                 minor_version: req.version.unwrap_or(1),
                 headers: Vec::new(),
@@ -1139,7 +1143,7 @@ fn parse_cut_head(role: Role, bytes: &[u8], scratch: &mut Vec<u8>) -> Option<Hea
 impl ReqHead {
     fn from_parsed(req: &httparse::Request<'_, '_>) -> Self {
         ReqHead {
-            method: req.method.unwrap_or_default().to_owned(),
+            method: method_of(req.method.unwrap_or_default()),
             target: req.path.unwrap_or_default().to_owned(),
             minor_version: req.version.unwrap_or(1),
             headers: req
@@ -1149,13 +1153,24 @@ impl ReqHead {
                     KEPT_HEADERS
                         .iter()
                         .find(|k| h.name.eq_ignore_ascii_case(k))
-                        .map(|k| ((*k).to_owned(), header_value(h.value)))
+                        .map(|k| (*k, header_value(h.value)))
                 })
                 .take(MAX_KEPT_HEADERS)
                 .collect(),
             framing: Framing::from_headers(req.headers),
         }
     }
+}
+
+/// A method as sent (methods are case-sensitive), borrowed from [`KNOWN_METHODS`] when known.
+fn method_of(method: &str) -> Cow<'static, str> {
+    KNOWN_METHODS
+        .iter()
+        .find(|known| **known == method)
+        .map_or_else(
+            || Cow::Owned(method.to_owned()),
+            |known| Cow::Borrowed(*known),
+        )
 }
 
 /// A header value, trimmed, bounded to [`MAX_HEADER_VALUE`] bytes.
@@ -1309,7 +1324,7 @@ mod tests {
         let e = &r.out[0];
         assert_eq!(e.side, Side::Server);
         assert_eq!(
-            (e.method.as_str(), e.minor_version, e.status, &e.outcome),
+            (&*e.method, e.minor_version, e.status, &e.outcome),
             ("GET", 1, Some(200), &Outcome::Complete)
         );
         assert_eq!(
@@ -1320,8 +1335,22 @@ mod tests {
             (e.req_bytes, e.resp_bytes),
             (GET.len() as u64, OK2.len() as u64)
         );
-        assert_eq!(e.request_headers, [("host".to_string(), "x".to_string())]);
+        assert_eq!(e.request_headers, [("host", "x".to_string())]);
         assert_eq!(r.out[1].req_start_ns, 30);
+    }
+
+    #[test]
+    fn known_methods_are_constants_and_others_are_kept_as_sent() {
+        let mut r = Run::default();
+        r.feed(seg(IN, 1, GET))
+            .feed(seg(EG, 2, OK2))
+            .feed(seg(IN, 3, b"PROPFIND /d HTTP/1.1\r\nHost: x\r\n\r\n"))
+            .feed(seg(EG, 4, OK2));
+        assert_eq!(r.out.len(), 2);
+        assert!(matches!(r.out[0].method, Cow::Borrowed("GET")));
+        assert!(matches!(&r.out[1].method, Cow::Owned(m) if m == "PROPFIND"));
+        assert_eq!(method_of("get"), "get", "methods are case-sensitive");
+        assert!(KNOWN_METHODS.iter().all(|m| method_of(m) == *m));
     }
 
     #[test]
@@ -1406,18 +1435,12 @@ mod tests {
         assert_eq!(r.conn.buffered_bytes(), 0);
         r.feed(seg(EG, 4, OK2));
         let e = &r.out[0];
-        assert_eq!(
-            (e.method.as_str(), e.target.as_str()),
-            ("POST", "/upload?x=1")
-        );
+        assert_eq!((&*e.method, e.target.as_str()), ("POST", "/upload?x=1"));
         assert_eq!(
             (e.req_start_ns, e.req_end_ns, e.req_bytes),
             (1, 3, req.len() as u64)
         );
-        assert_eq!(
-            e.request_headers,
-            vec![("host".to_string(), "example".to_string())]
-        );
+        assert_eq!(e.request_headers, vec![("host", "example".to_string())]);
     }
 
     #[test]
@@ -1857,7 +1880,7 @@ mod tests {
         assert_eq!(h.len(), MAX_KEPT_HEADERS, "bounded in count");
         assert_eq!(
             h[0],
-            ("host".into(), "cats.example".into()),
+            ("host", "cats.example".into()),
             "lowercased and trimmed"
         );
         assert_eq!(h[1].0, "user-agent");
@@ -1866,10 +1889,10 @@ mod tests {
             "a".repeat(1023),
             "bounded, cut on a character boundary"
         );
-        assert!(h[2..].iter().all(|(n, _)| n == "b3"));
-        assert!(!h.iter().any(|(n, _)| n == "authorization"
-            || n == "cookie"
-            || n.starts_with('h') && n != "host"));
+        assert!(h[2..].iter().all(|(n, _)| *n == "b3"));
+        assert!(!h.iter().any(|(n, _)| *n == "authorization"
+            || *n == "cookie"
+            || n.starts_with('h') && *n != "host"));
     }
 
     #[test]
@@ -1885,7 +1908,7 @@ mod tests {
             (e.target.as_str(), e.req_bytes, e.status),
             ("/profile?tab=1", req.len() as u64, Some(200))
         );
-        assert_eq!(e.request_headers, [("host".to_string(), "app".to_string())]);
+        assert_eq!(e.request_headers, [("host", "app".to_string())]);
     }
 
     #[test]
@@ -1897,7 +1920,7 @@ mod tests {
         r.feed(cut(EG, 1, &req, 64)).feed(seg(IN, 2, OK2));
         let e = &r.out[0];
         assert_eq!(
-            (e.method.as_str(), e.target.len(), e.status),
+            (&*e.method, e.target.len(), e.status),
             ("GET", 64 - 4, Some(200))
         );
     }

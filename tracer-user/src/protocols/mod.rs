@@ -4,6 +4,8 @@
 //! `cargo test` on byte fixtures. The connection tracker (`crate::conn`) feeds a parser one
 //! [`Segment`] per syscall, in order, per connection; the parser reports finished exchanges.
 
+use std::borrow::Cow;
+
 #[cfg(test)]
 pub(crate) mod fixture;
 pub mod http1;
@@ -89,13 +91,15 @@ pub enum Outcome {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HttpExchange {
     pub side: Side,
-    pub method: String,
+    /// A constant for the common methods, which spares an allocation per request.
+    pub method: Cow<'static, str>,
     /// The raw request-target (`/path?query`), as sent. Redaction is the span builder's job.
     pub target: String,
     /// 0 for HTTP/1.0, 1 for HTTP/1.1.
     pub minor_version: u8,
     /// Request headers in order, names lowercased; bounded in count and size by the parser.
-    pub request_headers: Vec<(String, String)>,
+    /// Only a fixed list of headers is kept, so their names are that list's constants.
+    pub request_headers: Vec<(&'static str, String)>,
     /// `None` when the connection ended before a response head arrived.
     pub status: Option<u16>,
     /// First byte of the request.
