@@ -351,6 +351,7 @@ fn submit(
             exporter.submit(&span);
         }
     }
+    exporter.flush();
 }
 
 /// How often the ring is drained while events flow.

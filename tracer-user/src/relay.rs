@@ -31,7 +31,7 @@ use serde_json::Value;
 use tokio::sync::mpsc;
 
 use crate::{
-    export::{ExportStats, ZipkinConfig, zipkin_forward},
+    export::{ExportStats, SpanQueue, ZipkinConfig, zipkin_forward},
     spans::LINK_TAG,
 };
 
@@ -227,7 +227,7 @@ async fn serve(opts: RelayOptions) -> anyhow::Result<()> {
     let (forward_tx, forward_rx) = mpsc::channel::<Value>(opts.zipkin.queue_capacity.max(1));
     let forwarder = tokio::spawn(zipkin_forward(
         opts.zipkin.clone(),
-        forward_rx,
+        SpanQueue::new(forward_rx),
         export_stats.clone(),
     ));
     let (in_tx, mut in_rx) = mpsc::channel::<Vec<Value>>(1024);

@@ -13,9 +13,9 @@ use flate2::{Compression, write::GzEncoder};
 use log::{info, warn};
 use rand::Rng as _;
 use reqwest::{StatusCode, Url, header};
-use tokio::{sync::mpsc, time::Instant};
+use tokio::{sync::mpsc::error::TryRecvError, time::Instant};
 
-use super::{EncodedSpan, ExportStats};
+use super::{EncodedChunk, ExportStats, SpanQueue};
 
 /// Sent with every batch, so that a tracer tracing the collector's host can tell its own
 /// export traffic apart and not trace it (which would feed back a span per batch).
@@ -46,44 +46,102 @@ enum Sent {
     Failed(String),
 }
 
-/// A span as a member of a batch's JSON array.
-pub trait JsonSpan: Send + 'static {
-    fn write_json(&self, out: &mut Vec<u8>);
+/// What a Zipkin queue carries: items of one or more spans, each span written as a member of a
+/// batch's JSON array.
+pub trait JsonSpans: Send + 'static {
+    /// Spans in the item.
+    fn span_count(&self) -> usize;
+    /// Appends span `i`'s JSON object.
+    fn write_span(&self, i: usize, out: &mut Vec<u8>);
 }
 
 /// Spans built here, encoded when queued.
-impl JsonSpan for EncodedSpan {
-    fn write_json(&self, out: &mut Vec<u8>) {
-        out.extend_from_slice(self.as_bytes());
+impl JsonSpans for EncodedChunk {
+    fn span_count(&self) -> usize {
+        self.len()
+    }
+
+    fn write_span(&self, i: usize, out: &mut Vec<u8>) {
+        out.extend_from_slice(self.span(i));
     }
 }
 
-/// Spans the relay received as JSON.
-impl JsonSpan for serde_json::Value {
-    fn write_json(&self, out: &mut Vec<u8>) {
+/// A span the relay received as JSON.
+impl JsonSpans for serde_json::Value {
+    fn span_count(&self) -> usize {
+        1
+    }
+
+    fn write_span(&self, _: usize, out: &mut Vec<u8>) {
         serde_json::to_writer(out, self).expect("a JSON value always serializes");
     }
 }
 
-/// `[span,span,...]`
-fn batch_json<T: JsonSpan>(batch: &[T]) -> Vec<u8> {
-    let mut json = Vec::with_capacity(batch.len() * 640 + 2);
-    json.push(b'[');
-    for (i, span) in batch.iter().enumerate() {
-        if i > 0 {
-            json.push(b',');
-        }
-        span.write_json(&mut json);
-    }
-    json.push(b']');
-    json
+/// A batch as it fills: `[span,span,...` (the closing bracket comes with [`Batch::json`]).
+struct Batch {
+    json: Vec<u8>,
+    spans: usize,
+    size: usize,
 }
 
-/// Sends what arrives on `rx` to Zipkin until `rx` closes: spans built here, or (for the relay)
-/// spans received as JSON.
-pub async fn run<T: JsonSpan>(
+impl Batch {
+    fn new(size: usize) -> Self {
+        Self {
+            json: Vec::new(),
+            spans: 0,
+            size: size.max(1),
+        }
+    }
+
+    fn is_full(&self) -> bool {
+        self.spans >= self.size
+    }
+
+    /// Appends the spans of `item` from its `from`th on, as many as fit; gives the item back,
+    /// with where to resume, when some did not fit.
+    fn take<T: JsonSpans>(
+        &mut self,
+        queue: &SpanQueue<T>,
+        item: T,
+        from: usize,
+    ) -> Option<(T, usize)> {
+        let count = item.span_count();
+        let to = count.min(from + (self.size - self.spans));
+        for i in from..to {
+            self.json.push(if self.spans == 0 { b'[' } else { b',' });
+            item.write_span(i, &mut self.json);
+            self.spans += 1;
+        }
+        let rest = if to < count {
+            Some((item, to))
+        } else {
+            queue.done(item);
+            None
+        };
+        queue.taken(to - from);
+        rest
+    }
+
+    /// The batch's JSON array.
+    fn json(&mut self) -> &[u8] {
+        if self.spans == 0 {
+            self.json.push(b'[');
+        }
+        self.json.push(b']');
+        &self.json
+    }
+
+    fn clear(&mut self) {
+        self.json.clear();
+        self.spans = 0;
+    }
+}
+
+/// Sends what arrives on `queue` to Zipkin until its channel closes: spans built here, or (for
+/// the relay) spans received as JSON.
+pub async fn run<T: JsonSpans>(
     config: ZipkinConfig,
-    mut rx: mpsc::Receiver<T>,
+    mut queue: SpanQueue<T>,
     stats: Arc<ExportStats>,
 ) {
     let client = match reqwest::Client::builder()
@@ -96,8 +154,11 @@ pub async fn run<T: JsonSpan>(
         Err(e) => {
             // Only a broken TLS backend gets here; keep draining so capture is unaffected.
             warn!("cannot create the HTTP client for Zipkin: {e}; spans will be counted as failed");
-            while let Some(_span) = rx.recv().await {
-                stats.failed.fetch_add(1, Relaxed);
+            while let Some(item) = queue.rx.recv().await {
+                let n = item.span_count();
+                stats.failed.fetch_add(n as u64, Relaxed);
+                queue.done(item);
+                queue.taken(n);
             }
             return;
         }
@@ -108,36 +169,38 @@ pub async fn run<T: JsonSpan>(
         stats,
         outage: None,
     };
-    let batch_size = exporter.config.batch_size.max(1);
-    let mut batch = Vec::with_capacity(batch_size);
+    let mut batch = Batch::new(exporter.config.batch_size);
+    // An item with more spans than the batch had room for: the rest starts the next batch.
+    let mut rest: Option<(T, usize)> = None;
     loop {
-        if rx.recv_many(&mut batch, batch_size).await == 0 {
-            return;
+        if let Some((item, from)) = rest.take() {
+            rest = batch.take(&queue, item, from);
+        }
+        while batch.spans == 0 {
+            let Some(item) = queue.rx.recv().await else {
+                return;
+            };
+            rest = batch.take(&queue, item, 0);
         }
         // Fill the batch by looking at the queue now and then, not by waiting on it: a task
-        // waiting on the queue is woken for every span (a thread wakeup each, under load
-        // tens of thousands a second).
+        // waiting on the queue is woken for every item (a thread wakeup each, under load
+        // dozens to tens of thousands a second).
         let deadline = Instant::now() + exporter.config.flush_interval;
-        while batch.len() < batch_size {
-            let room = batch_size - batch.len();
-            if rx.len() >= room || rx.is_closed() {
-                rx.recv_many(&mut batch, room).await;
-                break;
-            }
-            let now = Instant::now();
-            if now >= deadline {
-                // What is there, without waiting for more.
-                while batch.len() < batch_size {
-                    match rx.try_recv() {
-                        Ok(span) => batch.push(span),
-                        Err(_) => break,
+        while !batch.is_full() {
+            match queue.rx.try_recv() {
+                Ok(item) => rest = batch.take(&queue, item, 0),
+                Err(TryRecvError::Disconnected) => break,
+                Err(TryRecvError::Empty) => {
+                    let now = Instant::now();
+                    if now >= deadline {
+                        break;
                     }
+                    tokio::time::sleep_until(deadline.min(now + BATCH_POLL)).await;
                 }
-                break;
             }
-            tokio::time::sleep_until(deadline.min(now + BATCH_POLL)).await;
         }
-        exporter.send(&batch).await;
+        let spans = batch.spans;
+        exporter.send(batch.json(), spans).await;
         batch.clear();
     }
 }
@@ -152,17 +215,17 @@ struct BatchSender {
 }
 
 impl BatchSender {
-    async fn send<T: JsonSpan>(&mut self, batch: &[T]) {
-        let n = batch.len() as u64;
-        let json = batch_json(batch);
-        let gzipped = self.config.gzip.then(|| gzip(&json));
+    /// Sends a batch of `spans` spans, written as `json`.
+    async fn send(&mut self, json: &[u8], spans: usize) {
+        let n = spans as u64;
+        let gzipped = self.config.gzip.then(|| gzip(json));
         let mut backoff = FIRST_BACKOFF;
         loop {
             let result = match &gzipped {
                 Some(body) => match self.post(body.clone(), true).await {
                     // Zipkin takes gzip; a collector that does not says so with 400/415.
                     Sent::Rejected(why) => {
-                        let plain = self.post(json.clone(), false).await;
+                        let plain = self.post(json.to_vec(), false).await;
                         if matches!(plain, Sent::Accepted) {
                             info!(
                                 "the collector refused gzip ({why}); sending uncompressed from now on"
@@ -173,7 +236,7 @@ impl BatchSender {
                     }
                     other => other,
                 },
-                None => self.post(json.clone(), false).await,
+                None => self.post(json.to_vec(), false).await,
             };
             match result {
                 Sent::Accepted => {
@@ -275,22 +338,94 @@ mod tests {
     use super::*;
     use crate::spans::tests_support::span;
 
+    fn chunk_of(spans: &[crate::spans::Span]) -> EncodedChunk {
+        let mut chunk = EncodedChunk::default();
+        for s in spans {
+            chunk.push(|out| serde_json::to_writer(out, s).unwrap());
+        }
+        chunk
+    }
+
+    /// The JSON of the batches that `items` make, `size` spans at most each.
+    fn batches<T: JsonSpans>(items: Vec<T>, size: usize) -> Vec<Vec<u8>> {
+        let queue = SpanQueue::new(tokio::sync::mpsc::channel(1).1);
+        let mut batch = Batch::new(size);
+        let mut out = Vec::new();
+        for item in items {
+            let mut rest = batch.take(&queue, item, 0);
+            while batch.is_full() {
+                out.push(batch.json().to_vec());
+                batch.clear();
+                if let Some((item, from)) = rest.take() {
+                    rest = batch.take(&queue, item, from);
+                }
+            }
+            assert!(rest.is_none());
+        }
+        if batch.spans > 0 {
+            out.push(batch.json().to_vec());
+        }
+        out
+    }
+
     #[test]
     fn a_batch_of_encoded_spans_is_the_json_array_of_the_spans() {
         let spans = [span(), span()];
-        let encoded: Vec<EncodedSpan> = spans
-            .iter()
-            .map(|s| EncodedSpan(serde_json::to_vec(s).unwrap().into_boxed_slice()))
-            .collect();
-        assert_eq!(batch_json(&encoded), serde_json::to_vec(&spans).unwrap());
-        assert_eq!(batch_json::<EncodedSpan>(&[]), b"[]");
+        assert_eq!(
+            batches(vec![chunk_of(&spans)], 10),
+            [serde_json::to_vec(&spans).unwrap()]
+        );
+        assert_eq!(Batch::new(1).json(), b"[]");
         let values: Vec<serde_json::Value> = spans
             .iter()
             .map(|s| serde_json::to_value(s).unwrap())
             .collect();
+        let json = batches(values, 10);
+        assert_eq!(json.len(), 1);
         assert_eq!(
-            serde_json::from_slice::<serde_json::Value>(&batch_json(&values)).unwrap(),
+            serde_json::from_slice::<serde_json::Value>(&json[0]).unwrap(),
             serde_json::to_value(&spans).unwrap()
+        );
+    }
+
+    #[test]
+    fn chunks_are_split_and_joined_into_batches_of_batch_size() {
+        let spans: Vec<_> = (0..8)
+            .map(|i| {
+                let mut s = span();
+                s.name = format!("span {i}");
+                s
+            })
+            .collect();
+        let expect = |groups: &[std::ops::Range<usize>]| -> Vec<Vec<u8>> {
+            groups
+                .iter()
+                .map(|r| serde_json::to_vec(&spans[r.clone()]).unwrap())
+                .collect()
+        };
+        // One chunk larger than two batches.
+        assert_eq!(
+            batches(vec![chunk_of(&spans[..7])], 3),
+            expect(&[0..3, 3..6, 6..7])
+        );
+        // Small chunks joined; one split across a batch boundary.
+        assert_eq!(
+            batches(
+                vec![
+                    chunk_of(&spans[..1]),
+                    chunk_of(&spans[1..3]),
+                    chunk_of(&spans[3..5]),
+                    chunk_of(&[]),
+                    chunk_of(&spans[5..8]),
+                ],
+                3
+            ),
+            expect(&[0..3, 3..6, 6..8])
+        );
+        // Exactly full batches leave nothing over.
+        assert_eq!(
+            batches(vec![chunk_of(&spans[..4]), chunk_of(&spans[4..8])], 4),
+            expect(&[0..4, 4..8])
         );
     }
 }
