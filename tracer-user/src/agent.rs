@@ -338,9 +338,8 @@ fn submit(
     for (exchange, conn, identity) in finished.drain(..) {
         let own_export = match &exchange {
             Exchange::Http(e) => e
-                .request_headers
-                .iter()
-                .any(|(n, v)| *n == "user-agent" && v == USER_AGENT),
+                .request_headers()
+                .any(|(n, v)| n == "user-agent" && v == USER_AGENT),
             Exchange::Db(_) => false,
         };
         if identity.sampled && !own_export {

@@ -20,12 +20,17 @@ const MAX_TRACESTATE: usize = 512;
 
 /// Reads the first valid context, W3C first (it is the standard), then B3 single, then B3 multi.
 pub fn extract<N: AsRef<str>, V: AsRef<str>>(headers: &[(N, V)]) -> Option<IncomingContext> {
-    let get = |name: &str| {
+    extract_from(|name| {
         headers
             .iter()
             .find(|(n, _)| n.as_ref() == name)
-            .map(|(_, v)| v.as_ref().trim())
-    };
+            .map(|(_, v)| v.as_ref())
+    })
+}
+
+/// [`extract`] from headers that `header` looks up by (lowercase) name: the first value of each.
+pub fn extract_from<'a>(header: impl Fn(&str) -> Option<&'a str>) -> Option<IncomingContext> {
+    let get = |name: &str| header(name).map(str::trim);
     if let Some(ctx) = get("traceparent").and_then(parse_traceparent) {
         let tracestate = get("tracestate")
             .filter(|s| !s.is_empty() && s.len() <= MAX_TRACESTATE)

@@ -510,7 +510,7 @@ pub fn span_from_http(
     identity: &Identity,
     clock: &Clock,
 ) -> Span {
-    let (path, query) = split_target(&exchange.target);
+    let (path, query) = split_target(exchange.target());
     let name = match &*exchange.method {
         // CONNECT's target is host:port, an address rather than a route.
         "CONNECT" => "CONNECT".to_string(),
@@ -535,7 +535,7 @@ pub fn span_from_http(
             cut_from(text, start, MAX_TAG_VALUE);
         });
     }
-    if let Some(host) = header(exchange, "host") {
+    if let Some(host) = exchange.header("host") {
         tags.insert_bounded("http.host", host, MAX_TAG_VALUE);
     }
     if let Some(status) = exchange.status {
@@ -552,7 +552,9 @@ pub fn span_from_http(
     // Zipkin's dependency graph can use.
     let remote_service = match exchange.side {
         Side::Server => None,
-        Side::Client => header(exchange, "host").map(|h| host_service(host_without_port(h))),
+        Side::Client => exchange
+            .header("host")
+            .map(|h| host_service(host_without_port(h))),
     };
     let times = (exchange.req_start_ns, exchange.end_ns);
     assemble(
@@ -664,14 +666,6 @@ fn ipv4_text(ip: std::net::Ipv4Addr, mut push: impl FnMut(&str)) {
         }
         push(buf.format(octet));
     }
-}
-
-fn header<'a>(exchange: &'a HttpExchange, name: &str) -> Option<&'a str> {
-    exchange
-        .request_headers
-        .iter()
-        .find(|(n, _)| *n == name)
-        .map(|(_, v)| v.as_str())
 }
 
 /// Zipkin's `error` tag of an HTTP exchange.
@@ -912,6 +906,7 @@ fn format_duration(us: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::protocols::RequestText;
 
     #[test]
     fn direct_json_is_serde_json() {
@@ -1050,13 +1045,15 @@ mod tests {
         HttpExchange {
             side,
             method: method.to_owned().into(),
-            target: target.into(),
+            request: RequestText::new(
+                target,
+                &[
+                    ("host", "cats.example:8080"),
+                    ("authorization", "Bearer s3cret"),
+                    ("cookie", "session=abc"),
+                ],
+            ),
             minor_version: 1,
-            request_headers: vec![
-                ("host", "cats.example:8080".into()),
-                ("authorization", "Bearer s3cret".into()),
-                ("cookie", "session=abc".into()),
-            ],
             status,
             req_start_ns: 1_000_000,
             req_end_ns: 1_100_000,
@@ -1176,7 +1173,14 @@ mod tests {
             (&long, format!("{}...", "a".repeat(MAX_TAG_VALUE))),
         ] {
             let mut e = exchange(Side::Client, "GET", "/", Some(200), Outcome::Complete);
-            e.request_headers[0].1 = host.to_string();
+            e.request = RequestText::new(
+                "/",
+                &[
+                    ("host", host),
+                    ("authorization", "Bearer s3cret"),
+                    ("cookie", "session=abc"),
+                ],
+            );
             let span = build(&e);
             assert_eq!(
                 span.remote_endpoint.unwrap().service_name.as_deref(),
@@ -1364,8 +1368,14 @@ mod tests {
     #[test]
     fn long_tag_values_are_cut_on_char_boundaries() {
         let mut e = exchange(Side::Server, "GET", "/", Some(200), Outcome::Complete);
-        e.request_headers.push(("host", "é".repeat(500)));
-        e.request_headers.remove(0);
+        e.request = RequestText::new(
+            "/",
+            &[
+                ("authorization", "Bearer s3cret"),
+                ("cookie", "session=abc"),
+                ("host", &"é".repeat(500)),
+            ],
+        );
         let span = build(&e);
         assert!(span.tags["http.host"].len() <= MAX_TAG_VALUE + 3);
     }

@@ -20,7 +20,7 @@ use rand::Rng as _;
 use tracer_common::{CTX_FROM_HEADER, CTX_INJECTED, CTX_SAMPLED, CTX_VALID, TraceCtx};
 
 use crate::{
-    context::{IncomingContext, extract},
+    context::{IncomingContext, extract, extract_from},
     protocols::{HttpExchange, Side},
 };
 
@@ -387,7 +387,7 @@ impl Linker {
     }
 
     fn root_or_incoming(&self, exchange: &HttpExchange) -> Identity {
-        match extract(&exchange.request_headers) {
+        match extract_from(|name| exchange.header(name)) {
             Some(ctx) => Identity {
                 trace_id: ctx.trace_id,
                 span_id: new_span_id(),
@@ -506,7 +506,7 @@ mod tests {
         flags: 0,
         _pad: 0,
     };
-    use crate::protocols::Outcome;
+    use crate::protocols::{Outcome, RequestText};
 
     fn exchange(
         side: Side,
@@ -517,9 +517,8 @@ mod tests {
         HttpExchange {
             side,
             method: "GET".into(),
-            target: "/".into(),
+            request: RequestText::new("/", headers),
             minor_version: 1,
-            request_headers: headers.iter().map(|(n, v)| (*n, (*v).into())).collect(),
             status: Some(200),
             req_start_ns: start,
             req_end_ns: start,

@@ -22,7 +22,7 @@
 
 use std::{borrow::Cow, collections::VecDeque, mem::MaybeUninit};
 
-use super::{Direction, HttpExchange, Outcome, Segment, Side};
+use super::{Direction, HttpExchange, Outcome, RequestText, Segment, Side};
 
 /// Largest partial head kept across syscalls. A longer head is handled like one cut by the
 /// capture limit (start line and the headers seen so far, then a blind body).
@@ -210,9 +210,8 @@ enum Chunk {
 struct Pending {
     seq: u64,
     method: Cow<'static, str>,
-    target: String,
+    request: RequestText,
     minor_version: u8,
-    headers: Vec<(&'static str, String)>,
     /// Responses to HEAD carry no body whatever their headers say.
     is_head: bool,
     /// A 2xx to CONNECT turns the connection into a tunnel.
@@ -242,9 +241,8 @@ struct Framing {
 #[derive(Debug)]
 struct ReqHead {
     method: Cow<'static, str>,
-    target: String,
+    request: RequestText,
     minor_version: u8,
-    headers: Vec<(&'static str, String)>,
     framing: Framing,
 }
 
@@ -639,9 +637,8 @@ impl Http1Conn {
             is_head: head.method == "HEAD",
             is_connect: head.method == "CONNECT",
             method: head.method,
-            target: head.target,
+            request: head.request,
             minor_version: head.minor_version,
-            headers: head.headers,
             req_start_ns: self.req.msg_start_ns,
             req_end_ns: seg.ts_ns,
             req_bytes: self.req.msg_bytes,
@@ -892,9 +889,8 @@ impl Http1Conn {
         out.push(HttpExchange {
             side: self.side,
             method: p.method,
-            target: p.target,
+            request: p.request,
             minor_version: p.minor_version,
-            request_headers: p.headers,
             status: p.status,
             req_start_ns: p.req_start_ns,
             req_end_ns: p.req_end_ns,
@@ -1123,9 +1119,8 @@ fn parse_cut_head(role: Role, bytes: &[u8], scratch: &mut Vec<u8>) -> Option<Hea
             };
             Some(Head::Request(ReqHead {
                 method: method_of(method),
-                target,
+                request: RequestText::from_target(target),
                 minor_version: req.version.unwrap_or(1),
-                headers: Vec::new(),
                 framing: Framing::default(),
             }))
         }
@@ -1142,21 +1137,29 @@ fn parse_cut_head(role: Role, bytes: &[u8], scratch: &mut Vec<u8>) -> Option<Hea
 
 impl ReqHead {
     fn from_parsed(req: &httparse::Request<'_, '_>) -> Self {
+        // The kept headers are found first so that the text is allocated once, at its size.
+        let mut kept = [("", &[][..]); MAX_KEPT_HEADERS];
+        let mut n = 0;
+        for h in req.headers.iter() {
+            if n == MAX_KEPT_HEADERS {
+                break;
+            }
+            if let Some(name) = KEPT_HEADERS.iter().find(|k| h.name.eq_ignore_ascii_case(k)) {
+                kept[n] = (name, header_value(h.value));
+                n += 1;
+            }
+        }
+        let kept = &kept[..n];
+        let target = req.path.unwrap_or_default();
+        let len = target.len() + kept.iter().map(|(_, v)| v.len()).sum::<usize>();
+        let mut request = RequestText::with_capacity(target, len, n);
+        for &(name, value) in kept {
+            request.push_header(name, |text| push_utf8(text, value));
+        }
         ReqHead {
             method: method_of(req.method.unwrap_or_default()),
-            target: req.path.unwrap_or_default().to_owned(),
+            request,
             minor_version: req.version.unwrap_or(1),
-            headers: req
-                .headers
-                .iter()
-                .filter_map(|h| {
-                    KEPT_HEADERS
-                        .iter()
-                        .find(|k| h.name.eq_ignore_ascii_case(k))
-                        .map(|k| (*k, header_value(h.value)))
-                })
-                .take(MAX_KEPT_HEADERS)
-                .collect(),
             framing: Framing::from_headers(req.headers),
         }
     }
@@ -1173,17 +1176,22 @@ fn method_of(method: &str) -> Cow<'static, str> {
         )
 }
 
-/// A header value, trimmed, bounded to [`MAX_HEADER_VALUE`] bytes.
-fn header_value(value: &[u8]) -> String {
+/// A header value, trimmed, bounded to [`MAX_HEADER_VALUE`] bytes; a multi-byte character the
+/// bound split is left out rather than shown as U+FFFD.
+fn header_value(value: &[u8]) -> &[u8] {
     let value = value.trim_ascii();
     let cut = &value[..value.len().min(MAX_HEADER_VALUE)];
     match std::str::from_utf8(cut) {
-        Ok(s) => s.to_owned(),
-        // The bound split a multi-byte character: drop its start rather than show U+FFFD.
-        Err(e) if cut.len() < value.len() && e.error_len().is_none() => {
-            String::from_utf8_lossy(&cut[..e.valid_up_to()]).into_owned()
-        }
-        Err(_) => String::from_utf8_lossy(cut).into_owned(),
+        Err(e) if cut.len() < value.len() && e.error_len().is_none() => &cut[..e.valid_up_to()],
+        _ => cut,
+    }
+}
+
+/// Appends `bytes`, invalid UTF-8 replaced by U+FFFD.
+fn push_utf8(out: &mut String, bytes: &[u8]) {
+    match std::str::from_utf8(bytes) {
+        Ok(s) => out.push_str(s),
+        Err(_) => out.push_str(&String::from_utf8_lossy(bytes)),
     }
 }
 
@@ -1287,7 +1295,7 @@ mod tests {
             self.out.iter().map(|e| e.status).collect()
         }
         fn targets(&self) -> Vec<&str> {
-            self.out.iter().map(|e| e.target.as_str()).collect()
+            self.out.iter().map(HttpExchange::target).collect()
         }
     }
 
@@ -1335,7 +1343,7 @@ mod tests {
             (e.req_bytes, e.resp_bytes),
             (GET.len() as u64, OK2.len() as u64)
         );
-        assert_eq!(e.request_headers, [("host", "x".to_string())]);
+        assert_eq!(e.request_headers().collect::<Vec<_>>(), [("host", "x")]);
         assert_eq!(r.out[1].req_start_ns, 30);
     }
 
@@ -1435,12 +1443,15 @@ mod tests {
         assert_eq!(r.conn.buffered_bytes(), 0);
         r.feed(seg(EG, 4, OK2));
         let e = &r.out[0];
-        assert_eq!((&*e.method, e.target.as_str()), ("POST", "/upload?x=1"));
+        assert_eq!((&*e.method, e.target()), ("POST", "/upload?x=1"));
         assert_eq!(
             (e.req_start_ns, e.req_end_ns, e.req_bytes),
             (1, 3, req.len() as u64)
         );
-        assert_eq!(e.request_headers, vec![("host", "example".to_string())]);
+        assert_eq!(
+            e.request_headers().collect::<Vec<_>>(),
+            [("host", "example")]
+        );
     }
 
     #[test]
@@ -1801,7 +1812,7 @@ mod tests {
         .feed(seg(IN, 2, b"HTTP/1.1 200 Connection established\r\n\r\n"))
         .feed(seg(EG, 3, b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03"));
         assert_eq!(r.statuses(), [Some(200)]);
-        assert_eq!(r.out[0].target, "example.com:443");
+        assert_eq!(r.out[0].target(), "example.com:443");
         assert!(r.conn.is_not_http());
     }
 
@@ -1876,13 +1887,9 @@ mod tests {
         req.extend_from_slice(b"\r\n");
         let mut r = Run::default();
         r.feed(seg(IN, 1, &req)).feed(seg(EG, 2, OK2));
-        let h = &r.out[0].request_headers;
+        let h: Vec<_> = r.out[0].request_headers().collect();
         assert_eq!(h.len(), MAX_KEPT_HEADERS, "bounded in count");
-        assert_eq!(
-            h[0],
-            ("host", "cats.example".into()),
-            "lowercased and trimmed"
-        );
+        assert_eq!(h[0], ("host", "cats.example"), "lowercased and trimmed");
         assert_eq!(h[1].0, "user-agent");
         assert_eq!(
             h[1].1,
@@ -1905,10 +1912,10 @@ mod tests {
         r.feed(cut(IN, 1, &req, 128)).feed(seg(EG, 2, OK2));
         let e = &r.out[0];
         assert_eq!(
-            (e.target.as_str(), e.req_bytes, e.status),
+            (e.target(), e.req_bytes, e.status),
             ("/profile?tab=1", req.len() as u64, Some(200))
         );
-        assert_eq!(e.request_headers, [("host", "app".to_string())]);
+        assert_eq!(e.request_headers().collect::<Vec<_>>(), [("host", "app")]);
     }
 
     #[test]
@@ -1920,7 +1927,7 @@ mod tests {
         r.feed(cut(EG, 1, &req, 64)).feed(seg(IN, 2, OK2));
         let e = &r.out[0];
         assert_eq!(
-            (&*e.method, e.target.len(), e.status),
+            (&*e.method, e.target().len(), e.status),
             ("GET", 64 - 4, Some(200))
         );
     }
@@ -2178,7 +2185,7 @@ mod tests {
                 i + 1,
                 e.side,
                 e.method,
-                e.target,
+                e.target(),
                 e.minor_version,
                 e.outcome
             );
@@ -2193,7 +2200,7 @@ mod tests {
                 "   response start={resp_start} end={} bytes={}",
                 e.end_ns, e.resp_bytes
             );
-            for (name, value) in &e.request_headers {
+            for (name, value) in e.request_headers() {
                 let _ = writeln!(s, "   header {name}: {value}");
             }
         }
