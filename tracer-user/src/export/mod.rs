@@ -38,6 +38,9 @@ const CHUNK_BYTES: usize = 512 * 1024;
 /// Emptied chunks waiting to be reused; more are freed. A few drains' worth: the exporters give
 /// chunks back within a batch poll (50 ms) while the collector keeps up.
 const RECYCLED_CHUNKS: usize = 8;
+/// A returned chunk whose buffer grew past this (a burst) is freed, not reused: kept, the pool
+/// would hold megabytes for good. A drain's worth at 30k spans/s is about 200 KiB.
+const RECYCLED_BYTES: usize = 256 * 1024;
 
 #[derive(Clone, Debug)]
 pub enum Output {
@@ -238,8 +241,7 @@ impl Exporter {
         if self.chunk.is_empty() {
             return;
         }
-        let mut next = self.recycled.try_recv().unwrap_or_default();
-        next.clear();
+        let next = reusable_chunk(&self.recycled);
         let chunk = std::mem::replace(&mut self.chunk, next);
         if let Err(e) = self.tx.try_send(chunk) {
             // Only a task that is gone refuses a chunk (see `start`).
@@ -289,6 +291,17 @@ impl Exporter {
             warn!("gave up on {unsent} spans still unsent after {timeout:?}");
         }
     }
+}
+
+/// An empty chunk to fill: a returned one unless it grew too large to keep.
+fn reusable_chunk(recycled: &std_mpsc::Receiver<EncodedChunk>) -> EncodedChunk {
+    let mut chunk = recycled
+        .try_recv()
+        .ok()
+        .filter(|c| c.bytes.capacity() <= RECYCLED_BYTES)
+        .unwrap_or_default();
+    chunk.clear();
+    chunk
 }
 
 fn queue_capacity(output: &Output) -> usize {
@@ -601,6 +614,34 @@ mod tests {
         chunk.clear();
         assert!(chunk.is_empty());
         assert_eq!(chunk.spans().count(), 0);
+    }
+
+    #[test]
+    fn returned_chunks_are_reused_unless_a_burst_grew_them() {
+        let (recycle, recycled) = std_mpsc::sync_channel(RECYCLED_CHUNKS);
+        let mut typical = EncodedChunk::default();
+        typical.push(|out| out.extend_from_slice(&[b'x'; 1000]));
+        let typical_capacity = typical.bytes.capacity();
+        let mut burst = EncodedChunk::default();
+        burst.push(|out| out.extend_from_slice(&vec![b'x'; 2 * RECYCLED_BYTES]));
+        recycle.try_send(typical).unwrap();
+        recycle.try_send(burst).unwrap();
+
+        let reused = reusable_chunk(&recycled);
+        assert!(reused.is_empty() && reused.bytes.is_empty());
+        assert_eq!(reused.bytes.capacity(), typical_capacity, "its buffer kept");
+        let fresh = reusable_chunk(&recycled);
+        assert!(fresh.is_empty());
+        assert_eq!(
+            fresh.bytes.capacity(),
+            0,
+            "the grown buffer freed, not kept"
+        );
+        assert_eq!(
+            reusable_chunk(&recycled).bytes.capacity(),
+            0,
+            "none left: a new one"
+        );
     }
 
     #[test]
