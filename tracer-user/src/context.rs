@@ -18,6 +18,19 @@ pub struct IncomingContext {
 
 const MAX_TRACESTATE: usize = 512;
 
+/// The headers [`extract`] reads, named as it looks them up: what the parser keeps of a request
+/// for it, and what the linker watches for in a head.
+pub const HEADERS: [&str; 8] = [
+    "traceparent",
+    "tracestate",
+    "b3",
+    "x-b3-traceid",
+    "x-b3-spanid",
+    "x-b3-parentspanid",
+    "x-b3-sampled",
+    "x-b3-flags",
+];
+
 /// Reads the first valid context, W3C first (it is the standard), then B3 single, then B3 multi.
 pub fn extract<N: AsRef<str>, V: AsRef<str>>(headers: &[(N, V)]) -> Option<IncomingContext> {
     extract_from(|name| {

@@ -448,18 +448,6 @@ fn context_header_lines(
     false
 }
 
-/// The trace-context headers `context::extract` reads, named as it looks them up.
-const CONTEXT_HEADERS: [&str; 8] = [
-    "traceparent",
-    "tracestate",
-    "b3",
-    "x-b3-traceid",
-    "x-b3-spanid",
-    "x-b3-parentspanid",
-    "x-b3-sampled",
-    "x-b3-flags",
-];
-
 /// Any other `X-B3-*` header. `extract` reads none, but one arriving in a later piece of a
 /// head still counts as new context there (`request_continued` reads the context again), so
 /// it is kept, by this name and without its value.
@@ -467,7 +455,7 @@ const OTHER_B3: &str = "x-b3-*";
 
 /// The static name of a trace-context header line's `name` (any case).
 fn context_header_name(name: &[u8]) -> Option<&'static str> {
-    if let Some(known) = CONTEXT_HEADERS
+    if let Some(known) = crate::context::HEADERS
         .iter()
         .find(|known| name.eq_ignore_ascii_case(known.as_bytes()))
     {

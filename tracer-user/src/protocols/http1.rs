@@ -31,22 +31,22 @@ const MAX_HEAD: usize = 16 * 1024;
 const MAX_PARSED_HEADERS: usize = 128;
 /// Request headers kept per exchange.
 const MAX_KEPT_HEADERS: usize = 16;
-/// The request headers later stages use: the host (span tags), the user agent (the agent
-/// recognises its own export traffic), and trace context. No other header value is copied:
-/// it costs an allocation per header per request, and most are never to leave the parser
-/// anyway (cookies, credentials).
-const KEPT_HEADERS: [&str; 10] = [
-    "host",
-    "user-agent",
-    "traceparent",
-    "tracestate",
-    "b3",
-    "x-b3-traceid",
-    "x-b3-spanid",
-    "x-b3-parentspanid",
-    "x-b3-sampled",
-    "x-b3-flags",
-];
+/// The request headers later stages use besides trace context (`context::HEADERS`): the host
+/// (span tags) and the user agent (the agent recognises its own export traffic). No other
+/// header value is copied: it costs an allocation per header per request, and most are never
+/// to leave the parser anyway (cookies, credentials).
+const KEPT_HEADERS: [&str; 2] = ["host", "user-agent"];
+
+/// The static name of a kept header (`name` in any case): one of [`KEPT_HEADERS`] or of the
+/// trace-context headers.
+fn kept_name(name: &str) -> Option<&'static str> {
+    KEPT_HEADERS
+        .iter()
+        .chain(&crate::context::HEADERS)
+        .find(|k| name.eq_ignore_ascii_case(k))
+        .copied()
+}
+
 /// Methods kept as these constants rather than copied: nearly every request's.
 const KNOWN_METHODS: [&str; 9] = [
     "GET", "POST", "PUT", "DELETE", "HEAD", "OPTIONS", "PATCH", "CONNECT", "TRACE",
@@ -1144,7 +1144,7 @@ impl ReqHead {
             if n == MAX_KEPT_HEADERS {
                 break;
             }
-            if let Some(name) = KEPT_HEADERS.iter().find(|k| h.name.eq_ignore_ascii_case(k)) {
+            if let Some(name) = kept_name(h.name) {
                 kept[n] = (name, header_value(h.value));
                 n += 1;
             }
