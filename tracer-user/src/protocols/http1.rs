@@ -1149,13 +1149,7 @@ impl ReqHead {
                 n += 1;
             }
         }
-        let kept = &kept[..n];
-        let target = req.path.unwrap_or_default();
-        let len = target.len() + kept.iter().map(|(_, v)| v.len()).sum::<usize>();
-        let mut request = RequestText::with_capacity(target, len, n);
-        for &(name, value) in kept {
-            request.push_header(name, |text| push_utf8(text, value));
-        }
+        let request = RequestText::new(req.path.unwrap_or_default(), &kept[..n]);
         ReqHead {
             method: method_of(req.method.unwrap_or_default()),
             request,
@@ -1184,14 +1178,6 @@ fn header_value(value: &[u8]) -> &[u8] {
     match std::str::from_utf8(cut) {
         Err(e) if cut.len() < value.len() && e.error_len().is_none() => &cut[..e.valid_up_to()],
         _ => cut,
-    }
-}
-
-/// Appends `bytes`, invalid UTF-8 replaced by U+FFFD.
-fn push_utf8(out: &mut String, bytes: &[u8]) {
-    match std::str::from_utf8(bytes) {
-        Ok(s) => out.push_str(s),
-        Err(_) => out.push_str(&String::from_utf8_lossy(bytes)),
     }
 }
 

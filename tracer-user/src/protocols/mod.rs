@@ -145,14 +145,25 @@ pub struct RequestText {
 }
 
 impl RequestText {
-    /// A target and headers (names lowercase), in one allocation of the exact size.
-    pub fn new(target: &str, headers: &[(&'static str, &str)]) -> Self {
-        let len = target.len() + headers.iter().map(|(_, v)| v.len()).sum::<usize>();
-        let mut request = Self::with_capacity(target, len, headers.len());
-        for (name, value) in headers {
-            request.push_header(name, |text| text.push_str(value));
+    /// A target and headers (names lowercase), in one allocation of the exact size; invalid
+    /// UTF-8 in a value becomes U+FFFD.
+    pub fn new<V: AsRef<[u8]>>(target: &str, headers: &[(&'static str, V)]) -> Self {
+        let len = target.len() + headers.iter().map(|(_, v)| v.as_ref().len()).sum::<usize>();
+        let mut text = String::with_capacity(len);
+        text.push_str(target);
+        let target_end = offset(text.len());
+        let headers = headers
+            .iter()
+            .map(|(name, value)| {
+                text.push_str(&String::from_utf8_lossy(value.as_ref()));
+                (*name, offset(text.len()))
+            })
+            .collect();
+        Self {
+            text,
+            target_end,
+            headers,
         }
-        request
     }
 
     /// A target without headers, in the allocation it already has.
@@ -162,24 +173,6 @@ impl RequestText {
             text: target,
             headers: Vec::new(),
         }
-    }
-
-    /// `target`, with room for `text` bytes in all (the target's included) and `headers`
-    /// headers.
-    pub(crate) fn with_capacity(target: &str, text: usize, headers: usize) -> Self {
-        let mut buf = String::with_capacity(text.max(target.len()));
-        buf.push_str(target);
-        Self {
-            target_end: offset(buf.len()),
-            text: buf,
-            headers: Vec::with_capacity(headers),
-        }
-    }
-
-    /// Appends a header whose value `write` appends to the buffer it is given.
-    pub(crate) fn push_header(&mut self, name: &'static str, write: impl FnOnce(&mut String)) {
-        write(&mut self.text);
-        self.headers.push((name, offset(self.text.len())));
     }
 
     pub fn target(&self) -> &str {
@@ -305,7 +298,7 @@ mod tests {
         let bare = RequestText::from_target("é".repeat(3));
         assert_eq!(bare.target(), "ééé");
         assert_eq!(bare.headers().count(), 0);
-        assert_eq!(bare, RequestText::new("ééé", &[]));
+        assert_eq!(bare, RequestText::new::<&str>("ééé", &[]));
         assert_eq!(RequestText::default().target(), "");
         assert_eq!(
             RequestText::new("", &[("host", "h")]).header("host"),
