@@ -730,16 +730,9 @@ fn split_target(target: &str) -> (&str, &str) {
 
 /// Appends `s` cut to `max` bytes on a character boundary, with `...` when cut.
 fn push_bounded(out: &mut String, s: &str, max: usize) {
-    if s.len() <= max {
-        out.push_str(s);
-        return;
-    }
-    let mut end = max;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    out.push_str(&s[..end]);
-    out.push_str("...");
+    let start = out.len();
+    out.push_str(s);
+    cut_from(out, start, max);
 }
 
 /// Cuts what `out` holds past `start` to `max` bytes on a character boundary, with `...` when
