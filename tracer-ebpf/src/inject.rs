@@ -88,15 +88,39 @@ pub struct MsgScratch {
 #[map]
 static MSG_SCRATCH: PerCpuArray<MsgScratch> = PerCpuArray::with_max_entries(1, 0);
 
+/// Per-CPU state of the id generator (`random_u64`); 0 until first used on that CPU.
+#[map]
+static ID_STATE: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// A 64-bit id for thread `tid`: SplitMix64 over a per-CPU counter seeded from the kernel's
+/// generator on first use. A server request needs three of these; as helper calls (two 32-bit
+/// draws each) they cost more than the rest of naming it. Ids need to be distinct, not
+/// unpredictable: each CPU's counter never repeats within 2^64 draws, random seeds keep CPUs
+/// and agent runs apart, and the thread id (through a bijection) keeps apart two threads that
+/// read the same counter value when one preempted the other between read and write.
 #[inline(always)]
-fn random_u64() -> u64 {
+fn random_u64(tid: u32) -> u64 {
+    const GOLDEN: u64 = 0x9e37_79b9_7f4a_7c15;
     // SAFETY: no preconditions.
-    unsafe { ((bpf_get_prandom_u32() as u64) << 32) | bpf_get_prandom_u32() as u64 }
+    let draw = || unsafe { ((bpf_get_prandom_u32() as u64) << 32) | bpf_get_prandom_u32() as u64 };
+    let Some(state) = ID_STATE.get_ptr_mut(0) else {
+        return draw();
+    };
+    // SAFETY: per-CPU slot; see above for a preempting program on the same CPU.
+    let state = unsafe { &mut *state };
+    if *state == 0 {
+        *state = draw();
+    }
+    *state = state.wrapping_add(GOLDEN);
+    let mut z = *state;
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    (z ^ (z >> 31)) ^ (tid as u64).wrapping_mul(GOLDEN)
 }
 
 #[inline(always)]
-fn nonzero_random() -> u64 {
-    let v = random_u64();
+fn nonzero_random(tid: u32) -> u64 {
+    let v = random_u64(tid);
     if v == 0 { 1 } else { v }
 }
 
@@ -405,7 +429,7 @@ pub fn server_request(head: &[u8], head_len: usize, conn_id: u64, tid: u32) -> T
     }
     let scan = scan_head(SRC_EVENT, head_len.min(WINDOW));
     let mut ctx = TraceCtx {
-        span_id: nonzero_random(),
+        span_id: nonzero_random(tid),
         flags: CTX_VALID | CTX_SERVER | CTX_SAMPLED,
         ..none
     };
@@ -420,8 +444,8 @@ pub fn server_request(head: &[u8], head_len: usize, conn_id: u64, tid: u32) -> T
             }
         }
         None => {
-            ctx.trace_id_hi = random_u64();
-            ctx.trace_id_lo = nonzero_random();
+            ctx.trace_id_hi = random_u64(tid);
+            ctx.trace_id_lo = nonzero_random(tid);
         }
     }
     match THREAD_CTX.get_ptr_mut(&tid) {
@@ -691,7 +715,7 @@ fn try_inject(ctx: &SkMsgContext) -> Option<()> {
 
     let tid = pid_tgid as u32;
     let mut client = TraceCtx {
-        span_id: nonzero_random(),
+        span_id: nonzero_random(tid),
         flags: CTX_VALID | CTX_INJECTED | CTX_SAMPLED,
         ..Default::default()
     };
@@ -705,12 +729,12 @@ fn try_inject(ctx: &SkMsgContext) -> Option<()> {
         }
         Some(_) => {
             client.flags |= CTX_AMBIGUOUS;
-            client.trace_id_hi = random_u64();
-            client.trace_id_lo = nonzero_random();
+            client.trace_id_hi = random_u64(tid);
+            client.trace_id_lo = nonzero_random(tid);
         }
         None => {
-            client.trace_id_hi = random_u64();
-            client.trace_id_lo = nonzero_random();
+            client.trace_id_hi = random_u64(tid);
+            client.trace_id_lo = nonzero_random(tid);
         }
     }
     let offset = scan.line_end;
