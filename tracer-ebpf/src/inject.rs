@@ -305,8 +305,11 @@ fn scan_buffer(source: u64) -> Option<&'static [u8]> {
     }
 }
 
-/// Steps of `scan_head`: one per 8-byte word without a line break, one per line.
+/// Steps of `scan_head`: at most one per 8-byte word without a line break, one per line.
 const MAX_STEPS: u32 = (WINDOW / 8 + WINDOW / 2) as u32;
+
+/// Words `scan_step` searches before it returns without having found a line break.
+const WORDS_PER_STEP: usize = 4;
 
 const NEWLINES: u64 = 0x0a0a_0a0a_0a0a_0a0a;
 const LOW_BITS: u64 = 0x0101_0101_0101_0101;
@@ -370,13 +373,23 @@ extern "C" fn scan_step(_index: u64, ctx: *mut core::ffi::c_void) -> i64 {
     // SAFETY: per-CPU slot, ours for this program's run.
     let pos = unsafe { &mut *pos };
     let len = (st.len as usize).min(WINDOW);
-    let i = match search_word(buf, *pos as usize, len) {
-        WordSearch::Found(i) => i,
-        WordSearch::Next(next) => {
-            *pos = next as u64;
-            return 0;
+    // Up to four words a step: a header line is three or four words long, and a step (a
+    // call, and the map lookups above) costs more than searching a word.
+    let mut from = *pos as usize;
+    let mut found = None;
+    for _ in 0..WORDS_PER_STEP {
+        match search_word(buf, from, len) {
+            WordSearch::Found(i) => {
+                found = Some(i);
+                break;
+            }
+            WordSearch::Next(next) => from = next,
+            WordSearch::End => return 1,
         }
-        WordSearch::End => return 1,
+    }
+    let Some(i) = found else {
+        *pos = from as u64;
+        return 0;
     };
     let at = verifier_bound(i + 1, WINDOW - 1);
     *pos = at as u64;
