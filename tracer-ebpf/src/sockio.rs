@@ -231,7 +231,14 @@ fn sock_io(ctx: &BtfTracePointContext, direction: u32) {
         enter_ns,
         injected,
     };
-    emit_data(&saved, ret as u64, pid_tgid, 0);
+    // Without a note of when the send began, `io_ns` is the clock read above, as good a date
+    // for the last byte as a second read (a receive's bytes were all in by the call's return).
+    emit_data(
+        &saved,
+        ret as u64,
+        pid_tgid,
+        if enter_ns == 0 { io_ns } else { 0 },
+    );
 }
 
 /// The traced connection `fd` is, if the socket map already has it as `sk`.
