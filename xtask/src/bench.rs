@@ -109,6 +109,59 @@ struct Run {
     /// Requests the server itself counted (its access log, or its own counter): what spans
     /// are checked against, since wrk does not count requests it had in flight at the end.
     served: u64,
+    /// CPU seconds the server's processes used during the load: where the probes run.
+    server_cpu_s: f64,
+    /// CPU seconds the hypervisor took from this machine's CPUs during the load.
+    steal_s: f64,
+}
+
+/// CPU seconds of process `pid` and its children (nginx's master and workers).
+fn tree_cpu_seconds(pid: u32) -> f64 {
+    let mut total = proc_cpu_seconds(pid);
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return total;
+    };
+    for entry in dir.flatten() {
+        let Some(child) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let stat = std::fs::read_to_string(format!("/proc/{child}/stat")).unwrap_or_default();
+        // The parent pid is the second field after the command.
+        let parent = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<u32>().ok());
+        if parent == Some(pid) {
+            total += proc_cpu_seconds(child);
+        }
+    }
+    total
+}
+
+/// CPU seconds stolen from this machine by its hypervisor since boot, all CPUs.
+fn steal_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    // "cpu  user nice system idle iowait irq softirq steal ...", in clock ticks.
+    let steal = stat
+        .lines()
+        .next()
+        .and_then(|l| l.split_whitespace().nth(8)?.parse::<f64>().ok())
+        .unwrap_or(0.0);
+    // SAFETY: sysconf has no preconditions.
+    steal / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+}
+
+/// `wrk` against `target`, with the server's CPU time and the steal time it saw.
+fn load(target: &Target, opts: &BenchOptions) -> anyhow::Result<Run> {
+    let pid = target.server.0.id();
+    let (cpu0, steal0) = (tree_cpu_seconds(pid), steal_seconds());
+    let mut run = wrk(&target.url, opts)?;
+    run.server_cpu_s = tree_cpu_seconds(pid) - cpu0;
+    run.steal_s = steal_seconds() - steal0;
+    Ok(run)
 }
 
 /// A traced run's agent, started before the load and stopped after it.
@@ -404,7 +457,7 @@ fn measure(
     let served0 = target.served.read()?;
     match mode {
         Mode::Untraced => {
-            let mut run = wrk(&target.url, opts)?;
+            let mut run = load(target, opts)?;
             std::thread::sleep(Duration::from_millis(300));
             run.served = target.served.read()? - served0;
             return Ok(run);
@@ -426,7 +479,7 @@ fn measure(
     };
     let agent = Agent::start_with_env(&args, env)?;
     let cpu0 = agent.cpu_seconds();
-    let mut run = wrk(&target.url, opts)?;
+    let mut run = load(target, opts)?;
     // Let the server answer what wrk left in flight (Python's p99 is over a second) and the
     // last spans reach the exporter, before the CPU reading and the agent's stop: a request
     // answered after the stop would be served without a span.
@@ -651,9 +704,12 @@ pub fn bench(opts: &BenchOptions) -> anyhow::Result<()> {
         writeln!(report, "## {}\n", target.name)?;
         writeln!(
             report,
-            "| mode | req/s | vs untraced | p50 ms | vs | p99 ms | vs | agent CPU ms / 1k req | agent peak RSS MiB | events/s | lost | spans / requests served |"
+            "| mode | req/s | vs untraced | p50 ms | vs | p99 ms | vs | server CPU µs / req | steal, cores | agent CPU ms / 1k req | agent peak RSS MiB | events/s | lost | spans / requests served |"
         )?;
-        writeln!(report, "|---|---|---|---|---|---|---|---|---|---|---|---|")?;
+        writeln!(
+            report,
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+        )?;
         for (i, mode) in modes.iter().enumerate() {
             let r = &runs[i];
             let rps = median(r.iter().map(|x| x.rps).collect());
@@ -668,11 +724,15 @@ pub fn bench(opts: &BenchOptions) -> anyhow::Result<()> {
             let lost: u64 = r.iter().map(|x| x.lost).sum();
             let spans: u64 = r.iter().map(|x| x.spans).sum();
             let served: u64 = r.iter().map(|x| x.served).sum();
+            let server_us = r.iter().map(|x| x.server_cpu_s).sum::<f64>() * 1e6
+                / r.iter().map(|x| x.served).sum::<u64>().max(1) as f64;
+            let steal_cores =
+                r.iter().map(|x| x.steal_s).sum::<f64>() / (opts.duration as f64 * r.len() as f64);
             let traced = *mode != Mode::Untraced;
             let spanned = matches!(mode, Mode::Traced | Mode::TracedSyscalls | Mode::Exported);
             writeln!(
                 report,
-                "| {} | {:.0} | {:.3} | {:.3} | {:.2} | {:.3} | {:.2} | {} | {} | {} | {} | {} |",
+                "| {} | {:.0} | {:.3} | {:.3} | {:.2} | {:.3} | {:.2} | {:.1} | {:.2} | {} | {} | {} | {} | {} |",
                 mode.name(),
                 rps,
                 rps / base_rps,
@@ -680,6 +740,8 @@ pub fn bench(opts: &BenchOptions) -> anyhow::Result<()> {
                 p50 / base_p50,
                 p99,
                 p99 / base_p99,
+                server_us,
+                steal_cores,
                 if traced {
                     format!("{cpu_per_1k:.1}")
                 } else {
@@ -703,6 +765,15 @@ pub fn bench(opts: &BenchOptions) -> anyhow::Result<()> {
                 },
             )?;
         }
+        let untraced_rps: Vec<f64> = runs[0].iter().map(|r| r.rps).collect();
+        writeln!(
+            report,
+            "\nUntraced rounds ranged from {:.0} to {:.0} req/s: the noise any ratio above carries. \
+             Server CPU per request is the server's own CPU time over the requests it counted, \
+             where the probes run; steal is CPU time the hypervisor gave to other guests.",
+            untraced_rps.iter().copied().fold(f64::INFINITY, f64::min),
+            untraced_rps.iter().copied().fold(0.0, f64::max),
+        )?;
         // Targets, for the traced run without export (export is judged by spans/requests).
         let of = |m: Mode| &runs[modes.iter().position(|x| *x == m).expect("mode measured")];
         let traced = of(Mode::Traced);
