@@ -34,7 +34,7 @@ use tracer_common::{
     INJECT_B3, INJECT_OFF, MAX_CAPTURE, SavedArgs, SockKey, TraceCtx, stat,
 };
 
-use crate::{ACTIVE, SCRATCH, count, is_traced, sockets::saved_slot, syscalls::verifier_bound};
+use crate::{ACTIVE, SCRATCH, count, is_traced, syscalls::verifier_bound};
 
 /// Bytes of a request looked at for the header block (its end must be inside).
 const WINDOW: usize = 1024;
@@ -644,13 +644,15 @@ fn try_inject(ctx: &SkMsgContext) -> Option<()> {
         return None;
     }
     let pid_tgid = bpf_get_current_pid_tgid();
-    let saved = if config!(sock_hooks) != 0 {
-        // Sends of traced threads; the thread's slot carries the injected context to the
-        // socket-layer hook that reports the send (and empties it).
+    let injected = if config!(sock_hooks) != 0 {
+        // Sends of traced threads; the socket's send note carries the injected context to
+        // the socket-layer hook that reports the send (and empties it).
         if !is_traced((pid_tgid >> 32) as u32) {
             return None;
         }
-        saved_slot(pid_tgid)?
+        // SAFETY: a read of the program's context: the socket being sent on.
+        let sk = unsafe { (*ctx.msg).__bindgen_anon_3.sk };
+        &mut crate::sockio::send_note(sk.cast(), pid_tgid, true)?.injected
     } else {
         // Only the sends the syscall probes saw a traced thread start: its saved arguments
         // say so, and carry the injected context to the syscall's exit.
@@ -662,10 +664,10 @@ fn try_inject(ctx: &SkMsgContext) -> Option<()> {
         {
             return None;
         }
-        saved
+        &mut saved.injected
     };
     // One header per syscall: a large send reaches this program in several pieces.
-    if saved.injected.flags != 0 {
+    if injected.flags != 0 {
         return None;
     }
     let size = ctx.size() as usize;
@@ -759,7 +761,7 @@ fn try_inject(ctx: &SkMsgContext) -> Option<()> {
     };
     if ok {
         count(stat::INJECTED);
-        saved.injected = client;
+        *injected = client;
     } else {
         count(stat::INJECT_ERRORS);
     }
