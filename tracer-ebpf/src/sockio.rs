@@ -121,7 +121,7 @@ pub fn tracer_sock_recv(ctx: BtfTracePointContext) -> i32 {
 /// tcp_sendmsg_locked(const struct sock *sk, const struct msghdr *msg,
 /// const struct sk_buff *skb, int size_goal): fires once per segment a send fills, the first
 /// time before any byte of it is queued. Notes that moment and the sequence number of the
-/// first byte in the thread's slot, for `sock_send_length` to take. The sk_msg program (trace
+/// first byte in the socket's send note, for `sock_send_length` to take. The sk_msg program (trace
 /// context injection) has run by then, and its added bytes are part of what follows: the
 /// sequence number is still that of the sender's first byte.
 #[btf_tracepoint(function = "tcp_sendmsg_locked")]
@@ -131,21 +131,21 @@ pub fn tracer_tcp_send_begin(ctx: BtfTracePointContext) -> i32 {
         return 0;
     }
     let sk: *mut core::ffi::c_void = ctx.arg(0);
-    let Some(slot) = send_note(sk, pid_tgid, true) else {
+    let Some(note) = send_note(sk, pid_tgid, true) else {
         return 0;
     };
-    if slot.enter_ns != 0 {
+    if note.enter_ns != 0 {
         // A later segment of the same send.
         return 0;
     }
     // SAFETY: no preconditions.
-    slot.enter_ns = unsafe { bpf_ktime_get_ns() };
+    note.enter_ns = unsafe { bpf_ktime_get_ns() };
     match next_seq(sk as u64, true) {
         Some(seq) => {
-            slot.seq = seq;
-            slot.seq_valid = 1;
+            note.seq = seq;
+            note.seq_valid = 1;
         }
-        None => slot.seq_valid = 0,
+        None => note.seq_valid = 0,
     }
     0
 }
@@ -188,23 +188,23 @@ fn sock_io(ctx: &BtfTracePointContext, direction: u32) {
     if !is_traced(tgid) {
         return;
     }
-    // What the send's first segment noted, and the context sk_msg wrote into it; the slot is
+    // What the send's first segment noted, and the context sk_msg wrote into it; the note is
     // emptied whatever becomes of this send (a later send must not inherit them).
     let mut enter_ns = 0;
     let mut seq_at_start = None;
     let mut injected = TraceCtx::default();
     if direction == DIR_EGRESS
-        && let Some(slot) = send_note(ctx.arg(0), pid_tgid, false)
+        && let Some(note) = send_note(ctx.arg(0), pid_tgid, false)
     {
-        enter_ns = slot.enter_ns;
-        if enter_ns != 0 && slot.seq_valid != 0 {
-            seq_at_start = Some(slot.seq);
+        enter_ns = note.enter_ns;
+        if enter_ns != 0 && note.seq_valid != 0 {
+            seq_at_start = Some(note.seq);
         }
-        if slot.injected.flags != 0 {
-            injected = slot.injected;
-            slot.injected.flags = 0;
+        if note.injected.flags != 0 {
+            injected = note.injected;
+            note.injected.flags = 0;
         }
-        slot.enter_ns = 0;
+        note.enter_ns = 0;
     }
     let sk: u64 = ctx.arg(0);
     let ret = ctx.arg::<i32>(1) as i64;
