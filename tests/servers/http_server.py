@@ -54,6 +54,12 @@ def call_upstream(port, path):
                 raise
 
 
+class Server(http.server.ThreadingHTTPServer):
+    # socketserver's listen backlog is 5: a load generator opening 50 connections at once
+    # overflowed it, and the dropped SYNs' one-second retransmit became the p99 latency.
+    request_queue_size = 128
+
+
 class Handler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
 
@@ -160,10 +166,7 @@ def main():
     args = ap.parse_args()
     global EXEC_PROGRAM
     EXEC_PROGRAM = args.exec
-    # socketserver's listen backlog is 5: a load generator opening 50 connections at once
-    # overflowed it, and the dropped SYNs' one-second retransmit became the p99 latency.
-    http.server.ThreadingHTTPServer.request_queue_size = 128
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", args.port), Handler)
+    server = Server(("127.0.0.1", args.port), Handler)
     server.daemon_threads = True
     if args.tls_cert:
         import ssl
