@@ -223,7 +223,7 @@ fn is_traced(tgid: u32) -> bool {
 const GENERATION_MASK: u32 = 0x7fff_ffff;
 
 #[inline(always)]
-fn generation() -> u32 {
+pub(crate) fn generation() -> u32 {
     let mut sum: u64 = 0;
     for i in 0..2 {
         if let Some(g) = GENERATION.get_ptr(i) {

@@ -55,48 +55,76 @@ pub struct SendNote {
     pub injected: TraceCtx,
 }
 
-/// Send notes kept on the socket itself, which the kernel is working on at both ends of the send,
-/// and freed with it. A per-thread hash entry was cold whenever a server had many threads (50
-/// in the Python benchmark: about 0.4 µs more per request over its two sends, BPF run-time
-/// stats over 11 interleaved pairs; nginx's one thread kept its entry warm and saw no change).
-#[btf_map]
-static SEND_NOTES: SkStorage<SendNote> = SkStorage::new();
+/// What the socket-layer programs keep on a socket: the note of a send under way, and which
+/// traced connection the socket is, a copy of its `CONNS` entry. The `CONNS` lookup by
+/// `(tgid, fd)` was a cold hash entry on every request once a server had a few dozen
+/// connections; the socket's own storage is reached from the socket the tracepoint names,
+/// and a send has already touched it for its note.
+#[repr(C)]
+pub struct SockState {
+    pub note: SendNote,
+    /// `conn_key(tgid, fd)` the copy below is of; 0: none.
+    conn_key: u64,
+    conn_id: u64,
+    conn_flags: u64,
+    /// The traced set's generation when copied. The copy is good while it is current: the
+    /// agent bumps it after dropping `CONNS` entries (exits, execs) and once a second, so no
+    /// copy outlives its entry by more than that, and the programs that remove an entry
+    /// themselves (a socket's close, an fd reused) clear or bypass the copy.
+    conn_generation: u64,
+}
 
-/// The send note of socket `sk` (a BTF `struct sock *`) for thread `pid_tgid`: emptied first
-/// when another thread left it. With `create`, made when the socket has none.
+/// Socket storage, freed with the socket.
+#[btf_map]
+static SOCK_STATES: SkStorage<SockState> = SkStorage::new();
+
+/// The state of socket `sk` (a BTF `struct sock *`); with `create`, made when the socket has
+/// none.
 #[inline(always)]
-pub fn send_note(
-    sk: *mut core::ffi::c_void,
-    pid_tgid: u64,
-    create: bool,
-) -> Option<&'static mut SendNote> {
+fn sock_state(sk: *mut core::ffi::c_void, create: bool) -> Option<&'static mut SockState> {
     let flags = if create {
         BPF_SK_STORAGE_GET_F_CREATE as u64
     } else {
         0
     };
     // SAFETY: `sk` is a socket pointer the verifier knows as such (a BTF-typed tracepoint
-    // argument, or sk_msg's `sk`); the map is socket storage of `SendNote`.
-    let note = unsafe {
+    // argument, or sk_msg's `sk`); the map is socket storage of `SockState`.
+    let state = unsafe {
         bpf_sk_storage_get(
-            core::ptr::addr_of!(SEND_NOTES).cast_mut().cast(),
+            core::ptr::addr_of!(SOCK_STATES).cast_mut().cast(),
             sk,
             core::ptr::null_mut(),
             flags,
         )
-    } as *mut SendNote;
-    if note.is_null() {
-        return None;
-    }
+    } as *mut SockState;
     // SAFETY: storage of this socket, valid for the program's run.
-    let note = unsafe { &mut *note };
-    if note.pid_tgid != pid_tgid {
-        note.pid_tgid = pid_tgid;
-        note.enter_ns = 0;
-        note.seq_valid = 0;
-        note.injected.flags = 0;
+    (!state.is_null()).then(|| unsafe { &mut *state })
+}
+
+impl SockState {
+    /// The send note for thread `pid_tgid`: emptied first when another thread left it.
+    #[inline(always)]
+    fn note_for(&mut self, pid_tgid: u64) -> &mut SendNote {
+        let note = &mut self.note;
+        if note.pid_tgid != pid_tgid {
+            note.pid_tgid = pid_tgid;
+            note.enter_ns = 0;
+            note.seq_valid = 0;
+            note.injected.flags = 0;
+        }
+        note
     }
-    Some(note)
+}
+
+/// The send note of socket `sk` (a BTF `struct sock *`) for thread `pid_tgid`. With `create`,
+/// made when the socket has none.
+#[inline(always)]
+pub fn send_note(
+    sk: *mut core::ffi::c_void,
+    pid_tgid: u64,
+    create: bool,
+) -> Option<&'static mut SendNote> {
+    Some(sock_state(sk, create)?.note_for(pid_tgid))
 }
 
 const TCP_CLOSE: i32 = 7;
@@ -169,6 +197,9 @@ pub fn tracer_sock_state(ctx: BtfTracePointContext) -> i32 {
     if unsafe { CONNS.get(&owner.key) }.is_some_and(|c| c.conn_id == owner.conn_id) {
         let _ = CONNS.remove(&owner.key);
     }
+    if let Some(st) = sock_state(ctx.arg(0), false) {
+        st.conn_key = 0;
+    }
     // Often in softirq, on no particular thread: the tid is not the owner's.
     header_only(
         EventKind::ConnClose,
@@ -193,9 +224,12 @@ fn sock_io(ctx: &BtfTracePointContext, direction: u32) {
     let mut enter_ns = 0;
     let mut seq_at_start = None;
     let mut injected = TraceCtx::default();
-    if direction == DIR_EGRESS
-        && let Some(note) = send_note(ctx.arg(0), pid_tgid, false)
-    {
+    let mut state = None;
+    if direction == DIR_EGRESS {
+        state = sock_state(ctx.arg(0), false);
+    }
+    if let Some(st) = state.as_deref_mut() {
+        let note = st.note_for(pid_tgid);
         enter_ns = note.enter_ns;
         if enter_ns != 0 && note.seq_valid != 0 {
             seq_at_start = Some(note.seq);
@@ -242,7 +276,10 @@ fn sock_io(ctx: &BtfTracePointContext, direction: u32) {
         }
         return;
     }
-    let Some(conn) = socket_conn(pid_tgid, fd, sk) else {
+    if state.is_none() {
+        state = sock_state(ctx.arg(0), false);
+    }
+    let Some(conn) = socket_conn_cached(&mut state, ctx, pid_tgid, fd, sk) else {
         return;
     };
     // SAFETY: no preconditions.
@@ -253,7 +290,16 @@ fn sock_io(ctx: &BtfTracePointContext, direction: u32) {
     };
     // Inside an OpenSSL call the bytes are ciphertext: the call's own probes report the
     // plaintext, and learn here which socket it uses.
-    if tls::in_ssl_call(pid_tgid, tgid, fd, &conn, io_ns) || conn.flags & CONN_TLS != 0 {
+    if tls::in_ssl_call(pid_tgid, tgid, fd, &conn, io_ns) {
+        // It marked the `CONNS` entry TLS; the socket's copy must say so as well.
+        if let Some(st) = state.as_deref_mut()
+            && st.conn_key == conn_key(tgid, fd)
+        {
+            st.conn_flags |= CONN_TLS;
+        }
+        return;
+    }
+    if conn.flags & CONN_TLS != 0 {
         return;
     }
     let flags: i32 = ctx.arg(2);
@@ -308,9 +354,45 @@ fn known_conn(tgid: u32, fd: u32, sk: u64) -> Option<ConnState> {
     (state.sk == sk && state.flags & CONN_NOT_TCP == 0).then_some(state)
 }
 
-/// The traced connection `fd` is, starting to track it when new. An fd that names another
-/// socket than the map says was closed and reused unseen: that connection ends here (its
-/// socket may still be on its way to TCP_CLOSE).
+/// The traced connection `fd` is, from the socket's copy of its `CONNS` entry while that is
+/// current, else from `CONNS` (tracking the socket when new), copied to the socket for the
+/// next time. `state` is the socket's storage if it has any yet.
+#[inline(always)]
+fn socket_conn_cached(
+    state: &mut Option<&'static mut SockState>,
+    ctx: &BtfTracePointContext,
+    pid_tgid: u64,
+    fd: u32,
+    sk: u64,
+) -> Option<ConnState> {
+    let key = conn_key((pid_tgid >> 32) as u32, fd);
+    let generation = crate::generation() as u64;
+    let conn = match state.as_deref() {
+        Some(st) if st.conn_key == key && st.conn_generation == generation => ConnState {
+            conn_id: st.conn_id,
+            sk,
+            flags: st.conn_flags,
+        },
+        _ => {
+            let conn = socket_conn(pid_tgid, fd, sk)?;
+            if state.is_none() {
+                *state = sock_state(ctx.arg(0), true);
+            }
+            if let Some(st) = state.as_deref_mut() {
+                st.conn_key = key;
+                st.conn_id = conn.conn_id;
+                st.conn_flags = conn.flags;
+                st.conn_generation = generation;
+            }
+            conn
+        }
+    };
+    (conn.flags & CONN_NOT_TCP == 0).then_some(conn)
+}
+
+/// The connection `fd` is in `CONNS` (perhaps a not-TCP entry), starting to track it when new.
+/// An fd that names another socket than the map says was closed and reused unseen: that
+/// connection ends here (its socket may still be on its way to TCP_CLOSE).
 #[inline(always)]
 fn socket_conn(pid_tgid: u64, fd: u32, sk: u64) -> Option<ConnState> {
     let tgid = (pid_tgid >> 32) as u32;
@@ -318,7 +400,7 @@ fn socket_conn(pid_tgid: u64, fd: u32, sk: u64) -> Option<ConnState> {
     // SAFETY: copied out at once.
     if let Some(state) = (unsafe { CONNS.get(&key) }).copied() {
         if state.sk == sk {
-            return (state.flags & CONN_NOT_TCP == 0).then_some(state);
+            return Some(state);
         }
         if state.flags & CONN_NOT_TCP == 0 {
             let _ = SK_OWNERS.remove(&state.sk);
@@ -338,7 +420,7 @@ fn socket_conn(pid_tgid: u64, fd: u32, sk: u64) -> Option<ConnState> {
             flags: CONN_NOT_TCP,
         };
         let _ = CONNS.insert(&key, &not_tcp, 0);
-        return None;
+        return Some(not_tcp);
     }
     track_socket(pid_tgid, fd, sk as *const u8, ROLE_UNKNOWN)
 }

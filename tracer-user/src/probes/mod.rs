@@ -614,7 +614,11 @@ impl Probes {
             .filter(|(key, value)| entry_predates(*key, value, gone))
             .map(|(key, _)| key)
             .collect();
-        stale.iter().filter(|key| conns.remove(key).is_ok()).count()
+        let dropped = stale.iter().filter(|key| conns.remove(key).is_ok()).count();
+        // The socket-layer programs keep a copy of a socket's entry on the socket, good while
+        // the generation stands: a new one makes them look again, and find the entry gone.
+        self.refresh_verdicts();
+        dropped
     }
 
     pub fn untrace_pid(&mut self, pid: u32) {
