@@ -12,7 +12,7 @@
 use aya_ebpf::{
     helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user},
     macros::{map, uprobe, uretprobe},
-    maps::LruHashMap,
+    maps::{Array, LruHashMap},
     programs::{ProbeContext, RetProbeContext},
 };
 use tracer_common::{
@@ -49,6 +49,14 @@ pub struct SslCall {
 #[map]
 static SSL_CALLS: LruHashMap<u64, SslCall> = LruHashMap::with_max_entries(16384, 0);
 
+/// Non-zero once a traced thread has entered an SSL call. Until then a socket syscall is in
+/// no SSL call and need not look in `SSL_CALLS`: a hash miss on every traced read and write
+/// of every program linked with libssl, whether or not it speaks TLS (nginx serving plain
+/// HTTP). A flag set once, not a count of calls open: the BPF target has no atomic add in
+/// Rust, and a count that raced could fall to zero while a call was open.
+#[map]
+static SSL_SEEN: Array<u64> = Array::with_max_entries(1, 0);
+
 /// The socket of each SSL object seen, by (tgid, `SSL *`).
 #[map]
 static SSL_SOCKETS: LruHashMap<[u64; 2], u32> = LruHashMap::with_max_entries(65536, 0);
@@ -70,6 +78,10 @@ fn enter(ssl: u64, buf: u64, count_ptr: u64, direction: u32) {
         fd: u32::MAX,
         direction,
     };
+    if let Some(seen) = SSL_SEEN.get_ptr_mut(0) {
+        // SAFETY: an aligned u64 map value; every writer stores the same value.
+        unsafe { core::ptr::write_volatile(seen, 1) };
+    }
     let _ = SSL_CALLS.insert(&pid_tgid, &call, 0);
 }
 
@@ -188,6 +200,15 @@ pub fn tracer_ssl_return(ctx: RetProbeContext) -> u32 {
 /// began to move (see `SslCall::io_ns`).
 #[inline(always)]
 pub fn in_ssl_call(pid_tgid: u64, tgid: u32, fd: u32, conn: &ConnState, io_ns: u64) -> bool {
+    // A flag this thread set is visible here: set by its own earlier uprobe, on this CPU or
+    // before the thread moved.
+    if SSL_SEEN
+        .get_ptr(0)
+        // SAFETY: an aligned u64 map value.
+        .is_none_or(|open| unsafe { core::ptr::read_volatile(open) } == 0)
+    {
+        return false;
+    }
     let Some(call) = SSL_CALLS.get_ptr_mut(&pid_tgid) else {
         return false;
     };
