@@ -219,7 +219,7 @@ pub fn track_socket(pid_tgid: u64, fd: u32, sk: *const u8, role: u16) -> Option<
     }
     count(stat::CONNS_OPENED);
     if EVENTS
-        .output::<ConnEvent>(&ev, crate::wakeup_flags(core::mem::size_of::<ConnEvent>()))
+        .output::<ConnEvent>(&ev, crate::wakeup_flags())
         .is_err()
     {
         count(stat::RINGBUF_LOST);
@@ -294,10 +294,7 @@ pub fn header_only(kind: EventKind, tgid: u32, tid: u32, fd: u32, conn_id: u64) 
         conn_id,
     };
     if EVENTS
-        .output::<EventHeader>(
-            &hdr,
-            crate::wakeup_flags(core::mem::size_of::<EventHeader>()),
-        )
+        .output::<EventHeader>(&hdr, crate::wakeup_flags())
         .is_err()
     {
         count(stat::RINGBUF_LOST);

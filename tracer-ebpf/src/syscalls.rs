@@ -291,10 +291,7 @@ pub fn emit_data(saved: &SavedArgs, len: u64, pid_tgid: u64, end_ns: u64) {
     // SAFETY: `size` is within the scratch value (event + 2 * MAX_CAPTURE).
     let bytes =
         unsafe { core::slice::from_raw_parts(scratch as *const DataScratch as *const u8, size) };
-    if EVENTS
-        .output::<[u8]>(bytes, crate::wakeup_flags(size))
-        .is_err()
-    {
+    if EVENTS.output::<[u8]>(bytes, crate::wakeup_flags()).is_err() {
         count(stat::RINGBUF_LOST);
     } else {
         count(stat::DATA_EVENTS);
