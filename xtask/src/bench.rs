@@ -113,6 +113,13 @@ struct Run {
     server_cpu_s: f64,
     /// CPU seconds the hypervisor took from this machine's CPUs during the load.
     steal_s: f64,
+    /// CPU seconds this machine's CPUs were idle during the load: the closed loop of wrk and
+    /// the server was waiting, not computing.
+    idle_s: f64,
+    /// Inter-processor interrupts (function call and rescheduling) during the load: mostly
+    /// wakeups of a thread that sleeps on the other CPU, which on a virtual machine cost the
+    /// waker microseconds with interrupts off.
+    ipis: u64,
 }
 
 /// CPU seconds of process `pid` and its children (nginx's master and workers).
@@ -141,26 +148,62 @@ fn tree_cpu_seconds(pid: u32) -> f64 {
     total
 }
 
-/// CPU seconds stolen from this machine by its hypervisor since boot, all CPUs.
-fn steal_seconds() -> f64 {
-    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
-    // "cpu  user nice system idle iowait irq softirq steal ...", in clock ticks.
-    let steal = stat
-        .lines()
-        .next()
-        .and_then(|l| l.split_whitespace().nth(8)?.parse::<f64>().ok())
-        .unwrap_or(0.0);
-    // SAFETY: sysconf has no preconditions.
-    steal / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+/// Machine-wide counters since boot: CPU seconds stolen by the hypervisor and idle, all CPUs,
+/// and inter-processor interrupts.
+#[derive(Clone, Copy)]
+struct MachineCounters {
+    steal_s: f64,
+    idle_s: f64,
+    ipis: u64,
 }
 
-/// `wrk` against `target`, with the server's CPU time and the steal time it saw.
+impl MachineCounters {
+    fn now() -> MachineCounters {
+        let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+        // "cpu  user nice system idle iowait irq softirq steal ...", in clock ticks.
+        let ticks: Vec<f64> = stat
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .split_whitespace()
+            .skip(1)
+            .map(|v| v.parse().unwrap_or(0.0))
+            .collect();
+        let tick = |i: usize| ticks.get(i).copied().unwrap_or(0.0);
+        // SAFETY: sysconf has no preconditions.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+        // "CAL:  n0  n1 ...  Function call interrupts", one count per CPU.
+        let interrupts = std::fs::read_to_string("/proc/interrupts").unwrap_or_default();
+        let ipis = interrupts
+            .lines()
+            .filter_map(|l| {
+                let l = l.trim_start();
+                l.strip_prefix("CAL:").or_else(|| l.strip_prefix("RES:"))
+            })
+            .flat_map(|counts| {
+                counts
+                    .split_whitespace()
+                    .map_while(|v| v.parse::<u64>().ok())
+            })
+            .sum();
+        MachineCounters {
+            steal_s: tick(7) / hz,
+            idle_s: (tick(3) + tick(4)) / hz,
+            ipis,
+        }
+    }
+}
+
+/// `wrk` against `target`, with the server's CPU time and what the machine did meanwhile.
 fn load(target: &Target, opts: &BenchOptions) -> anyhow::Result<Run> {
     let pid = target.server.0.id();
-    let (cpu0, steal0) = (tree_cpu_seconds(pid), steal_seconds());
+    let (cpu0, machine0) = (tree_cpu_seconds(pid), MachineCounters::now());
     let mut run = wrk(&target.url, opts)?;
     run.server_cpu_s = tree_cpu_seconds(pid) - cpu0;
-    run.steal_s = steal_seconds() - steal0;
+    let machine = MachineCounters::now();
+    run.steal_s = machine.steal_s - machine0.steal_s;
+    run.idle_s = machine.idle_s - machine0.idle_s;
+    run.ipis = machine.ipis - machine0.ipis;
     Ok(run)
 }
 
@@ -704,11 +747,11 @@ pub fn bench(opts: &BenchOptions) -> anyhow::Result<()> {
         writeln!(report, "## {}\n", target.name)?;
         writeln!(
             report,
-            "| mode | req/s | vs untraced | p50 ms | vs | p99 ms | vs | server CPU µs / req | steal, cores | agent CPU ms / 1k req | agent peak RSS MiB | events/s | lost | spans / requests served |"
+            "| mode | req/s | vs untraced | p50 ms | vs | p99 ms | vs | server CPU µs / req | steal, cores | idle, cores | IPIs / req | agent CPU ms / 1k req | agent peak RSS MiB | events/s | lost | spans / requests served |"
         )?;
         writeln!(
             report,
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
         )?;
         for (i, mode) in modes.iter().enumerate() {
             let r = &runs[i];
@@ -728,11 +771,14 @@ pub fn bench(opts: &BenchOptions) -> anyhow::Result<()> {
                 / r.iter().map(|x| x.served).sum::<u64>().max(1) as f64;
             let steal_cores =
                 r.iter().map(|x| x.steal_s).sum::<f64>() / (opts.duration as f64 * r.len() as f64);
+            let idle_cores =
+                r.iter().map(|x| x.idle_s).sum::<f64>() / (opts.duration as f64 * r.len() as f64);
+            let ipis_per_req = r.iter().map(|x| x.ipis).sum::<u64>() as f64 / served.max(1) as f64;
             let traced = *mode != Mode::Untraced;
             let spanned = matches!(mode, Mode::Traced | Mode::TracedSyscalls | Mode::Exported);
             writeln!(
                 report,
-                "| {} | {:.0} | {:.3} | {:.3} | {:.2} | {:.3} | {:.2} | {:.1} | {:.2} | {} | {} | {} | {} | {} |",
+                "| {} | {:.0} | {:.3} | {:.3} | {:.2} | {:.3} | {:.2} | {:.1} | {:.2} | {:.2} | {:.3} | {} | {} | {} | {} | {} |",
                 mode.name(),
                 rps,
                 rps / base_rps,
@@ -742,6 +788,8 @@ pub fn bench(opts: &BenchOptions) -> anyhow::Result<()> {
                 p99 / base_p99,
                 server_us,
                 steal_cores,
+                idle_cores,
+                ipis_per_req,
                 if traced {
                     format!("{cpu_per_1k:.1}")
                 } else {
@@ -770,7 +818,10 @@ pub fn bench(opts: &BenchOptions) -> anyhow::Result<()> {
             report,
             "\nUntraced rounds ranged from {:.0} to {:.0} req/s: the noise any ratio above carries. \
              Server CPU per request is the server's own CPU time over the requests it counted, \
-             where the probes run; steal is CPU time the hypervisor gave to other guests.",
+             where the probes run; steal is CPU time the hypervisor gave to other guests; idle \
+             is CPU time no thread wanted (wrk and the server waiting on each other); IPIs are \
+             the machine's inter-processor interrupts per request served, mostly wakeups of a \
+             thread asleep on the other CPU.",
             untraced_rps.iter().copied().fold(f64::INFINITY, f64::min),
             untraced_rps.iter().copied().fold(0.0, f64::max),
         )?;
