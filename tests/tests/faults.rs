@@ -291,3 +291,65 @@ s.serve_forever()
     );
     assert!(spans.iter().all(|s| s["kind"] == "SERVER"));
 }
+
+/// The scheduling policy of thread `tid` of process `pid` (`/proc/.../stat` field 41).
+fn sched_policy(pid: u32, tid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat")).ok()?;
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    rest.split(' ').nth(38)?.parse().ok()
+}
+
+/// With `--capture-priority idle` the capture thread yields the CPU to other programs
+/// (SCHED_IDLE), yet a host whose every CPU is busy with other work cannot starve it into
+/// losing requests: its watchdog lets it compete when the ring's data stops moving.
+#[test]
+fn busy_cpus_do_not_starve_capture() {
+    const SCHED_IDLE: u32 = 5;
+    require_root();
+    let collector = Collector::start();
+    let server = PythonServer::start();
+    let pid = server.pid().to_string();
+    let tracer = Tracer::start(&[
+        "attach",
+        "--pid",
+        &pid,
+        "--zipkin",
+        &collector.url(),
+        "--flush-interval-ms",
+        "100",
+        "--capture-priority",
+        "idle",
+    ]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while sched_policy(tracer.pid(), tracer.pid()) != Some(SCHED_IDLE) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the capture thread never yielded (policy {:?})",
+            sched_policy(tracer.pid(), tracer.pid())
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Two busy loops per CPU, at normal priority, for at most a minute each.
+    let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let hogs: Vec<tracer_e2e::ChildGuard> = (0..2 * cpus)
+        .map(|_| {
+            tracer_e2e::ChildGuard(
+                std::process::Command::new("timeout")
+                    .args(["60", "sh", "-c", "while :; do :; done"])
+                    .spawn()
+                    .expect("start a busy loop"),
+            )
+        })
+        .collect();
+    send(&server, 200);
+    let spans = collector.wait_for_spans(200, Duration::from_secs(45));
+    drop(hogs);
+    let stopped = tracer.stop();
+    assert_eq!(spans.len(), 200, "{}", stopped.stderr);
+    assert!(
+        stopped.stderr.contains(" 0 lost"),
+        "no event lost: {}",
+        stopped.stderr
+    );
+}

@@ -17,7 +17,7 @@ use tokio::{
 use tracer_common::stat;
 
 use crate::{
-    cli::{AttachOptions, CommonOptions, InjectMode, OutputFormat, RunOptions},
+    cli::{AttachOptions, CapturePriority, CommonOptions, InjectMode, OutputFormat, RunOptions},
     conn::{ConnTracker, Finished, TrackerConfig},
     events::decode,
     export::{Exporter, Output, USER_AGENT, ZipkinConfig, parse_zipkin_url},
@@ -37,6 +37,8 @@ struct Plan {
     /// `attach`: stop when this process is gone.
     attached_pid: Option<u32>,
     stats_interval: Option<Duration>,
+    /// `--capture-priority idle`: the capture thread yields the CPU (see `yielding`).
+    yield_cpu: bool,
 }
 
 pub fn run(opts: RunOptions) -> anyhow::Result<()> {
@@ -168,6 +170,7 @@ fn plan(
         metrics: common.metrics.map(crate::metrics::bind).transpose()?,
         stats_interval: (common.stats_interval > 0)
             .then(|| Duration::from_secs(common.stats_interval)),
+        yield_cpu: common.capture_priority == CapturePriority::Idle,
     })
 }
 
@@ -244,6 +247,12 @@ async fn event_loop(
         Exporter::start(plan.output)
     };
     let ring = probes.take_events()?;
+    // This is the capture thread (the runtime's only one).
+    let yielding = plan
+        .yield_cpu
+        .then(|| crate::yielding::Yielding::start(&ring))
+        .flatten();
+    let capture_raises = yielding.as_ref().map(|y| y.raises.clone());
     // SAFETY: the RingBuf owns its map fd, which stays open and the same until it is dropped,
     // and the AsyncFd owns the RingBuf.
     let mut ring = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
@@ -298,7 +307,8 @@ async fn event_loop(
                 if let Some(red) = &red
                     && let Ok(mut text) = metrics_text.write()
                 {
-                    *text = render_metrics(&probes, &tracker, &exporter, decode_errors, red);
+                    let raises = capture_raises.as_ref().map_or(0, |r| r.load(std::sync::atomic::Ordering::Relaxed));
+                    *text = render_metrics(&probes, &tracker, &exporter, decode_errors, raises, red);
                 }
                 tracker.sweep(monotonic_ns());
                 probes.refresh_verdicts();
@@ -336,6 +346,7 @@ async fn event_loop(
     // The counts are read after the flush: spans sent while flushing count as exported.
     let export_stats = exporter.stats();
     exporter.shutdown(Duration::from_secs(5)).await;
+    drop(yielding);
     let summary = stats_line(&probes, &tracker, &export_stats, decode_errors);
     eprintln!("tracer: {reason}. {summary}");
     Ok(())
@@ -437,6 +448,7 @@ fn render_metrics(
     tracker: &ConnTracker,
     exporter: &Exporter,
     decode_errors: u64,
+    capture_raises: u64,
     red: &Red,
 ) -> String {
     use crate::metrics::metric;
@@ -467,6 +479,13 @@ fn render_metrics(
         "counter",
         "Events that failed to decode.",
         decode_errors,
+    );
+    metric(
+        &mut out,
+        "tracer_capture_raised_total",
+        "counter",
+        "Times the capture thread, yielding the CPU to other programs, fell behind and competed normally until it caught up.",
+        capture_raises,
     );
     metric(
         &mut out,

@@ -146,6 +146,19 @@ pub struct CommonOptions {
     /// Print agent statistics to stderr every this many seconds (0: only at exit).
     #[arg(long, value_name = "SECS", default_value_t = 0)]
     pub stats_interval: u64,
+    /// CPU priority of the thread that reads and parses what the kernel captured.
+    #[arg(long, value_enum, default_value_t = CapturePriority::Normal)]
+    pub capture_priority: CapturePriority,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum CapturePriority {
+    /// Compete for CPU like any other thread.
+    Normal,
+    /// Run on CPU time no other thread wants (SCHED_IDLE), and compete normally only while
+    /// the ring buffer backs up: the traced programs keep their CPUs, the agent holds larger
+    /// batches (more memory).
+    Idle,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]

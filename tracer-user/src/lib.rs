@@ -14,3 +14,4 @@ pub mod probes;
 pub mod protocols;
 pub mod relay;
 pub mod spans;
+pub mod yielding;
