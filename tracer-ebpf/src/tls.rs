@@ -205,7 +205,7 @@ pub fn in_ssl_call(pid_tgid: u64, tgid: u32, fd: u32, conn: &ConnState, io_ns: u
     if SSL_SEEN
         .get_ptr(0)
         // SAFETY: an aligned u64 map value.
-        .is_none_or(|open| unsafe { core::ptr::read_volatile(open) } == 0)
+        .is_none_or(|seen| unsafe { core::ptr::read_volatile(seen) } == 0)
     {
         return false;
     }

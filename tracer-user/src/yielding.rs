@@ -5,7 +5,7 @@
 //! and on a virtual machine the CPUs halt meanwhile and pay to wake up. Under `SCHED_IDLE` the
 //! drains run only on time nobody else wants. On the 2-vCPU benchmark machine, nginx traced at
 //! saturation did 30.2k requests/s on average against 27.6k (six interleaved pairs; its worker
-//! busy 93-98% of a core instead of 74-90%, the machine idle 0.10-0.20 cores instead of
+//! busy 93-98% of a core instead of 74-90%, the machine idle 0.12-0.20 cores instead of
 //! 0.31-0.43), but its CPU per request was 1.6 µs higher, and in the benchmark proper the
 //! agent's peak RSS grew by 7-20 MiB (it drains larger batches): hence not the default.
 //!
@@ -23,7 +23,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use log::{debug, warn};
+use log::{debug, info, warn};
 
 /// Unread bytes past which the capture thread competes normally: an eighth of the default
 /// 16 MiB ring, which fills at tens of MiB/s under the heaviest load measured.
@@ -183,11 +183,14 @@ impl Yielding {
                 .spawn(move || watch(tid, &positions, &stop, &raises))
         };
         match watchdog {
-            Ok(handle) => Some(Yielding {
-                stop,
-                raises,
-                watchdog: Some(handle),
-            }),
+            Ok(handle) => {
+                info!("the capture thread yields the CPU to other programs (SCHED_IDLE)");
+                Some(Yielding {
+                    stop,
+                    raises,
+                    watchdog: Some(handle),
+                })
+            }
             Err(e) => {
                 let _ = set_policy(tid, false);
                 warn!("the capture thread competes for CPU normally: no watchdog thread ({e})");
