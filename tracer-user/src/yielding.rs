@@ -130,14 +130,7 @@ fn may_raise_priority() -> bool {
         return true;
     }
     const CAP_SYS_NICE: u32 = 23;
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("CapEff:"))
-                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
-        })
-        .is_some_and(|caps| caps & (1 << CAP_SYS_NICE) != 0)
+    crate::probes::effective_capabilities() & (1 << CAP_SYS_NICE) != 0
 }
 
 /// The watchdog of a yielding capture thread; stops when dropped.

@@ -651,12 +651,7 @@ fn check_privileges() -> Result<(), ProbeError> {
         return Ok(());
     }
     // Not root: accept the capabilities that loading, attaching and the memlock need.
-    let status = fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let cap_eff = status
-        .lines()
-        .find_map(|l| l.strip_prefix("CapEff:"))
-        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
-        .unwrap_or(0);
+    let cap_eff = effective_capabilities();
     const CAP_SYS_ADMIN: u64 = 21;
     const CAP_SYS_RESOURCE: u64 = 24;
     const CAP_PERFMON: u64 = 38;
@@ -667,6 +662,19 @@ fn check_privileges() -> Result<(), ProbeError> {
     } else {
         Err(ProbeError::NotPrivileged)
     }
+}
+
+/// This process's effective capabilities, a bit per `CAP_*` number (0 when unreadable).
+pub(crate) fn effective_capabilities() -> u64 {
+    fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix("CapEff:"))
+                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        })
+        .unwrap_or(0)
 }
 
 /// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK.
