@@ -224,6 +224,7 @@ fn sock_io(ctx: &BtfTracePointContext, direction: u32) {
     let mut enter_ns = 0;
     let mut seq_at_start = None;
     let mut injected = TraceCtx::default();
+    // A send looks first (its note); a receive when it has bytes to report.
     let mut state = None;
     if direction == DIR_EGRESS {
         state = sock_state(ctx.arg(0), false);
@@ -276,7 +277,7 @@ fn sock_io(ctx: &BtfTracePointContext, direction: u32) {
         }
         return;
     }
-    if state.is_none() {
+    if direction == DIR_INGRESS {
         state = sock_state(ctx.arg(0), false);
     }
     let Some(conn) = socket_conn_cached(&mut state, ctx, pid_tgid, fd, sk) else {
