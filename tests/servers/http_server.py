@@ -16,6 +16,8 @@ ThreadingHTTPServer with keep-alive. Routes:
                          benchmark counts on the server side)
   /exec                  200, then (with --exec PROGRAM) the process execs PROGRAM running
                          this server again on the same port: same pid, another program
+  /exec-keep             the same, but the connection it came on survives the exec: the new
+                         program goes on serving it (same pid, fd and socket)
 Writes its port to --port-file once listening. Binds 127.0.0.1 only.
 """
 import argparse
@@ -98,13 +100,18 @@ class Handler(http.server.BaseHTTPRequestHandler):
             _served += 1
         if path == "/hello":
             self._send(200, b"hello\n")
-        elif path == "/exec" and EXEC_PROGRAM:
+        elif path in ("/exec", "/exec-keep") and EXEC_PROGRAM:
             self._send(200, b"exec\n")
             self.wfile.flush()
             # The listening and accepted sockets are close-on-exec (Python's default): the new
-            # program binds the port again.
+            # program binds the port again, and takes over this connection if asked to.
             port = self.server.server_address[1]
-            os.execv(EXEC_PROGRAM, [EXEC_PROGRAM, __file__, "--port", str(port)])
+            argv = [EXEC_PROGRAM, __file__, "--port", str(port)]
+            if path == "/exec-keep":
+                fd = self.connection.fileno()
+                os.set_inheritable(fd, True)
+                argv += ["--serve-fd", str(fd)]
+            os.execv(EXEC_PROGRAM, argv)
         elif parts[0] == "status" and len(parts) == 2:
             self._send(int(parts[1]), b"status\n")
         elif parts[0] == "bytes" and len(parts) == 2:
@@ -163,6 +170,7 @@ def main():
     ap.add_argument("--tls-cert", help="serve HTTPS with this certificate (PEM)")
     ap.add_argument("--tls-key", help="and this private key (PEM)")
     ap.add_argument("--exec", help="program to exec on GET /exec (a copy of the Python binary)")
+    ap.add_argument("--serve-fd", type=int, help="a connection inherited across /exec-keep, to serve")
     args = ap.parse_args()
     global EXEC_PROGRAM
     EXEC_PROGRAM = args.exec
@@ -174,6 +182,11 @@ def main():
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         ctx.load_cert_chain(args.tls_cert, args.tls_key)
         server.socket = ctx.wrap_socket(server.socket, server_side=True)
+    if args.serve_fd is not None:
+        conn = socket.socket(fileno=args.serve_fd)
+        threading.Thread(
+            target=Handler, args=(conn, conn.getpeername(), server), daemon=True
+        ).start()
     if args.port_file:
         with open(args.port_file + ".tmp", "w") as f:
             f.write(str(server.server_address[1]))

@@ -117,6 +117,72 @@ fn exec_is_followed_and_renamed() {
     );
 }
 
+/// A connection that survives the exec (same pid, fd and socket, served by the new program)
+/// belongs to the new program from its first request after the exec: the kernel's record of
+/// it, and the socket's own copy of that record, are dropped with the old program's.
+#[test]
+fn a_connection_kept_across_exec_is_the_new_programs() {
+    require_root();
+    let collector = Collector::start();
+    let dir = tempdir();
+    let catserver = python_named(&dir, "catserver");
+    let port = free_port();
+    let server = start_server(Path::new(&python()), port, Some(&catserver));
+    let pid = server.0.id();
+    let tracer = Tracer::start(&[
+        "attach",
+        "--pid",
+        &pid.to_string(),
+        "--zipkin",
+        &collector.url(),
+        "--flush-interval-ms",
+        "200",
+    ]);
+    let mut client = Client::connect(port);
+    assert_eq!(client.get("/hello").status, 200);
+    assert_eq!(client.get("/exec-keep").status, 200);
+    // The agent hears of the exec at its next drain, within milliseconds; the new program
+    // takes longer than that to start.
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        std::fs::read_to_string(format!("/proc/{pid}/comm"))
+            .unwrap()
+            .trim(),
+        "catserver"
+    );
+    assert_eq!(client.get("/hello").status, 200);
+    assert_eq!(client.get("/status/404").status, 404);
+
+    let spans = collector.wait_for_spans(4, Duration::from_secs(10));
+    let stopped = tracer.stop();
+    assert!(stopped.status.success(), "{}", stopped.stderr);
+    assert_eq!(spans.len(), 4, "{spans:#?}");
+    let mut got: Vec<(String, String)> = spans
+        .iter()
+        .map(|s| {
+            assert_eq!(tag(s, "process.pid"), Some(pid.to_string().as_str()));
+            (
+                s["name"].as_str().unwrap().to_string(),
+                s["localEndpoint"]["serviceName"]
+                    .as_str()
+                    .unwrap()
+                    .to_string(),
+            )
+        })
+        .collect();
+    got.sort();
+    assert_eq!(
+        got,
+        [
+            ("GET /exec-keep", "python3"),
+            ("GET /hello", "catserver"),
+            ("GET /hello", "python3"),
+            ("GET /status/{id}", "catserver"),
+        ]
+        .map(|(a, b)| (a.to_string(), b.to_string()))
+    );
+}
+
 /// A traced server is killed with a connection open (no close syscall is ever seen for it),
 /// and its pid is given to another server, which gets its connection on the same fd: the
 /// new server's spans carry its own name and its own addresses, never the dead one's.
