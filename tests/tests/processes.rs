@@ -49,80 +49,12 @@ fn start_server(program: &Path, port: u16, exec: Option<&Path>) -> ChildGuard {
     child
 }
 
-/// `tracer attach` to a server that execs another program on the same pid and port: spans
-/// before the exec name the first program, spans after it the second, and the tracer keeps
-/// tracing the pid.
-#[test]
-fn exec_is_followed_and_renamed() {
-    require_root();
-    let collector = Collector::start();
-    let dir = tempdir();
-    let catserver = python_named(&dir, "catserver");
-    let port = free_port();
-    let server = start_server(Path::new(&python()), port, Some(&catserver));
-    let pid = server.0.id();
-    let tracer = Tracer::start(&[
-        "attach",
-        "--pid",
-        &pid.to_string(),
-        "--zipkin",
-        &collector.url(),
-        "--flush-interval-ms",
-        "200",
-    ]);
-    let mut before = Client::connect(port);
-    assert_eq!(before.get("/hello").status, 200);
-    assert_eq!(before.get("/exec").status, 200);
-    drop(before);
-    // The new program binds the port again.
-    std::thread::sleep(Duration::from_millis(300));
-    wait_for_port(port, Duration::from_secs(10));
-    let mut after = Client::connect(port);
-    assert_eq!(after.get("/hello").status, 200);
-    assert_eq!(after.get("/status/404").status, 404);
-    assert_eq!(
-        std::fs::read_to_string(format!("/proc/{pid}/comm"))
-            .unwrap()
-            .trim(),
-        "catserver"
-    );
-
-    let spans = collector.wait_for_spans(4, Duration::from_secs(10));
-    let stopped = tracer.stop();
-    assert!(stopped.status.success(), "{}", stopped.stderr);
-    assert_eq!(spans.len(), 4, "{spans:#?}");
-    let mut got: Vec<(String, String)> = spans
-        .iter()
-        .map(|s| {
-            assert_eq!(tag(s, "process.pid"), Some(pid.to_string().as_str()));
-            (
-                s["name"].as_str().unwrap().to_string(),
-                s["localEndpoint"]["serviceName"]
-                    .as_str()
-                    .unwrap()
-                    .to_string(),
-            )
-        })
-        .collect();
-    got.sort();
-    assert_eq!(
-        got,
-        [
-            ("GET /exec", "python3"),
-            ("GET /hello", "catserver"),
-            ("GET /hello", "python3"),
-            ("GET /status/{id}", "catserver"),
-        ]
-        .map(|(a, b)| (a.to_string(), b.to_string()))
-    );
-}
-
-/// A connection that survives the exec (same pid, fd and socket, served by the new program)
-/// belongs to the new program from its first request after the exec: the kernel's record of
-/// it, and the socket's own copy of that record, are dropped with the old program's.
-#[test]
-fn a_connection_kept_across_exec_is_the_new_programs() {
-    require_root();
+/// Traces a server under `tracer attach` while it execs another program on the same pid
+/// (`GET /exec`, or `/exec-keep` when `keep_connection`: the new program goes on serving the
+/// connection the request came on, instead of binding the port again for a new one), with a
+/// request before and two after. Returns the spans' (name, service) pairs, sorted, after
+/// checking that every span names the one pid.
+fn spans_across_exec(keep_connection: bool) -> Vec<(String, String)> {
     let collector = Collector::start();
     let dir = tempdir();
     let catserver = python_named(&dir, "catserver");
@@ -140,10 +72,23 @@ fn a_connection_kept_across_exec_is_the_new_programs() {
     ]);
     let mut client = Client::connect(port);
     assert_eq!(client.get("/hello").status, 200);
-    assert_eq!(client.get("/exec-keep").status, 200);
+    let route = if keep_connection {
+        "/exec-keep"
+    } else {
+        "/exec"
+    };
+    assert_eq!(client.get(route).status, 200);
     // The agent hears of the exec at its next drain, within milliseconds; the new program
     // takes longer than that to start.
-    std::thread::sleep(Duration::from_millis(500));
+    std::thread::sleep(Duration::from_millis(300));
+    if !keep_connection {
+        // The new program binds the port again.
+        drop(client);
+        wait_for_port(port, Duration::from_secs(10));
+        client = Client::connect(port);
+    } else {
+        std::thread::sleep(Duration::from_millis(200));
+    }
     assert_eq!(
         std::fs::read_to_string(format!("/proc/{pid}/comm"))
             .unwrap()
@@ -171,15 +116,46 @@ fn a_connection_kept_across_exec_is_the_new_programs() {
         })
         .collect();
     got.sort();
+    got
+}
+
+fn pairs(expected: [(&str, &str); 4]) -> Vec<(String, String)> {
+    expected
+        .map(|(a, b)| (a.to_string(), b.to_string()))
+        .to_vec()
+}
+
+/// `tracer attach` to a server that execs another program on the same pid and port: spans
+/// before the exec name the first program, spans after it the second, and the tracer keeps
+/// tracing the pid.
+#[test]
+fn exec_is_followed_and_renamed() {
+    require_root();
     assert_eq!(
-        got,
-        [
+        spans_across_exec(false),
+        pairs([
+            ("GET /exec", "python3"),
+            ("GET /hello", "catserver"),
+            ("GET /hello", "python3"),
+            ("GET /status/{id}", "catserver"),
+        ])
+    );
+}
+
+/// A connection that survives the exec (same pid, fd and socket, served by the new program)
+/// belongs to the new program from its first request after the exec: the kernel's record of
+/// it, and the socket's own copy of that record, are dropped with the old program's.
+#[test]
+fn a_connection_kept_across_exec_is_the_new_programs() {
+    require_root();
+    assert_eq!(
+        spans_across_exec(true),
+        pairs([
             ("GET /exec-keep", "python3"),
             ("GET /hello", "catserver"),
             ("GET /hello", "python3"),
             ("GET /status/{id}", "catserver"),
-        ]
-        .map(|(a, b)| (a.to_string(), b.to_string()))
+        ])
     );
 }
 
