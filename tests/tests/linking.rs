@@ -203,8 +203,10 @@ fn incoming_context_is_joined() {
 
 /// The trace context header the kernel writes never corrupts a request: a head split over
 /// several writes and a request that already has a context are left alone, only the first of
-/// pipelined requests gets one, a 1 MiB body arrives intact, and the ids written are those of
-/// the exported client spans.
+/// pipelined requests gets one, 12 KiB and 1 MiB bodies arrive intact, and the ids written are
+/// those of the exported client spans. Nor does it delay one: a client that leaves Nagle's
+/// algorithm on gets its answers as fast as without the header (a request sent as two
+/// segments waited for a delayed ACK, about 40 ms, each).
 #[test]
 fn injection_never_corrupts_requests() {
     require_root();
@@ -236,7 +238,7 @@ fn injection_never_corrupts_requests() {
     let status = client.0.wait().unwrap();
     assert!(status.success(), "client failed: {out}");
     let results: Value = serde_json::from_str(out.trim()).expect("client results");
-    let spans = collector.wait_for_spans(6, Duration::from_secs(10));
+    let spans = collector.wait_for_spans(27, Duration::from_secs(10));
     let stopped = tracer.stop();
     assert!(stopped.status.success(), "{}", stopped.stderr);
 
@@ -249,7 +251,7 @@ fn injection_never_corrupts_requests() {
             .map(|h| h[1].as_str().unwrap().to_string())
             .collect()
     };
-    for case in ["plain", "split", "pipe1", "pipe2", "own", "large"] {
+    for case in ["plain", "split", "pipe1", "pipe2", "own", "large", "medium"] {
         assert_eq!(
             header(case, "x-case"),
             vec![case.to_string()],
@@ -258,8 +260,8 @@ fn injection_never_corrupts_requests() {
         assert_eq!(header(case, "host"), vec!["t".to_string()], "{case}");
     }
     let client_spans: Vec<&Value> = spans.iter().filter(|s| s["kind"] == "CLIENT").collect();
-    assert_eq!(client_spans.len(), 6, "{spans:#?}");
-    for case in ["plain", "pipe1", "large"] {
+    assert_eq!(client_spans.len(), 27, "{spans:#?}");
+    for case in ["plain", "pipe1", "large", "medium"] {
         let tp = header(case, "traceparent");
         assert_eq!(
             tp.len(),
@@ -295,6 +297,31 @@ fn injection_never_corrupts_requests() {
         "the body arrives intact"
     );
     assert_eq!(results["plain"]["request_line"], "GET /inspect HTTP/1.1");
+    assert_eq!(results["medium"]["body_len"], 12000);
+    assert_eq!(
+        results["medium"]["body_sha256"], results["medium"]["sent_sha256"],
+        "the body arrives intact"
+    );
+    let nagle = &results["nagle"];
+    assert!(
+        nagle["traceparents"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|n| n == 1),
+        "every request of the Nagle client got one header: {nagle}"
+    );
+    let mut latencies: Vec<f64> = nagle["latencies_ms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect();
+    latencies.sort_by(f64::total_cmp);
+    assert!(
+        latencies[latencies.len() / 2] < 20.0,
+        "a Nagle client's requests wait for delayed ACKs: {latencies:?} ms"
+    );
 }
 
 /// A client connection opened before the tracer attached (a kept-alive pool) carries trace

@@ -38,6 +38,8 @@ use crate::{ACTIVE, SCRATCH, count, is_traced, syscalls::verifier_bound};
 
 /// Bytes of a request looked at for the header block (its end must be inside).
 const WINDOW: usize = 1024;
+/// Requests up to this size (header included) are sent as one piece after the header is added.
+const WHOLE_PULL_MAX: usize = 16384;
 /// `traceparent: 00-{32}-{16}-01\r\n`
 const TRACEPARENT_LEN: usize = 13 + 3 + 32 + 1 + 16 + 3 + 2;
 /// `b3: {32}-{16}-1\r\n`
@@ -815,9 +817,18 @@ fn write_header<const LEN: usize>(
     if ctx.push_data(offset as u32, LEN as u32, 0).is_err() {
         return false;
     }
-    // Starting the pull at 0 keeps `data` at the message's first byte.
-    // SAFETY: the context is the program's own.
-    if unsafe { bpf_msg_pull_data(ctx.msg, 0, (offset + LEN) as u32, 0) } != 0 {
+    // Starting the pull at 0 keeps `data` at the message's first byte. The push split the
+    // message into pieces, and the kernel sends each piece with its own tcp_sendmsg: a request
+    // would leave in two segments, and on a socket with Nagle's algorithm on (no TCP_NODELAY)
+    // the second waits until the first is acknowledged, which the server delays (40 ms) since
+    // half a request gets no answer. A small message is made one piece again (the pull copies
+    // it into one page); a large one is pulled up to the header (its body's full segments are
+    // not held back).
+    let size = ctx.size();
+    // SAFETY (both pulls): the context is the program's own.
+    let whole =
+        size as usize <= WHOLE_PULL_MAX && unsafe { bpf_msg_pull_data(ctx.msg, 0, size, 0) } == 0;
+    if !whole && unsafe { bpf_msg_pull_data(ctx.msg, 0, (offset + LEN) as u32, 0) } != 0 {
         let _ = ctx.pop_data(offset as u32, LEN as u32, 0);
         return false;
     }
