@@ -448,3 +448,62 @@ c.request("GET", "/inspect"); print(c.getresponse().read().decode(), flush=True)
         assert_eq!(has, injected, "{filter:?}: {doc}");
     }
 }
+
+/// A client connection that carries something other than HTTP/1.x (a database protocol, TLS,
+/// anything unparsed) leaves the injector's socket map once the agent has seen its bytes: its
+/// sends stop taking the kernel's sk_msg path, which cost about a microsecond each. An HTTP
+/// connection stays, and the opaque one's bytes all arrive.
+#[test]
+fn connections_without_http_leave_the_injector() {
+    require_root();
+    let server = PythonServer::start();
+    let dir = common::tempdir();
+    let go = dir.join("go");
+    let script = format!(
+        r#"
+import http.client, os, socket, threading, time
+while not os.path.exists({go:?}): time.sleep(0.02)
+listener = socket.create_server(("127.0.0.1", 0))
+got = []
+def sink():
+    c, _ = listener.accept(); n = 0
+    while data := c.recv(65536): n += len(data)
+    got.append(n)
+t = threading.Thread(target=sink); t.start()
+s = socket.create_connection(listener.getsockname())
+for _ in range(100):
+    s.sendall(b"PING\r\n"); time.sleep(0.02)
+s.close(); t.join()
+c = http.client.HTTPConnection("127.0.0.1", {port})
+c.request("GET", "/inspect"); c.getresponse().read()
+print(got[0], flush=True)
+"#,
+        port = server.port,
+        go = go.to_str().unwrap()
+    );
+    let client = std::process::Command::new("python3")
+        .args(["-c", &script])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut client = tracer_e2e::ChildGuard(client);
+    let pid = client.0.id().to_string();
+    let tracer = Tracer::start(&["attach", "--pid", &pid, "--output", "json"]);
+    std::fs::write(&go, b"go").unwrap();
+    let mut out = String::new();
+    std::io::Read::read_to_string(client.0.stdout.as_mut().unwrap(), &mut out).unwrap();
+    assert!(client.0.wait().unwrap().success(), "{out}");
+    let stopped = tracer.stop();
+    assert_eq!(
+        out.trim(),
+        "600",
+        "every byte of the opaque connection arrived"
+    );
+    assert!(
+        stopped
+            .stderr
+            .contains("injection: 1 headers, 2 connections watched, 1 released"),
+        "{}",
+        stopped.stderr
+    );
+}

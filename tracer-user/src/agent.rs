@@ -300,6 +300,7 @@ async fn event_loop(
                     let n = probes.forget_processes(&gone);
                     debug!("{} processes exited or exec'd: {n} kernel socket entries dropped", gone.len());
                 }
+                probes.stop_injecting(&tracker.take_not_http_clients());
             }
             _ = sigint.recv() => break "interrupted",
             _ = sigterm.recv() => break "terminated",
@@ -425,8 +426,18 @@ fn stats_line(
     let k = probes.kernel_stats();
     let t = tracker.stats();
     let l = tracker.link_stats();
+    let injection = if probes.injecting() {
+        format!(
+            "; injection: {} headers, {} connections watched, {} released (not HTTP/1.x)",
+            k[stat::INJECTED as usize],
+            k[stat::INJECT_SOCKETS as usize],
+            probes.inject_released(),
+        )
+    } else {
+        String::new()
+    };
     format!(
-        "events: {} data, {} lost, {} undecodable; connections: {} open, {} evicted; requests: {}; links: {} linked, {} left unlinked (uncertain), {} joined incoming context; spans: {} exported, {} dropped (queue full), {} failed",
+        "events: {} data, {} lost, {} undecodable; connections: {} open, {} evicted; requests: {}; links: {} linked, {} left unlinked (uncertain), {} joined incoming context; spans: {} exported, {} dropped (queue full), {} failed{injection}",
         k[stat::DATA_EVENTS as usize],
         k[stat::RINGBUF_LOST as usize],
         decode_errors,
@@ -549,6 +560,20 @@ fn render_metrics(
         "counter",
         "Requests left without a header (already had one, or head not whole).",
         kernel(stat::INJECT_SKIPPED),
+    );
+    metric(
+        &mut out,
+        "tracer_inject_sockets_total",
+        "counter",
+        "Client connections of traced processes watched for requests to add a header to.",
+        kernel(stat::INJECT_SOCKETS),
+    );
+    metric(
+        &mut out,
+        "tracer_inject_sockets_released_total",
+        "counter",
+        "Of those, connections no longer watched: they carry another protocol than HTTP/1.x.",
+        probes.inject_released(),
     );
     metric(
         &mut out,

@@ -104,6 +104,10 @@ struct Conn {
     tls: bool,
     reset: bool,
     last_ns: u64,
+    /// Direction of the first bytes seen: a client speaks first on the protocols parsed here.
+    first_dir: Option<Direction>,
+    /// Reported by `take_not_http_clients` already.
+    not_http_reported: bool,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -187,6 +191,9 @@ pub struct ConnTracker {
     new_processes: Vec<u32>,
     /// Processes that exited or exec'd since the last `take_gone_processes`, and when.
     gone: Vec<(u32, u64)>,
+    /// Client connections found since the last `take_not_http_clients` to carry something
+    /// other than HTTP/1.x requests, by (local, remote) address.
+    not_http_clients: Vec<(SocketAddr, SocketAddr)>,
 }
 
 /// A finished exchange, the connection it happened on, and its span identity.
@@ -206,6 +213,7 @@ impl ConnTracker {
             linker: Linker::new(),
             new_processes: Vec::new(),
             gone: Vec::new(),
+            not_http_clients: Vec::new(),
         }
     }
 
@@ -227,6 +235,13 @@ impl ConnTracker {
     /// must forget their fds (they were closed without a close syscall).
     pub fn take_gone_processes(&mut self) -> Vec<(u32, u64)> {
         std::mem::take(&mut self.gone)
+    }
+
+    /// Client connections found to carry a database protocol, TLS or unparsed bytes since the
+    /// last call: the kernel's HTTP/1.x context injector has nothing to do on them, and a
+    /// socket it watches pays for it on every send.
+    pub fn take_not_http_clients(&mut self) -> Vec<(SocketAddr, SocketAddr)> {
+        std::mem::take(&mut self.not_http_clients)
     }
 
     pub fn open_connections(&self) -> usize {
@@ -293,6 +308,12 @@ impl ConnTracker {
                 if conn.ignored {
                     return;
                 }
+                let dir = if *ingress {
+                    Direction::Ingress
+                } else {
+                    Direction::Egress
+                };
+                conn.first_dir.get_or_insert(dir);
                 let plaintext = is_tls_plaintext(*syscall);
                 if plaintext && !conn.tls {
                     // What was parsed so far was the TLS handshake: start over on plaintext.
@@ -301,6 +322,7 @@ impl ConnTracker {
                     conn.starts.clear();
                     self.linker.conn_closed(key);
                     self.stats.tls_conns += 1;
+                    report_not_http_client(conn, &mut self.not_http_clients);
                 } else if conn.tls && !plaintext {
                     return;
                 }
@@ -308,11 +330,7 @@ impl ConnTracker {
                     return;
                 }
                 let segment = Segment {
-                    dir: if *ingress {
-                        Direction::Ingress
-                    } else {
-                        Direction::Egress
-                    },
+                    dir,
                     ts_ns: hdr.ts_ns,
                     start_ns: *start_ns,
                     len: *len,
@@ -334,6 +352,7 @@ impl ConnTracker {
                         parser: Box::new(parser),
                         request_dir: segment.dir,
                     };
+                    report_not_http_client(conn, &mut self.not_http_clients);
                 }
                 if let Proto::Detecting(http) = &mut conn.proto {
                     http.feed(&segment, &mut self.http_out);
@@ -341,6 +360,7 @@ impl ConnTracker {
                     if http.is_not_http() {
                         conn.proto = Proto::Opaque;
                         self.stats.not_parsed += 1;
+                        report_not_http_client(conn, &mut self.not_http_clients);
                         return;
                     }
                     if http.is_searching() {
@@ -368,8 +388,10 @@ impl ConnTracker {
                         if !fed {
                             http.feed(&segment, &mut self.http_out);
                             if http.is_not_http() {
+                                // Upgraded (WebSocket, a CONNECT tunnel) or lost sync.
                                 conn.proto = Proto::Opaque;
                                 self.stats.not_parsed += 1;
+                                report_not_http_client(conn, &mut self.not_http_clients);
                             }
                         }
                     }
@@ -586,6 +608,18 @@ fn take_start(starts: &mut VecDeque<Start>, ts_ns: u64, consume: bool) -> Option
     Some(found)
 }
 
+/// Adds `conn` to `out` once, if it is a client's connection whose addresses are known.
+fn report_not_http_client(conn: &mut Conn, out: &mut Vec<(SocketAddr, SocketAddr)>) {
+    if conn.first_dir == Some(Direction::Egress)
+        && !conn.not_http_reported
+        && conn.remote != UNSPECIFIED
+        && out.len() < 4096
+    {
+        conn.not_http_reported = true;
+        out.push((conn.local, conn.remote));
+    }
+}
+
 fn push_start(starts: &mut VecDeque<Start>, start: Start) {
     if starts.len() >= MAX_SEQS {
         starts.pop_front();
@@ -605,6 +639,8 @@ impl Conn {
             tls: false,
             reset: false,
             last_ns: now,
+            first_dir: None,
+            not_http_reported: false,
         }
     }
 }
@@ -713,6 +749,49 @@ mod tests {
         assert_eq!(ex.req_start_ns, 1_000, "dated from the send's entry");
         assert_eq!(info.request_seq, Some(12345));
         assert_eq!((identity.span_id, identity.parent_id), (0x33, Some(0x44)));
+    }
+
+    /// Only client connections that turned out not to carry HTTP/1.x are reported (once each),
+    /// and only those whose addresses are known: the socket map is keyed by them.
+    #[test]
+    fn not_http_clients_are_reported_once() {
+        let mut t = ConnTracker::new(TrackerConfig::default());
+        let open = |fd, lport| {
+            open_record(
+                7,
+                fd,
+                1,
+                ROLE_SERVER,
+                [10, 0, 0, 1],
+                lport,
+                [10, 0, 0, 2],
+                6379,
+            )
+        };
+        let redis_cmd = b"*1\r\n$4\r\nPING\r\n";
+        feed(
+            &mut t,
+            &[
+                // A Redis client: reported when its first command is seen.
+                open(3, 40001),
+                data_record(7, 3, 1, 1_000, false, redis_cmd),
+                data_record(7, 3, 1, 2_000, true, b"+PONG\r\n"),
+                data_record(7, 3, 1, 3_000, false, redis_cmd),
+                // A Redis server's connection: the first bytes came in.
+                open(4, 40002),
+                data_record(7, 4, 1, 1_000, true, redis_cmd),
+                // An HTTP client keeps its header.
+                open(5, 40003),
+                data_record(7, 5, 1, 1_000, false, REQ),
+                // A client connection seen without its open: no addresses to name it by.
+                data_record(7, 6, 1, 1_000, false, redis_cmd),
+            ],
+        );
+        let local = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1)), 40001);
+        let remote = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 2)), 6379);
+        assert_eq!(t.take_not_http_clients(), vec![(local, remote)]);
+        feed(&mut t, &[data_record(7, 3, 1, 4_000, false, redis_cmd)]);
+        assert!(t.take_not_http_clients().is_empty(), "reported once");
     }
 
     #[test]

@@ -6,6 +6,7 @@ pub mod openssl;
 
 use std::{
     fs,
+    net::{IpAddr, SocketAddr},
     os::fd::{AsRawFd as _, FromRawFd as _},
     path::Path,
 };
@@ -95,7 +96,7 @@ pub struct InjectOptions {
     /// Only these destination ports get headers; empty: any.
     pub ports: Vec<u16>,
     /// Only these destination networks get headers; empty: any.
-    pub nets: Vec<(std::net::IpAddr, u8)>,
+    pub nets: Vec<(IpAddr, u8)>,
 }
 
 /// One program and the tracepoints it serves. A required program that loads or attaches nowhere
@@ -232,6 +233,8 @@ pub struct Probes {
     pub skipped: Vec<String>,
     /// The socket map the sk_msg program is attached to, held for the program's lifetime.
     inject_sockets: Option<aya::maps::SockHash<MapData, SockKey>>,
+    /// Sockets taken out of `inject_sockets` because they carry no HTTP/1.x requests.
+    inject_released: u64,
     /// The TLS probes, when loaded.
     openssl: Option<openssl::OpenSsl>,
 }
@@ -448,6 +451,7 @@ impl Probes {
             attached,
             skipped,
             inject_sockets,
+            inject_released: 0,
             openssl,
         })
     }
@@ -518,6 +522,34 @@ impl Probes {
             }
         }
         added
+    }
+
+    /// Takes client connections that turned out to carry another protocol than HTTP/1.x (a
+    /// database, TLS, anything unparsed) out of the socket map. A socket in the map sends
+    /// through the kernel's sk_msg path, which copies every send into a message for the program
+    /// (about 1 µs a send here, several times the program's own cost): nothing to inject into
+    /// is no reason to pay it. Connections not in the map (servers' own, filtered destinations)
+    /// are simply not found.
+    pub fn stop_injecting(&mut self, conns: &[(SocketAddr, SocketAddr)]) {
+        let Some(map) = self.inject_sockets.as_mut() else {
+            return;
+        };
+        for (local, remote) in conns {
+            let key = SockKey {
+                local_addr: mapped_octets(local.ip()),
+                remote_addr: mapped_octets(remote.ip()),
+                local_port: u32::from(local.port()),
+                remote_port: u32::from(remote.port()),
+            };
+            if map.remove(&key).is_ok() {
+                self.inject_released += 1;
+            }
+        }
+    }
+
+    /// Sockets `stop_injecting` took out of the socket map so far.
+    pub fn inject_released(&self) -> u64 {
+        self.inject_released
     }
 
     /// The ring buffer carrying every event. Call once.
@@ -1107,8 +1139,8 @@ fn attach_injector(
             .map_err(|e| e.to_string())?;
     for (ip, prefix) in &opts.nets {
         let (addr, bits) = match ip {
-            std::net::IpAddr::V4(v4) => (v4.to_ipv6_mapped().octets(), u32::from(*prefix) + 96),
-            std::net::IpAddr::V6(v6) => (v6.octets(), u32::from(*prefix)),
+            IpAddr::V4(v4) => (v4.to_ipv6_mapped().octets(), u32::from(*prefix) + 96),
+            IpAddr::V6(v6) => (v6.octets(), u32::from(*prefix)),
         };
         nets.insert(&Key::new(bits, addr), 1, 0)
             .map_err(|e| e.to_string())?;
@@ -1165,8 +1197,8 @@ fn destination_wanted(opts: &InjectOptions, key: &SockKey) -> bool {
     let net_ok = opts.nets.is_empty()
         || opts.nets.iter().any(|(net, bits)| {
             let (net, bits) = match net {
-                std::net::IpAddr::V4(v4) => (v4.to_ipv6_mapped(), u32::from(*bits) + 96),
-                std::net::IpAddr::V6(v6) => (*v6, u32::from(*bits)),
+                IpAddr::V4(v4) => (v4.to_ipv6_mapped(), u32::from(*bits) + 96),
+                IpAddr::V6(v6) => (*v6, u32::from(*bits)),
             };
             let mask = if bits == 0 {
                 0
@@ -1245,6 +1277,14 @@ fn existing_client_connections(pid: u32) -> std::io::Result<Vec<(u32, SockKey)>>
             )
         })
         .collect())
+}
+
+/// An address as the socket map's keys hold it: IPv6, or IPv4-mapped IPv6.
+fn mapped_octets(ip: IpAddr) -> [u8; 16] {
+    match ip {
+        IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
+        IpAddr::V6(v6) => v6.octets(),
+    }
 }
 
 /// Parses `/proc/net/tcp{,6}`'s `ADDR:PORT` (hex, the address in host-order 32-bit words)
