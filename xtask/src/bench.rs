@@ -573,12 +573,12 @@ fn thread_cpu() -> Duration {
     Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
 }
 
-/// `xtask syscall-loop N`: connects to a local sink, waits for "go" on stdin, does N 64-byte
-/// writes, prints the writing thread's CPU nanoseconds per write and wall nanoseconds per
+/// `xtask syscall-loop N [--http]`: connects to a local sink, waits for "go" on stdin, does N
+/// 64-byte writes (opaque bytes, or with `--http` each a whole HTTP/1.1 request), prints the writing thread's CPU nanoseconds per write and wall nanoseconds per
 /// write, then the same two for N writes to /dev/null. CPU time is what the syscall costs the thread that makes it (probes included); wall
 /// time also counts waiting for a core that the sink or the agent holds, which on two cores
 /// is most of the difference.
-pub fn syscall_loop(n: u64) -> anyhow::Result<()> {
+pub fn syscall_loop(n: u64, http: bool) -> anyhow::Result<()> {
     let listener = TcpListener::bind("127.0.0.1:0")?;
     let addr = listener.local_addr()?;
     std::thread::spawn(move || {
@@ -591,13 +591,17 @@ pub fn syscall_loop(n: u64) -> anyhow::Result<()> {
     println!("ready {}", std::process::id());
     let mut line = String::new();
     std::io::stdin().read_line(&mut line)?;
-    let payload = [0x5au8; 64];
+    let payload: &[u8; 64] = if http {
+        b"GET /loop HTTP/1.1\r\nHost: 127.0.0.1\r\nUser-Agent: syscallloop\r\n\r\n"
+    } else {
+        &[0x5a; 64]
+    };
     // The writing thread's CPU time and the wall time of n writes of `payload` to `to`.
     let timed = |to: &mut dyn Write| -> anyhow::Result<(f64, f64)> {
         let t = Instant::now();
         let cpu = thread_cpu();
         for _ in 0..n {
-            to.write_all(&payload)?;
+            to.write_all(payload)?;
         }
         let per = |d: Duration| d.as_nanos() as f64 / n as f64;
         Ok((per(thread_cpu() - cpu), per(t.elapsed())))
@@ -615,6 +619,8 @@ enum LoopMode {
     NoTracer,
     OtherTraced,
     Traced,
+    /// Traced, and every write an HTTP request: the kernel adds a trace context header to each.
+    TracedHttp,
 }
 
 /// CPU and wall nanoseconds per write of one syscall loop: to a socket, then to /dev/null.
@@ -622,6 +628,7 @@ fn loop_cost(mode: LoopMode, n: u64, other_pid: u32) -> anyhow::Result<[f64; 4]>
     let exe = std::env::current_exe()?;
     let mut child = Command::new(exe)
         .args(["syscall-loop", &n.to_string()])
+        .args((mode == LoopMode::TracedHttp).then_some("--http"))
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()?;
@@ -638,7 +645,7 @@ fn loop_cost(mode: LoopMode, n: u64, other_pid: u32) -> anyhow::Result<[f64; 4]>
             "--output".into(),
             "json".into(),
         ])?),
-        LoopMode::Traced => Some(Agent::start(&[
+        LoopMode::Traced | LoopMode::TracedHttp => Some(Agent::start(&[
             "run".into(),
             "--pid".into(),
             pid.to_string(),
@@ -903,13 +910,18 @@ pub fn bench(opts: &BenchOptions) -> anyhow::Result<()> {
     let other = Command::new("sleep").arg("600").spawn()?;
     let other = Guard(other);
     let n = opts.syscalls;
-    let mut cpu = [Vec::new(), Vec::new(), Vec::new()];
-    let mut wall = [Vec::new(), Vec::new(), Vec::new()];
-    let mut null_cpu = [Vec::new(), Vec::new(), Vec::new()];
+    let mut cpu: [Vec<f64>; 4] = Default::default();
+    let mut wall: [Vec<f64>; 4] = Default::default();
+    let mut null_cpu: [Vec<f64>; 4] = Default::default();
     for _ in 0..opts.rounds {
-        for (i, mode) in [LoopMode::NoTracer, LoopMode::OtherTraced, LoopMode::Traced]
-            .into_iter()
-            .enumerate()
+        for (i, mode) in [
+            LoopMode::NoTracer,
+            LoopMode::OtherTraced,
+            LoopMode::Traced,
+            LoopMode::TracedHttp,
+        ]
+        .into_iter()
+        .enumerate()
         {
             let [c, w, nc, _] = loop_cost(mode, n, other.0.id())?;
             cpu[i].push(c);
@@ -917,9 +929,9 @@ pub fn bench(opts: &BenchOptions) -> anyhow::Result<()> {
             null_cpu[i].push(nc);
         }
     }
-    let [none, other_traced, traced] = cpu.map(median);
-    let [wall_none, wall_other, wall_traced] = wall.map(median);
-    let [null_none, null_other, null_traced] = null_cpu.map(median);
+    let [none, other_traced, traced, traced_http] = cpu.map(median);
+    let [wall_none, wall_other, wall_traced, wall_http] = wall.map(median);
+    let [null_none, null_other, null_traced, _] = null_cpu.map(median);
     writeln!(report, "## In-kernel cost of a traced syscall\n")?;
     writeln!(
         report,
@@ -946,8 +958,17 @@ pub fn bench(opts: &BenchOptions) -> anyhow::Result<()> {
     )?;
     writeln!(
         report,
+        "| this process traced, each write an HTTP request given a `traceparent` | {traced_http:.0} | {:+.0} ns | {wall_http:.0} | {:+.0} ns |",
+        traced_http - none,
+        wall_http - wall_none
+    )?;
+    writeln!(
+        report,
         "\nCPU time is the writing thread's own (the syscall and the probes it runs); wall time also \
-         waits for a core held by the sink thread or the agent."
+         waits for a core held by the sink thread or the agent. The writes go out on a client \
+         connection of the traced process: the context injector watches it until the agent has \
+         seen that it carries no HTTP/1.x requests (the opaque loop), or for good (the HTTP loop, \
+         where the sk_msg path and the header's 55 bytes are part of every write's cost)."
     )?;
     writeln!(
         report,

@@ -68,7 +68,12 @@ enum Task {
     },
     /// (internal) the syscall loop the benchmark times.
     #[command(hide = true)]
-    SyscallLoop { n: u64 },
+    SyscallLoop {
+        n: u64,
+        /// Write HTTP/1.1 requests instead of opaque bytes.
+        #[arg(long)]
+        http: bool,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -101,7 +106,7 @@ fn main() -> anyhow::Result<()> {
                 syscalls,
             })
         }
-        Task::SyscallLoop { n } => bench::syscall_loop(n),
+        Task::SyscallLoop { n, http } => bench::syscall_loop(n, http),
         Task::Fuzz { seconds } => {
             setup()?;
             fuzz(seconds)
