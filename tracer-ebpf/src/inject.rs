@@ -38,8 +38,10 @@ use crate::{ACTIVE, SCRATCH, count, is_traced, syscalls::verifier_bound};
 
 /// Bytes of a request looked at for the header block (its end must be inside).
 const WINDOW: usize = 1024;
-/// Requests up to this size (header included) are sent as one piece after the header is added.
-const WHOLE_PULL_MAX: usize = 16384;
+/// Requests up to this size (header included) are sent as one piece after the header is added:
+/// loopback's MSS (64 KiB), so that no request split in two leaves as two segments short of an
+/// MSS each (see `write_header`).
+const WHOLE_PULL_MAX: usize = 65536;
 /// `traceparent: 00-{32}-{16}-01\r\n`
 const TRACEPARENT_LEN: usize = 13 + 3 + 32 + 1 + 16 + 3 + 2;
 /// `b3: {32}-{16}-1\r\n`
@@ -821,9 +823,9 @@ fn write_header<const LEN: usize>(
     // message into pieces, and the kernel sends each piece with its own tcp_sendmsg: a request
     // would leave in two segments, and on a socket with Nagle's algorithm on (no TCP_NODELAY)
     // the second waits until the first is acknowledged, which the server delays (40 ms) since
-    // half a request gets no answer. A small message is made one piece again (the pull copies
-    // it into one page); a large one is pulled up to the header (its body's full segments are
-    // not held back).
+    // half a request gets no answer. A message up to 64 KiB is made one piece again (the pull
+    // copies it into one page); a larger one is pulled up to the header: its second piece
+    // carries a full segment at least, which the server acknowledges at once.
     let size = ctx.size();
     // SAFETY (both pulls): the context is the program's own.
     let whole =
