@@ -280,6 +280,9 @@ async fn event_loop(
                 drain_ring(guard.get_inner_mut(), &mut tracker, &mut finished, &mut decode_errors);
                 guard.clear_ready();
                 submit(&mut exporter, &mut finished, &clock, &mut red);
+                // Under a flood the wakeups may come faster than the timer below, which each
+                // one pushes back: the kernel's tables are brought up to date here too.
+                update_kernel_tables(&mut probes, &mut tracker);
                 drain_delay = DRAIN_BUSY;
                 drain_sleep.as_mut().reset(tokio::time::Instant::now() + drain_delay);
             }
@@ -295,12 +298,7 @@ async fn event_loop(
                 drain_delay = next_drain_delay(drain_delay, drained);
                 drain_sleep.as_mut().reset(tokio::time::Instant::now() + drain_delay);
                 submit(&mut exporter, &mut finished, &clock, &mut red);
-                let gone = tracker.take_gone_processes();
-                if !gone.is_empty() {
-                    let n = probes.forget_processes(&gone);
-                    debug!("{} processes exited or exec'd: {n} kernel socket entries dropped", gone.len());
-                }
-                probes.stop_injecting(&tracker.take_not_http_clients());
+                update_kernel_tables(&mut probes, &mut tracker);
             }
             _ = sigint.recv() => break "interrupted",
             _ = sigterm.recv() => break "terminated",
@@ -414,6 +412,20 @@ fn drain_ring(
         }
     }
     n
+}
+
+/// Tells the kernel what the events just parsed taught: processes that exited or exec'd (their
+/// socket entries go) and client connections that need no context injection.
+fn update_kernel_tables(probes: &mut Probes, tracker: &mut ConnTracker) {
+    let gone = tracker.take_gone_processes();
+    if !gone.is_empty() {
+        let n = probes.forget_processes(&gone);
+        debug!(
+            "{} processes exited or exec'd: {n} kernel socket entries dropped",
+            gone.len()
+        );
+    }
+    probes.stop_injecting(&tracker.take_not_http_clients());
 }
 
 fn stats_line(

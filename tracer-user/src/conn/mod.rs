@@ -388,7 +388,7 @@ impl ConnTracker {
                         if !fed {
                             http.feed(&segment, &mut self.http_out);
                             if http.is_not_http() {
-                                // Upgraded (WebSocket, a CONNECT tunnel) or lost sync.
+                                // Upgraded: WebSocket, a CONNECT tunnel.
                                 conn.proto = Proto::Opaque;
                                 self.stats.not_parsed += 1;
                                 report_not_http_client(conn, &mut self.not_http_clients);
