@@ -968,7 +968,7 @@ pub fn bench(opts: &BenchOptions) -> anyhow::Result<()> {
          waits for a core held by the sink thread or the agent. The writes go out on a client \
          connection of the traced process: the context injector watches it until the agent has \
          seen that it carries no HTTP/1.x requests (the opaque loop), or for good (the HTTP loop, \
-         where the sk_msg path and the header's 55 bytes are part of every write's cost)."
+         where the sk_msg path and the 70-byte header are part of every write's cost)."
     )?;
     writeln!(
         report,
