@@ -573,43 +573,77 @@ fn thread_cpu() -> Duration {
     Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
 }
 
+/// What the sink answers to each request head of `xtask syscall-loop --http`.
+const LOOP_RESPONSE: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+
 /// `xtask syscall-loop N [--http]`: connects to a local sink, waits for "go" on stdin, does N
-/// 64-byte writes (opaque bytes, or with `--http` each a whole HTTP/1.1 request), prints the writing thread's CPU nanoseconds per write and wall nanoseconds per
-/// write, then the same two for N writes to /dev/null. CPU time is what the syscall costs the thread that makes it (probes included); wall
-/// time also counts waiting for a core that the sink or the agent holds, which on two cores
-/// is most of the difference.
+/// 64-byte writes, and prints the calling thread's CPU nanoseconds and wall nanoseconds per
+/// write, then the same two for N writes to /dev/null. With `--http` each of the N is a whole
+/// HTTP/1.1 request whose response it reads before the next (a client on a kept-alive
+/// connection), and the times are per request. CPU time is what the syscalls cost the thread
+/// that makes them (probes included); wall time also counts waiting for a core that the sink
+/// or the agent holds, which on two cores is most of the difference. The HTTP loop runs on one
+/// CPU.
 pub fn syscall_loop(n: u64, http: bool) -> anyhow::Result<()> {
+    if http {
+        // Client and sink on one CPU: across two, each request and response is a wakeup of a
+        // thread asleep on the other vCPU, whose interrupt costs this machine 30-100 µs of
+        // noise per round trip, dwarfing the probes.
+        // SAFETY: plain libc calls on a zeroed cpu_set_t of our own.
+        unsafe {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            libc::CPU_SET(libc::sched_getcpu().max(0) as usize, &mut set);
+            libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+        }
+    }
     let listener = TcpListener::bind("127.0.0.1:0")?;
     let addr = listener.local_addr()?;
-    std::thread::spawn(move || {
-        if let Ok((mut s, _)) = listener.accept() {
-            let mut buf = vec![0u8; 1 << 16];
-            while matches!(s.read(&mut buf), Ok(n) if n > 0) {}
+    std::thread::spawn(move || -> std::io::Result<()> {
+        let (mut s, _) = listener.accept()?;
+        let mut buf = vec![0u8; 1 << 16];
+        let mut head = Vec::new();
+        loop {
+            let n = s.read(&mut buf)?;
+            if n == 0 {
+                return Ok(());
+            }
+            if !http {
+                continue;
+            }
+            head.extend_from_slice(&buf[..n]);
+            while let Some(end) = head.windows(4).position(|w| w == b"\r\n\r\n") {
+                head.drain(..end + 4);
+                s.write_all(LOOP_RESPONSE)?;
+            }
         }
     });
     let mut s = TcpStream::connect(addr)?;
     println!("ready {}", std::process::id());
     let mut line = String::new();
     std::io::stdin().read_line(&mut line)?;
-    let payload: &[u8; 64] = if http {
-        b"GET /loop HTTP/1.1\r\nHost: 127.0.0.1\r\nUser-Agent: syscallloop\r\n\r\n"
-    } else {
-        &[0x5a; 64]
-    };
-    // The writing thread's CPU time and the wall time of n writes of `payload` to `to`.
-    let timed = |to: &mut dyn Write| -> anyhow::Result<(f64, f64)> {
+    // The calling thread's CPU time and the wall time of n runs of `op`, per run.
+    let timed = |op: &mut dyn FnMut() -> std::io::Result<()>| -> anyhow::Result<(f64, f64)> {
         let t = Instant::now();
         let cpu = thread_cpu();
         for _ in 0..n {
-            to.write_all(payload)?;
+            op()?;
         }
         let per = |d: Duration| d.as_nanos() as f64 / n as f64;
         Ok((per(thread_cpu() - cpu), per(t.elapsed())))
     };
-    let (cpu, wall) = timed(&mut s)?;
+    let (cpu, wall) = if http {
+        let request = b"GET /loop HTTP/1.1\r\nHost: 127.0.0.1\r\nUser-Agent: syscallloop\r\n\r\n";
+        let mut response = [0u8; LOOP_RESPONSE.len()];
+        timed(&mut || {
+            s.write_all(request)?;
+            s.read_exact(&mut response)
+        })?
+    } else {
+        timed(&mut || s.write_all(&[0x5a; 64]))?
+    };
     // The same writes to a file that is not a socket: what any other syscall pays.
-    let (null_cpu, null_wall) =
-        timed(&mut std::fs::OpenOptions::new().write(true).open("/dev/null")?)?;
+    let mut null = std::fs::OpenOptions::new().write(true).open("/dev/null")?;
+    let (null_cpu, null_wall) = timed(&mut || null.write_all(&[0x5a; 64]))?;
     println!("{cpu:.1} {wall:.1} {null_cpu:.1} {null_wall:.1}");
     Ok(())
 }
@@ -619,7 +653,9 @@ enum LoopMode {
     NoTracer,
     OtherTraced,
     Traced,
-    /// Traced, and every write an HTTP request: the kernel adds a trace context header to each.
+    /// HTTP requests and their responses, untraced.
+    NoTracerHttp,
+    /// The same traced: the kernel adds a trace context header to each request.
     TracedHttp,
 }
 
@@ -628,7 +664,7 @@ fn loop_cost(mode: LoopMode, n: u64, other_pid: u32) -> anyhow::Result<[f64; 4]>
     let exe = std::env::current_exe()?;
     let mut child = Command::new(exe)
         .args(["syscall-loop", &n.to_string()])
-        .args((mode == LoopMode::TracedHttp).then_some("--http"))
+        .args(matches!(mode, LoopMode::NoTracerHttp | LoopMode::TracedHttp).then_some("--http"))
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()?;
@@ -637,7 +673,7 @@ fn loop_cost(mode: LoopMode, n: u64, other_pid: u32) -> anyhow::Result<[f64; 4]>
     out.read_line(&mut line)?;
     let pid = child.id();
     let agent = match mode {
-        LoopMode::NoTracer => None,
+        LoopMode::NoTracer | LoopMode::NoTracerHttp => None,
         LoopMode::OtherTraced => Some(Agent::start(&[
             "run".into(),
             "--pid".into(),
@@ -910,14 +946,15 @@ pub fn bench(opts: &BenchOptions) -> anyhow::Result<()> {
     let other = Command::new("sleep").arg("600").spawn()?;
     let other = Guard(other);
     let n = opts.syscalls;
-    let mut cpu: [Vec<f64>; 4] = Default::default();
-    let mut wall: [Vec<f64>; 4] = Default::default();
-    let mut null_cpu: [Vec<f64>; 4] = Default::default();
+    let mut cpu: [Vec<f64>; 5] = Default::default();
+    let mut wall: [Vec<f64>; 5] = Default::default();
+    let mut null_cpu: [Vec<f64>; 5] = Default::default();
     for _ in 0..opts.rounds {
         for (i, mode) in [
             LoopMode::NoTracer,
             LoopMode::OtherTraced,
             LoopMode::Traced,
+            LoopMode::NoTracerHttp,
             LoopMode::TracedHttp,
         ]
         .into_iter()
@@ -929,9 +966,15 @@ pub fn bench(opts: &BenchOptions) -> anyhow::Result<()> {
             null_cpu[i].push(nc);
         }
     }
-    let [none, other_traced, traced, traced_http] = cpu.map(median);
-    let [wall_none, wall_other, wall_traced, wall_http] = wall.map(median);
-    let [null_none, null_other, null_traced, _] = null_cpu.map(median);
+    let [none, other_traced, traced, none_http, traced_http] = cpu.map(median);
+    let [
+        wall_none,
+        wall_other,
+        wall_traced,
+        wall_none_http,
+        wall_http,
+    ] = wall.map(median);
+    let [null_none, null_other, null_traced, _, _] = null_cpu.map(median);
     writeln!(report, "## In-kernel cost of a traced syscall\n")?;
     writeln!(
         report,
@@ -958,17 +1001,33 @@ pub fn bench(opts: &BenchOptions) -> anyhow::Result<()> {
     )?;
     writeln!(
         report,
-        "| this process traced, each write an HTTP request given a `traceparent` | {traced_http:.0} | {:+.0} ns | {wall_http:.0} | {:+.0} ns |",
-        traced_http - none,
-        wall_http - wall_none
+        "\nCPU time is the writing thread's own (the syscall and the probes it runs); wall time also \
+         waits for a core held by the sink thread or the agent. The writes go out on a client \
+         connection of the traced process, which the context injector watches until the agent has \
+         seen that it carries no HTTP/1.x requests."
     )?;
     writeln!(
         report,
-        "\nCPU time is the writing thread's own (the syscall and the probes it runs); wall time also \
-         waits for a core held by the sink thread or the agent. The writes go out on a client \
-         connection of the traced process: the context injector watches it until the agent has \
-         seen that it carries no HTTP/1.x requests (the opaque loop), or for good (the HTTP loop, \
-         where the sk_msg path and the 70-byte header are part of every write's cost)."
+        "\nA traced HTTP client: {n} requests of 64 bytes on a kept-alive loopback connection, each \
+         followed by reading its 40-byte response from a thread of the same process on the same \
+         CPU, medians of {} rounds (CPU ns per request of the client's thread: one send, one \
+         receive, and the loopback delivery they run):\n",
+        opts.rounds
+    )?;
+    writeln!(
+        report,
+        "| | CPU ns per request | added | wall ns per request | added |"
+    )?;
+    writeln!(report, "|---|---|---|---|---|")?;
+    writeln!(
+        report,
+        "| no tracer | {none_http:.0} | - | {wall_none_http:.0} | - |"
+    )?;
+    writeln!(
+        report,
+        "| traced, a `traceparent` added to each request | {traced_http:.0} | {:+.0} ns | {wall_http:.0} | {:+.0} ns |",
+        traced_http - none_http,
+        wall_http - wall_none_http
     )?;
     writeln!(
         report,
