@@ -457,10 +457,12 @@ c.request("GET", "/inspect"); print(c.getresponse().read().decode(), flush=True)
     }
 }
 
-/// A client connection that carries something other than HTTP/1.x (a database protocol, TLS,
-/// anything unparsed) leaves the injector's socket map once the agent has seen its bytes: its
-/// sends stop taking the kernel's sk_msg path, which cost about a microsecond each. An HTTP
-/// connection stays, and the opaque one's bytes all arrive.
+/// A client connection that needs no context injection — it carries something other than
+/// HTTP/1.x (a database protocol, TLS, anything unparsed), or requests that bring their own
+/// trace context (an instrumented client) — leaves the injector's socket map once the agent has
+/// seen enough of it: its sends stop taking the kernel's sk_msg path, which cost about a
+/// microsecond each. An HTTP connection without context of its own stays, and the opaque
+/// one's bytes all arrive.
 #[test]
 fn connections_without_http_leave_the_injector() {
     require_root();
@@ -482,6 +484,11 @@ s = socket.create_connection(listener.getsockname())
 for _ in range(100):
     s.sendall(b"PING\r\n"); time.sleep(0.02)
 s.close(); t.join()
+own = http.client.HTTPConnection("127.0.0.1", {port})
+for i in range(10):
+    own.request("GET", "/inspect", headers={{"traceparent": "00-0af7651916cd43dd8448eb211c80319c-00f067aa0ba902b7-01"}})
+    own.getresponse().read()
+time.sleep(1)
 c = http.client.HTTPConnection("127.0.0.1", {port})
 c.request("GET", "/inspect"); c.getresponse().read()
 print(got[0], flush=True)
@@ -510,7 +517,7 @@ print(got[0], flush=True)
     assert!(
         stopped
             .stderr
-            .contains("injection: 1 headers, 2 connections watched, 1 released"),
+            .contains("injection: 1 headers, 3 connections watched, 2 released"),
         "{}",
         stopped.stderr
     );

@@ -425,7 +425,7 @@ fn update_kernel_tables(probes: &mut Probes, tracker: &mut ConnTracker) {
             gone.len()
         );
     }
-    probes.stop_injecting(&tracker.take_not_http_clients());
+    probes.stop_injecting(&tracker.take_clients_to_release());
 }
 
 fn stats_line(
@@ -440,7 +440,7 @@ fn stats_line(
     let l = tracker.link_stats();
     let injection = if probes.injecting() {
         format!(
-            "; injection: {} headers, {} connections watched, {} released (not HTTP/1.x)",
+            "; injection: {} headers, {} connections watched, {} released (no HTTP/1.x, or own context)",
             k[stat::INJECTED as usize],
             k[stat::INJECT_SOCKETS as usize],
             probes.inject_released(),
@@ -584,7 +584,7 @@ fn render_metrics(
         &mut out,
         "tracer_inject_sockets_released_total",
         "counter",
-        "Of those, connections no longer watched: they carry another protocol than HTTP/1.x.",
+        "Of those, connections no longer watched: they carry another protocol than HTTP/1.x, or requests with their own trace context.",
         probes.inject_released(),
     );
     metric(

@@ -448,6 +448,20 @@ fn context_header_lines(
     false
 }
 
+/// Whether a request head carries a trace context header of its own, one that makes the
+/// kernel's injector leave the request alone (`traceparent`, `b3`, `X-B3-TraceId`).
+pub fn has_own_context(head: &[u8]) -> bool {
+    let mut lines = head.split(|b| *b == b'\n').skip(1);
+    lines.any(|line| {
+        line.iter().position(|b| *b == b':').is_some_and(|colon| {
+            matches!(
+                context_header_name(&line[..colon]),
+                Some("traceparent" | "b3" | "x-b3-traceid")
+            )
+        })
+    })
+}
+
 /// Any other `X-B3-*` header. `extract` reads none, but one arriving in a later piece of a
 /// head still counts as new context there (`request_continued` reads the context again), so
 /// it is kept, by this name and without its value.
@@ -772,6 +786,21 @@ mod tests {
                 (OTHER_B3, String::new()),
             ]
         );
+    }
+
+    #[test]
+    fn own_context_is_what_the_injector_respects() {
+        assert!(has_own_context(
+            b"GET / HTTP/1.1\r\nHost: x\r\nTraceParent: 00-a-b-01\r\n\r\n"
+        ));
+        assert!(has_own_context(b"GET / HTTP/1.1\r\nb3: 1-2-1\r\n\r\n"));
+        assert!(has_own_context(b"GET / HTTP/1.1\r\nX-B3-TraceId: 1\r\n"));
+        assert!(!has_own_context(
+            b"GET / HTTP/1.1\r\ntracestate: k=v\r\nX-B3-SpanId: 2\r\n\r\n"
+        ));
+        assert!(!has_own_context(
+            b"GET /traceparent: HTTP/1.1\r\nHost: x\r\n\r\n"
+        ));
     }
 
     #[test]

@@ -16,7 +16,7 @@ use std::{
     sync::Arc,
 };
 
-use tracer_common::is_tls_plaintext;
+use tracer_common::{CTX_INJECTED, is_tls_plaintext};
 
 use self::link::{Identity, LinkStats, Linker};
 use crate::{
@@ -104,11 +104,25 @@ struct Conn {
     tls: bool,
     reset: bool,
     last_ns: u64,
+    release: Release,
+}
+
+/// What decides whether the kernel's context injector can let go of a client connection.
+#[derive(Default)]
+struct Release {
     /// Direction of the first bytes seen: a client speaks first on the protocols parsed here.
     first_dir: Option<Direction>,
-    /// Reported by `take_not_http_clients` already.
-    not_http_reported: bool,
+    /// Requests this client sent, all with a trace context of their own so far.
+    own_context_requests: u8,
+    /// A request this client sent had no context of its own: the injector has work here.
+    needs_injection: bool,
+    /// Reported by `take_clients_to_release` already.
+    reported: bool,
 }
+
+/// Requests in a row, from a client connection's first, that carry their own trace context
+/// (an instrumented client) before the injector stops watching the connection.
+const OWN_CONTEXT_RELEASE: u8 = 8;
 
 #[derive(Clone, Copy, Debug)]
 struct Start {
@@ -191,9 +205,9 @@ pub struct ConnTracker {
     new_processes: Vec<u32>,
     /// Processes that exited or exec'd since the last `take_gone_processes`, and when.
     gone: Vec<(u32, u64)>,
-    /// Client connections found since the last `take_not_http_clients` to carry something
-    /// other than HTTP/1.x requests, by (local, remote) address.
-    not_http_clients: Vec<(SocketAddr, SocketAddr)>,
+    /// Client connections found since the last `take_clients_to_release` to need no context
+    /// injection, by (local, remote) address.
+    clients_to_release: Vec<(SocketAddr, SocketAddr)>,
 }
 
 /// A finished exchange, the connection it happened on, and its span identity.
@@ -213,7 +227,7 @@ impl ConnTracker {
             linker: Linker::new(),
             new_processes: Vec::new(),
             gone: Vec::new(),
-            not_http_clients: Vec::new(),
+            clients_to_release: Vec::new(),
         }
     }
 
@@ -237,11 +251,12 @@ impl ConnTracker {
         std::mem::take(&mut self.gone)
     }
 
-    /// Client connections found to carry a database protocol, TLS or unparsed bytes since the
-    /// last call: the kernel's HTTP/1.x context injector has nothing to do on them, and a
-    /// socket it watches pays for it on every send.
-    pub fn take_not_http_clients(&mut self) -> Vec<(SocketAddr, SocketAddr)> {
-        std::mem::take(&mut self.not_http_clients)
+    /// Client connections found since the last call to need nothing from the kernel's HTTP/1.x
+    /// context injector, whose watch costs a socket on every send: they carry a database
+    /// protocol, TLS or unparsed bytes, or HTTP requests that bring their own trace context
+    /// (an instrumented client: `OWN_CONTEXT_RELEASE` in a row from the first).
+    pub fn take_clients_to_release(&mut self) -> Vec<(SocketAddr, SocketAddr)> {
+        std::mem::take(&mut self.clients_to_release)
     }
 
     pub fn open_connections(&self) -> usize {
@@ -313,7 +328,7 @@ impl ConnTracker {
                 } else {
                     Direction::Egress
                 };
-                conn.first_dir.get_or_insert(dir);
+                conn.release.first_dir.get_or_insert(dir);
                 let plaintext = is_tls_plaintext(*syscall);
                 if plaintext && !conn.tls {
                     // What was parsed so far was the TLS handshake: start over on plaintext.
@@ -322,7 +337,11 @@ impl ConnTracker {
                     conn.starts.clear();
                     self.linker.conn_closed(key);
                     self.stats.tls_conns += 1;
-                    report_not_http_client(conn, &mut self.not_http_clients);
+                    report_release(
+                        &mut conn.release,
+                        (conn.local, conn.remote),
+                        &mut self.clients_to_release,
+                    );
                 } else if conn.tls && !plaintext {
                     return;
                 }
@@ -352,7 +371,11 @@ impl ConnTracker {
                         parser: Box::new(parser),
                         request_dir: segment.dir,
                     };
-                    report_not_http_client(conn, &mut self.not_http_clients);
+                    report_release(
+                        &mut conn.release,
+                        (conn.local, conn.remote),
+                        &mut self.clients_to_release,
+                    );
                 }
                 if let Proto::Detecting(http) = &mut conn.proto {
                     http.feed(&segment, &mut self.http_out);
@@ -360,7 +383,11 @@ impl ConnTracker {
                     if http.is_not_http() {
                         conn.proto = Proto::Opaque;
                         self.stats.not_parsed += 1;
-                        report_not_http_client(conn, &mut self.not_http_clients);
+                        report_release(
+                            &mut conn.release,
+                            (conn.local, conn.remote),
+                            &mut self.clients_to_release,
+                        );
                         return;
                     }
                     if http.is_searching() {
@@ -382,6 +409,16 @@ impl ConnTracker {
                                 key, *ingress, hdr.tid, *start_ns, head, whole, ctx,
                             );
                             push_start(&mut conn.starts, start);
+                            if !*ingress {
+                                let injected = ctx.flags & CTX_INJECTED != 0;
+                                client_request_sent(
+                                    &mut conn.release,
+                                    (conn.local, conn.remote),
+                                    injected,
+                                    head,
+                                    &mut self.clients_to_release,
+                                );
+                            }
                         } else if *ingress {
                             self.linker.request_continued(key, head);
                         }
@@ -391,7 +428,11 @@ impl ConnTracker {
                                 // Upgraded: WebSocket, a CONNECT tunnel.
                                 conn.proto = Proto::Opaque;
                                 self.stats.not_parsed += 1;
-                                report_not_http_client(conn, &mut self.not_http_clients);
+                                report_release(
+                                    &mut conn.release,
+                                    (conn.local, conn.remote),
+                                    &mut self.clients_to_release,
+                                );
                             }
                         }
                     }
@@ -608,15 +649,41 @@ fn take_start(starts: &mut VecDeque<Start>, ts_ns: u64, consume: bool) -> Option
     Some(found)
 }
 
-/// Adds `conn` to `out` once, if it is a client's connection whose addresses are known.
-fn report_not_http_client(conn: &mut Conn, out: &mut Vec<(SocketAddr, SocketAddr)>) {
-    if conn.first_dir == Some(Direction::Egress)
-        && !conn.not_http_reported
-        && conn.remote != UNSPECIFIED
+/// Adds a connection to `out` once, if it is a client's whose addresses are known.
+fn report_release(
+    release: &mut Release,
+    addrs: (SocketAddr, SocketAddr),
+    out: &mut Vec<(SocketAddr, SocketAddr)>,
+) {
+    if release.first_dir == Some(Direction::Egress)
+        && !release.reported
+        && addrs.1 != UNSPECIFIED
         && out.len() < 4096
     {
-        conn.not_http_reported = true;
-        out.push((conn.local, conn.remote));
+        release.reported = true;
+        out.push(addrs);
+    }
+}
+
+/// Counts the HTTP requests a client sent with their own trace context, until one comes
+/// without (the kernel wrote one, or could not): then the injector is needed for good.
+fn client_request_sent(
+    release: &mut Release,
+    addrs: (SocketAddr, SocketAddr),
+    injected: bool,
+    head: &[u8],
+    out: &mut Vec<(SocketAddr, SocketAddr)>,
+) {
+    if release.needs_injection || release.reported {
+        return;
+    }
+    if injected || !link::has_own_context(head) {
+        release.needs_injection = true;
+        return;
+    }
+    release.own_context_requests += 1;
+    if release.own_context_requests >= OWN_CONTEXT_RELEASE {
+        report_release(release, addrs, out);
     }
 }
 
@@ -639,8 +706,7 @@ impl Conn {
             tls: false,
             reset: false,
             last_ns: now,
-            first_dir: None,
-            not_http_reported: false,
+            release: Release::default(),
         }
     }
 }
@@ -754,7 +820,7 @@ mod tests {
     /// Only client connections that turned out not to carry HTTP/1.x are reported (once each),
     /// and only those whose addresses are known: the socket map is keyed by them.
     #[test]
-    fn not_http_clients_are_reported_once() {
+    fn clients_without_http_are_released_once() {
         let mut t = ConnTracker::new(TrackerConfig::default());
         let open = |fd, lport| {
             open_record(
@@ -789,9 +855,60 @@ mod tests {
         );
         let local = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1)), 40001);
         let remote = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 2)), 6379);
-        assert_eq!(t.take_not_http_clients(), vec![(local, remote)]);
+        assert_eq!(t.take_clients_to_release(), vec![(local, remote)]);
         feed(&mut t, &[data_record(7, 3, 1, 4_000, false, redis_cmd)]);
-        assert!(t.take_not_http_clients().is_empty(), "reported once");
+        assert!(t.take_clients_to_release().is_empty(), "reported once");
+    }
+
+    /// An instrumented client (its requests bring their own context from the first) is
+    /// released after `OWN_CONTEXT_RELEASE` of them; one the kernel injected into, or one with a
+    /// request that had no context, never is.
+    #[test]
+    fn clients_with_their_own_context_are_released() {
+        let mut t = ConnTracker::new(TrackerConfig::default());
+        let own = b"GET /a HTTP/1.1\r\ntraceparent: 00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01\r\n\r\n";
+        let open = |fd, lport| {
+            open_record(
+                7,
+                fd,
+                1,
+                ROLE_SERVER,
+                [10, 0, 0, 1],
+                lport,
+                [10, 0, 0, 2],
+                80,
+            )
+        };
+        let mut records = vec![open(3, 40001), open(4, 40002), open(5, 40003)];
+        for i in 0..u64::from(OWN_CONTEXT_RELEASE) {
+            let ts = 1_000 * (i + 1);
+            records.push(data_record(7, 3, 1, ts, false, own));
+            records.push(data_record(7, 3, 1, ts + 500, true, RESP));
+            // The second client's first request had no context of its own.
+            let first = if i == 0 { REQ } else { own.as_slice() };
+            records.push(data_record(7, 4, 1, ts, false, first));
+            records.push(data_record(7, 4, 1, ts + 500, true, RESP));
+            // The third's requests were given one by the kernel.
+            records.push(crate::events::tests::data_record_with(
+                7,
+                5,
+                1,
+                ts,
+                false,
+                REQ,
+                |ev| ev.ctx.flags = tracer_common::CTX_VALID | CTX_INJECTED,
+            ));
+            records.push(data_record(7, 5, 1, ts + 500, true, RESP));
+            if i + 2 == u64::from(OWN_CONTEXT_RELEASE) {
+                feed(&mut t, &records);
+                records.clear();
+                assert!(t.take_clients_to_release().is_empty(), "not yet");
+            }
+        }
+        feed(&mut t, &records);
+        let local = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1)), 40001);
+        let remote = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 2)), 80);
+        assert_eq!(t.take_clients_to_release(), vec![(local, remote)]);
     }
 
     #[test]

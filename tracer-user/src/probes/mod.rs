@@ -233,7 +233,7 @@ pub struct Probes {
     pub skipped: Vec<String>,
     /// The socket map the sk_msg program is attached to, held for the program's lifetime.
     inject_sockets: Option<aya::maps::SockHash<MapData, SockKey>>,
-    /// Sockets taken out of `inject_sockets` because they carry no HTTP/1.x requests.
+    /// Sockets taken out of `inject_sockets` because they need no injection.
     inject_released: u64,
     /// The TLS probes, when loaded.
     openssl: Option<openssl::OpenSsl>,
@@ -524,8 +524,9 @@ impl Probes {
         added
     }
 
-    /// Takes client connections that turned out to carry another protocol than HTTP/1.x (a
-    /// database, TLS, anything unparsed) out of the socket map. A socket in the map sends
+    /// Takes client connections that turned out to need no injection (another protocol than
+    /// HTTP/1.x, TLS, or requests with their own context) out of the socket map. A socket in
+    /// the map sends
     /// through the kernel's sk_msg path, which copies every send into a message for the program
     /// (about 1 µs a send here, several times the program's own cost): nothing to inject into
     /// is no reason to pay it. Connections not in the map (servers' own, filtered destinations)
