@@ -206,15 +206,11 @@ c.request("GET", "/hello"); c.getresponse().read()
         port = server.port,
         go = go.to_str().unwrap()
     );
-    let client = std::process::Command::new("python3")
-        .args(["-c", &script])
-        .spawn()
-        .unwrap();
-    let mut client = tracer_e2e::ChildGuard(client);
+    let mut client = common::python_client(&script);
     let pid = client.0.id().to_string();
     let tracer = Tracer::start(&["attach", "--pid", &pid, "--output", "json"]);
     std::fs::write(&go, b"go").unwrap();
-    assert!(client.0.wait().unwrap().success());
+    common::client_output(&mut client);
     let stopped = tracer.wait_for_exit(Duration::from_secs(10));
     assert!(stopped.status.success(), "{}", stopped.stderr);
     assert!(

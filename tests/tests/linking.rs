@@ -354,12 +354,7 @@ print(json.dumps({{"before": before, "after": after}}), flush=True)
         port = server.port,
         go = go.to_str().unwrap()
     );
-    let client = std::process::Command::new("python3")
-        .args(["-c", &script])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut client = tracer_e2e::ChildGuard(client);
+    let mut client = common::python_client(&script);
     // Let it connect and finish its first request before the tracer exists.
     std::thread::sleep(Duration::from_millis(500));
     let pid = client.0.id().to_string();
@@ -373,9 +368,7 @@ print(json.dumps({{"before": before, "after": after}}), flush=True)
         "200",
     ]);
     std::fs::write(&go, b"go").unwrap();
-    let mut out = String::new();
-    std::io::Read::read_to_string(client.0.stdout.as_mut().unwrap(), &mut out).unwrap();
-    assert!(client.0.wait().unwrap().success(), "{out}");
+    let out = common::client_output(&mut client);
     let results: Value = serde_json::from_str(out.trim()).unwrap();
     let spans = collector.wait_for_spans(1, Duration::from_secs(10));
     let stopped = tracer.stop();
@@ -433,19 +426,13 @@ c.request("GET", "/inspect"); print(c.getresponse().read().decode(), flush=True)
             port = server.port,
             go = go.to_str().unwrap()
         );
-        let client = std::process::Command::new("python3")
-            .args(["-c", &script])
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut client = tracer_e2e::ChildGuard(client);
+        let mut client = common::python_client(&script);
         let pid = client.0.id().to_string();
         let mut args = vec!["attach", "--pid", &pid, "--output", "json"];
         args.extend_from_slice(filter);
         let tracer = Tracer::start(&args);
         std::fs::write(&go, b"go").unwrap();
-        let mut out = String::new();
-        std::io::Read::read_to_string(client.0.stdout.as_mut().unwrap(), &mut out).unwrap();
+        let out = common::client_output(&mut client);
         tracer.stop();
         let doc: Value = serde_json::from_str(out.trim()).unwrap();
         let has = doc["headers"]
@@ -496,18 +483,11 @@ print(got[0], flush=True)
         port = server.port,
         go = go.to_str().unwrap()
     );
-    let client = std::process::Command::new("python3")
-        .args(["-c", &script])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut client = tracer_e2e::ChildGuard(client);
+    let mut client = common::python_client(&script);
     let pid = client.0.id().to_string();
     let tracer = Tracer::start(&["attach", "--pid", &pid, "--output", "json"]);
     std::fs::write(&go, b"go").unwrap();
-    let mut out = String::new();
-    std::io::Read::read_to_string(client.0.stdout.as_mut().unwrap(), &mut out).unwrap();
-    assert!(client.0.wait().unwrap().success(), "{out}");
+    let out = common::client_output(&mut client);
     let stopped = tracer.stop();
     assert_eq!(
         out.trim(),

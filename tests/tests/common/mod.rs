@@ -13,6 +13,30 @@ use std::{
 
 use tracer_e2e::{ChildGuard, repo_root};
 
+/// A Python client running `script`, its output piped (such scripts usually wait for a go
+/// file, so that the tracer is attached before they connect).
+pub fn python_client(script: &str) -> ChildGuard {
+    let child = Command::new("python3")
+        .args(["-c", script])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start a Python client");
+    ChildGuard(child)
+}
+
+/// What a client printed, once it exited; it must have succeeded.
+pub fn client_output(client: &mut ChildGuard) -> String {
+    let mut out = String::new();
+    if let Some(stdout) = client.0.stdout.as_mut() {
+        stdout
+            .read_to_string(&mut out)
+            .expect("read the client's output");
+    }
+    let status = client.0.wait().expect("wait for the client");
+    assert!(status.success(), "the client failed: {out}");
+    out
+}
+
 /// Privileged tests must run in CI; elsewhere they say clearly that they need root.
 pub fn require_root() {
     // SAFETY: geteuid has no preconditions.

@@ -817,23 +817,26 @@ mod tests {
         assert_eq!((identity.span_id, identity.parent_id), (0x33, Some(0x44)));
     }
 
+    /// A connection of pid 7 from 10.0.0.1:`lport` to 10.0.0.2:`rport`.
+    fn open_10_0_0_1(fd: u32, lport: u16, rport: u16) -> Vec<u8> {
+        open_record(
+            7,
+            fd,
+            1,
+            ROLE_SERVER,
+            [10, 0, 0, 1],
+            lport,
+            [10, 0, 0, 2],
+            rport,
+        )
+    }
+
     /// Only client connections that turned out not to carry HTTP/1.x are reported (once each),
     /// and only those whose addresses are known: the socket map is keyed by them.
     #[test]
     fn clients_without_http_are_released_once() {
         let mut t = ConnTracker::new(TrackerConfig::default());
-        let open = |fd, lport| {
-            open_record(
-                7,
-                fd,
-                1,
-                ROLE_SERVER,
-                [10, 0, 0, 1],
-                lport,
-                [10, 0, 0, 2],
-                6379,
-            )
-        };
+        let open = |fd, lport| open_10_0_0_1(fd, lport, 6379);
         let redis_cmd = b"*1\r\n$4\r\nPING\r\n";
         feed(
             &mut t,
@@ -867,18 +870,7 @@ mod tests {
     fn clients_with_their_own_context_are_released() {
         let mut t = ConnTracker::new(TrackerConfig::default());
         let own = b"GET /a HTTP/1.1\r\ntraceparent: 00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01\r\n\r\n";
-        let open = |fd, lport| {
-            open_record(
-                7,
-                fd,
-                1,
-                ROLE_SERVER,
-                [10, 0, 0, 1],
-                lport,
-                [10, 0, 0, 2],
-                80,
-            )
-        };
+        let open = |fd, lport| open_10_0_0_1(fd, lport, 80);
         let mut records = vec![open(3, 40001), open(4, 40002), open(5, 40003)];
         for i in 0..u64::from(OWN_CONTEXT_RELEASE) {
             let ts = 1_000 * (i + 1);
