@@ -864,7 +864,9 @@ pub fn bench(opts: &BenchOptions) -> anyhow::Result<()> {
              where the probes run; steal is CPU time the hypervisor gave to other guests; idle \
              is CPU time no thread wanted (wrk and the server waiting on each other); IPIs are \
              the machine's inter-processor interrupts per request served, mostly wakeups of a \
-             thread asleep on the other CPU.",
+             thread asleep on the other CPU. The agent's RSS counts the 16 MiB ring buffer twice \
+             (its pages are mapped twice in a row, so that a record is read across the end): \
+             32 MiB of it are the kernel's pages, there whether the agent runs or not.",
             untraced_rps.iter().copied().fold(f64::INFINITY, f64::min),
             untraced_rps.iter().copied().fold(0.0, f64::max),
         )?;
