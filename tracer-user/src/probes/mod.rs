@@ -526,11 +526,10 @@ impl Probes {
 
     /// Takes client connections that turned out to need no injection (another protocol than
     /// HTTP/1.x, TLS, or requests with their own context) out of the socket map. A socket in
-    /// the map sends
-    /// through the kernel's sk_msg path, which copies every send into a message for the program
-    /// (about 1 µs a send here, several times the program's own cost): nothing to inject into
-    /// is no reason to pay it. Connections not in the map (servers' own, filtered destinations)
-    /// are simply not found.
+    /// the map sends through the kernel's sk_msg path, which copies every send into a message
+    /// for the program (about 1 µs a send here, several times the program's own cost): nothing
+    /// to inject into is no reason to pay it. Connections not in the map (servers' own,
+    /// filtered destinations) are simply not found.
     pub fn stop_injecting(&mut self, conns: &[(SocketAddr, SocketAddr)]) {
         let Some(map) = self.inject_sockets.as_mut() else {
             return;
