@@ -7,6 +7,7 @@ Usage: inject_client.py PORT GO_FILE
 import hashlib
 import json
 import os
+import select
 import socket
 import sys
 import time
@@ -69,6 +70,21 @@ def main():
     s.sendall(head + body)
     results["large"] = json.loads(read_response(f)[1])
     results["large"]["sent_sha256"] = hashlib.sha256(body).hexdigest()
+
+    # The same from a non-blocking socket, as an event loop sends: partial sends, waits for
+    # room, the rest of the message next time.
+    body = os.urandom(2 << 20)
+    data = b"POST /inspect HTTP/1.1\r\nHost: t\r\nX-Case: nonblocking\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+    s.setblocking(False)
+    view = memoryview(data)
+    while view:
+        try:
+            view = view[s.send(view):]
+        except BlockingIOError:
+            select.select([], [s], [], 1.0)
+    s.setblocking(True)
+    results["nonblocking"] = json.loads(read_response(f)[1])
+    results["nonblocking"]["sent_sha256"] = hashlib.sha256(body).hexdigest()
     s.close()
 
     # Nagle's algorithm left on (the socket default, which Java's and many other clients keep):

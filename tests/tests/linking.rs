@@ -203,7 +203,8 @@ fn incoming_context_is_joined() {
 
 /// The trace context header the kernel writes never corrupts a request: a head split over
 /// several writes and a request that already has a context are left alone, only the first of
-/// pipelined requests gets one, 40 KB and 1 MiB bodies arrive intact, and the ids written are
+/// pipelined requests gets one, 40 KB and 1 MiB bodies arrive intact (and 2 MiB sent from a
+/// non-blocking socket in partial sends), and the ids written are
 /// those of the exported client spans. Nor does it delay one: a client that leaves Nagle's
 /// algorithm on gets its answers as fast as without the header (a request sent as two
 /// segments waited for a delayed ACK, about 40 ms, each).
@@ -238,7 +239,7 @@ fn injection_never_corrupts_requests() {
     let status = client.0.wait().unwrap();
     assert!(status.success(), "client failed: {out}");
     let results: Value = serde_json::from_str(out.trim()).expect("client results");
-    let spans = collector.wait_for_spans(31, Duration::from_secs(10));
+    let spans = collector.wait_for_spans(32, Duration::from_secs(10));
     let stopped = tracer.stop();
     assert!(stopped.status.success(), "{}", stopped.stderr);
 
@@ -251,7 +252,16 @@ fn injection_never_corrupts_requests() {
             .map(|h| h[1].as_str().unwrap().to_string())
             .collect()
     };
-    for case in ["plain", "split", "pipe1", "pipe2", "own", "large", "medium"] {
+    for case in [
+        "plain",
+        "split",
+        "pipe1",
+        "pipe2",
+        "own",
+        "large",
+        "nonblocking",
+        "medium",
+    ] {
         assert_eq!(
             header(case, "x-case"),
             vec![case.to_string()],
@@ -260,8 +270,8 @@ fn injection_never_corrupts_requests() {
         assert_eq!(header(case, "host"), vec!["t".to_string()], "{case}");
     }
     let client_spans: Vec<&Value> = spans.iter().filter(|s| s["kind"] == "CLIENT").collect();
-    assert_eq!(client_spans.len(), 31, "{spans:#?}");
-    for case in ["plain", "pipe1", "large", "medium"] {
+    assert_eq!(client_spans.len(), 32, "{spans:#?}");
+    for case in ["plain", "pipe1", "large", "nonblocking", "medium"] {
         let tp = header(case, "traceparent");
         assert_eq!(
             tp.len(),
@@ -297,6 +307,11 @@ fn injection_never_corrupts_requests() {
         "the body arrives intact"
     );
     assert_eq!(results["plain"]["request_line"], "GET /inspect HTTP/1.1");
+    assert_eq!(results["nonblocking"]["body_len"], 2 << 20);
+    assert_eq!(
+        results["nonblocking"]["body_sha256"], results["nonblocking"]["sent_sha256"],
+        "the body sent in pieces arrives intact"
+    );
     assert_eq!(results["medium"]["body_len"], 40000);
     assert_eq!(
         results["medium"]["body_sha256"], results["medium"]["sent_sha256"],
