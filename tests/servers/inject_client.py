@@ -77,7 +77,10 @@ def main():
     data = b"POST /inspect HTTP/1.1\r\nHost: t\r\nX-Case: nonblocking\r\nContent-Length: %d\r\n\r\n" % len(body) + body
     s.setblocking(False)
     view = memoryview(data)
+    deadline = time.monotonic() + 30
     while view:
+        if time.monotonic() > deadline:
+            sys.exit("the non-blocking send made no progress for 30 s")
         try:
             view = view[s.send(view):]
         except BlockingIOError:
