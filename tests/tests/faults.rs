@@ -26,19 +26,18 @@ fn collector_faults_do_not_lose_queued_spans() {
 
     // Down at start: every POST fails (500), capture goes on.
     collector.set_fault("500", 0);
-    let tracer = Tracer::start(&[
-        "attach",
-        "--pid",
+    let tracer = Tracer::attach_exporting(
         &pid,
-        "--zipkin",
         &collector.url(),
-        "--flush-interval-ms",
-        "100",
-        "--batch-size",
-        "10",
-        "--stats-interval",
-        "1",
-    ]);
+        &[
+            "--flush-interval-ms",
+            "100",
+            "--batch-size",
+            "10",
+            "--stats-interval",
+            "1",
+        ],
+    );
     send(&server, 20);
     std::thread::sleep(Duration::from_millis(800));
     assert!(
@@ -98,19 +97,18 @@ fn a_full_queue_drops_and_counts() {
     let server = PythonServer::start();
     let pid = server.pid().to_string();
     collector.set_fault("503", 0);
-    let tracer = Tracer::start(&[
-        "attach",
-        "--pid",
+    let tracer = Tracer::attach_exporting(
         &pid,
-        "--zipkin",
         &collector.url(),
-        "--flush-interval-ms",
-        "100",
-        "--batch-size",
-        "5",
-        "--queue-size",
-        "10",
-    ]);
+        &[
+            "--flush-interval-ms",
+            "100",
+            "--batch-size",
+            "5",
+            "--queue-size",
+            "10",
+        ],
+    );
     send(&server, 50);
     std::thread::sleep(Duration::from_millis(500));
     collector.set_fault("none", 0);
@@ -306,17 +304,11 @@ fn busy_cpus_do_not_starve_capture() {
     let collector = Collector::start();
     let server = PythonServer::start();
     let pid = server.pid().to_string();
-    let tracer = Tracer::start(&[
-        "attach",
-        "--pid",
+    let tracer = Tracer::attach_exporting(
         &pid,
-        "--zipkin",
         &collector.url(),
-        "--flush-interval-ms",
-        "100",
-        "--capture-priority",
-        "idle",
-    ]);
+        &["--flush-interval-ms", "100", "--capture-priority", "idle"],
+    );
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     while sched_policy(tracer.pid(), tracer.pid()) != Some(SCHED_IDLE) {
         assert!(

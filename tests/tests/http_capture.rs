@@ -45,19 +45,18 @@ fn attach_traces_python_keepalive_server() {
     assert_eq!(early.get("/hello").status, 200, "request before attach");
 
     let pid = server.pid().to_string();
-    let tracer = Tracer::start(&[
-        "attach",
-        "--pid",
+    let tracer = Tracer::attach_exporting(
         &pid,
-        "--zipkin",
         &collector.url(),
-        "--service-name",
-        "cats-api",
-        "--flush-interval-ms",
-        "200",
-        "--capture-bytes",
-        "512",
-    ]);
+        &[
+            "--service-name",
+            "cats-api",
+            "--flush-interval-ms",
+            "200",
+            "--capture-bytes",
+            "512",
+        ],
+    );
 
     // The first span must reach the collector quickly.
     let first = early.get("/hello");
@@ -306,15 +305,7 @@ fn unreachable_collector_does_not_block_capture() {
     let server = PythonServer::start();
     let dead = format!("http://127.0.0.1:{}", tracer_e2e::free_port());
     let pid = server.pid().to_string();
-    let tracer = Tracer::start(&[
-        "attach",
-        "--pid",
-        &pid,
-        "--zipkin",
-        &dead,
-        "--flush-interval-ms",
-        "100",
-    ]);
+    let tracer = Tracer::attach_exporting(&pid, &dead, &["--flush-interval-ms", "100"]);
     let mut c = Client::connect(server.port);
     for _ in 0..20 {
         assert_eq!(c.get("/hello").status, 200);

@@ -118,15 +118,7 @@ fn incoming_context_is_joined() {
     let collector = Collector::start();
     let server = PythonServer::start();
     let pid = server.pid().to_string();
-    let tracer = Tracer::start(&[
-        "attach",
-        "--pid",
-        &pid,
-        "--zipkin",
-        &collector.url(),
-        "--flush-interval-ms",
-        "200",
-    ]);
+    let tracer = Tracer::attach_exporting(&pid, &collector.url(), &["--flush-interval-ms", "200"]);
     // Each piece is one write; a pause between pieces makes the server read them apart, as
     // it would from a client that sends its headers in several writes.
     let send = |pieces: &[&str]| {
@@ -224,15 +216,7 @@ fn injection_never_corrupts_requests() {
         .expect("start the injection client");
     let mut client = tracer_e2e::ChildGuard(client);
     let pid = client.0.id().to_string();
-    let tracer = Tracer::start(&[
-        "attach",
-        "--pid",
-        &pid,
-        "--zipkin",
-        &collector.url(),
-        "--flush-interval-ms",
-        "200",
-    ]);
+    let tracer = Tracer::attach_exporting(&pid, &collector.url(), &["--flush-interval-ms", "200"]);
     std::fs::write(&go, b"go").unwrap();
     let mut out = String::new();
     std::io::Read::read_to_string(client.0.stdout.as_mut().unwrap(), &mut out).unwrap();
@@ -373,15 +357,7 @@ print(json.dumps({{"before": before, "after": after}}), flush=True)
     // Let it connect and finish its first request before the tracer exists.
     std::thread::sleep(Duration::from_millis(500));
     let pid = client.0.id().to_string();
-    let tracer = Tracer::start(&[
-        "attach",
-        "--pid",
-        &pid,
-        "--zipkin",
-        &collector.url(),
-        "--flush-interval-ms",
-        "200",
-    ]);
+    let tracer = Tracer::attach_exporting(&pid, &collector.url(), &["--flush-interval-ms", "200"]);
     std::fs::write(&go, b"go").unwrap();
     let out = common::client_output(&mut client);
     let results: Value = serde_json::from_str(out.trim()).unwrap();

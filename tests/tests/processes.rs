@@ -61,15 +61,11 @@ fn spans_across_exec(keep_connection: bool) -> Vec<(String, String)> {
     let port = free_port();
     let server = start_server(Path::new(&python()), port, Some(&catserver));
     let pid = server.0.id();
-    let tracer = Tracer::start(&[
-        "attach",
-        "--pid",
+    let tracer = Tracer::attach_exporting(
         &pid.to_string(),
-        "--zipkin",
         &collector.url(),
-        "--flush-interval-ms",
-        "200",
-    ]);
+        &["--flush-interval-ms", "200"],
+    );
     let mut client = Client::connect(port);
     assert_eq!(client.get("/hello").status, 200);
     let route = if keep_connection {

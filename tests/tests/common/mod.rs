@@ -105,6 +105,14 @@ impl Tracer {
         Tracer::start(&args)
     }
 
+    /// `tracer attach --pid PID --zipkin ZIPKIN` with `extra` arguments: how the tests that
+    /// watch one process and read its spans back run it.
+    pub fn attach_exporting(pid: &str, zipkin: &str, extra: &[&str]) -> Tracer {
+        let mut args = vec!["attach", "--pid", pid, "--zipkin", zipkin];
+        args.extend_from_slice(extra);
+        Tracer::start(&args)
+    }
+
     /// `start` with extra environment variables.
     pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Tracer {
         let mut child = Command::new(tracer_bin())
