@@ -19,6 +19,12 @@
 //! waiting for a response: matching them to later responses would report wrong statuses.
 //! Bytes the tracer missed (lost events) make a counted body swallow what follows; a status line
 //! at a segment start after the peer already sent its next request ends such a response.
+//!
+//! When the tracer knows it stopped capturing for a while, it says so (`gap`): both directions
+//! then drop to `Desync` at once, rather than a counted body swallowing whatever comes next,
+//! and every request waiting for a response is dropped. A response that comes before any request
+//! seen after the gap answers one sent during it: it is framed but reported for nothing. Only a
+//! client that pipelines across the gap can still get a request paired with another's response.
 
 use std::{borrow::Cow, collections::VecDeque, mem::MaybeUninit};
 
@@ -344,6 +350,35 @@ impl Http1Conn {
             Role::Response
         };
         self.walk(role, seg, out);
+    }
+
+    /// Bytes in both directions went unseen since the last segment (the tracer stopped capturing
+    /// for a while). Requests waiting for a response are dropped, since their outcome is unknown,
+    /// and each direction resyncs at the first segment that starts like a message again.
+    /// Returns how many unfinished requests were dropped.
+    pub fn gap(&mut self) -> usize {
+        // Searching, nothing is held and nothing is waiting: the search goes on at the next
+        // request line, with its budget untouched (the gap says nothing for or against HTTP).
+        // A connection found not to carry HTTP, or upgraded away from it, stays so.
+        if !matches!(self.mode, Mode::Active) {
+            return 0;
+        }
+        // A response under way is dropped too: its end, and for an interim one its final
+        // status, went by unseen.
+        let dropped = self.pending.len();
+        self.pending.clear();
+        for role in [Role::Request, Role::Response] {
+            // Whatever message was under way ended (or not) in the unseen bytes, so no count or
+            // buffered head from before the gap may frame what comes after it.
+            self.reset_stream(role);
+            let stream = self.stream(role);
+            stream.state = State::Desync;
+            // As after attaching: until a head is parsed again, the stream may be inside a
+            // message that began unseen.
+            stream.in_sync = false;
+        }
+        release(&mut self.scratch);
+        dropped
     }
 
     /// The connection closed (`reset` for ECONNRESET/EPIPE-like ends): a response framed by the
@@ -2056,6 +2091,305 @@ mod tests {
         assert_eq!(r.conn.pending.len(), MAX_PENDING);
         r.close(2000, false);
         assert_eq!(r.out.len(), MAX_PENDING);
+    }
+
+    #[test]
+    fn gap_between_exchanges_changes_nothing() {
+        let mut r = Run::default();
+        r.feed(seg(IN, 1, GET)).feed(seg(EG, 2, OK2));
+        assert_eq!(r.conn.gap(), 0);
+        r.feed(seg(IN, 10, GET_B)).feed(seg(EG, 11, OK2));
+        assert_eq!(r.targets(), ["/a", "/b"]);
+        assert_eq!(r.statuses(), [Some(200), Some(200)]);
+        let e = &r.out[1];
+        assert_eq!(
+            (
+                e.side,
+                e.req_start_ns,
+                e.resp_start_ns,
+                e.end_ns,
+                e.resp_bytes
+            ),
+            (Side::Server, 10, Some(11), 11, OK2.len() as u64)
+        );
+    }
+
+    #[test]
+    fn gap_drops_requests_whose_response_went_unseen() {
+        let mut r = Run::default();
+        r.feed(seg(EG, 1, GET));
+        assert_eq!(r.conn.gap(), 1);
+        r.feed(seg(EG, 10, GET_B)).feed(seg(
+            IN,
+            11,
+            b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n",
+        ));
+        assert_eq!(r.targets(), ["/b"]);
+        assert_eq!(r.statuses(), [Some(404)]);
+        assert_eq!(
+            (r.out[0].req_start_ns, r.out[0].resp_start_ns),
+            (10, Some(11))
+        );
+        // A response cut by the gap is dropped as well: where it ended went unseen.
+        r.feed(seg(EG, 20, GET)).feed(seg(
+            IN,
+            21,
+            b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nfirst",
+        ));
+        assert_eq!(r.conn.gap(), 1);
+        r.feed(seg(EG, 30, GET_B)).feed(seg(IN, 31, OK2));
+        assert_eq!(r.targets(), ["/b", "/b"]);
+        assert_eq!(
+            (r.out[1].req_start_ns, r.out[1].resp_bytes),
+            (30, OK2.len() as u64)
+        );
+    }
+
+    #[test]
+    fn gap_ending_inside_a_message_skips_to_the_next_head() {
+        // Client side: the rest of a response body comes first.
+        let mut r = Run::default();
+        r.feed(seg(EG, 1, GET)).feed(seg(IN, 2, OK2));
+        r.conn.gap();
+        r.feed(seg(IN, 10, b"tail of a page</html>\r\n"))
+            .feed(seg(EG, 11, GET_B))
+            .feed(seg(IN, 12, OK2));
+        assert_eq!(r.targets(), ["/a", "/b"]);
+        assert_eq!(r.out[1].resp_start_ns, Some(12));
+        // Server side: the rest of a request body, the response to it, the next exchange.
+        let mut r = Run::default();
+        r.feed(seg(IN, 1, GET)).feed(seg(EG, 2, OK2));
+        r.conn.gap();
+        r.feed(seg(IN, 10, b"\"items\": [1, 2, 3]}"))
+            .feed(seg(
+                EG,
+                11,
+                b"HTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\n",
+            ))
+            .feed(seg(IN, 12, GET_B))
+            .feed(seg(EG, 13, OK2));
+        assert_eq!(r.targets(), ["/a", "/b"]);
+        assert_eq!(r.statuses(), [Some(200), Some(200)]);
+        assert_eq!((r.out[1].req_start_ns, r.out[1].end_ns), (12, 13));
+    }
+
+    #[test]
+    fn response_to_a_request_sent_during_a_gap_is_not_reported() {
+        let mut r = Run::default();
+        r.feed(seg(EG, 1, GET)).feed(seg(IN, 2, OK2));
+        r.conn.gap();
+        // Its body comes in a later read, and is not taken for anything else.
+        r.feed(seg(
+            IN,
+            10,
+            b"HTTP/1.1 500 Oops\r\nContent-Length: 12\r\n\r\nbad",
+        ))
+        .feed(seg(IN, 11, b" request!"))
+        .feed(seg(EG, 12, GET_B))
+        .feed(seg(IN, 13, OK2));
+        assert_eq!(r.targets(), ["/a", "/b"]);
+        assert_eq!(r.statuses(), [Some(200), Some(200)]);
+        assert_eq!(
+            (r.out[1].resp_start_ns, r.out[1].resp_bytes),
+            (Some(13), OK2.len() as u64)
+        );
+    }
+
+    #[test]
+    fn gap_while_searching_or_given_up_changes_nothing() {
+        let mut r = Run::default();
+        assert_eq!(r.conn.gap(), 0);
+        // Body bytes of a connection attached mid-stream, gaps in between: still searching.
+        for ts in 0..u64::from(SEARCH_MAX_SEGMENTS) - 1 {
+            r.feed(seg(IN, ts, b"<p>some page</p>"));
+            assert_eq!(r.conn.gap(), 0);
+            assert!(r.conn.is_searching() && !r.conn.is_not_http());
+        }
+        r.feed(seg(EG, 20, GET)).feed(seg(IN, 21, OK2));
+        assert_eq!(r.targets(), ["/a"]);
+        // Upgraded away from HTTP/1.x: it stays so.
+        r.feed(seg(EG, 30, GET)).feed(seg(
+            IN,
+            31,
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n",
+        ));
+        assert!(r.conn.is_not_http());
+        assert_eq!(r.conn.gap(), 0);
+        assert!(r.conn.is_not_http());
+        r.feed(seg(EG, 40, GET)).feed(seg(IN, 41, OK2));
+        assert_eq!(r.out.len(), 2);
+    }
+
+    #[test]
+    fn keepalive_and_pipelining_survive_repeated_gaps() {
+        let mut r = Run::default();
+        for round in 0..4u64 {
+            let ts = 100 * round;
+            r.feed(seg(EG, ts + 1, &[GET, GET_B].concat()))
+                .feed(seg(IN, ts + 2, &[OK2, CHUNKED].concat()))
+                .feed(seg(EG, ts + 3, GET))
+                .feed(seg(IN, ts + 4, OK2));
+            assert_eq!(r.conn.gap(), 0);
+        }
+        assert_eq!(r.out.len(), 12);
+        assert_eq!(r.targets()[..3], ["/a", "/b", "/a"]);
+        // A gap inside a pipeline: the request whose response it hid is dropped.
+        let mut r = Run::default();
+        r.feed(seg(EG, 1, &[GET, GET_B].concat()))
+            .feed(seg(IN, 2, OK2));
+        assert_eq!(r.conn.gap(), 1);
+        r.feed(seg(EG, 10, b"GET /c HTTP/1.1\r\n\r\n"))
+            .feed(seg(IN, 11, OK2));
+        assert_eq!(r.targets(), ["/a", "/c"]);
+        // A chunked response cut by a gap: the rest of it, ending like a chunked body, then the
+        // next exchange, which it must not swallow.
+        r.feed(seg(EG, 20, GET)).feed(seg(
+            IN,
+            21,
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n100\r\nqqqq",
+        ));
+        assert_eq!(r.conn.gap(), 1);
+        r.feed(seg(IN, 30, b"qqqq\r\n0\r\n\r\n"))
+            .feed(seg(EG, 31, GET_B))
+            .feed(seg(IN, 32, OK2));
+        assert_eq!(r.targets(), ["/a", "/c", "/b"]);
+        assert_eq!(
+            (r.out[2].resp_start_ns, r.out[2].resp_bytes),
+            (Some(32), OK2.len() as u64)
+        );
+    }
+
+    #[test]
+    fn gap_forgets_partial_heads() {
+        let mut r = Run::default();
+        r.feed(seg(EG, 1, GET))
+            .feed(seg(IN, 2, b"HTTP/1.1 200 OK\r\nContent-Le"));
+        assert!(r.conn.buffered_bytes() > 0);
+        assert_eq!(r.conn.gap(), 1);
+        assert_eq!(r.conn.buffered_bytes(), 0);
+        // The rest of that head is not taken for a head.
+        r.feed(seg(IN, 10, b"ngth: 2\r\n\r\nok"))
+            .feed(seg(EG, 11, GET_B))
+            .feed(seg(IN, 12, OK2));
+        assert_eq!(r.targets(), ["/b"]);
+        r.feed(seg(EG, 20, b"GET /c HTTP/1.1\r\nHo"));
+        assert!(r.conn.buffered_bytes() > 0);
+        assert_eq!(r.conn.gap(), 0);
+        assert_eq!(r.conn.buffered_bytes(), 0);
+        r.feed(seg(EG, 30, b"st: x\r\n\r\n"))
+            .feed(seg(EG, 31, GET))
+            .feed(seg(IN, 32, OK2));
+        assert_eq!(r.targets(), ["/b", "/a"]);
+    }
+
+    /// A keep-alive conversation (either side, no pipelining) cut into random syscalls, with gaps
+    /// at random points that also hide a few syscalls. Exactly the exchanges none of whose
+    /// bytes were hidden, and with no gap between their first and last byte, are reported,
+    /// each with its own response.
+    #[test]
+    fn random_gaps_report_exactly_the_untouched_exchanges() {
+        let mut rng = Rng(0x6a09_e667_f3bc_c908);
+        for round in 0..300 {
+            let server = round % 2 == 1;
+            let (req_dir, resp_dir) = if server { (IN, EG) } else { (EG, IN) };
+            let mut conn = Http1Conn::new();
+            let mut out = Vec::new();
+            let mut ts = 0u64;
+            // Per exchange: target, response bytes, first and last response syscall time, and
+            // whether a gap touched it.
+            let mut expect: Vec<(String, u64, u64, u64, bool)> = Vec::new();
+            let mut gap_pending = false;
+            for i in 0..40 {
+                let target = format!("/r{i}");
+                let req = if rng.below(3) == 0 {
+                    let body = vec![b'x'; 1 + rng.below(300)];
+                    [
+                        format!(
+                            "POST {target} HTTP/1.1\r\nHost: h\r\nContent-Length: {}\r\n\r\n",
+                            body.len()
+                        )
+                        .into_bytes(),
+                        body,
+                    ]
+                    .concat()
+                } else {
+                    format!("GET {target} HTTP/1.1\r\nHost: h\r\n\r\n").into_bytes()
+                };
+                let body = vec![b'y'; rng.below(400)];
+                let resp = if rng.below(2) == 0 {
+                    [
+                        format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", body.len())
+                            .into_bytes(),
+                        body,
+                    ]
+                    .concat()
+                } else {
+                    let mut r = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+                    if !body.is_empty() {
+                        r.extend(format!("{:x}\r\n", body.len()).as_bytes());
+                        r.extend(&body);
+                        r.extend(b"\r\n");
+                    }
+                    r.extend(b"0\r\n\r\n");
+                    r
+                };
+                let mut touched = false;
+                let (mut first, mut last) = (0, 0);
+                for (dir, msg, is_resp) in [(req_dir, &req, false), (resp_dir, &resp, true)] {
+                    let mut at = 0;
+                    while at < msg.len() {
+                        // The first syscall of a message holds the start of its first line: a
+                        // stream out of sync resyncs at a syscall that starts like a head.
+                        let min = if at == 0 { 16 } else { 1 };
+                        let end = (at + min + rng.below(msg.len())).min(msg.len());
+                        // A gap starts before this syscall now and then, hiding a few.
+                        if !gap_pending && rng.below(12) == 0 {
+                            gap_pending = true;
+                        }
+                        ts += 10;
+                        let hidden = gap_pending && rng.below(2) == 0;
+                        if gap_pending && !hidden {
+                            conn.gap();
+                            gap_pending = false;
+                            // A gap before the request's first byte touches nothing.
+                            touched |= is_resp || at > 0;
+                        }
+                        if hidden {
+                            touched = true;
+                        } else {
+                            conn.feed(&seg(dir, ts, &msg[at..end]), &mut out);
+                        }
+                        if is_resp {
+                            if at == 0 {
+                                first = ts;
+                            }
+                            last = ts;
+                        }
+                        at = end;
+                    }
+                }
+                expect.push((target, resp.len() as u64, first, last, touched));
+            }
+            let want: Vec<_> = expect
+                .iter()
+                .filter(|x| !x.4)
+                .map(|x| (x.0.clone(), Some(200), x.1, Some(x.2), x.3))
+                .collect();
+            let got: Vec<_> = out
+                .iter()
+                .map(|e| {
+                    (
+                        e.target().to_owned(),
+                        e.status,
+                        e.resp_bytes,
+                        e.resp_start_ns,
+                        e.end_ns,
+                    )
+                })
+                .collect();
+            assert_eq!(got, want, "round {round}");
+            assert!(!conn.is_not_http(), "round {round}");
+        }
     }
 
     /// xorshift64*: deterministic, no dependency.

@@ -71,6 +71,16 @@
 //! paired with the first request we saw only if the client pipelined and the reply has the
 //! shape that request expects.
 //!
+//! When the tracer knows it stopped capturing for a while (`gap`), both directions lose framing
+//! at once: every waiting unit is dropped (`Sync::Desync`, no `blind`: where the response under
+//! way ended went unseen) and the backend is taken to be idle (`after_gap`): a client that waits
+//! for ReadyForQuery writes again only once it has read every earlier response. Since that is
+//! assumed rather than seen, the first write resyncs only if its own bytes show frontend
+//! messages (the rest of a message begun during the gap must not pass for one); response bytes
+//! seen first decide idleness as above instead. The unnamed statement and portal are forgotten,
+//! being redefined all the time and so most likely during the gap. A gap before the startup
+//! packet (after SSLRequest) starts detection over, as TLS may follow.
+//!
 //! Memory is bounded per connection: `MAX_UNITS` waiting units (deeper pipelines are counted,
 //! not kept: `Unit::Overflow`), `MAX_STATEMENTS` prepared statements and `MAX_PORTALS`
 //! portals of at most `MAX_STATEMENT` normalized bytes, one message prefix per direction.
@@ -790,6 +800,8 @@ pub struct PgConn {
     /// The last response syscall ended with a ReadyForQuery and the client wrote nothing
     /// since: the backend is idle.
     quiet: bool,
+    /// A gap was reported and nothing was seen since: the backend is assumed idle (see `gap`).
+    after_gap: bool,
     blind: Option<Blind>,
     group: ReqGroup,
     acc: RespAcc,
@@ -891,6 +903,7 @@ impl PgConn {
             units: VecDeque::new(),
             sync: Sync::InSync,
             quiet: true,
+            after_gap: false,
             blind: None,
             group: ReqGroup::default(),
             acc: RespAcc::default(),
@@ -916,6 +929,49 @@ impl PgConn {
             Mode::Searching { .. } => self.search(seg, out),
             Mode::Active => self.dispatch(seg, out),
         }
+    }
+
+    /// Bytes in both directions went unseen since the last segment (the tracer stopped capturing
+    /// for a while). Requests waiting for a response are dropped, since their outcome is unknown,
+    /// and each direction resyncs at the first segment that starts like a message again.
+    /// Returns how many unfinished requests were dropped.
+    pub fn gap(&mut self) -> usize {
+        match self.mode {
+            Mode::NotPostgres => return 0,
+            Mode::Searching { .. } => {
+                // The gathered start of a message split across syscalls does not go on after
+                // unseen bytes. The search budget is left as it is: the gap says nothing about
+                // the protocol.
+                self.probe = Probe::default();
+                return 0;
+            }
+            Mode::Active => {}
+        }
+        let dropped = self.units.iter().filter(|u| u.reported().is_some()).count()
+            + usize::from(self.blind.is_some());
+        if self.req.untyped {
+            // The startup packet was still to come, and the answer to an SSLRequest may have
+            // gone unseen: the connection may be encrypted now. Detect it again (TLS gives up
+            // at once, a startup packet or queries start matching).
+            *self = Self::new();
+            return dropped;
+        }
+        // Pairing is off until the backend is known idle, as after any loss; once the startup
+        // packet was seen, later traffic is queries whatever happened during the gap.
+        self.desync();
+        self.group = ReqGroup::default();
+        // Neither stream is at a known message boundary: the framers resync in `resync`.
+        self.req.reset();
+        self.req.state = FState::Lost;
+        self.resp.reset();
+        self.resp.state = FState::Lost;
+        // A client that waits for ReadyForQuery writes again only once the backend is idle;
+        // `walk_requests` checks that its write starts like messages.
+        self.quiet = false;
+        self.after_gap = true;
+        self.statements.remove(b"");
+        self.portals.remove(b"");
+        dropped
     }
 
     /// The connection closed: exchanges still waiting end as [`Outcome::Closed`]. The one
@@ -1045,11 +1101,12 @@ impl PgConn {
         if self.needs_resync() {
             let at_start = match self.req.state {
                 // The backend is idle, so the client's write starts a message: only bytes
-                // that cannot be one are refused (a short head may be all there is).
-                FState::Lost => midstream_verdict(head, true) != Verdict::No,
+                // that cannot be one are refused (a short head may be all there is). After a
+                // gap that is only assumed: the bytes must show messages by themselves.
+                FState::Lost => midstream_verdict(head, !self.after_gap) != Verdict::No,
                 _ => self.req.at_boundary(),
             };
-            if self.quiet && at_start {
+            if (self.quiet || self.after_gap) && at_start {
                 self.resync(out);
             } else if let Sync::Desync { exact } = &mut self.sync {
                 // New requests: the ReadyForQuery count is no longer known.
@@ -1057,6 +1114,7 @@ impl PgConn {
             }
         }
         self.quiet = false;
+        self.after_gap = false;
         if self.req.state == FState::Lost {
             self.copy_bytes(seg.len, seg.ts_ns);
             return;
@@ -1378,6 +1436,8 @@ impl PgConn {
         if !matches!(self.mode, Mode::Active) {
             return;
         }
+        // What the responses show replaces what the gap made us assume.
+        self.after_gap = false;
         self.quiet = if self.resp.state == FState::Lost {
             tail_is_ready(seg)
         } else {
@@ -2341,5 +2401,377 @@ mod tests {
         assert_eq!(out.len(), 5002);
         assert_eq!(out[5000].statement, "SELECT ?");
         assert_eq!(out[5001].statement, "EXECUTE stmt1");
+    }
+
+    fn response(rows: usize) -> Vec<u8> {
+        let mut r = msg(b'T', b"\x00\x00");
+        for _ in 0..rows {
+            r.extend(msg(b'D', b"\x00\x01\x00\x00\x00\x03abc"));
+        }
+        r.extend(msg(b'C', format!("SELECT {rows}\x00").as_bytes()));
+        r.extend_from_slice(READY);
+        r
+    }
+
+    /// (statement, request start, response start, end) of each exchange.
+    fn summary(out: &[DbExchange]) -> Vec<(&str, u64, Option<u64>, u64)> {
+        out.iter()
+            .map(|e| {
+                (
+                    e.statement.as_str(),
+                    e.req_start_ns,
+                    e.resp_start_ns,
+                    e.end_ns,
+                )
+            })
+            .collect()
+    }
+
+    const EG: Direction = Direction::Egress;
+    const IN: Direction = Direction::Ingress;
+
+    #[test]
+    fn gap_between_exchanges_changes_nothing() {
+        let (mut conn, mut out) = started();
+        conn.feed(&fixture::seg(EG, 10, &q("SELECT 1")), &mut out);
+        conn.feed(&fixture::seg(IN, 11, &response(1)), &mut out);
+        assert_eq!(conn.gap(), 0);
+        conn.feed(&fixture::seg(EG, 20, &q("SELECT 2 FROM t")), &mut out);
+        conn.feed(&fixture::seg(IN, 21, &response(2)), &mut out);
+        assert_eq!(
+            summary(&out),
+            [
+                ("SELECT ?", 10, Some(11), 11),
+                ("SELECT ? FROM t", 20, Some(21), 21)
+            ]
+        );
+        assert_eq!(out[1].resp_bytes, response(2).len() as u64);
+        assert_eq!(out[1].target.as_deref(), Some("t"));
+    }
+
+    #[test]
+    fn gap_drops_queries_waiting_for_their_response() {
+        let (mut conn, mut out) = started();
+        conn.feed(&fixture::seg(EG, 10, &q("SELECT 1")), &mut out);
+        assert_eq!(conn.gap(), 1);
+        conn.feed(&fixture::seg(EG, 20, &q("SELECT 2")), &mut out);
+        conn.feed(&fixture::seg(IN, 21, &response(2)), &mut out);
+        assert_eq!(summary(&out), [("SELECT ?", 20, Some(21), 21)]);
+        assert_eq!(out[0].resp_bytes, response(2).len() as u64);
+        // An extended-protocol pipeline whose response the gap cut.
+        let mut group = msg(b'P', b"\x00SELECT 3\x00\x00\x00");
+        group.extend(msg(b'B', b"\x00\x00\x00\x00\x00\x00\x00\x00"));
+        group.extend(msg(b'E', b"\x00\x00\x00\x00\x00"));
+        group.extend(msg(b'S', b""));
+        let two = [group.as_slice(), &group].concat();
+        conn.feed(&fixture::seg(EG, 30, &two), &mut out);
+        let mut partial = msg(b'1', b"");
+        partial.extend(msg(b'2', b""));
+        partial.extend(msg(b'D', b"\x00\x01\x00\x00\x00\x03a"));
+        conn.feed(&fixture::seg(IN, 31, &partial), &mut out);
+        assert_eq!(conn.gap(), 2);
+        conn.feed(&fixture::seg(EG, 40, &q("SELECT 4")), &mut out);
+        conn.feed(&fixture::seg(IN, 41, &response(0)), &mut out);
+        assert_eq!(out.len(), 2);
+        assert_eq!((out[1].req_start_ns, out[1].end_ns), (40, 41));
+    }
+
+    #[test]
+    fn gap_ending_inside_a_message_resyncs_at_the_next_request() {
+        let (mut conn, mut out) = started();
+        conn.feed(&fixture::seg(EG, 10, &q("SELECT 1")), &mut out);
+        conn.feed(&fixture::seg(IN, 11, &response(1)), &mut out);
+        // The rest of a large result, in two reads: the backend is idle once one ends with
+        // ReadyForQuery.
+        conn.gap();
+        let rows = response(50);
+        let (a, b) = rows.split_at(rows.len() / 2);
+        conn.feed(&fixture::seg(IN, 20, &a[7..]), &mut out);
+        conn.feed(&fixture::seg(IN, 21, b), &mut out);
+        conn.feed(&fixture::seg(EG, 22, &q("SELECT 2")), &mut out);
+        conn.feed(&fixture::seg(IN, 23, &response(0)), &mut out);
+        // The rest of a long query text, its response, then the next query.
+        conn.gap();
+        conn.feed(
+            &fixture::seg(EG, 30, b"ERE id = 7 ORDER BY 1\x00"),
+            &mut out,
+        );
+        conn.feed(&fixture::seg(IN, 31, &response(1)), &mut out);
+        conn.feed(&fixture::seg(EG, 32, &q("SELECT 3")), &mut out);
+        conn.feed(&fixture::seg(IN, 33, &response(3)), &mut out);
+        assert_eq!(
+            summary(&out),
+            [
+                ("SELECT ?", 10, Some(11), 11),
+                ("SELECT ?", 22, Some(23), 23),
+                ("SELECT ?", 32, Some(33), 33)
+            ]
+        );
+        assert_eq!(out[2].resp_bytes, response(3).len() as u64);
+    }
+
+    #[test]
+    fn response_to_a_query_sent_during_a_gap_is_not_matched() {
+        let (mut conn, mut out) = started();
+        conn.gap();
+        let mut error = msg(
+            b'E',
+            b"SERROR\x00C42P01\x00Mrelation \"t\" does not exist\x00\x00",
+        );
+        error.extend_from_slice(READY);
+        conn.feed(&fixture::seg(IN, 10, &error), &mut out);
+        conn.feed(&fixture::seg(EG, 11, &q("SELECT 1")), &mut out);
+        conn.feed(&fixture::seg(IN, 12, &response(1)), &mut out);
+        assert_eq!(summary(&out), [("SELECT ?", 11, Some(12), 12)]);
+        assert_eq!(out[0].error, None);
+        assert!(!conn.is_not_postgres());
+    }
+
+    #[test]
+    fn gap_while_searching_or_starting_up_does_not_give_up() {
+        // Fresh, then searching with the start of a message gathered: what follows the gap
+        // does not complete it.
+        let mut conn = PgConn::new();
+        let mut out = Vec::new();
+        assert_eq!(conn.gap(), 0);
+        conn.feed(&fixture::seg(EG, 1, b"Q\x00\x00"), &mut out);
+        assert!(!conn.probe.bytes.is_empty());
+        assert_eq!(conn.gap(), 0);
+        assert!(conn.probe.bytes.is_empty());
+        conn.feed(&fixture::seg(EG, 10, &q("SELECT 1")), &mut out);
+        conn.feed(&fixture::seg(IN, 11, &response(1)), &mut out);
+        assert_eq!(summary(&out), [("SELECT ?", 10, Some(11), 11)]);
+        // Authentication went unseen.
+        let startup = b"\x00\x00\x00\x21\x00\x03\x00\x00user\x00app\x00database\x00appdb\x00\x00";
+        let mut conn = PgConn::new();
+        let mut out = Vec::new();
+        conn.feed(&fixture::seg(EG, 1, startup), &mut out);
+        conn.feed(&fixture::seg(IN, 2, &msg(b'R', &[0, 0, 0, 10])), &mut out);
+        assert_eq!(conn.gap(), 0);
+        assert!(!conn.is_not_postgres());
+        let mut params = msg(b'S', b"TimeZone\x00UTC\x00");
+        params.extend(msg(b'K', &[0; 8]));
+        params.extend_from_slice(READY);
+        conn.feed(&fixture::seg(IN, 10, &params), &mut out);
+        conn.feed(&fixture::seg(EG, 11, &q("SELECT 1")), &mut out);
+        conn.feed(&fixture::seg(IN, 12, &response(1)), &mut out);
+        assert_eq!(summary(&out), [("SELECT ?", 11, Some(12), 12)]);
+        assert!(!conn.is_not_postgres());
+        // The answer to SSLRequest went unseen: queries follow, or TLS.
+        let ssl = b"\x00\x00\x00\x08\x04\xd2\x16/";
+        for tls in [false, true] {
+            let mut conn = PgConn::new();
+            let mut out = Vec::new();
+            conn.feed(&fixture::seg(EG, 1, ssl), &mut out);
+            assert_eq!(conn.gap(), 0);
+            if tls {
+                conn.feed(
+                    &fixture::seg(EG, 10, b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03"),
+                    &mut out,
+                );
+                assert!(conn.is_not_postgres());
+            } else {
+                conn.feed(&fixture::seg(EG, 10, &q("SELECT 1")), &mut out);
+                conn.feed(&fixture::seg(IN, 11, &response(1)), &mut out);
+                assert_eq!(summary(&out), [("SELECT ?", 10, Some(11), 11)]);
+                assert!(!conn.is_not_postgres());
+            }
+        }
+    }
+
+    #[test]
+    fn gap_forgets_the_unnamed_statement_and_partial_messages() {
+        let (mut conn, mut out) = started();
+        let bind_exec = || {
+            let mut m = msg(b'B', b"\x00\x00\x00\x00\x00\x00\x00\x00");
+            m.extend(msg(b'E', b"\x00\x00\x00\x00\x00"));
+            m.extend(msg(b'S', b""));
+            m
+        };
+        let mut first = msg(b'P', b"\x00SELECT 1\x00\x00\x00");
+        first.extend(msg(b'P', b"named\x00SELECT 2\x00\x00\x00"));
+        first.extend(bind_exec());
+        conn.feed(&fixture::seg(EG, 10, &first), &mut out);
+        let answer = |parses: usize| {
+            let mut r = msg(b'1', b"").repeat(parses);
+            r.extend(msg(b'2', b""));
+            r.extend(msg(b'C', b"SELECT 1\x00"));
+            r.extend_from_slice(READY);
+            r
+        };
+        conn.feed(&fixture::seg(IN, 11, &answer(2)), &mut out);
+        // A query cut in the middle of its text, and a response in the middle of a row.
+        conn.feed(
+            &fixture::seg(EG, 12, b"Q\x00\x00\x01\x00SELECT a, b"),
+            &mut out,
+        );
+        conn.feed(
+            &fixture::seg(IN, 13, b"T\x00\x00\x00\x06\x00\x00D\x00\x00\x01\x00"),
+            &mut out,
+        );
+        assert!(!conn.req.keep.is_empty());
+        // The query is not waiting for a response yet: nothing is dropped.
+        assert_eq!(conn.gap(), 0);
+        assert!(conn.req.keep.is_empty() && conn.resp.keep.is_empty());
+        assert!(conn.units.is_empty() && conn.blind.is_none());
+        // The unnamed statement may have been parsed again during the gap; the named one
+        // lives on.
+        conn.feed(&fixture::seg(EG, 20, &bind_exec()), &mut out);
+        conn.feed(&fixture::seg(IN, 21, &answer(0)), &mut out);
+        let mut named = msg(b'B', b"\x00named\x00\x00\x00\x00\x00\x00\x00");
+        named.extend(msg(b'E', b"\x00\x00\x00\x00\x00"));
+        named.extend(msg(b'S', b""));
+        conn.feed(&fixture::seg(EG, 22, &named), &mut out);
+        conn.feed(&fixture::seg(IN, 23, &answer(0)), &mut out);
+        let st: Vec<_> = out.iter().map(|e| e.statement.as_str()).collect();
+        assert_eq!(st, ["SELECT ?", "EXECUTE", "SELECT ?"]);
+    }
+
+    /// A conversation without pipelining of simple queries and extended-protocol groups, cut into
+    /// random syscalls, with gaps at random points that also hide a few syscalls. Every
+    /// exchange untouched by gaps is reported exactly; every one reported has its own response
+    /// (one whose request start went unseen may be reported from the part seen, like one seen
+    /// on attaching).
+    #[test]
+    fn random_gaps_never_mis_pair_and_keep_untouched_exchanges() {
+        /// Per exchange: statement, request start and end, bytes, response start and end, bytes,
+        /// whether a gap touched it.
+        #[derive(Debug)]
+        struct Expect {
+            statement: String,
+            req: (u64, u64, u64),
+            resp: (u64, u64, u64),
+            touched: bool,
+        }
+        let mut rng = Rng(0x3c6e_f372_fe94_f82b);
+        for round in 0..300 {
+            let server = round % 2 == 1;
+            let (req_dir, resp_dir) = if server { (IN, EG) } else { (EG, IN) };
+            let (mut conn, mut out) = if server {
+                let mut conn = PgConn::new();
+                let mut out = Vec::new();
+                let startup =
+                    b"\x00\x00\x00\x21\x00\x03\x00\x00user\x00app\x00database\x00appdb\x00\x00";
+                conn.feed(&fixture::seg(IN, 1, startup), &mut out);
+                let mut ok = msg(b'R', &[0, 0, 0, 0]);
+                ok.extend_from_slice(READY);
+                conn.feed(&fixture::seg(EG, 2, &ok), &mut out);
+                (conn, out)
+            } else {
+                started()
+            };
+            let mut ts = 10u64;
+            let mut expect: Vec<Expect> = Vec::new();
+            let mut gap_pending = false;
+            for i in 0..40 {
+                let text = format!("SELECT {i} FROM t{i}");
+                let rows = rng.below(20);
+                let extended = rng.below(2) == 0;
+                let (request, reply, req_bytes, resp_bytes) = if extended {
+                    let mut r = msg(b'P', format!("\x00{text}\x00\x00\x00").as_bytes());
+                    r.extend(msg(b'B', b"\x00\x00\x00\x00\x00\x00\x00\x00"));
+                    r.extend(msg(b'D', b"P\x00"));
+                    r.extend(msg(b'E', b"\x00\x00\x00\x00\x00"));
+                    let req_bytes = r.len();
+                    r.extend(msg(b'S', b""));
+                    let mut a = msg(b'1', b"");
+                    a.extend(msg(b'2', b""));
+                    a.extend(response(rows));
+                    let resp_bytes = a.len() - READY.len();
+                    (r, a, req_bytes, resp_bytes)
+                } else {
+                    let r = q(&text);
+                    let a = response(rows);
+                    let (n, m) = (r.len(), a.len());
+                    (r, a, n, m)
+                };
+                let mut touched = false;
+                let mut times = [(0, 0); 2];
+                for (k, (dir, bytes)) in [(req_dir, &request), (resp_dir, &reply)]
+                    .into_iter()
+                    .enumerate()
+                {
+                    let mut at = 0;
+                    while at < bytes.len() {
+                        // A request's first syscall shows a message start; a response's last
+                        // one holds all of ReadyForQuery: so do real peers, and that is what
+                        // tells where messages start and when the backend is idle.
+                        let min = if k == 0 && at == 0 { 16 } else { 1 };
+                        let mut end = (at + min + rng.below(bytes.len())).min(bytes.len());
+                        if end > bytes.len() - READY.len() && k == 1 {
+                            end = bytes.len();
+                        }
+                        if !gap_pending && rng.below(12) == 0 {
+                            gap_pending = true;
+                        }
+                        ts += 10;
+                        let hidden = gap_pending && rng.below(2) == 0;
+                        if gap_pending && !hidden {
+                            conn.gap();
+                            gap_pending = false;
+                            touched |= k == 1 || at > 0;
+                        }
+                        if hidden {
+                            touched = true;
+                        } else {
+                            conn.feed(&fixture::seg(dir, ts, &bytes[at..end]), &mut out);
+                            assert_bounded(&conn);
+                        }
+                        if at == 0 {
+                            times[k].0 = ts;
+                        }
+                        // An Execute's request and response end before Sync and ReadyForQuery.
+                        let counted = if k == 0 { req_bytes } else { resp_bytes };
+                        if (at..end).contains(&(counted - 1)) {
+                            times[k].1 = ts;
+                        }
+                        at = end;
+                    }
+                }
+                expect.push(Expect {
+                    statement: format!("SELECT ? FROM t{i}"),
+                    req: (times[0].0, times[0].1, req_bytes as u64),
+                    resp: (times[1].0, times[1].1, resp_bytes as u64),
+                    touched,
+                });
+            }
+            for e in &out {
+                let x = expect
+                    .iter()
+                    .find(|x| x.req.1 == e.req_end_ns)
+                    .unwrap_or_else(|| panic!("round {round}: {e:?}"));
+                assert_eq!(
+                    (
+                        e.resp_start_ns,
+                        e.end_ns,
+                        e.resp_bytes,
+                        &e.outcome,
+                        &e.error
+                    ),
+                    (
+                        Some(x.resp.0),
+                        x.resp.1,
+                        x.resp.2,
+                        &Outcome::Complete,
+                        &None
+                    ),
+                    "round {round}: {e:?} {x:?}"
+                );
+                if !x.touched {
+                    assert_eq!(
+                        (e.req_start_ns, e.req_bytes, e.statement.as_str()),
+                        (x.req.0, x.req.2, x.statement.as_str()),
+                        "round {round}: {e:?}"
+                    );
+                }
+            }
+            for x in expect.iter().filter(|x| !x.touched) {
+                assert!(
+                    out.iter().any(|e| e.req_end_ns == x.req.1),
+                    "round {round}: {x:?} not reported"
+                );
+            }
+            assert!(!conn.is_not_postgres(), "round {round}");
+        }
     }
 }

@@ -26,6 +26,14 @@
 //! that were not captured, or skipped while searching) is queued as a marker; when the replies
 //! reach it the reply stream is lost in turn, so the commands before it are still matched. A
 //! reply frame that began while no command was waiting answers none of the later ones.
+//!
+//! When the tracer knows it stopped capturing for a while (`gap`), both directions are lost at
+//! once: the waiting commands are dropped, replies wait for a command written after the gap
+//! (`Sync::Lost`), and commands resync at a syscall that starts like one. Request bytes that
+//! cannot be framed before that are the rest of a command that began unseen; they are queued as
+//! a lost run as usual, unless a reply syscall comes before the next command is written: the
+//! client is then reading their reply, so the next command is matched. After a command that
+//! may stop matching (pub/sub, MONITOR), a gap stops matching, as any loss does.
 
 use std::collections::VecDeque;
 
@@ -281,6 +289,8 @@ pub struct RedisConn {
     /// The command whose reply was under way when the reply stream lost framing: it ends at
     /// the next command or the close.
     blind: Option<Pending>,
+    /// A gap was reported and no command was written since (see `gap`).
+    after_gap: bool,
 }
 
 #[derive(Debug)]
@@ -794,6 +804,7 @@ impl RedisConn {
             resp_orphan: false,
             resp_sync: Sync::InSync,
             blind: None,
+            after_gap: false,
         }
     }
 
@@ -909,6 +920,61 @@ impl RedisConn {
         None
     }
 
+    /// Bytes in both directions went unseen since the last segment (the tracer stopped capturing
+    /// for a while). Requests waiting for a response are dropped, since their outcome is unknown,
+    /// and each direction resyncs at the first segment that starts like a message again.
+    /// Returns how many unfinished requests were dropped.
+    pub fn gap(&mut self) -> usize {
+        match &mut self.mode {
+            // Once given up, or in a message stream, nothing is matched any more.
+            Mode::NotRedis | Mode::Stopped => return 0,
+            Mode::Searching(s) => {
+                // A command start split across syscalls does not go on after unseen bytes. The
+                // last segment skipped was answered (or was an answer) during the gap: a
+                // command found after it is taken to be the oldest waiting, as on attaching.
+                // The search budget is left as it is: the gap says nothing about the protocol.
+                s.probe.clear();
+                s.last_skipped = None;
+                return 0;
+            }
+            Mode::Active => {}
+        }
+        let dropped = self
+            .pending
+            .iter()
+            .filter(|e| matches!(e, Entry::Cmd(_)))
+            .count()
+            + usize::from(self.blind.is_some());
+        let framer = &mut self.req.framer;
+        if let (FState::Bulk { left }, Some(w)) = (framer.state, framer.info.keep_bulk)
+            && left > 2
+        {
+            // The rest of the command's name (or subcommand) went by unseen.
+            framer.info.words[w].cut = true;
+        }
+        if !framer.at_boundary() && may_stop(&framer.info) {
+            self.stopping = true;
+        }
+        if self.stopping {
+            // A command that makes replies stop alternating with commands was written: the
+            // connection may carry a message stream by now, which must not be matched.
+            self.stop();
+            return dropped;
+        }
+        self.pending.clear();
+        self.reported = 0;
+        self.blind = None;
+        self.resp_orphan = false;
+        // Neither stream is at a known frame boundary: commands resync at a syscall that starts
+        // like one, replies once a command was written after the gap.
+        self.req.framer.reset();
+        self.req.framer.state = FState::Invalid;
+        self.resp.framer.reset();
+        self.resp_sync = Sync::Lost { armed: false };
+        self.after_gap = true;
+        dropped
+    }
+
     /// The connection closed: commands still waiting end as [`Outcome::Closed`] (a reply cut
     /// by lost framing ends where it was last seen). The matcher is then back to its initial
     /// state.
@@ -940,6 +1006,7 @@ impl RedisConn {
         if let Sync::Lost { armed: false } = self.resp_sync {
             // Replies to commands from now on come after the replies being skipped.
             self.resp_sync = Sync::Lost { armed: true };
+            self.after_gap = false;
             // The client wrote again, so the reply of unknown length under way is over; it
             // ended with the last reply bytes before.
             if let Some(p) = self.blind.take() {
@@ -1095,6 +1162,12 @@ impl RedisConn {
         match self.resp_sync {
             Sync::InSync => {}
             Sync::Lost { armed: false } => {
+                if self.after_gap {
+                    // The client reads replies before writing a command again: those of the
+                    // commands whose rest it wrote after the gap (queued as `Unknown`, the only
+                    // entry that can wait here) come now, not after its next command.
+                    self.pending.clear();
+                }
                 if let Some(p) = &mut self.blind {
                     p.resp_bytes = p.resp_bytes.saturating_add(seg.len);
                     p.end_ns = seg.ts_ns;
@@ -2049,5 +2122,332 @@ mod tests {
         conn.feed(&fixture::seg(EG, 99, &resp(&[b"PING"])), &mut out);
         conn.feed(&fixture::seg(IN, 100, b"+PONG\r\n"), &mut out);
         assert!(out.is_empty());
+    }
+
+    /// (operation, request start, reply start, reply bytes) of each exchange.
+    fn summary(out: &[DbExchange]) -> Vec<(&str, u64, Option<u64>, u64)> {
+        out.iter()
+            .map(|e| {
+                (
+                    e.operation.as_str(),
+                    e.req_start_ns,
+                    e.resp_start_ns,
+                    e.resp_bytes,
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn gap_between_exchanges_changes_nothing() {
+        let mut conn = RedisConn::new();
+        let mut out = feed_all(
+            &mut conn,
+            &[
+                sys(EG, 1, &resp(&[b"GET", b"a"])),
+                sys(IN, 2, b"$1\r\nv\r\n"),
+            ],
+        );
+        assert_eq!(conn.gap(), 0);
+        out.extend(feed_all(
+            &mut conn,
+            &[
+                sys(EG, 10, &resp(&[b"SET", b"a", b"1"])),
+                sys(IN, 11, b"+OK\r\n"),
+            ],
+        ));
+        assert_eq!(
+            summary(&out),
+            [("GET", 1, Some(2), 7), ("SET", 10, Some(11), 5)]
+        );
+        assert_eq!(out[1].statement, "SET ? ?");
+    }
+
+    #[test]
+    fn gap_drops_commands_waiting_for_their_reply() {
+        let mut conn = RedisConn::new();
+        let mut out = feed_all(&mut conn, &[sys(EG, 1, &resp(&[b"GET", b"a"]))]);
+        assert_eq!(conn.gap(), 1);
+        out.extend(feed_all(
+            &mut conn,
+            &[
+                sys(EG, 10, &resp(&[b"INCR", b"n"])),
+                sys(IN, 11, b":42\r\n"),
+            ],
+        ));
+        assert_eq!(summary(&out), [("INCR", 10, Some(11), 5)]);
+        // Pipelined commands, and a reply cut by the gap.
+        let mut two = resp(&[b"GET", b"a"]);
+        two.extend(resp(&[b"GET", b"b"]));
+        out.extend(feed_all(
+            &mut conn,
+            &[sys(EG, 20, &two), sys(IN, 21, b"$10\r\nvalu")],
+        ));
+        assert_eq!(conn.gap(), 2);
+        out.extend(feed_all(
+            &mut conn,
+            &[sys(EG, 30, &resp(&[b"PING"])), sys(IN, 31, b"+PONG\r\n")],
+        ));
+        assert_eq!(
+            summary(&out),
+            [("INCR", 10, Some(11), 5), ("PING", 30, Some(31), 7)]
+        );
+    }
+
+    #[test]
+    fn gap_ending_inside_a_reply_or_a_command() {
+        let mut conn = RedisConn::new();
+        let mut out = feed_all(
+            &mut conn,
+            &[sys(EG, 1, &resp(&[b"PING"])), sys(IN, 2, b"+PONG\r\n")],
+        );
+        conn.gap();
+        // The rest of a bulk reply (to a command sent during the gap), then an exchange.
+        out.extend(feed_all(
+            &mut conn,
+            &[
+                sys(IN, 10, b"xxxxxxxx\r\n"),
+                sys(EG, 11, &resp(&[b"GET", b"a"])),
+                sys(IN, 12, b"$1\r\nv\r\n"),
+            ],
+        ));
+        conn.gap();
+        // The rest of a command whose start went unseen, its reply, then an exchange.
+        out.extend(feed_all(
+            &mut conn,
+            &[
+                sys(EG, 20, b"yyyyyyyyyyyy\r\n"),
+                sys(IN, 21, b"+OK\r\n"),
+                sys(EG, 22, &resp(&[b"GET", b"b"])),
+                sys(IN, 23, b"$2\r\nvv\r\n"),
+            ],
+        ));
+        assert_eq!(
+            summary(&out),
+            [
+                ("PING", 1, Some(2), 7),
+                ("GET", 11, Some(12), 7),
+                ("GET", 22, Some(23), 8)
+            ]
+        );
+    }
+
+    /// A pipelined batch cut by the gap: the commands after the cut come right after its rest,
+    /// before any reply, so the first reply read answers a command that went unseen.
+    #[test]
+    fn gap_inside_a_pipelined_batch_never_mispairs() {
+        let mut conn = RedisConn::new();
+        let mut out = feed_all(
+            &mut conn,
+            &[sys(EG, 1, &resp(&[b"PING"])), sys(IN, 2, b"+PONG\r\n")],
+        );
+        conn.gap();
+        out.extend(feed_all(
+            &mut conn,
+            &[
+                sys(EG, 10, b"zzzz\r\n"),
+                sys(EG, 11, &resp(&[b"GET", b"a"])),
+                sys(IN, 12, b"+OK\r\n$1\r\nv\r\n"),
+                sys(EG, 13, &resp(&[b"GET", b"b"])),
+                sys(IN, 14, b"$2\r\nvv\r\n"),
+                sys(EG, 15, &resp(&[b"GET", b"c"])),
+                sys(IN, 16, b"$3\r\nvvv\r\n"),
+            ],
+        ));
+        for e in &out {
+            // Every reply paired has the size of the answer to that very command.
+            let expected = match e.req_start_ns {
+                1 => 7,
+                13 => 8,
+                15 => 9,
+                _ => panic!("{e:?}"),
+            };
+            assert_eq!(e.resp_bytes, expected, "{e:?}");
+        }
+        assert_eq!(out.last().map(|e| e.req_start_ns), Some(15));
+    }
+
+    #[test]
+    fn reply_to_a_command_sent_during_a_gap_is_not_matched() {
+        let mut conn = RedisConn::new();
+        let mut out = feed_all(
+            &mut conn,
+            &[sys(EG, 1, &resp(&[b"PING"])), sys(IN, 2, b"+PONG\r\n")],
+        );
+        conn.gap();
+        out.extend(feed_all(
+            &mut conn,
+            &[
+                sys(IN, 10, b"*2\r\n$1\r\na\r\n"),
+                sys(IN, 11, b"$1\r\nb\r\n"),
+                sys(EG, 12, &resp(&[b"GET", b"a"])),
+                sys(IN, 13, b"$-1\r\n"),
+            ],
+        ));
+        assert_eq!(
+            summary(&out),
+            [("PING", 1, Some(2), 7), ("GET", 12, Some(13), 5)]
+        );
+        assert!(!conn.is_not_redis());
+    }
+
+    #[test]
+    fn gap_while_searching_keeps_searching() {
+        let mut conn = RedisConn::new();
+        assert_eq!(conn.gap(), 0);
+        // The start of a command split across syscalls does not go on after a gap: here the
+        // bytes after it start a bulk string, which would make `GET` of a command never sent.
+        let mut out = feed_all(&mut conn, &[sys(EG, 1, b"*2\r\n$3\r\nGE")]);
+        assert_eq!(conn.gap(), 0);
+        out.extend(feed_all(
+            &mut conn,
+            &[
+                sys(EG, 10, b"T\r\n$1\r\nk\r\n"),
+                sys(IN, 11, b"+OK\r\n"),
+                sys(EG, 12, &resp(&[b"GET", b"b"])),
+                sys(IN, 13, b"$1\r\nv\r\n"),
+            ],
+        ));
+        assert_eq!(summary(&out), [("GET", 12, Some(13), 7)]);
+        assert!(!conn.is_not_redis());
+    }
+
+    #[test]
+    fn gap_after_a_command_that_stops_matching_stops() {
+        for stop in [
+            resp(&[b"SUBSCRIBE", b"news"]),
+            resp(&[b"MONITOR"]),
+            resp(&[b"CLIENT", b"REPLY", b"OFF"]),
+        ] {
+            let mut conn = RedisConn::new();
+            let mut evs = vec![sys(EG, 1, &resp(&[b"GET", b"a"]))];
+            evs.push(sys(EG, 2, &stop));
+            let out = feed_all(&mut conn, &evs);
+            assert!(out.is_empty());
+            // Its reply, if any, and the messages may have come during the gap.
+            assert_eq!(conn.gap(), 2);
+            assert!(conn.is_not_redis());
+            let out = feed_all(
+                &mut conn,
+                &[
+                    sys(EG, 10, &resp(&[b"PING"])),
+                    sys(IN, 11, b"*3\r\n$7\r\nmessage\r\n$4\r\nnews\r\n$2\r\nhi\r\n"),
+                ],
+            );
+            assert!(out.is_empty());
+            assert_eq!(conn.gap(), 0);
+            assert!(conn.is_not_redis());
+        }
+        // A command cut by the gap inside its name, which may be SUBSCRIBE.
+        let mut conn = RedisConn::new();
+        feed_all(
+            &mut conn,
+            &[
+                sys(EG, 1, &resp(&[b"PING"])),
+                sys(IN, 2, b"+PONG\r\n"),
+                sys(EG, 3, b"*2\r\n$9\r\nSUBS"),
+            ],
+        );
+        assert_eq!(conn.gap(), 0);
+        assert!(conn.is_not_redis());
+    }
+
+    #[test]
+    fn gap_forgets_partial_frames() {
+        let mut conn = RedisConn::new();
+        feed_all(
+            &mut conn,
+            &[
+                sys(EG, 1, &resp(&[b"LRANGE", b"l", b"0", b"-1"])),
+                sys(
+                    IN,
+                    2,
+                    b"*3\r\n*2\r\n$1\r\na\r\n+very long line that goes on",
+                ),
+                sys(EG, 3, b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$100\r\nxx"),
+            ],
+        );
+        assert_eq!(conn.gap(), 1);
+        for framer in [&conn.req.framer, &conn.resp.framer] {
+            assert!(framer.stack.is_empty() && framer.line.is_empty());
+        }
+        assert!(conn.pending.is_empty() && conn.blind.is_none());
+    }
+
+    /// A conversation without pipelining (either side) of commands and replies cut into
+    /// random syscalls, with gaps at random points that also hide a few syscalls. Exactly the
+    /// exchanges none of whose bytes were hidden, and with no gap between their first and last
+    /// byte, are reported, each with its own reply.
+    #[test]
+    fn random_gaps_report_exactly_the_untouched_exchanges() {
+        let mut rng = Rng(0xbb67_ae85_84ca_a73b);
+        for round in 0..300 {
+            let server = round % 2 == 1;
+            let (req_dir, resp_dir) = if server { (IN, EG) } else { (EG, IN) };
+            let mut conn = RedisConn::new();
+            let mut out = Vec::new();
+            let mut ts = 0u64;
+            // Per command: request bytes, reply bytes and first and last reply syscall time,
+            // and whether a gap touched it.
+            let mut expect: Vec<(u64, u64, u64, u64, bool)> = Vec::new();
+            let mut gap_pending = false;
+            for i in 0..40 {
+                // Distinct sizes tell the commands apart.
+                let arg = vec![b'a' + (i % 26) as u8; 1 + i + 50 * rng.below(4)];
+                let cmd = resp(&[b"ECHO", &arg]);
+                let reply = match rng.below(3) {
+                    0 => [format!("${}\r\n", arg.len()).as_bytes(), &arg, b"\r\n"].concat(),
+                    1 => [b"*2\r\n+k\r\n:".as_slice(), &arg, b"\r\n"].concat(),
+                    _ => [b"-ERR ".as_slice(), &arg, b"\r\n"].concat(),
+                };
+                let mut touched = false;
+                let (mut first, mut last) = (0, 0);
+                for (dir, msg, is_reply) in [(req_dir, &cmd, false), (resp_dir, &reply, true)] {
+                    let mut at = 0;
+                    while at < msg.len() {
+                        // The first syscall of a command holds its name: a name cut by a gap
+                        // may be SUBSCRIBE's, which stops matching (see above).
+                        let min = if at == 0 && !is_reply { 14 } else { 1 };
+                        let end = (at + min + rng.below(msg.len())).min(msg.len());
+                        if !gap_pending && rng.below(12) == 0 {
+                            gap_pending = true;
+                        }
+                        ts += 10;
+                        let hidden = gap_pending && rng.below(2) == 0;
+                        if gap_pending && !hidden {
+                            conn.gap();
+                            gap_pending = false;
+                            touched |= is_reply || at > 0;
+                        }
+                        if hidden {
+                            touched = true;
+                        } else {
+                            conn.feed(&fixture::seg(dir, ts, &msg[at..end]), &mut out);
+                            assert_bounded(&conn);
+                        }
+                        if is_reply {
+                            if at == 0 {
+                                first = ts;
+                            }
+                            last = ts;
+                        }
+                        at = end;
+                    }
+                }
+                expect.push((cmd.len() as u64, reply.len() as u64, first, last, touched));
+            }
+            check_sane(&out);
+            let want: Vec<_> = expect
+                .iter()
+                .filter(|x| !x.4)
+                .map(|x| (x.0, x.1, Some(x.2), x.3))
+                .collect();
+            let got: Vec<_> = out
+                .iter()
+                .map(|e| (e.req_bytes, e.resp_bytes, e.resp_start_ns, e.end_ns))
+                .collect();
+            assert_eq!(got, want, "round {round}");
+            assert!(!conn.is_not_redis(), "round {round}");
+        }
     }
 }
