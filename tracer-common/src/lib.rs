@@ -344,7 +344,10 @@ pub mod stat {
     /// OpenSSL calls that moved data but whose socket could not be told (no syscall under
     /// the call and none seen before for that SSL object): the plaintext is dropped.
     pub const TLS_NO_SOCKET: u32 = 11;
-    pub const COUNT: u32 = 12;
+    /// Socket sends and receives of traced processes that moved bytes while the agent shed
+    /// their capture (a CPU-bound traced thread over its overhead budget): not captured.
+    pub const SHED_IO: u32 = 12;
+    pub const COUNT: u32 = 13;
 }
 
 #[cfg(feature = "user")]

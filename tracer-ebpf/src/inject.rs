@@ -34,7 +34,7 @@ use tracer_common::{
     INJECT_B3, INJECT_OFF, MAX_CAPTURE, SavedArgs, SockKey, TraceCtx, stat,
 };
 
-use crate::{ACTIVE, SCRATCH, count, is_traced, syscalls::verifier_bound};
+use crate::{ACTIVE, SCRATCH, count, is_captured, is_traced, syscalls::verifier_bound};
 
 /// Bytes of a request looked at for the header block (its end must be inside).
 const WINDOW: usize = 1024;
@@ -651,8 +651,10 @@ fn try_inject(ctx: &SkMsgContext) -> Option<()> {
     let pid_tgid = bpf_get_current_pid_tgid();
     let injected = if config!(sock_hooks) != 0 {
         // Sends of traced threads; the socket's send note carries the injected context to
-        // the socket-layer hook that reports the send (and empties it).
-        if !is_traced((pid_tgid >> 32) as u32) {
+        // the socket-layer hook that reports the send (and empties it). No header while the
+        // process's capture is shed: the client span would not be reported, and the server
+        // span it is part of was not named.
+        if !is_captured((pid_tgid >> 32) as u32) {
             return None;
         }
         // SAFETY: a read of the program's context: the socket being sent on.

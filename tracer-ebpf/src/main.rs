@@ -133,7 +133,8 @@ static SK_OWNERS: LruHashMap<u64, sockets::SockOwner> = LruHashMap::with_max_ent
 #[map]
 static ACTIVE: HashMap<u64, tracer_common::SavedArgs> = HashMap::with_max_entries(32768, 0);
 
-/// `is_traced` verdicts, direct-mapped by tgid: `(tgid << 32) | (generation << 1) | traced`.
+/// `is_traced` verdicts, direct-mapped by tgid:
+/// `(tgid << 32) | (generation << 2) | (shed << 1) | traced`.
 /// Every syscall of every process asks whether its process is traced; the full answer (pid
 /// set, command name, network namespace) costs several lookups and probe reads, this one
 /// array read. A verdict is good while its generation is current: anything that may change
@@ -148,6 +149,18 @@ const VERDICT_SLOTS: u32 = 16384;
 /// a renamed or moved process keeps its verdict). A verdict carries their sum.
 #[map]
 static GENERATION: Array<u64> = Array::with_max_entries(2, 0);
+
+/// Traced processes whose socket I/O is not captured for now, by tgid (value unused): the
+/// agent sheds load this way while a traced thread is CPU-bound and tracing it would cost
+/// more than its overhead budget. Their connections, forks and exits are still followed;
+/// only the data path (and context injection) stands aside, at the cost of a cached verdict.
+#[map]
+static SHED_PIDS: HashMap<u32, u32> = HashMap::with_max_entries(4096, 0);
+
+/// `[0]`: how many processes `SHED_PIDS` holds, kept by the agent. While 0, a tracer with no
+/// process filter answers "captured" without consulting the verdict cache at all.
+#[map]
+static SHED_COUNT: Array<u64> = Array::with_max_entries(1, 0);
 
 /// Command names (`comm`, NUL-padded to 16 bytes) to trace when `Config::filter_comms` is set:
 /// checked in the kernel so that a matching process is traced from its first syscall.
@@ -216,33 +229,61 @@ fn count(index: u32) {
     }
 }
 
-/// Whether the current thread group's syscalls are traced.
+/// Verdict bits: the thread group is traced; its socket I/O is shed (see `SHED_PIDS`).
+const VERDICT_TRACED: u32 = 1;
+const VERDICT_SHED: u32 = 2;
+const VERDICT_SHED_TRACED: u32 = VERDICT_TRACED | VERDICT_SHED;
+
+/// Whether the current thread group's syscalls are traced (shed or not): what follows its
+/// processes and connections asks this.
 #[inline(always)]
 fn is_traced(tgid: u32) -> bool {
+    verdict(tgid) & VERDICT_TRACED != 0
+}
+
+/// Whether the thread group's socket I/O is captured: traced, and not shed.
+#[inline(always)]
+fn is_captured(tgid: u32) -> bool {
+    verdict(tgid) == VERDICT_TRACED
+}
+
+/// `VERDICT_*` bits of thread group `tgid`, from the verdict cache when current.
+#[inline(always)]
+fn verdict(tgid: u32) -> u32 {
     if tgid == config!(self_tgid) {
-        return false;
+        return 0;
     }
-    if config!(filter_pids) == 0 && config!(netns_inum) == 0 {
-        return true;
+    if config!(filter_pids) == 0 && config!(netns_inum) == 0 && shed_count() == 0 {
+        return VERDICT_TRACED;
     }
     // Read before the sets are consulted: a change made meanwhile bumps it past this verdict.
     let generation = generation();
     let Some(slot) = VERDICTS.get_ptr_mut(tgid & (VERDICT_SLOTS - 1)) else {
-        return traced_uncached(tgid);
+        return verdict_uncached(tgid);
     };
     // SAFETY: an 8-byte aligned map value; other CPUs write whole words too.
     let cached = unsafe { core::ptr::read_volatile(slot) };
-    if (cached >> 32) as u32 == tgid && ((cached >> 1) as u32 & GENERATION_MASK) == generation {
-        return cached & 1 != 0;
+    if (cached >> 32) as u32 == tgid && ((cached >> 2) as u32 & GENERATION_MASK) == generation {
+        return cached as u32 & (VERDICT_TRACED | VERDICT_SHED);
     }
-    let traced = traced_uncached(tgid);
-    let verdict = ((tgid as u64) << 32) | ((generation as u64) << 1) | traced as u64;
+    let verdict = verdict_uncached(tgid);
+    let cached = ((tgid as u64) << 32) | ((generation as u64) << 2) | verdict as u64;
     // SAFETY: as above.
-    unsafe { core::ptr::write_volatile(slot, verdict) };
-    traced
+    unsafe { core::ptr::write_volatile(slot, cached) };
+    verdict
 }
 
-const GENERATION_MASK: u32 = 0x7fff_ffff;
+/// How many processes the agent sheds now.
+#[inline(always)]
+fn shed_count() -> u64 {
+    match SHED_COUNT.get_ptr(0) {
+        // SAFETY: an aligned map value.
+        Some(count) => unsafe { core::ptr::read_volatile(count) },
+        None => 0,
+    }
+}
+
+const GENERATION_MASK: u32 = 0x3fff_ffff;
 
 #[inline(always)]
 pub(crate) fn generation() -> u32 {
@@ -276,11 +317,24 @@ fn forget_verdict(tgid: u32) {
     }
 }
 
-/// The full answer of `is_traced`, from the traced sets. Not inlined: as a BPF subprogram its
+/// The full answer of `verdict`, from the traced and shed sets. Not inlined: as a BPF subprogram its
 /// stack (the name read) is gone when it returns, so the verifier's states after a cache hit
 /// and after a miss are alike and the rest of each program is verified once, not once per
 /// way through here.
 #[inline(never)]
+fn verdict_uncached(tgid: u32) -> u32 {
+    if !traced_uncached(tgid) {
+        return 0;
+    }
+    // SAFETY: a presence check.
+    if shed_count() != 0 && unsafe { SHED_PIDS.get(&tgid).is_some() } {
+        return VERDICT_SHED_TRACED;
+    }
+    VERDICT_TRACED
+}
+
+/// Whether `tgid` is in the traced sets.
+#[inline(always)]
 fn traced_uncached(tgid: u32) -> bool {
     if config!(netns_inum) != 0 && current_netns() != config!(netns_inum) {
         return false;

@@ -16,7 +16,7 @@ use aya_ebpf::{
 use tracer_common::{DIR_EGRESS, DIR_INGRESS, SavedArgs};
 
 use crate::{
-    is_traced,
+    is_captured, is_traced,
     sockets::{enter_accept, enter_close, enter_connect, exit_accept, exit_connect, take_saved},
     syscalls::{MSG, enter_traced_args, exit_data},
 };
@@ -118,9 +118,9 @@ fn on_enter(id: i64, arg: impl Fn(usize) -> u64) {
         }
         _ => return,
     };
-    // Untraced processes leave before any register is read.
+    // Untraced processes, and those whose capture is shed, leave before any register is read.
     let pid_tgid = bpf_get_current_pid_tgid();
-    if !is_traced((pid_tgid >> 32) as u32) {
+    if !is_captured((pid_tgid >> 32) as u32) {
         return;
     }
     enter_traced_args(

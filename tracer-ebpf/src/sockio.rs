@@ -24,10 +24,10 @@ use aya_ebpf::{
     macros::{btf_map, btf_tracepoint},
     programs::BtfTracePointContext,
 };
-use tracer_common::{DIR_EGRESS, DIR_INGRESS, EventKind, ROLE_UNKNOWN, SavedArgs, TraceCtx};
+use tracer_common::{DIR_EGRESS, DIR_INGRESS, EventKind, ROLE_UNKNOWN, SavedArgs, TraceCtx, stat};
 
 use crate::{
-    CONNS, SK_OWNERS, is_traced,
+    CONNS, SK_OWNERS, VERDICT_SHED_TRACED, VERDICT_TRACED, count, is_captured,
     raw::{
         DI, DX, NR_READ, NR_READV, NR_RECVFROM, NR_RECVMSG, NR_SENDFILE, NR_SENDMSG, NR_SENDTO,
         NR_WRITE, NR_WRITEV, ORIG_AX, SI, btf_reg,
@@ -36,7 +36,7 @@ use crate::{
         CONN_NOT_TCP, CONN_TLS, ConnState, conn_key, header_only, is_tcp, next_seq, track_socket,
     },
     syscalls::emit_data,
-    tls,
+    tls, verdict,
 };
 
 /// What is known of a send under way on a socket before the send returns: noted when its first
@@ -51,6 +51,11 @@ pub struct SendNote {
     pub enter_ns: u64,
     pub seq: u32,
     pub seq_valid: u32,
+    /// The traced set's generation when the note was begun: a note from before the agent last
+    /// changed the set is stale, perhaps left by a send whose return was not captured (capture
+    /// shed in between).
+    pub generation: u32,
+    _pad: u32,
     /// The client context the sk_msg program wrote into this send (`flags` 0: none).
     pub injected: TraceCtx,
 }
@@ -102,12 +107,14 @@ fn sock_state(sk: *mut core::ffi::c_void, create: bool) -> Option<&'static mut S
 }
 
 impl SockState {
-    /// The send note for thread `pid_tgid`: emptied first when another thread left it.
+    /// The send note for thread `pid_tgid`: emptied first when another thread left it, or
+    /// when it is from another generation of the traced set.
     #[inline(always)]
-    fn note_for(&mut self, pid_tgid: u64) -> &mut SendNote {
+    fn note_for(&mut self, pid_tgid: u64, generation: u32) -> &mut SendNote {
         let note = &mut self.note;
-        if note.pid_tgid != pid_tgid {
+        if note.pid_tgid != pid_tgid || note.generation != generation {
             note.pid_tgid = pid_tgid;
+            note.generation = generation;
             note.enter_ns = 0;
             note.seq_valid = 0;
             note.injected.flags = 0;
@@ -124,7 +131,7 @@ pub fn send_note(
     pid_tgid: u64,
     create: bool,
 ) -> Option<&'static mut SendNote> {
-    Some(sock_state(sk, create)?.note_for(pid_tgid))
+    Some(sock_state(sk, create)?.note_for(pid_tgid, crate::generation()))
 }
 
 const TCP_CLOSE: i32 = 7;
@@ -155,7 +162,7 @@ pub fn tracer_sock_recv(ctx: BtfTracePointContext) -> i32 {
 #[btf_tracepoint(function = "tcp_sendmsg_locked")]
 pub fn tracer_tcp_send_begin(ctx: BtfTracePointContext) -> i32 {
     let pid_tgid = bpf_get_current_pid_tgid();
-    if !is_traced((pid_tgid >> 32) as u32) {
+    if !is_captured((pid_tgid >> 32) as u32) {
         return 0;
     }
     let sk: *mut core::ffi::c_void = ctx.arg(0);
@@ -216,9 +223,17 @@ pub fn tracer_sock_state(ctx: BtfTracePointContext) -> i32 {
 fn sock_io(ctx: &BtfTracePointContext, direction: u32) {
     let pid_tgid = bpf_get_current_pid_tgid();
     let tgid = (pid_tgid >> 32) as u32;
-    if !is_traced(tgid) {
-        return;
+    match verdict(tgid) {
+        VERDICT_TRACED => {}
+        VERDICT_SHED_TRACED => {
+            if ctx.arg::<i32>(1) > 0 {
+                count(stat::SHED_IO);
+            }
+            return;
+        }
+        _ => return,
     }
+    let generation = crate::generation();
     // What the send's first segment noted, and the context sk_msg wrote into it; the note is
     // emptied whatever becomes of this send (a later send must not inherit them).
     let mut enter_ns = 0;
@@ -230,7 +245,7 @@ fn sock_io(ctx: &BtfTracePointContext, direction: u32) {
         state = sock_state(ctx.arg(0), false);
     }
     if let Some(st) = state.as_deref_mut() {
-        let note = st.note_for(pid_tgid);
+        let note = st.note_for(pid_tgid, generation);
         enter_ns = note.enter_ns;
         if enter_ns != 0 && note.seq_valid != 0 {
             seq_at_start = Some(note.seq);
@@ -280,7 +295,7 @@ fn sock_io(ctx: &BtfTracePointContext, direction: u32) {
     if direction == DIR_INGRESS {
         state = sock_state(ctx.arg(0), false);
     }
-    let Some(conn) = socket_conn_cached(&mut state, ctx, pid_tgid, fd, sk) else {
+    let Some(conn) = socket_conn_cached(&mut state, ctx, pid_tgid, fd, sk, generation) else {
         return;
     };
     // SAFETY: no preconditions.
@@ -365,9 +380,10 @@ fn socket_conn_cached(
     pid_tgid: u64,
     fd: u32,
     sk: u64,
+    generation: u32,
 ) -> Option<ConnState> {
     let key = conn_key((pid_tgid >> 32) as u32, fd);
-    let generation = crate::generation() as u64;
+    let generation = generation as u64;
     let conn = match state.as_deref() {
         Some(st) if st.conn_key == key && st.conn_generation == generation => ConnState {
             conn_id: st.conn_id,

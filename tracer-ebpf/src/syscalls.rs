@@ -18,7 +18,7 @@ use tracer_common::{
 };
 
 use crate::{
-    EVENTS, SCRATCH, capture_limit, count, inject, is_traced,
+    EVENTS, SCRATCH, capture_limit, count, inject, is_captured,
     sockets::{
         CONN_TLS, clear_saved, header_only, lookup_or_track, next_seq, saved_slot, take_saved,
     },
@@ -77,7 +77,7 @@ fn enter(ctx: &TracePointContext, kind: u32, direction: u32) {
 #[inline(always)]
 pub fn enter_args(fd: u64, arg1: u64, arg2: u64, syscall: i32, kind: u32, direction: u32) {
     let pid_tgid = bpf_get_current_pid_tgid();
-    if is_traced((pid_tgid >> 32) as u32) {
+    if is_captured((pid_tgid >> 32) as u32) {
         enter_traced_args(pid_tgid, fd, arg1, arg2, syscall, kind, direction);
     }
 }

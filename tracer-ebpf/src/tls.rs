@@ -20,7 +20,7 @@ use tracer_common::{
 };
 
 use crate::{
-    count, is_traced,
+    count, is_captured,
     sockets::{ConnState, lookup_or_track, mark_tls},
     syscalls::emit_data,
 };
@@ -64,7 +64,7 @@ static SSL_SOCKETS: LruHashMap<[u64; 2], u32> = LruHashMap::with_max_entries(655
 #[inline(always)]
 fn enter(ssl: u64, buf: u64, count_ptr: u64, direction: u32) {
     let pid_tgid = bpf_get_current_pid_tgid();
-    if !is_traced((pid_tgid >> 32) as u32) {
+    if !is_captured((pid_tgid >> 32) as u32) {
         return;
     }
     let call = SslCall {

@@ -226,6 +226,11 @@ pub struct Probes {
     traced_pids: HashMap<MapData, u32, u32>,
     /// The agent's half of the traced set's generation (see GENERATION in tracer-ebpf).
     generation: aya::maps::Array<MapData, u64>,
+    /// Processes whose capture is shed (see `crate::governor`), and their count for the
+    /// programs' fast path.
+    shed_pids: HashMap<MapData, u32, u32>,
+    shed_count: aya::maps::Array<MapData, u64>,
+    shed: std::collections::HashSet<u32>,
     stats: PerCpuArray<MapData, u64>,
     /// Tracepoints attached, as `category:name`.
     pub attached: Vec<String>,
@@ -238,6 +243,9 @@ pub struct Probes {
     /// The TLS probes, when loaded.
     openssl: Option<openssl::OpenSsl>,
 }
+
+/// Size of the kernel's `ThreadCtx` (tracer-ebpf's inject.rs).
+const THREAD_CTX_SIZE: usize = std::mem::size_of::<tracer_common::TraceCtx>() + 8;
 
 impl Probes {
     pub fn load(opts: &ProbeOptions) -> Result<Self, ProbeError> {
@@ -311,6 +319,16 @@ impl Probes {
                 .ok_or(ProbeError::Map("GENERATION"))?,
         )
         .map_err(|_| ProbeError::Map("GENERATION"))?;
+        let shed_pids = HashMap::try_from(
+            ebpf.take_map("SHED_PIDS")
+                .ok_or(ProbeError::Map("SHED_PIDS"))?,
+        )
+        .map_err(|_| ProbeError::Map("SHED_PIDS"))?;
+        let shed_count = aya::maps::Array::try_from(
+            ebpf.take_map("SHED_COUNT")
+                .ok_or(ProbeError::Map("SHED_COUNT"))?,
+        )
+        .map_err(|_| ProbeError::Map("SHED_COUNT"))?;
 
         let mut attached = Vec::new();
         let mut skipped = Vec::new();
@@ -447,6 +465,9 @@ impl Probes {
             socket_layer,
             traced_pids,
             generation,
+            shed_pids,
+            shed_count,
+            shed: Default::default(),
             stats,
             attached,
             skipped,
@@ -651,6 +672,46 @@ impl Probes {
         // the generation stands: a new one makes them look again, and find the entry gone.
         self.refresh_verdicts();
         dropped
+    }
+
+    /// Sheds the capture of process `tgid`'s socket I/O, or takes it back (see
+    /// `crate::governor`): its processes and connections are still followed.
+    pub fn set_shed(&mut self, tgid: u32, shed: bool) {
+        let changed = if shed {
+            self.shed_pids.insert(tgid, 1, 0).is_ok() && self.shed.insert(tgid)
+        } else {
+            let _ = self.shed_pids.remove(&tgid);
+            self.shed.remove(&tgid)
+        };
+        if !changed {
+            return;
+        }
+        if let Err(e) = self.shed_count.set(0, self.shed.len() as u64, 0) {
+            warn!("cannot update the shed set's count: {e}");
+        }
+        // The programs' cached verdicts carry the shed bit.
+        self.refresh_verdicts();
+    }
+
+    /// Clears what the kernel holds as the request each thread of `tids` serves: a request
+    /// read before shedding began was answered unseen, and must not become the parent of the
+    /// thread's next calls.
+    pub fn clear_thread_contexts(&mut self, tids: &[u32]) {
+        if tids.is_empty() {
+            return;
+        }
+        let Some(map) = self.ebpf.map_mut("THREAD_CTX") else {
+            return;
+        };
+        // The value is the kernel's ThreadCtx: a TraceCtx and a connection id.
+        let Ok(mut contexts) = HashMap::<&mut MapData, u32, [u8; THREAD_CTX_SIZE]>::try_from(map)
+        else {
+            warn!("cannot open the kernel's thread context map");
+            return;
+        };
+        for tid in tids {
+            let _ = contexts.remove(tid);
+        }
     }
 
     pub fn untrace_pid(&mut self, pid: u32) {
