@@ -19,8 +19,9 @@ use tracer_common::stat;
 use crate::{
     cli::{AttachOptions, CapturePriority, CommonOptions, InjectMode, OutputFormat, RunOptions},
     conn::{ConnTracker, Finished, TrackerConfig},
-    events::decode,
+    events::{Event, decode},
     export::{Exporter, Output, USER_AGENT, ZipkinConfig, parse_zipkin_url},
+    governor::{Action, Governor, thread_cpu_ns},
     metrics::Red,
     probes::{InjectOptions, ProbeOptions, Probes},
     protocols::Exchange,
@@ -39,6 +40,8 @@ struct Plan {
     stats_interval: Option<Duration>,
     /// `--capture-priority idle`: the capture thread yields the CPU (see `yielding`).
     yield_cpu: bool,
+    /// `--overhead-budget`, as a share (see `governor`).
+    overhead_budget: f64,
 }
 
 pub fn run(opts: RunOptions) -> anyhow::Result<()> {
@@ -171,6 +174,7 @@ fn plan(
         stats_interval: (common.stats_interval > 0)
             .then(|| Duration::from_secs(common.stats_interval)),
         yield_cpu: common.capture_priority == CapturePriority::Idle,
+        overhead_budget: common.overhead_budget / 100.0,
     })
 }
 
@@ -267,6 +271,7 @@ async fn event_loop(
 
     let mut clock = Clock::now_calibrated();
     let mut tracker = ConnTracker::new(plan.tracker);
+    let mut governor = Governor::new(plan.overhead_budget, SHED_PERIOD_NS, monotonic_ns());
     let mut finished: Vec<Finished> = Vec::new();
     let mut decode_errors = 0u64;
     let mut lost_reported = 0u64;
@@ -277,12 +282,12 @@ async fn event_loop(
         tokio::select! {
             guard = ring.readable_mut() => {
                 let mut guard = guard.context("ring buffer poll failed")?;
-                drain_ring(guard.get_inner_mut(), &mut tracker, &mut finished, &mut decode_errors);
+                drain_ring(guard.get_inner_mut(), &mut tracker, &mut governor, &mut finished, &mut decode_errors);
                 guard.clear_ready();
                 submit(&mut exporter, &mut finished, &clock, &mut red);
                 // Under a flood the wakeups may come faster than the timer below, which each
                 // one pushes back: the kernel's tables are brought up to date here too.
-                update_kernel_tables(&mut probes, &mut tracker);
+                update_kernel_tables(&mut probes, &mut tracker, &mut governor);
                 drain_delay = DRAIN_BUSY;
                 drain_sleep.as_mut().reset(tokio::time::Instant::now() + drain_delay);
             }
@@ -293,12 +298,22 @@ async fn event_loop(
             // the hypervisor (a process doing only that cost an untraced nginx about 5% in an
             // A/B here, within this machine's noise).
             _ = &mut drain_sleep => {
-                let drained =
-                    drain_ring(ring.get_mut(), &mut tracker, &mut finished, &mut decode_errors);
-                drain_delay = next_drain_delay(drain_delay, drained);
-                drain_sleep.as_mut().reset(tokio::time::Instant::now() + drain_delay);
+                let drained = drain_ring(
+                    ring.get_mut(),
+                    &mut tracker,
+                    &mut governor,
+                    &mut finished,
+                    &mut decode_errors,
+                );
                 submit(&mut exporter, &mut finished, &clock, &mut red);
-                update_kernel_tables(&mut probes, &mut tracker);
+                update_kernel_tables(&mut probes, &mut tracker, &mut governor);
+                // A shedding process's duty cycle is kept by these drains, events or not.
+                drain_delay = if governor.active() {
+                    DRAIN_BUSY
+                } else {
+                    next_drain_delay(drain_delay, drained)
+                };
+                drain_sleep.as_mut().reset(tokio::time::Instant::now() + drain_delay);
             }
             _ = sigint.recv() => break "interrupted",
             _ = sigterm.recv() => break "terminated",
@@ -307,7 +322,7 @@ async fn event_loop(
                     && let Ok(mut text) = metrics_text.write()
                 {
                     let raises = capture_raises.as_ref().map_or(0, |r| r.load(std::sync::atomic::Ordering::Relaxed));
-                    *text = render_metrics(&probes, &tracker, &exporter, decode_errors, raises, red);
+                    *text = render_metrics(&probes, &tracker, &governor, &exporter, decode_errors, raises, red);
                 }
                 tracker.sweep(monotonic_ns());
                 probes.refresh_verdicts();
@@ -324,7 +339,7 @@ async fn event_loop(
                     lost_reported = lost;
                 }
                 if let Some(interval) = plan.stats_interval && last_stats.elapsed() >= interval {
-                    eprintln!("{}", stats_line(&probes, &tracker, &exporter.stats(), decode_errors));
+                    eprintln!("{}", stats_line(&probes, &tracker, &governor, &exporter.stats(), decode_errors));
                     last_stats = std::time::Instant::now();
                 }
                 if let Some(pid) = plan.attached_pid && !Path::new(&format!("/proc/{pid}")).exists() {
@@ -337,6 +352,7 @@ async fn event_loop(
     drain_ring(
         ring.get_mut(),
         &mut tracker,
+        &mut governor,
         &mut finished,
         &mut decode_errors,
     );
@@ -346,7 +362,7 @@ async fn event_loop(
     let export_stats = exporter.stats();
     exporter.shutdown(Duration::from_secs(5)).await;
     drop(yielding);
-    let summary = stats_line(&probes, &tracker, &export_stats, decode_errors);
+    let summary = stats_line(&probes, &tracker, &governor, &export_stats, decode_errors);
     eprintln!("tracer: {reason}. {summary}");
     Ok(())
 }
@@ -395,6 +411,7 @@ fn next_drain_delay(current: Duration, drained: usize) -> Duration {
 fn drain_ring(
     ring: &mut RingBuf<MapData>,
     tracker: &mut ConnTracker,
+    governor: &mut Governor,
     out: &mut Vec<Finished>,
     errors: &mut u64,
 ) -> usize {
@@ -402,7 +419,13 @@ fn drain_ring(
     while let Some(item) = ring.next() {
         n += 1;
         match decode(&item) {
-            Ok(event) => tracker.handle(&event, out),
+            Ok(event) => {
+                if let Event::Data { .. } = event {
+                    let hdr = event.header();
+                    governor.observe(hdr.tgid, hdr.tid);
+                }
+                tracker.handle(&event, out)
+            }
             Err(e) => {
                 *errors += 1;
                 if *errors == 1 || errors.is_power_of_two() {
@@ -414,10 +437,32 @@ fn drain_ring(
     n
 }
 
+/// Period of the duty cycle of a process whose capture is shed in part (see `governor`).
+const SHED_PERIOD_NS: u64 = 200_000_000;
+
 /// Tells the kernel what the events just parsed taught: processes that exited or exec'd (their
-/// socket entries go) and client connections that need no context injection.
-fn update_kernel_tables(probes: &mut Probes, tracker: &mut ConnTracker) {
+/// socket entries go), client connections that need no context injection, and which processes'
+/// capture is shed now.
+fn update_kernel_tables(probes: &mut Probes, tracker: &mut ConnTracker, governor: &mut Governor) {
     let gone = tracker.take_gone_processes();
+    let mut actions = Vec::new();
+    for (tgid, _) in &gone {
+        governor.forget(*tgid, &mut actions);
+    }
+    actions.extend(governor.tick(monotonic_ns(), thread_cpu_ns));
+    for action in actions {
+        match action {
+            Action::Shed(tgid) => probes.set_shed(tgid, true),
+            // Every event captured before shedding began has been handled (the ring was
+            // just drained, and nothing of the process was captured since): the gap starts
+            // after them, and ends before the first event of the flag's new state.
+            Action::Resume { tgid, tids } => {
+                tracker.gap(tgid);
+                probes.clear_thread_contexts(&tids);
+                probes.set_shed(tgid, false);
+            }
+        }
+    }
     if !gone.is_empty() {
         let n = probes.forget_processes(&gone);
         debug!(
@@ -431,6 +476,7 @@ fn update_kernel_tables(probes: &mut Probes, tracker: &mut ConnTracker) {
 fn stats_line(
     probes: &Probes,
     tracker: &ConnTracker,
+    governor: &Governor,
     e: &crate::export::ExportStats,
     decode_errors: u64,
 ) -> String {
@@ -448,8 +494,19 @@ fn stats_line(
     } else {
         String::new()
     };
+    let shedding = if governor.enabled() {
+        let g = governor.stats();
+        format!(
+            "; shedding (CPU-bound, over the overhead budget): {} socket calls not captured, {:.1} s shed, {} requests cut by a gap",
+            k[stat::SHED_IO as usize],
+            g.shed_ns as f64 / 1e9,
+            t.gap_requests,
+        )
+    } else {
+        String::new()
+    };
     format!(
-        "events: {} data, {} lost, {} undecodable; connections: {} open, {} evicted; requests: {}; links: {} linked, {} left unlinked (uncertain), {} joined incoming context; spans: {} exported, {} dropped (queue full), {} failed{injection}",
+        "events: {} data, {} lost, {} undecodable; connections: {} open, {} evicted; requests: {}; links: {} linked, {} left unlinked (uncertain), {} joined incoming context; spans: {} exported, {} dropped (queue full), {} failed{injection}{shedding}",
         k[stat::DATA_EVENTS as usize],
         k[stat::RINGBUF_LOST as usize],
         decode_errors,
@@ -469,6 +526,7 @@ fn stats_line(
 fn render_metrics(
     probes: &Probes,
     tracker: &ConnTracker,
+    governor: &Governor,
     exporter: &Exporter,
     decode_errors: u64,
     capture_raises: u64,
@@ -502,6 +560,34 @@ fn render_metrics(
         "counter",
         "Events that failed to decode.",
         decode_errors,
+    );
+    metric(
+        &mut out,
+        "tracer_shed_calls_total",
+        "counter",
+        "Socket calls of traced processes not captured while their capture was shed (a CPU-bound thread over the overhead budget).",
+        kernel(stat::SHED_IO),
+    );
+    metric(
+        &mut out,
+        "tracer_shed_seconds_total",
+        "counter",
+        "Time traced processes spent with their capture shed, summed over processes.",
+        governor.stats().shed_ns / 1_000_000_000,
+    );
+    metric(
+        &mut out,
+        "tracer_shedding_processes",
+        "gauge",
+        "Traced processes captured only part of the time now.",
+        governor.stats().shedding as u64,
+    );
+    metric(
+        &mut out,
+        "tracer_gap_requests_total",
+        "counter",
+        "Requests dropped unfinished because their connection's capture had a gap (shedding).",
+        t.gap_requests,
     );
     metric(
         &mut out,

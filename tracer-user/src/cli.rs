@@ -146,6 +146,11 @@ pub struct CommonOptions {
     /// Print agent statistics to stderr every this many seconds (0: only at exit).
     #[arg(long, value_name = "SECS", default_value_t = 0)]
     pub stats_interval: u64,
+    /// Share of a CPU-bound traced thread's time that capture may take, in percent: while a
+    /// traced thread is busy most of the time, its process is captured only part of the time
+    /// and the rest is shed (counted). 0: capture everything, always.
+    #[arg(long, value_name = "PCT", default_value_t = 3.0, value_parser = parse_budget)]
+    pub overhead_budget: f64,
     /// CPU priority of the thread that reads and parses what the kernel captured.
     #[arg(long, value_enum, default_value_t = CapturePriority::Normal)]
     pub capture_priority: CapturePriority,
@@ -169,6 +174,13 @@ pub enum InjectMode {
     Traceparent,
     /// Zipkin's single `b3` header.
     B3,
+}
+
+fn parse_budget(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(pct) if (0.0..=100.0).contains(&pct) => Ok(pct),
+        _ => Err(format!("`{s}` is not a percentage from 0 to 100")),
+    }
 }
 
 fn parse_cidr(s: &str) -> Result<(std::net::IpAddr, u8), String> {

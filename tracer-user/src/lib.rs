@@ -9,6 +9,7 @@ pub mod conn;
 pub mod context;
 pub mod events;
 pub mod export;
+pub mod governor;
 pub mod metrics;
 pub mod probes;
 pub mod protocols;

@@ -366,6 +366,12 @@ impl Linker {
         self.open_heads.remove(&conn);
     }
 
+    /// Capture of the process had a gap (shedding): what its threads serve and the requests
+    /// started on its connections are unknown now, as after an exit.
+    pub fn capture_gap(&mut self, tgid: u32) {
+        self.process_exited(tgid);
+    }
+
     /// The process is gone (its tids may be reused).
     pub fn process_exited(&mut self, tgid: u32) {
         self.started.retain(|conn, _| conn.0 != tgid);

@@ -79,6 +79,8 @@ pub struct TrackerStats {
     pub not_parsed: u64,
     /// Connections that turned out to carry TLS, whose plaintext came from the OpenSSL probes.
     pub tls_conns: u64,
+    /// Requests dropped unfinished by a gap in their connection's capture (shedding).
+    pub gap_requests: u64,
 }
 
 struct Process {
@@ -175,6 +177,14 @@ impl DbConn {
         match self {
             DbConn::Redis(p) => p.close(ts_ns, reset, out),
             DbConn::Postgres(p) => p.close(ts_ns, reset, out),
+        }
+    }
+
+    /// Bytes went unseen both ways; returns the requests dropped (see `Http1Conn::gap`).
+    fn gap(&mut self) -> usize {
+        match self {
+            DbConn::Redis(p) => p.gap(),
+            DbConn::Postgres(p) => p.gap(),
         }
     }
 
@@ -497,6 +507,28 @@ impl ConnTracker {
                     self.new_processes.push(hdr.tgid);
                 }
             }
+        }
+    }
+
+    /// Capture of process `tgid` stopped for a while and resumes now (load shedding, see
+    /// `crate::governor`): every connection of the process missed bytes both ways. Their
+    /// parsers resync at the next message start; requests waiting for a response are
+    /// dropped and counted, and so are the thread links made on them.
+    pub fn gap(&mut self, tgid: u32) {
+        self.linker.capture_gap(tgid);
+        for conn in self
+            .conns
+            .iter_mut()
+            .filter(|(k, _)| k.0 == tgid)
+            .map(|(_, c)| c)
+        {
+            conn.starts.clear();
+            let dropped = match &mut conn.proto {
+                Proto::Detecting(http) | Proto::Http(http) => http.gap(),
+                Proto::Db { parser, .. } => parser.gap(),
+                Proto::Opaque => 0,
+            };
+            self.stats.gap_requests += dropped as u64;
         }
     }
 
@@ -829,6 +861,49 @@ mod tests {
             [10, 0, 0, 2],
             rport,
         )
+    }
+
+    /// A gap in a process's capture (shedding) drops the requests its connections were
+    /// answering, counts them, and leaves other processes' connections alone; the exchanges
+    /// after it are whole and right.
+    #[test]
+    fn a_capture_gap_drops_what_it_cut_and_nothing_else() {
+        let mut t = ConnTracker::new(TrackerConfig::default());
+        let other_req = b"GET /dogs HTTP/1.1\r\nHost: x\r\n\r\n";
+        let before = feed(
+            &mut t,
+            &[
+                data_record(7, 5, 1, 1_000, true, REQ),
+                data_record(8, 5, 1, 1_000, true, other_req),
+            ],
+        );
+        assert!(before.is_empty());
+        t.gap(7);
+        assert_eq!(t.stats().gap_requests, 1);
+        let after = feed(
+            &mut t,
+            &[
+                // The response to the request cut by the gap, then a whole exchange.
+                data_record(7, 5, 1, 5_000, false, RESP),
+                data_record(7, 5, 1, 6_000, true, REQ),
+                data_record(7, 5, 1, 7_000, false, RESP),
+                data_record(8, 5, 1, 7_000, false, RESP),
+            ],
+        );
+        let got: Vec<_> = after
+            .iter()
+            .map(|(ex, _, _)| {
+                let ex = ex.as_http().unwrap();
+                (ex.target().to_string(), ex.req_start_ns, ex.status)
+            })
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("/cats/42".to_string(), 6_000, Some(200)),
+                ("/dogs".to_string(), 1_000, Some(200))
+            ]
+        );
     }
 
     /// Only client connections that turned out not to carry HTTP/1.x are reported (once each),
