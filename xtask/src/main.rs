@@ -3,6 +3,7 @@
 //! `run` and `test` do `setup` first, so that on a fresh machine each is the one command needed.
 
 mod bench;
+mod paced;
 
 use std::{
     env,
@@ -66,6 +67,9 @@ enum Task {
         #[arg(long, default_value_t = 30)]
         seconds: u64,
     },
+    /// Paced (open-loop) HTTP/1.1 load on a loopback server: `rate` requests/s over keep-alive
+    /// connections, latency measured from each request's due time. Prints one line of results.
+    PacedLoad(paced::PacedLoadArgs),
     /// (internal) the syscall loop the benchmark times.
     #[command(hide = true)]
     SyscallLoop {
@@ -107,6 +111,7 @@ fn main() -> anyhow::Result<()> {
             })
         }
         Task::SyscallLoop { n, http } => bench::syscall_loop(n, http),
+        Task::PacedLoad(args) => paced::paced_load(&args),
         Task::Fuzz { seconds } => {
             setup()?;
             fuzz(seconds)
