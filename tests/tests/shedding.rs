@@ -1,0 +1,156 @@
+//! End-to-end: a CPU-bound traced server is captured within the overhead budget. nginx with one
+//! worker under wrk (closed loop: as many requests as the worker can serve) is shed part of the
+//! time, and the stats line counts the socket calls not captured and the time shed; every span
+//! exported is a whole and correct request (no gap made a wrong one); and once the load stops,
+//! capture is whole again: every later request is a span.
+
+mod common;
+
+use std::{
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use common::{Tracer, require_root, tempdir};
+use tracer_e2e::{ChildGuard, free_port, http_request, wait_for_port};
+
+/// The number before `label` in the stats line.
+fn stat_before(stats: &str, label: &str) -> f64 {
+    let at = stats
+        .find(label)
+        .unwrap_or_else(|| panic!("no `{label}` in: {stats}"));
+    stats[..at]
+        .split_whitespace()
+        .last()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no number before `{label}` in: {stats}"))
+}
+
+#[test]
+fn a_saturated_server_is_shed_within_its_budget_and_counted() {
+    require_root();
+    let dir = tempdir();
+    let html = dir.join("html");
+    std::fs::create_dir_all(&html).unwrap();
+    std::fs::write(html.join("index.html"), "hi\n").unwrap();
+    let port = free_port();
+    let conf = dir.join("nginx.conf");
+    let log = dir.join("access.log");
+    // One worker, so that one thread is CPU-bound under wrk; a byte of access log per request
+    // counts what nginx served.
+    std::fs::write(
+        &conf,
+        format!(
+            "worker_processes 1;\ndaemon off;\nerror_log {d}/error.log;\npid {d}/nginx.pid;\n\
+             events {{ worker_connections 1024; }}\n\
+             http {{ log_format count '.'; access_log {log} count; keepalive_requests 1000000; client_body_temp_path {d}; proxy_temp_path {d}; fastcgi_temp_path {d}; uwsgi_temp_path {d}; scgi_temp_path {d};\n\
+             server {{ listen 127.0.0.1:{port}; root {h}; }} }}\n",
+            d = dir.display(),
+            log = log.display(),
+            h = html.display()
+        ),
+    )
+    .unwrap();
+    let _nginx = ChildGuard(
+        Command::new("nginx")
+            .arg("-c")
+            .arg(&conf)
+            .spawn()
+            .expect("nginx"),
+    );
+    wait_for_port(port, Duration::from_secs(10));
+    let port_s = port.to_string();
+    let tracer = Tracer::start(&[
+        "run",
+        "--comm",
+        "nginx",
+        "--port",
+        &port_s,
+        "--output",
+        "json",
+        "--queue-size",
+        "1000000",
+    ]);
+
+    let wrk = Command::new("wrk")
+        .args(["-t2", "-c50", "-d4s"])
+        .arg(format!("http://127.0.0.1:{port}/index.html"))
+        .output()
+        .expect("wrk (Debian package wrk)");
+    assert!(wrk.status.success(), "{wrk:?}");
+    // A line per request (nginx writes it as the request ends).
+    std::thread::sleep(Duration::from_millis(200));
+    let under_load =
+        std::fs::read(&log).map_or(0, |b| b.iter().filter(|&&c| c == b'\n').count()) as u64;
+
+    // The load is gone: within a period or two the process is captured whole again.
+    std::thread::sleep(Duration::from_secs(1));
+    const AFTER: usize = 10;
+    for i in 0..AFTER {
+        let (status, _) = http_request(
+            &format!("127.0.0.1:{port}"),
+            "GET",
+            &format!("/index.html?after={i}"),
+            None,
+            &[],
+        )
+        .unwrap();
+        assert_eq!(status, 200);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while tracer.stdout().matches("after=").count() < AFTER && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let stopped = tracer.stop();
+    assert!(stopped.status.success(), "{}", stopped.stderr);
+    let stats = stopped
+        .stderr
+        .lines()
+        .find(|l| l.contains("shedding"))
+        .unwrap_or_else(|| panic!("no stats line: {}", stopped.stderr))
+        .to_string();
+
+    let mut spans = 0u64;
+    let mut after = 0;
+    for line in stopped.stdout.lines().filter(|l| l.starts_with('{')) {
+        let span: serde_json::Value = serde_json::from_str(line).unwrap();
+        let tags = &span["tags"];
+        assert_eq!(span["kind"], "SERVER", "{line}");
+        assert_eq!(span["name"], "GET /index.html", "{line}");
+        assert_eq!(tags["http.status_code"], "200", "{line}");
+        let duration_us = span["duration"].as_u64().unwrap();
+        assert!(duration_us < 1_000_000, "a gap made a long span: {line}");
+        if tags["http.query"]
+            .as_str()
+            .is_some_and(|q| q.contains("after="))
+        {
+            after += 1;
+        } else {
+            spans += 1;
+        }
+    }
+    let not_captured = stat_before(&stats, "socket calls not captured");
+    let shed_s = stat_before(&stats, "s shed");
+    eprintln!(
+        "{under_load} requests under load, {spans} spans; {not_captured} calls not captured, {shed_s} s shed"
+    );
+    assert!(
+        not_captured > 0.0 && shed_s > 0.5,
+        "a CPU-bound nginx worker was not shed: {stats}"
+    );
+    assert!(
+        spans < under_load,
+        "shed, yet every request is a span: {stats}"
+    );
+    // Captured a share of every period, and whole for the first period or two.
+    assert!(
+        spans * 50 > under_load,
+        "{spans} spans of {under_load} requests: {stats}"
+    );
+    assert_eq!(
+        after, AFTER,
+        "requests after the load were not all captured: {stats}"
+    );
+    assert!(stats.contains(" 0 lost,"), "{stats}");
+}
