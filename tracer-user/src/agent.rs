@@ -21,7 +21,7 @@ use crate::{
     conn::{ConnTracker, Finished, TrackerConfig},
     events::{Event, decode},
     export::{Exporter, Output, USER_AGENT, ZipkinConfig, parse_zipkin_url},
-    governor::{Action, Governor, thread_cpu_ns},
+    governor::{Action, Governor, thread_busy_ns},
     metrics::Red,
     probes::{InjectOptions, ProbeOptions, Probes},
     protocols::Exchange,
@@ -449,7 +449,7 @@ fn update_kernel_tables(probes: &mut Probes, tracker: &mut ConnTracker, governor
     for (tgid, _) in &gone {
         governor.forget(*tgid, &mut actions);
     }
-    actions.extend(governor.tick(monotonic_ns(), thread_cpu_ns));
+    actions.extend(governor.tick(monotonic_ns(), thread_busy_ns));
     for action in actions {
         match action {
             Action::Shed(tgid) => probes.set_shed(tgid, true),

@@ -2,7 +2,8 @@
 //!
 //! The probes run in the traced thread's own time, a few microseconds per request. While the
 //! thread has idle time that costs CPU but no throughput, and every request is captured. When
-//! a traced thread is CPU-bound (busy most of a period), each microsecond of probes is a
+//! a traced thread is CPU-bound (busy most of a period: running, or ready to run and waiting
+//! for a CPU that other programs hold), each microsecond of probes is a
 //! microsecond the server does not serve requests in: then the agent captures its process's
 //! socket I/O only part of the time, so that the estimated cost stays within the budget
 //! (`--overhead-budget`, a share of the thread's CPU), and sheds the rest. Shedding is
@@ -18,6 +19,9 @@
 //!
 //! The cost of a captured call is an estimate made on this project's benchmark machine (see
 //! `CAPTURED_NS_PER_CALL`); the thread's busy time is measured (`/proc/PID/task/TID/schedstat`).
+//! Waiting for a CPU counts as busy: a server whose CPU is shared with a load generator or a
+//! collector gets less than a whole one, and what the probes take of it is throughput lost
+//! just the same.
 
 use std::collections::{HashMap, HashSet};
 
@@ -158,7 +162,8 @@ impl Governor {
     }
 
     /// Called after each drain of the ring (every few milliseconds while events flow or a
-    /// process sheds). `cpu_ns(tgid, tid)` reads a thread's CPU time. Returns the changes to
+    /// process sheds). `cpu_ns(tgid, tid)` reads a thread's busy time (`thread_busy_ns`).
+    /// Returns the changes to
     /// make to the kernel's shed set, in order.
     pub fn tick(
         &mut self,
@@ -350,11 +355,14 @@ fn next_share(
     }
 }
 
-/// CPU time of thread `tid` of `tgid` in nanoseconds, from `/proc` (`schedstat`'s first
-/// field: time on a CPU).
-pub fn thread_cpu_ns(tgid: u32, tid: u32) -> Option<u64> {
+/// Time thread `tid` of `tgid` ran or waited to run, in nanoseconds, from `/proc`
+/// (`schedstat`: time on a CPU, time waiting on a run queue).
+pub fn thread_busy_ns(tgid: u32, tid: u32) -> Option<u64> {
     let text = std::fs::read_to_string(format!("/proc/{tgid}/task/{tid}/schedstat")).ok()?;
-    text.split_ascii_whitespace().next()?.parse().ok()
+    let mut fields = text.split_ascii_whitespace();
+    let running: u64 = fields.next()?.parse().ok()?;
+    let waiting: u64 = fields.next()?.parse().ok()?;
+    Some(running + waiting)
 }
 
 #[cfg(test)]
