@@ -87,6 +87,10 @@ enum Mode {
 /// The offered load of `Mode::TracedPaced`, requests per second: the rate up to which the
 /// project's target wants every request a span.
 const PACED_RATE: u32 = 20_000;
+/// Its connections, each with one request at a time: 50 (wrk's) could carry 20k req/s only
+/// while every response came within 2.5 ms, and a stall of the machine made the generator
+/// fall behind and send in bursts.
+const PACED_CONNECTIONS: u32 = 200;
 
 impl Mode {
     fn name(self) -> &'static str {
@@ -379,7 +383,7 @@ fn parse_latency_ms(v: &str) -> f64 {
     }
 }
 
-/// `rate` requests per second on `opts.connections` kept-alive connections for
+/// `rate` requests per second on `PACED_CONNECTIONS` kept-alive connections for
 /// `opts.duration` seconds (open loop: what wrk cannot do).
 fn paced_load(url: &str, rate: u32, opts: &BenchOptions) -> anyhow::Result<Run> {
     let rest = url
@@ -390,7 +394,7 @@ fn paced_load(url: &str, rate: u32, opts: &BenchOptions) -> anyhow::Result<Run> 
         addr: addr.parse().context("paced load: an IP:port address")?,
         path: if path.is_empty() { "/" } else { path }.to_string(),
         rate,
-        connections: opts.connections,
+        connections: PACED_CONNECTIONS,
         duration: Duration::from_secs(opts.duration),
     })?;
     Ok(Run {
@@ -790,12 +794,16 @@ fn loop_cost(mode: LoopMode, n: u64, other_pid: u32) -> anyhow::Result<[f64; 4]>
             "--output".into(),
             "json".into(),
         ])?),
+        // The loop is CPU-bound by design: with the default budget its capture would be shed,
+        // and the loop would measure a shed call.
         LoopMode::Traced | LoopMode::TracedHttp => Some(Agent::start(&[
             "run".into(),
             "--pid".into(),
             pid.to_string(),
             "--output".into(),
             "json".into(),
+            "--overhead-budget".into(),
+            "0".into(),
         ])?),
     };
     child.stdin.as_mut().unwrap().write_all(b"go\n")?;
