@@ -11,7 +11,7 @@ use std::{
 };
 
 use common::{Tracer, require_root, tempdir};
-use tracer_e2e::{ChildGuard, Collector, free_port, http_request, repo_root, wait_for_port};
+use tracer_e2e::{ChildGuard, Collector, free_port, http_request, repo_root};
 
 const OPEN: usize = 10_000;
 const CHURN: usize = 20_000;
@@ -81,14 +81,7 @@ fn ten_thousand_connections_and_churn_stay_bounded() {
         ),
     )
     .unwrap();
-    let _nginx = ChildGuard(
-        Command::new("nginx")
-            .arg("-c")
-            .arg(&conf)
-            .spawn()
-            .expect("nginx"),
-    );
-    wait_for_port(port, Duration::from_secs(10));
+    let _nginx = common::spawn_nginx(&conf, port);
 
     let metrics_port = free_port();
     let metrics_addr = format!("127.0.0.1:{metrics_port}");

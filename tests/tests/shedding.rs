@@ -12,7 +12,7 @@ use std::{
 };
 
 use common::{Tracer, require_root, tempdir};
-use tracer_e2e::{ChildGuard, free_port, http_request, wait_for_port};
+use tracer_e2e::{free_port, http_request};
 
 /// The number before `label` in the stats line.
 fn stat_before(stats: &str, label: &str) -> f64 {
@@ -51,14 +51,7 @@ fn a_saturated_server_is_shed_within_its_budget_and_counted() {
         ),
     )
     .unwrap();
-    let _nginx = ChildGuard(
-        Command::new("nginx")
-            .arg("-c")
-            .arg(&conf)
-            .spawn()
-            .expect("nginx"),
-    );
-    wait_for_port(port, Duration::from_secs(10));
+    let _nginx = common::spawn_nginx(&conf, port);
     let port_s = port.to_string();
     let tracer = Tracer::start(&[
         "run",

@@ -342,8 +342,9 @@ fn proc_status_kib(pid: u32, key: &str) -> u64 {
         .unwrap_or(0)
 }
 
-/// The number before `word` in the agent's summary line ("events: 123 data, 0 lost, ...").
-fn summary_number(summary: &str, word: &str) -> u64 {
+/// The number before `word` in the agent's summary line ("events: 123 data, 0 lost, ...",
+/// "3.2 s shed"); 0 when absent.
+fn summary_number<T: std::str::FromStr + Default>(summary: &str, word: &str) -> T {
     let words: Vec<&str> = summary
         .split(|c: char| c.is_whitespace() || c == ',' || c == ';')
         .filter(|w| !w.is_empty())
@@ -352,20 +353,7 @@ fn summary_number(summary: &str, word: &str) -> u64 {
         .windows(2)
         .find(|w| w[1] == word)
         .and_then(|w| w[0].parse().ok())
-        .unwrap_or(0)
-}
-
-/// The decimal number before the word `word` ("3.2 s shed").
-fn summary_number_f64(summary: &str, word: &str) -> f64 {
-    let words: Vec<&str> = summary
-        .split(|c: char| c.is_whitespace() || c == ',' || c == ';')
-        .filter(|w| !w.is_empty())
-        .collect();
-    words
-        .windows(2)
-        .find(|w| w[1] == word)
-        .and_then(|w| w[0].parse().ok())
-        .unwrap_or(0.0)
+        .unwrap_or_default()
 }
 
 fn parse_latency_ms(v: &str) -> f64 {
@@ -645,7 +633,7 @@ fn measure(
     run.dropped = summary_number(&summary, "dropped");
     run.failed = summary_number(&summary, "failed");
     run.shed_calls = summary_number(&summary, "socket");
-    run.shed_s = summary_number_f64(&summary, "s");
+    run.shed_s = summary_number(&summary, "s");
     Ok(run)
 }
 

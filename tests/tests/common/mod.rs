@@ -335,15 +335,20 @@ pub fn start_nginx(
         ),
     )
     .unwrap();
+    (spawn_nginx(&conf, port), port)
+}
+
+/// nginx with configuration `conf`, once it listens on `port`.
+pub fn spawn_nginx(conf: &std::path::Path, port: u16) -> ChildGuard {
     let nginx = ChildGuard(
         Command::new("nginx")
             .arg("-c")
-            .arg(&conf)
+            .arg(conf)
             .spawn()
             .expect("nginx"),
     );
     tracer_e2e::wait_for_port(port, Duration::from_secs(10));
-    (nginx, port)
+    nginx
 }
 
 /// A self-signed certificate for localhost and its key, made with the openssl tool:
