@@ -157,10 +157,11 @@ static GENERATION: Array<u64> = Array::with_max_entries(2, 0);
 #[map]
 static SHED_PIDS: HashMap<u32, u32> = HashMap::with_max_entries(4096, 0);
 
-/// `[0]`: how many processes `SHED_PIDS` holds, kept by the agent. While 0, a tracer with no
-/// process filter answers "captured" without consulting the verdict cache at all.
+/// Kept by the agent: `[0]` how many processes `SHED_PIDS` holds (while 0, a tracer with no
+/// process filter answers "captured" without consulting the verdict cache at all); `[1]` a
+/// count of changes to the shed set (see `SendNote::shed_epoch`).
 #[map]
-static SHED_COUNT: Array<u64> = Array::with_max_entries(1, 0);
+static SHED_STATE: Array<u64> = Array::with_max_entries(2, 0);
 
 /// Command names (`comm`, NUL-padded to 16 bytes) to trace when `Config::filter_comms` is set:
 /// checked in the kernel so that a matching process is traced from its first syscall.
@@ -276,9 +277,20 @@ fn verdict(tgid: u32) -> u32 {
 /// How many processes the agent sheds now.
 #[inline(always)]
 fn shed_count() -> u64 {
-    match SHED_COUNT.get_ptr(0) {
+    shed_state(0)
+}
+
+/// Changes to the shed set so far.
+#[inline(always)]
+pub(crate) fn shed_epoch() -> u32 {
+    shed_state(1) as u32
+}
+
+#[inline(always)]
+fn shed_state(index: u32) -> u64 {
+    match SHED_STATE.get_ptr(index) {
         // SAFETY: an aligned map value.
-        Some(count) => unsafe { core::ptr::read_volatile(count) },
+        Some(value) => unsafe { core::ptr::read_volatile(value) },
         None => 0,
     }
 }
@@ -317,10 +329,10 @@ fn forget_verdict(tgid: u32) {
     }
 }
 
-/// The full answer of `verdict`, from the traced and shed sets. Not inlined: as a BPF subprogram its
-/// stack (the name read) is gone when it returns, so the verifier's states after a cache hit
-/// and after a miss are alike and the rest of each program is verified once, not once per
-/// way through here.
+/// The full answer of `verdict`, from the traced and shed sets. Not inlined: as a BPF
+/// subprogram its stack (the name read) is gone when it returns, so the verifier's states after
+/// a cache hit and after a miss are alike and the rest of each program is verified once, not
+/// once per way through here.
 #[inline(never)]
 fn verdict_uncached(tgid: u32) -> u32 {
     if !traced_uncached(tgid) {

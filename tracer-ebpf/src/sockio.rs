@@ -51,10 +51,11 @@ pub struct SendNote {
     pub enter_ns: u64,
     pub seq: u32,
     pub seq_valid: u32,
-    /// The traced set's generation when the note was begun: a note from before the agent last
-    /// changed the set is stale, perhaps left by a send whose return was not captured (capture
-    /// shed in between).
-    pub generation: u32,
+    /// The shed set's epoch when the note was begun: a note from before the agent last shed or
+    /// resumed a process may have been left by a send whose return was not captured. (Not the
+    /// traced set's generation: that moves every second, and a send under way across the move
+    /// would lose the context written into it.)
+    pub shed_epoch: u32,
     _pad: u32,
     /// The client context the sk_msg program wrote into this send (`flags` 0: none).
     pub injected: TraceCtx,
@@ -108,13 +109,13 @@ fn sock_state(sk: *mut core::ffi::c_void, create: bool) -> Option<&'static mut S
 
 impl SockState {
     /// The send note for thread `pid_tgid`: emptied first when another thread left it, or
-    /// when it is from another generation of the traced set.
+    /// when it is from another epoch of the shed set.
     #[inline(always)]
-    fn note_for(&mut self, pid_tgid: u64, generation: u32) -> &mut SendNote {
+    fn note_for(&mut self, pid_tgid: u64, shed_epoch: u32) -> &mut SendNote {
         let note = &mut self.note;
-        if note.pid_tgid != pid_tgid || note.generation != generation {
+        if note.pid_tgid != pid_tgid || note.shed_epoch != shed_epoch {
             note.pid_tgid = pid_tgid;
-            note.generation = generation;
+            note.shed_epoch = shed_epoch;
             note.enter_ns = 0;
             note.seq_valid = 0;
             note.injected.flags = 0;
@@ -131,7 +132,7 @@ pub fn send_note(
     pid_tgid: u64,
     create: bool,
 ) -> Option<&'static mut SendNote> {
-    Some(sock_state(sk, create)?.note_for(pid_tgid, crate::generation()))
+    Some(sock_state(sk, create)?.note_for(pid_tgid, crate::shed_epoch()))
 }
 
 const TCP_CLOSE: i32 = 7;
@@ -245,7 +246,7 @@ fn sock_io(ctx: &BtfTracePointContext, direction: u32) {
         state = sock_state(ctx.arg(0), false);
     }
     if let Some(st) = state.as_deref_mut() {
-        let note = st.note_for(pid_tgid, generation);
+        let note = st.note_for(pid_tgid, crate::shed_epoch());
         enter_ns = note.enter_ns;
         if enter_ns != 0 && note.seq_valid != 0 {
             seq_at_start = Some(note.seq);

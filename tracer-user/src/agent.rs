@@ -452,12 +452,18 @@ fn update_kernel_tables(probes: &mut Probes, tracker: &mut ConnTracker, governor
     actions.extend(governor.tick(monotonic_ns(), thread_busy_ns));
     for action in actions {
         match action {
-            Action::Shed(tgid) => probes.set_shed(tgid, true),
+            // What the process's connections wait for may now go unseen: one closed while
+            // shed must not report its request as unanswered.
+            Action::Shed(tgid) => {
+                tracker.set_shed(tgid, true);
+                probes.set_shed(tgid, true);
+            }
             // Every event captured before shedding began has been handled (the ring was
-            // just drained, and nothing of the process was captured since): the gap starts
-            // after them, and ends before the first event of the flag's new state.
+            // just drained, and nothing of the process was captured since): the gap ends
+            // before the first event of the flag's new state.
             Action::Resume { tgid, tids } => {
                 tracker.gap(tgid);
+                tracker.set_shed(tgid, false);
                 probes.clear_thread_contexts(&tids);
                 probes.set_shed(tgid, false);
             }

@@ -55,7 +55,8 @@ const MAX_PROCESSES: usize = 4096;
 /// What the agent must do to the kernel's shed set.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Action {
-    /// Stop capturing the process's socket I/O.
+    /// Stop capturing the process's socket I/O. The agent tells the tracker too: a connection
+    /// closed while shed must not report the request it waited on as unanswered.
     Shed(u32),
     /// Capture it again. Before the flag flips, the agent tells the tracker that every
     /// connection of the process had a gap, and clears the kernel's trace context of its

@@ -11,7 +11,7 @@ pub mod link;
 
 use rustc_hash::FxHashMap as HashMap;
 use std::{
-    collections::VecDeque,
+    collections::{HashSet, VecDeque},
     net::{IpAddr, Ipv4Addr, SocketAddr},
     sync::Arc,
 };
@@ -107,6 +107,18 @@ struct Conn {
     reset: bool,
     last_ns: u64,
     release: Release,
+}
+
+impl Conn {
+    /// Bytes went unseen both ways (see `ConnTracker::gap`); returns the requests dropped.
+    fn gap(&mut self) -> usize {
+        self.starts.clear();
+        match &mut self.proto {
+            Proto::Detecting(http) | Proto::Http(http) => http.gap(),
+            Proto::Db { parser, .. } => parser.gap(),
+            Proto::Opaque => 0,
+        }
+    }
 }
 
 /// What decides whether the kernel's context injector can let go of a client connection.
@@ -218,6 +230,8 @@ pub struct ConnTracker {
     /// Client connections found since the last `take_clients_to_release` to need no context
     /// injection, by (local, remote) address.
     clients_to_release: Vec<(SocketAddr, SocketAddr)>,
+    /// Processes whose capture is shed now.
+    shed: HashSet<u32>,
 }
 
 /// A finished exchange, the connection it happened on, and its span identity.
@@ -238,6 +252,7 @@ impl ConnTracker {
             new_processes: Vec::new(),
             gone: Vec::new(),
             clients_to_release: Vec::new(),
+            shed: HashSet::default(),
         }
     }
 
@@ -522,13 +537,18 @@ impl ConnTracker {
             .filter(|(k, _)| k.0 == tgid)
             .map(|(_, c)| c)
         {
-            conn.starts.clear();
-            let dropped = match &mut conn.proto {
-                Proto::Detecting(http) | Proto::Http(http) => http.gap(),
-                Proto::Db { parser, .. } => parser.gap(),
-                Proto::Opaque => 0,
-            };
-            self.stats.gap_requests += dropped as u64;
+            self.stats.gap_requests += conn.gap() as u64;
+        }
+    }
+
+    /// Whether process `tgid`'s capture is shed now (see `crate::governor`). A connection of
+    /// it that closes meanwhile drops the requests it was waiting on, as a gap would: their
+    /// responses may well have gone by unseen, and must not be reported missing.
+    pub fn set_shed(&mut self, tgid: u32, shed: bool) {
+        if shed {
+            self.shed.insert(tgid);
+        } else {
+            self.shed.remove(&tgid);
         }
     }
 
@@ -568,6 +588,9 @@ impl ConnTracker {
     fn finish(&mut self, key: (u32, u32), mut conn: Conn, ts_ns: u64, out: &mut Vec<Finished>) {
         if conn.ignored {
             return;
+        }
+        if self.shed.contains(&key.0) {
+            self.stats.gap_requests += conn.gap() as u64;
         }
         match &mut conn.proto {
             Proto::Http(http) => http.close(ts_ns, conn.reset, &mut self.http_out),
@@ -904,6 +927,33 @@ mod tests {
                 ("/dogs".to_string(), 1_000, Some(200))
             ]
         );
+    }
+
+    /// A connection that closes while its process is shed drops the request it waited on
+    /// (its response may have gone by unseen) instead of reporting it unanswered; once
+    /// capture is back, a close reports as ever.
+    #[test]
+    fn a_close_while_shed_reports_nothing_unanswered() {
+        let mut t = ConnTracker::new(TrackerConfig::default());
+        feed(&mut t, &[data_record(7, 5, 1, 1_000, true, REQ)]);
+        t.set_shed(7, true);
+        let out = feed(
+            &mut t,
+            &[header_record(EventKind::ConnClose, 7, 5, 1, 9_000)],
+        );
+        assert!(out.is_empty());
+        assert_eq!(t.stats().gap_requests, 1);
+        t.gap(7);
+        t.set_shed(7, false);
+        let out = feed(
+            &mut t,
+            &[
+                data_record(7, 6, 2, 10_000, true, REQ),
+                header_record(EventKind::ConnClose, 7, 6, 2, 11_000),
+            ],
+        );
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].0.as_http().unwrap().status, None);
     }
 
     /// Only client connections that turned out not to carry HTTP/1.x are reported (once each),

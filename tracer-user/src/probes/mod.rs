@@ -229,8 +229,10 @@ pub struct Probes {
     /// Processes whose capture is shed (see `crate::governor`), and their count for the
     /// programs' fast path.
     shed_pids: HashMap<MapData, u32, u32>,
-    shed_count: aya::maps::Array<MapData, u64>,
+    shed_state: aya::maps::Array<MapData, u64>,
     shed: std::collections::HashSet<u32>,
+    /// Changes made to the shed set (the programs' `shed_epoch`).
+    shed_epoch: u64,
     stats: PerCpuArray<MapData, u64>,
     /// Tracepoints attached, as `category:name`.
     pub attached: Vec<String>,
@@ -324,11 +326,11 @@ impl Probes {
                 .ok_or(ProbeError::Map("SHED_PIDS"))?,
         )
         .map_err(|_| ProbeError::Map("SHED_PIDS"))?;
-        let shed_count = aya::maps::Array::try_from(
-            ebpf.take_map("SHED_COUNT")
-                .ok_or(ProbeError::Map("SHED_COUNT"))?,
+        let shed_state = aya::maps::Array::try_from(
+            ebpf.take_map("SHED_STATE")
+                .ok_or(ProbeError::Map("SHED_STATE"))?,
         )
-        .map_err(|_| ProbeError::Map("SHED_COUNT"))?;
+        .map_err(|_| ProbeError::Map("SHED_STATE"))?;
 
         let mut attached = Vec::new();
         let mut skipped = Vec::new();
@@ -466,8 +468,9 @@ impl Probes {
             traced_pids,
             generation,
             shed_pids,
-            shed_count,
+            shed_state,
             shed: Default::default(),
+            shed_epoch: 0,
             stats,
             attached,
             skipped,
@@ -686,7 +689,12 @@ impl Probes {
         if !changed {
             return;
         }
-        if let Err(e) = self.shed_count.set(0, self.shed.len() as u64, 0) {
+        self.shed_epoch += 1;
+        if let Err(e) = self
+            .shed_state
+            .set(0, self.shed.len() as u64, 0)
+            .and_then(|()| self.shed_state.set(1, self.shed_epoch, 0))
+        {
             warn!("cannot update the shed set's count: {e}");
         }
         // The programs' cached verdicts carry the shed bit.
