@@ -245,3 +245,37 @@ impl Rng {
         (self.next() % n.max(1) as u64) as usize
     }
 }
+
+/// Random gaps for the parsers' gap tests: before each syscall a gap begins now and then
+/// (one in 12); while one is open, each syscall is hidden by it or, half the time, the gap
+/// ends just before it.
+#[derive(Default)]
+pub struct Gaps {
+    open: bool,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum GapStep {
+    /// No gap: feed the syscall.
+    Feed,
+    /// The syscall went unseen.
+    Hidden,
+    /// The gap ends here: tell the parser (`gap()`), then feed the syscall.
+    GapEnds,
+}
+
+impl Gaps {
+    pub fn step(&mut self, rng: &mut Rng) -> GapStep {
+        if !self.open && rng.below(12) == 0 {
+            self.open = true;
+        }
+        if !self.open {
+            GapStep::Feed
+        } else if rng.below(2) == 0 {
+            GapStep::Hidden
+        } else {
+            self.open = false;
+            GapStep::GapEnds
+        }
+    }
+}

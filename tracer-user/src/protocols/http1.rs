@@ -1279,7 +1279,7 @@ mod tests {
     // prefix only).
 
     use super::*;
-    use crate::protocols::fixture::{Item, check_golden, cut, parse_fixture, tail_of};
+    use crate::protocols::fixture::{self, Item, Rng, check_golden, cut, parse_fixture, tail_of};
 
     const IN: Direction = Direction::Ingress;
     const EG: Direction = Direction::Egress;
@@ -2298,7 +2298,7 @@ mod tests {
             // Per exchange: target, response bytes, first and last response syscall time, and
             // whether a gap touched it.
             let mut expect: Vec<(String, u64, u64, u64, bool)> = Vec::new();
-            let mut gap_pending = false;
+            let mut gaps = fixture::Gaps::default();
             for i in 0..40 {
                 let target = format!("/r{i}");
                 let req = if rng.below(3) == 0 {
@@ -2343,14 +2343,11 @@ mod tests {
                         let min = if at == 0 { 16 } else { 1 };
                         let end = (at + min + rng.below(msg.len())).min(msg.len());
                         // A gap starts before this syscall now and then, hiding a few.
-                        if !gap_pending && rng.below(12) == 0 {
-                            gap_pending = true;
-                        }
                         ts += 10;
-                        let hidden = gap_pending && rng.below(2) == 0;
-                        if gap_pending && !hidden {
+                        let step = gaps.step(&mut rng);
+                        let hidden = step == fixture::GapStep::Hidden;
+                        if step == fixture::GapStep::GapEnds {
                             conn.gap();
-                            gap_pending = false;
                             // A gap before the request's first byte touches nothing.
                             touched |= is_resp || at > 0;
                         }
@@ -2389,21 +2386,6 @@ mod tests {
                 .collect();
             assert_eq!(got, want, "round {round}");
             assert!(!conn.is_not_http(), "round {round}");
-        }
-    }
-
-    /// xorshift64*: deterministic, no dependency.
-    struct Rng(u64);
-
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 >> 12;
-            self.0 ^= self.0 << 25;
-            self.0 ^= self.0 >> 27;
-            self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-        }
-        fn below(&mut self, n: usize) -> usize {
-            (self.next() % n as u64) as usize
         }
     }
 

@@ -2662,7 +2662,7 @@ mod tests {
             };
             let mut ts = 10u64;
             let mut expect: Vec<Expect> = Vec::new();
-            let mut gap_pending = false;
+            let mut gaps = fixture::Gaps::default();
             for i in 0..40 {
                 let text = format!("SELECT {i} FROM t{i}");
                 let rows = rng.below(20);
@@ -2701,14 +2701,11 @@ mod tests {
                         if end > bytes.len() - READY.len() && k == 1 {
                             end = bytes.len();
                         }
-                        if !gap_pending && rng.below(12) == 0 {
-                            gap_pending = true;
-                        }
                         ts += 10;
-                        let hidden = gap_pending && rng.below(2) == 0;
-                        if gap_pending && !hidden {
+                        let step = gaps.step(&mut rng);
+                        let hidden = step == fixture::GapStep::Hidden;
+                        if step == fixture::GapStep::GapEnds {
                             conn.gap();
-                            gap_pending = false;
                             touched |= k == 1 || at > 0;
                         }
                         if hidden {

@@ -2390,7 +2390,7 @@ mod tests {
             // Per command: request bytes, reply bytes and first and last reply syscall time,
             // and whether a gap touched it.
             let mut expect: Vec<(u64, u64, u64, u64, bool)> = Vec::new();
-            let mut gap_pending = false;
+            let mut gaps = fixture::Gaps::default();
             for i in 0..40 {
                 // Distinct sizes tell the commands apart.
                 let arg = vec![b'a' + (i % 26) as u8; 1 + i + 50 * rng.below(4)];
@@ -2409,14 +2409,11 @@ mod tests {
                         // may be SUBSCRIBE's, which stops matching (see above).
                         let min = if at == 0 && !is_reply { 14 } else { 1 };
                         let end = (at + min + rng.below(msg.len())).min(msg.len());
-                        if !gap_pending && rng.below(12) == 0 {
-                            gap_pending = true;
-                        }
                         ts += 10;
-                        let hidden = gap_pending && rng.below(2) == 0;
-                        if gap_pending && !hidden {
+                        let step = gaps.step(&mut rng);
+                        let hidden = step == fixture::GapStep::Hidden;
+                        if step == fixture::GapStep::GapEnds {
                             conn.gap();
-                            gap_pending = false;
                             touched |= is_reply || at > 0;
                         }
                         if hidden {
