@@ -32,18 +32,23 @@ fn a_saturated_server_is_shed_within_its_budget_and_counted() {
     let dir = tempdir();
     let html = dir.join("html");
     std::fs::create_dir_all(&html).unwrap();
-    std::fs::write(html.join("index.html"), "hi\n").unwrap();
+    // Gzipped on the fly at the highest level, each response costs the worker tens of
+    // microseconds: one CPU-bound thread under wrk however fast or slow the machine.
+    let page: String = (0..300u32)
+        .map(|i| format!("{} ", i.wrapping_mul(2_654_435_761) % 100_000))
+        .collect();
+    std::fs::write(html.join("index.html"), page).unwrap();
     let port = free_port();
     let conf = dir.join("nginx.conf");
     let log = dir.join("access.log");
-    // One worker, so that one thread is CPU-bound under wrk; a byte of access log per request
+    // One worker, so that one thread is CPU-bound under wrk; a line of access log per request
     // counts what nginx served.
     std::fs::write(
         &conf,
         format!(
             "worker_processes 1;\ndaemon off;\nerror_log {d}/error.log;\npid {d}/nginx.pid;\n\
              events {{ worker_connections 1024; }}\n\
-             http {{ log_format count '.'; access_log {log} count; keepalive_requests 1000000; client_body_temp_path {d}; proxy_temp_path {d}; fastcgi_temp_path {d}; uwsgi_temp_path {d}; scgi_temp_path {d};\n\
+             http {{ log_format count '.'; access_log {log} count; keepalive_requests 1000000; gzip on; gzip_comp_level 1; gzip_min_length 0; gzip_types text/html; client_body_temp_path {d}; proxy_temp_path {d}; fastcgi_temp_path {d}; uwsgi_temp_path {d}; scgi_temp_path {d};\n\
              server {{ listen 127.0.0.1:{port}; root {h}; }} }}\n",
             d = dir.display(),
             log = log.display(),
@@ -66,7 +71,7 @@ fn a_saturated_server_is_shed_within_its_budget_and_counted() {
     ]);
 
     let wrk = Command::new("wrk")
-        .args(["-t2", "-c50", "-d4s"])
+        .args(["-t2", "-c50", "-d4s", "-H", "Accept-Encoding: gzip"])
         .arg(format!("http://127.0.0.1:{port}/index.html"))
         .output()
         .expect("wrk (Debian package wrk)");
@@ -106,12 +111,19 @@ fn a_saturated_server_is_shed_within_its_budget_and_counted() {
 
     let mut spans = 0u64;
     let mut after = 0;
+    let mut cut_off = 0;
     for line in stopped.stdout.lines().filter(|l| l.starts_with('{')) {
         let span: serde_json::Value = serde_json::from_str(line).unwrap();
         let tags = &span["tags"];
         assert_eq!(span["kind"], "SERVER", "{line}");
         assert_eq!(span["name"], "GET /index.html", "{line}");
-        assert_eq!(tags["http.status_code"], "200", "{line}");
+        // wrk stops with a request in flight on some of its connections: nginx never answers
+        // those. At most one a connection; every other span is a whole 200.
+        if tags["error"] == "connection closed before response" {
+            cut_off += 1;
+        } else {
+            assert_eq!(tags["http.status_code"], "200", "{line}");
+        }
         let duration_us = span["duration"].as_u64().unwrap();
         assert!(duration_us < 1_000_000, "a gap made a long span: {line}");
         if tags["http.query"]
@@ -123,6 +135,10 @@ fn a_saturated_server_is_shed_within_its_budget_and_counted() {
             spans += 1;
         }
     }
+    assert!(
+        cut_off <= 50,
+        "{cut_off} requests cut off by wrk's 50 connections"
+    );
     let not_captured = stat_before(&stats, "socket calls not captured");
     let shed_s = stat_before(&stats, "s shed");
     eprintln!(
