@@ -21,7 +21,7 @@ use crate::{
     conn::{ConnTracker, Finished, TrackerConfig},
     events::{Event, decode},
     export::{Exporter, Output, USER_AGENT, ZipkinConfig, parse_zipkin_url},
-    governor::{Action, Governor, thread_busy_ns},
+    governor::{Action, Governor, HostReadings},
     metrics::Red,
     probes::{InjectOptions, ProbeOptions, Probes},
     protocols::Exchange,
@@ -289,7 +289,7 @@ async fn event_loop(
                 // one pushes back: the kernel's tables are brought up to date here too.
                 update_kernel_tables(&mut probes, &mut tracker, &mut governor);
                 drain_delay = DRAIN_BUSY;
-                drain_sleep.as_mut().reset(tokio::time::Instant::now() + drain_delay);
+                drain_sleep.as_mut().reset(tokio::time::Instant::now() + drain_delay.min(until_flip(&governor)));
             }
             // The probes wake the agent only when data piles up (see WAKEUP_BYTES in
             // tracer-ebpf): the rest is picked up here, within milliseconds while events flow.
@@ -313,7 +313,7 @@ async fn event_loop(
                 } else {
                     next_drain_delay(drain_delay, drained)
                 };
-                drain_sleep.as_mut().reset(tokio::time::Instant::now() + drain_delay);
+                drain_sleep.as_mut().reset(tokio::time::Instant::now() + drain_delay.min(until_flip(&governor)));
             }
             _ = sigint.recv() => break "interrupted",
             _ = sigterm.recv() => break "terminated",
@@ -437,6 +437,14 @@ fn drain_ring(
     n
 }
 
+/// Time until a shedding process's flag is due to flip; the timer's resolution (a
+/// millisecond) at the least.
+fn until_flip(governor: &Governor) -> Duration {
+    governor
+        .next_flip_ns(monotonic_ns())
+        .map_or(Duration::MAX, |ns| Duration::from_nanos(ns.max(1_000_000)))
+}
+
 /// Period of the duty cycle of a process whose capture is shed in part (see `governor`).
 const SHED_PERIOD_NS: u64 = 200_000_000;
 
@@ -449,7 +457,7 @@ fn update_kernel_tables(probes: &mut Probes, tracker: &mut ConnTracker, governor
     for (tgid, _) in &gone {
         governor.forget(*tgid, &mut actions);
     }
-    actions.extend(governor.tick(monotonic_ns(), thread_busy_ns));
+    actions.extend(governor.tick(monotonic_ns(), &mut HostReadings));
     for action in actions {
         match action {
             // What the process's connections wait for may now go unseen: one closed while
