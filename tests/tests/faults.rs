@@ -341,3 +341,62 @@ fn busy_cpus_do_not_starve_capture() {
         stopped.stderr
     );
 }
+
+/// The requests the Python server answered so far (its `/count`, which it does not count).
+fn served(server: &PythonServer) -> u64 {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", server.port)).expect("connect");
+    stream
+        .write_all(b"GET /count HTTP/1.0\r\n\r\n")
+        .expect("send");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).expect("read");
+    let (_, body) = response.split_once("\r\n\r\n").expect("a response");
+    body.trim().parse().expect("a count")
+}
+
+/// A client that goes away with requests in flight resets connections mid-response: the
+/// server's last write may return its count after the reset ended the connection. That tail
+/// (the Python server writes its body apart from its head: "hello\n") must not start a new
+/// connection of its own, where it once read as a Redis inline command (a span "HELLO"). Every
+/// span is a request the server answered, exactly.
+#[test]
+fn connections_reset_mid_response_make_no_phantom_requests() {
+    require_root();
+    let server = PythonServer::start();
+    let pid = server.pid().to_string();
+    let before = served(&server);
+    let tracer = Tracer::start(&["attach", "--pid", &pid, "--output", "json"]);
+    // wrk stops with a request in flight on most of its 50 connections: six times, each
+    // time 50 connections reset while the server answers.
+    for _ in 0..6 {
+        let wrk = std::process::Command::new("wrk")
+            .args(["-t2", "-c50", "-d1s"])
+            .arg(format!("http://127.0.0.1:{}/hello", server.port))
+            .output()
+            .expect("wrk (Debian package wrk)");
+        assert!(wrk.status.success(), "{wrk:?}");
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let stopped = tracer.stop();
+    assert!(stopped.status.success(), "{}", stopped.stderr);
+    let answered = served(&server) - before;
+    let spans: Vec<serde_json::Value> = stopped
+        .stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON span per line"))
+        .collect();
+    let names: std::collections::BTreeSet<&str> =
+        spans.iter().filter_map(|s| s["name"].as_str()).collect();
+    assert_eq!(
+        names,
+        ["GET /hello"].into(),
+        "only the requests sent are spans"
+    );
+    assert_eq!(
+        spans.len() as u64,
+        answered,
+        "a span for each request the server answered: {}",
+        stopped.stderr
+    );
+}

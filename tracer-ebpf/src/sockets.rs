@@ -59,7 +59,7 @@ pub fn conn_key(tgid: u32, fd: u32) -> u64 {
 }
 
 #[inline(always)]
-unsafe fn read_at<T>(base: *const u8, offset: u32) -> Result<T, i32> {
+pub(crate) unsafe fn read_at<T>(base: *const u8, offset: u32) -> Result<T, i32> {
     unsafe { bpf_probe_read_kernel(base.add(offset as usize) as *const T) }
 }
 

@@ -33,7 +33,8 @@ use crate::{
         NR_WRITE, NR_WRITEV, ORIG_AX, SI, btf_reg,
     },
     sockets::{
-        CONN_NOT_TCP, CONN_TLS, ConnState, conn_key, header_only, is_tcp, next_seq, track_socket,
+        CONN_NOT_TCP, CONN_TLS, ConnState, conn_key, header_only, is_tcp, next_seq, read_at,
+        track_socket,
     },
     syscalls::emit_data,
     tls, verdict,
@@ -440,5 +441,19 @@ fn socket_conn(pid_tgid: u64, fd: u32, sk: u64) -> Option<ConnState> {
         let _ = CONNS.insert(&key, &not_tcp, 0);
         return Some(not_tcp);
     }
+    // A socket already closed is no new connection: a send that raced the peer's reset
+    // returns its count after `inet_sock_set_state` ended the connection, and tracking the
+    // socket again would start a connection with the tail of a response (a body such as
+    // "hello\n" then reads as a request).
+    // SAFETY: a probe read of the socket the kernel handed the tracepoint.
+    if unsafe { read_at::<u8>(sk as *const u8, offset!(sk_family) + SKC_STATE_AFTER_FAMILY) }
+        .is_ok_and(|state| state as i32 == TCP_CLOSE)
+    {
+        return None;
+    }
     track_socket(pid_tgid, fd, sk as *const u8, ROLE_UNKNOWN)
 }
+
+/// `skc_state` follows `skc_family` (an unsigned short) in `struct sock_common`, in every
+/// kernel since 2.6.
+const SKC_STATE_AFTER_FAMILY: u32 = 2;
