@@ -53,6 +53,10 @@ enum Task {
         /// Rounds of untraced / traced / exported runs (medians are reported).
         #[arg(long, default_value_t = 4)]
         rounds: u32,
+        /// Pairs of untraced and traced runs after the rounds, for the judged ratios (the
+        /// median of each pair's ratio over the rounds and the pairs).
+        #[arg(long, default_value_t = 6)]
+        pairs: u32,
         /// wrk connections.
         #[arg(long, default_value_t = 50)]
         connections: u32,
@@ -99,6 +103,7 @@ fn main() -> anyhow::Result<()> {
         Task::Bench {
             duration,
             rounds,
+            pairs,
             connections,
             syscalls,
         } => {
@@ -106,6 +111,7 @@ fn main() -> anyhow::Result<()> {
             bench::bench(&bench::BenchOptions {
                 duration,
                 rounds,
+                pairs,
                 connections,
                 syscalls,
             })
