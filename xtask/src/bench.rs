@@ -967,8 +967,10 @@ pub fn bench(opts: &BenchOptions) -> anyhow::Result<()> {
             let lost: u64 = r.iter().map(|x| x.lost).sum();
             let spans: u64 = r.iter().map(|x| x.spans).sum();
             let served: u64 = r.iter().map(|x| x.served).sum();
+            // Over the requests of the measured runs (the server's count takes in the
+            // warm-ups too).
             let server_us = r.iter().map(|x| x.server_cpu_s).sum::<f64>() * 1e6
-                / r.iter().map(|x| x.served).sum::<u64>().max(1) as f64;
+                / r.iter().map(|x| x.requests).sum::<u64>().max(1) as f64;
             let steal_cores =
                 r.iter().map(|x| x.steal_s).sum::<f64>() / (opts.duration as f64 * r.len() as f64);
             let idle_cores =
@@ -1031,7 +1033,7 @@ pub fn bench(opts: &BenchOptions) -> anyhow::Result<()> {
         writeln!(
             report,
             "\nUntraced rounds ranged from {:.0} to {:.0} req/s: the noise any ratio above carries. \
-             Server CPU per request is the server's own CPU time over the requests it counted, \
+             Server CPU per request is the server's own CPU time over the requests wrk counted in the measured runs, \
              where the probes run; steal is CPU time the hypervisor gave to other guests; idle \
              is CPU time no thread wanted (wrk and the server waiting on each other); IPIs are \
              the machine's inter-processor interrupts per request served, mostly wakeups of a \

@@ -55,7 +55,7 @@ enum Task {
         rounds: u32,
         /// Pairs of untraced and traced runs after the rounds, for the judged ratios (the
         /// median of each pair's ratio over the rounds and the pairs).
-        #[arg(long, default_value_t = 6)]
+        #[arg(long, default_value_t = 10)]
         pairs: u32,
         /// wrk connections.
         #[arg(long, default_value_t = 50)]
