@@ -307,12 +307,11 @@ async fn event_loop(
                 );
                 submit(&mut exporter, &mut finished, &clock, &mut red);
                 update_kernel_tables(&mut probes, &mut tracker, &mut governor);
-                // A shedding process's duty cycle is kept by these drains, events or not.
-                drain_delay = if governor.active() {
-                    DRAIN_BUSY
-                } else {
-                    next_drain_delay(drain_delay, drained)
-                };
+                // A shedding process's duty cycle needs the agent at its flips only, which
+                // `until_flip` times: a drain every 10 ms through the shed part of each period
+                // as well was a hundred wakeups a second, each preempting the server or
+                // bringing the other CPU back from the hypervisor.
+                drain_delay = next_drain_delay(drain_delay, drained);
                 drain_sleep.as_mut().reset(tokio::time::Instant::now() + drain_delay.min(until_flip(&governor)));
             }
             _ = sigint.recv() => break "interrupted",

@@ -51,10 +51,10 @@ const SHED_NS_PER_CALL: f64 = 250.0;
 /// CPU-bound: tracing it takes throughput. Fully captured nginx under wrk: 82-100% of each
 /// period, 94-99% on average (wrk, starved by the agent and the server, does not always have
 /// a request waiting); at a steady 20k requests/s: 63-95%, up to 94% on average when the
-/// machine is slow, when the server falls behind its load (100+ ms p99) and is nearly
-/// saturated itself. Missing saturation costs a third of the throughput, shedding near it a
-/// few percent of the spans, counted.
-const SATURATED: f64 = 0.93;
+/// machine is slow and the server falls behind its load (100+ ms p99). At 0.93 a benchmark's
+/// paced 20k requests/s run was shed 11% of the time; at 0.95 a saturated nginx averaging
+/// 94% may go unshed for a while (capture kept, throughput lost) rather than shed spans.
+const SATURATED: f64 = 0.95;
 /// The least runnable share of each of the last two periods of a CPU-bound thread.
 const SATURATED_LAST: f64 = 0.92;
 /// Weight of the last period in the runnable share's running average (about a second's memory
@@ -231,12 +231,6 @@ impl Governor {
         if self.enabled() {
             *self.calls.entry((tgid, tid)).or_insert(0) += 1;
         }
-    }
-
-    /// Whether some process is shedding: the duty cycle needs the agent's attention every few
-    /// milliseconds, even when no events come.
-    pub fn active(&self) -> bool {
-        self.stats.shedding > 0
     }
 
     /// Time from `now_ns` until a shedding process's flag is due to flip (at most the rest of
