@@ -58,17 +58,21 @@ fn a_saturated_server_is_shed_within_its_budget_and_counted() {
     .unwrap();
     let _nginx = common::spawn_nginx(&conf, port);
     let port_s = port.to_string();
-    let tracer = Tracer::start(&[
-        "run",
-        "--comm",
-        "nginx",
-        "--port",
-        &port_s,
-        "--output",
-        "json",
-        "--queue-size",
-        "1000000",
-    ]);
+    // The governor's view of each period, for the failure messages below.
+    let tracer = Tracer::start_with_env(
+        &[
+            "run",
+            "--comm",
+            "nginx",
+            "--port",
+            &port_s,
+            "--output",
+            "json",
+            "--queue-size",
+            "1000000",
+        ],
+        &[("RUST_LOG", "info,tracer_user::governor=debug")],
+    );
 
     let wrk = Command::new("wrk")
         .args(["-t2", "-c50", "-d4s", "-H", "Accept-Encoding: gzip"])
@@ -144,9 +148,15 @@ fn a_saturated_server_is_shed_within_its_budget_and_counted() {
     eprintln!(
         "{under_load} requests under load, {spans} spans; {not_captured} calls not captured, {shed_s} s shed"
     );
+    let governor: Vec<&str> = stopped
+        .stderr
+        .lines()
+        .filter(|l| l.contains("capture share"))
+        .collect();
     assert!(
         not_captured > 0.0 && shed_s > 0.5,
-        "a CPU-bound nginx worker was not shed: {stats}"
+        "a CPU-bound nginx worker was not shed: {stats}\n{}",
+        governor.join("\n")
     );
     assert!(
         spans < under_load,
