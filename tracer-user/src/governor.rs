@@ -55,10 +55,10 @@ const SHED_NS_PER_CALL: f64 = 250.0;
 /// paced 20k requests/s run was shed 11% of the time; at 0.95 a saturated nginx averaging
 /// 94% may go unshed for a while (capture kept, throughput lost) rather than shed spans.
 const SATURATED: f64 = 0.95;
-/// A thread on a CPU this share of the time, on average, is CPU-bound too: nginx gzipping each
-/// response under wrk in a slow spell of the CI machine ran at a third of its usual rate and
-/// was not shed by the runnable share alone. At a steady 20k requests/s nginx runs 60-75% of
-/// the time, and 80-99% for three or four periods after a stall: an average stays under 85%.
+/// A thread on a CPU this share of the time, on average, is CPU-bound too: the e2e test's nginx
+/// gzipping each response under wrk went unshed on the runnable share alone in one CI run and
+/// one of three local runs. At a steady 20k requests/s nginx runs 60-75% of the time, and
+/// 80-99% for three or four periods after a stall: an average stays under 85%.
 const SATURATED_ON_CPU: f64 = 0.85;
 /// The least runnable share of each of the last two periods of a CPU-bound thread (or
 /// `SATURATED_ON_CPU` on a CPU).
