@@ -444,8 +444,7 @@ impl Governor {
                     last_hot: hot,
                 });
                 // Runnable nearly all the time, or on a CPU most of it (time the kernel spends
-                // on interrupts, or the hypervisor steals, counts as neither, and a slow spell
-                // of the machine can hold a CPU-bound thread's runnable share under 95%).
+                // on interrupts, or the hypervisor steals, is in neither share).
                 let cpu_bound = (average >= SATURATED || on_cpu >= SATURATED_ON_CPU)
                     && hot
                     && before.last_hot
@@ -456,7 +455,7 @@ impl Governor {
                 };
                 let share = next_share(budget, p.share, busy, cpu_bound, &cost, captured_share);
                 log::debug!(
-                    "pid {tgid}: hottest thread runnable {runnable:.2} (average {average:.2}), on CPU {busy:.2}, {calls} calls captured in {:.0}% of the period, agent {agent_ns_per_call:.0} ns a call: capture share {:.2} -> {share:.2}",
+                    "pid {tgid}: hottest thread runnable {runnable:.2} (average {average:.2}), on CPU {busy:.2} (average {on_cpu:.2}), {calls} calls captured in {:.0}% of the period, agent {agent_ns_per_call:.0} ns a call: capture share {:.2} -> {share:.2}",
                     captured_share * 100.0,
                     p.share
                 );
