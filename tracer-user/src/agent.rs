@@ -776,13 +776,7 @@ fn render_metrics(
 
 /// CLOCK_MONOTONIC, the clock of `bpf_ktime_get_ns`.
 fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: valid pointer; CLOCK_MONOTONIC always exists.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+    crate::spans::clock_ns(libc::CLOCK_MONOTONIC) as u64
 }
 
 #[cfg(test)]

@@ -205,13 +205,7 @@ impl Readings for HostReadings {
     }
 
     fn agent_cpu_ns(&mut self) -> u64 {
-        let mut ts = libc::timespec {
-            tv_sec: 0,
-            tv_nsec: 0,
-        };
-        // SAFETY: a valid pointer; the process CPU-time clock always exists.
-        unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
-        ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+        crate::spans::clock_ns(libc::CLOCK_PROCESS_CPUTIME_ID) as u64
     }
 }
 

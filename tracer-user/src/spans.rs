@@ -395,12 +395,14 @@ impl Clock {
     }
 }
 
-fn clock_ns(clock: libc::clockid_t) -> i128 {
+/// Clock `clock` now, in nanoseconds.
+pub(crate) fn clock_ns(clock: libc::clockid_t) -> i128 {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
     };
-    // SAFETY: `ts` is a valid out-pointer and both clocks exist on every Linux.
+    // SAFETY: `ts` is a valid out-pointer; the clocks asked for (realtime, monotonic, the
+    // process's CPU time) exist on every Linux.
     unsafe { libc::clock_gettime(clock, &mut ts) };
     i128::from(ts.tv_sec) * 1_000_000_000 + i128::from(ts.tv_nsec)
 }
