@@ -1104,6 +1104,9 @@ pub fn bench(opts: &BenchOptions) -> anyhow::Result<()> {
         let rps_ratio = median(rps_ratios.clone());
         let p99_ratio = median(p99_ratios.clone());
         let quartiles = |v: &[f64]| {
+            if v.is_empty() {
+                return "-".to_string();
+            }
             let mut v = v.to_vec();
             v.sort_by(f64::total_cmp);
             let at = |q: f64| v[((v.len() - 1) as f64 * q).round() as usize];
