@@ -246,6 +246,10 @@ impl Governor {
     /// the period), for the agent to tick then: a flip at the next routine tick instead would
     /// stretch a captured share of a few milliseconds to the tick's interval.
     pub fn next_flip_ns(&self, now_ns: u64) -> Option<u64> {
+        // Asked after every drain: no walk of every governed process while none sheds.
+        if self.stats.shedding == 0 {
+            return None;
+        }
         let period_end = self.period_start_ns + self.period_ns;
         self.processes
             .values()
