@@ -30,6 +30,9 @@ pub enum EventKind {
     /// [`EventHeader`] only (fd and conn_id zero): the process ran execve; it is another
     /// program now (name, libraries), with the same pid.
     ProcessExec = 6,
+    /// [`EventHeader`] only: calls on the connection went uncaptured (per-turn sampling of a
+    /// shed process) up to the data event that follows; what its parser waited for is lost.
+    ConnGap = 7,
 }
 
 impl EventKind {
@@ -41,6 +44,7 @@ impl EventKind {
             4 => Self::ConnReset,
             5 => Self::ProcessExit,
             6 => Self::ProcessExec,
+            7 => Self::ConnGap,
             _ => return None,
         })
     }

@@ -34,7 +34,7 @@ use tracer_common::{
     INJECT_B3, INJECT_OFF, MAX_CAPTURE, SavedArgs, SockKey, TraceCtx, stat,
 };
 
-use crate::{ACTIVE, SCRATCH, count, is_captured, is_traced, syscalls::verifier_bound};
+use crate::{ACTIVE, SCRATCH, count, is_traced, syscalls::verifier_bound};
 
 /// Bytes of a request looked at for the header block (its end must be inside).
 const WINDOW: usize = 1024;
@@ -472,7 +472,8 @@ pub fn server_request(head: &[u8], head_len: usize, conn_id: u64, tid: u32) -> T
             let slot = unsafe { &mut *slot };
             // A thread that reads a second request before answering the first (an event
             // loop, or pipelining) cannot say which one its calls belong to.
-            if slot.ctx.flags != 0 && slot.conn_id != conn_id {
+            // (A mark of per-turn sampling, see `turns`, is not a request being served.)
+            if slot.ctx.flags & CTX_VALID != 0 && slot.conn_id != conn_id {
                 ctx.flags |= CTX_AMBIGUOUS;
             }
             *slot = ThreadCtx { ctx, conn_id };
@@ -651,15 +652,12 @@ fn try_inject(ctx: &SkMsgContext) -> Option<()> {
     let pid_tgid = bpf_get_current_pid_tgid();
     let injected = if config!(sock_hooks) != 0 {
         // Sends of traced threads; the socket's send note carries the injected context to
-        // the socket-layer hook that reports the send (and empties it). No header while the
-        // process's capture is shed: the client span would not be reported, and the server
-        // span it is part of was not named.
-        if !is_captured((pid_tgid >> 32) as u32) {
-            return None;
-        }
+        // the socket-layer hook that reports the send (and empties it). No header in a turn
+        // that per-turn sampling skips: the client span would not be reported.
+        let keep = crate::capture_mode((pid_tgid >> 32) as u32)?;
         // SAFETY: a read of the program's context: the socket being sent on.
         let sk = unsafe { (*ctx.msg).__bindgen_anon_3.sk };
-        &mut crate::sockio::send_note(sk.cast(), pid_tgid, true)?.injected
+        &mut crate::sockio::send_sampled(sk.cast(), pid_tgid, keep)?.injected
     } else {
         // Only the sends the syscall probes saw a traced thread start: its saved arguments
         // say so, and carry the injected context to the syscall's exit.
@@ -742,7 +740,7 @@ fn try_inject(ctx: &SkMsgContext) -> Option<()> {
         ..Default::default()
     };
     // SAFETY: copied out at once.
-    match unsafe { THREAD_CTX.get(&tid) }.filter(|t| t.ctx.flags != 0) {
+    match unsafe { THREAD_CTX.get(&tid) }.filter(|t| t.ctx.flags & CTX_VALID != 0) {
         Some(t) if t.ctx.flags & CTX_AMBIGUOUS == 0 => {
             client.trace_id_hi = t.ctx.trace_id_hi;
             client.trace_id_lo = t.ctx.trace_id_lo;

@@ -38,6 +38,7 @@ mod sockets;
 mod sockio;
 mod syscalls;
 mod tls;
+mod turns;
 
 use aya_ebpf::{
     Global,
@@ -150,12 +151,17 @@ const VERDICT_SLOTS: u32 = 16384;
 #[map]
 static GENERATION: Array<u64> = Array::with_max_entries(2, 0);
 
-/// Traced processes whose socket I/O is not captured for now, by tgid (value unused): the
-/// agent sheds load this way while a traced thread is CPU-bound and tracing it would cost
-/// more than its overhead budget. Their connections, forks and exits are still followed;
-/// only the data path (and context injection) stands aside, at the cost of a cached verdict.
+/// Traced processes whose socket I/O is captured only in part for now, by tgid: the agent
+/// sheds load this way while a traced thread is CPU-bound and tracing it would cost more than
+/// its overhead budget. The value is the share of request/response turns to capture, of
+/// `u32::MAX` (see `turns`). Their connections, forks and exits are still followed in full.
 #[map]
 static SHED_PIDS: HashMap<u32, u32> = HashMap::with_max_entries(4096, 0);
+
+/// The `SHED_PIDS` value of the process whose verdict is cached in the same slot of
+/// `VERDICTS`, copied with the verdict: read by every call of a shed process.
+#[map]
+static SAMPLE_KEEP: Array<u32> = Array::with_max_entries(VERDICT_SLOTS, 0);
 
 /// Kept by the agent: `[0]` how many processes `SHED_PIDS` holds (while 0, a tracer with no
 /// process filter answers "captured" without consulting the verdict cache at all); `[1]` a
@@ -240,12 +246,6 @@ const VERDICT_SHED_TRACED: u32 = VERDICT_TRACED | VERDICT_SHED;
 #[inline(always)]
 fn is_traced(tgid: u32) -> bool {
     verdict(tgid) & VERDICT_TRACED != 0
-}
-
-/// Whether the thread group's socket I/O is captured: traced, and not shed.
-#[inline(always)]
-fn is_captured(tgid: u32) -> bool {
-    verdict(tgid) == VERDICT_TRACED
 }
 
 /// `VERDICT_*` bits of thread group `tgid`, from the verdict cache when current.
@@ -338,11 +338,39 @@ fn verdict_uncached(tgid: u32) -> u32 {
     if !traced_uncached(tgid) {
         return 0;
     }
-    // SAFETY: a presence check.
-    if shed_count() != 0 && unsafe { SHED_PIDS.get(&tgid).is_some() } {
+    if shed_count() != 0
+        // SAFETY: copied out at once.
+        && let Some(keep) = unsafe { SHED_PIDS.get(&tgid) }.copied()
+    {
+        if let Some(slot) = SAMPLE_KEEP.get_ptr_mut(tgid & (VERDICT_SLOTS - 1)) {
+            // SAFETY: an aligned map value. Another process of the same slot may overwrite
+            // it meanwhile: one call then goes by the other's share.
+            unsafe { core::ptr::write_volatile(slot, keep) };
+        }
         return VERDICT_SHED_TRACED;
     }
     VERDICT_TRACED
+}
+
+/// The share of turns to capture of shed process `tgid`, whose verdict was just read.
+#[inline(always)]
+fn sample_keep(tgid: u32) -> u32 {
+    match SAMPLE_KEEP.get_ptr(tgid & (VERDICT_SLOTS - 1)) {
+        // SAFETY: an aligned map value.
+        Some(keep) => unsafe { core::ptr::read_volatile(keep) },
+        None => 0,
+    }
+}
+
+/// What a traced process's calls are subject to: `None` not traced, `Some(None)` captured in
+/// full, `Some(Some(keep))` sampled by turns (see `turns`).
+#[inline(always)]
+fn capture_mode(tgid: u32) -> Option<Option<u32>> {
+    match verdict(tgid) {
+        VERDICT_TRACED => Some(None),
+        VERDICT_SHED_TRACED => Some(Some(sample_keep(tgid))),
+        _ => None,
+    }
 }
 
 /// Whether `tgid` is in the traced sets.

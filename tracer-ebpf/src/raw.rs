@@ -16,7 +16,7 @@ use aya_ebpf::{
 use tracer_common::{DIR_EGRESS, DIR_INGRESS, SavedArgs};
 
 use crate::{
-    is_captured, is_traced,
+    capture_mode, is_traced,
     sockets::{enter_accept, enter_close, enter_connect, exit_accept, exit_connect, take_saved},
     syscalls::{MSG, enter_traced_args, exit_data},
 };
@@ -118,11 +118,11 @@ fn on_enter(id: i64, arg: impl Fn(usize) -> u64) {
         }
         _ => return,
     };
-    // Untraced processes, and those whose capture is shed, leave before any register is read.
+    // Untraced processes leave before any register is read.
     let pid_tgid = bpf_get_current_pid_tgid();
-    if !is_captured((pid_tgid >> 32) as u32) {
+    let Some(keep) = capture_mode((pid_tgid >> 32) as u32) else {
         return;
-    }
+    };
     enter_traced_args(
         pid_tgid,
         arg(DI),
@@ -131,6 +131,7 @@ fn on_enter(id: i64, arg: impl Fn(usize) -> u64) {
         id as i32,
         kind,
         direction,
+        keep,
     );
 }
 

@@ -31,9 +31,14 @@ pub struct ConnState {
     pub conn_id: u64,
     /// The `struct sock *`, for reading sequence numbers (never dereferenced directly).
     pub sk: u64,
-    /// `CONN_*` bits.
+    /// `CONN_*` bits; from `TURN_SHIFT` up, the connection's turn state for per-turn
+    /// sampling where the syscall probes capture (`turns`; the socket-layer programs keep it
+    /// on the socket).
     pub flags: u64,
 }
+
+/// Where a `ConnState`'s turn state starts in its flags.
+pub const TURN_SHIFT: u32 = 32;
 
 /// The socket carries TLS whose plaintext the OpenSSL probes report: its syscalls move
 /// ciphertext, which is not copied.

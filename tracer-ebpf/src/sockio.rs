@@ -27,7 +27,7 @@ use aya_ebpf::{
 use tracer_common::{DIR_EGRESS, DIR_INGRESS, EventKind, ROLE_UNKNOWN, SavedArgs, TraceCtx, stat};
 
 use crate::{
-    CONNS, SK_OWNERS, VERDICT_SHED_TRACED, VERDICT_TRACED, count, is_captured,
+    CONNS, SK_OWNERS, capture_mode, count,
     raw::{
         DI, DX, NR_READ, NR_READV, NR_RECVFROM, NR_RECVMSG, NR_SENDFILE, NR_SENDMSG, NR_SENDTO,
         NR_WRITE, NR_WRITEV, ORIG_AX, SI, btf_reg,
@@ -37,7 +37,8 @@ use crate::{
         track_socket,
     },
     syscalls::emit_data,
-    tls, verdict,
+    tls,
+    turns::{self, Pick},
 };
 
 /// What is known of a send under way on a socket before the send returns: noted when its first
@@ -79,6 +80,9 @@ pub struct SockState {
     /// copy outlives its entry by more than that, and the programs that remove an entry
     /// themselves (a socket's close, an fd reused) clear or bypass the copy.
     conn_generation: u64,
+    /// Per-turn sampling's state of the connection (see `turns`).
+    turn: u32,
+    _pad: u32,
 }
 
 /// Socket storage, freed with the socket.
@@ -125,15 +129,22 @@ impl SockState {
     }
 }
 
-/// The send note of socket `sk` (a BTF `struct sock *`) for thread `pid_tgid`. With `create`,
-/// made when the socket has none.
+/// The send note of socket `sk` for thread `pid_tgid` (made when the socket has none), when
+/// the send under way is captured: `keep` as in `turns::pick`. The first hook of a send to
+/// get here picks its turn; the others find the pick made.
 #[inline(always)]
-pub fn send_note(
+pub fn send_sampled(
     sk: *mut core::ffi::c_void,
     pid_tgid: u64,
-    create: bool,
+    keep: Option<u32>,
 ) -> Option<&'static mut SendNote> {
-    Some(sock_state(sk, create)?.note_for(pid_tgid, crate::shed_epoch()))
+    let state = sock_state(sk, true)?;
+    if keep.is_some()
+        && turns::pick(&mut state.turn, DIR_EGRESS, keep, pid_tgid as u32) == Pick::Skip
+    {
+        return None;
+    }
+    Some(state.note_for(pid_tgid, crate::shed_epoch()))
 }
 
 const TCP_CLOSE: i32 = 7;
@@ -164,11 +175,11 @@ pub fn tracer_sock_recv(ctx: BtfTracePointContext) -> i32 {
 #[btf_tracepoint(function = "tcp_sendmsg_locked")]
 pub fn tracer_tcp_send_begin(ctx: BtfTracePointContext) -> i32 {
     let pid_tgid = bpf_get_current_pid_tgid();
-    if !is_captured((pid_tgid >> 32) as u32) {
+    let Some(keep) = capture_mode((pid_tgid >> 32) as u32) else {
         return 0;
-    }
+    };
     let sk: *mut core::ffi::c_void = ctx.arg(0);
-    let Some(note) = send_note(sk, pid_tgid, true) else {
+    let Some(note) = send_sampled(sk, pid_tgid, keep) else {
         return 0;
     };
     if note.enter_ns != 0 {
@@ -225,15 +236,31 @@ pub fn tracer_sock_state(ctx: BtfTracePointContext) -> i32 {
 fn sock_io(ctx: &BtfTracePointContext, direction: u32) {
     let pid_tgid = bpf_get_current_pid_tgid();
     let tgid = (pid_tgid >> 32) as u32;
-    match verdict(tgid) {
-        VERDICT_TRACED => {}
-        VERDICT_SHED_TRACED => {
-            if ctx.arg::<i32>(1) > 0 {
-                count(stat::SHED_IO);
-            }
+    let Some(keep) = capture_mode(tgid) else {
+        return;
+    };
+    let ret = ctx.arg::<i32>(1) as i64;
+    // A shed process: the call's turn decides, before anything else is looked at.
+    let mut state = None;
+    let mut gap = false;
+    if keep.is_some() {
+        if ret <= 0 {
             return;
         }
-        _ => return,
+        state = sock_state(ctx.arg(0), true);
+        let Some(st) = state.as_deref_mut() else {
+            return;
+        };
+        match turns::pick(&mut st.turn, direction, keep, pid_tgid as u32) {
+            // Unless the thread is inside an OpenSSL call, whose probes pick for themselves
+            // and must learn its socket here.
+            Pick::Skip if !tls::in_any_ssl_call(pid_tgid) => {
+                count(stat::SHED_IO);
+                return;
+            }
+            Pick::AfterGap => gap = true,
+            _ => {}
+        }
     }
     let generation = crate::generation();
     // What the send's first segment noted, and the context sk_msg wrote into it; the note is
@@ -242,8 +269,7 @@ fn sock_io(ctx: &BtfTracePointContext, direction: u32) {
     let mut seq_at_start = None;
     let mut injected = TraceCtx::default();
     // A send looks first (its note); a receive when it has bytes to report.
-    let mut state = None;
-    if direction == DIR_EGRESS {
+    if direction == DIR_EGRESS && state.is_none() {
         state = sock_state(ctx.arg(0), false);
     }
     if let Some(st) = state.as_deref_mut() {
@@ -259,7 +285,6 @@ fn sock_io(ctx: &BtfTracePointContext, direction: u32) {
         note.enter_ns = 0;
     }
     let sk: u64 = ctx.arg(0);
-    let ret = ctx.arg::<i32>(1) as i64;
     // SAFETY: the current task, BTF-typed; its saved user registers are plain loads.
     let regs = unsafe { bpf_task_pt_regs(bpf_get_current_task_btf()) } as *const u8;
     let syscall = btf_reg(regs, ORIG_AX) as i64;
@@ -294,7 +319,7 @@ fn sock_io(ctx: &BtfTracePointContext, direction: u32) {
         }
         return;
     }
-    if direction == DIR_INGRESS {
+    if direction == DIR_INGRESS && state.is_none() {
         state = sock_state(ctx.arg(0), false);
     }
     let Some(conn) = socket_conn_cached(&mut state, ctx, pid_tgid, fd, sk, generation) else {
@@ -324,6 +349,15 @@ fn sock_io(ctx: &BtfTracePointContext, direction: u32) {
     if direction == DIR_INGRESS && flags & MSG_PEEK != 0 {
         // The same bytes will be read again.
         return;
+    }
+    // Captured in full: the turn state learns the call all the same, to say when a gap ends.
+    if keep.is_none()
+        && let Some(st) = state.as_deref_mut()
+    {
+        gap = turns::pick(&mut st.turn, direction, None, pid_tgid as u32) == Pick::AfterGap;
+    }
+    if gap {
+        header_only(EventKind::ConnGap, tgid, pid_tgid as u32, fd, conn.conn_id);
     }
     let (kind, buf, count) = match kind {
         SavedArgs::BUF => (kind, btf_reg(regs, SI), 0),

@@ -18,11 +18,13 @@ use tracer_common::{
 };
 
 use crate::{
-    EVENTS, SCRATCH, capture_limit, count, inject, is_captured,
+    CONNS, EVENTS, SCRATCH, capture_limit, capture_mode, count, inject,
     sockets::{
-        CONN_TLS, clear_saved, header_only, lookup_or_track, next_seq, saved_slot, take_saved,
+        CONN_TLS, TURN_SHIFT, clear_saved, conn_key, header_only, lookup_or_track, next_seq,
+        saved_slot, take_saved,
     },
     tls,
+    turns::{self, Pick},
 };
 
 const ECONNRESET: i64 = 104;
@@ -77,12 +79,13 @@ fn enter(ctx: &TracePointContext, kind: u32, direction: u32) {
 #[inline(always)]
 pub fn enter_args(fd: u64, arg1: u64, arg2: u64, syscall: i32, kind: u32, direction: u32) {
     let pid_tgid = bpf_get_current_pid_tgid();
-    if is_captured((pid_tgid >> 32) as u32) {
-        enter_traced_args(pid_tgid, fd, arg1, arg2, syscall, kind, direction);
+    if let Some(keep) = capture_mode((pid_tgid >> 32) as u32) {
+        enter_traced_args(pid_tgid, fd, arg1, arg2, syscall, kind, direction, keep);
     }
 }
 
-/// `enter_args` for a thread known to be traced.
+/// `enter_args` for a thread known to be traced; `keep` as in `turns::pick`.
+#[allow(clippy::too_many_arguments)]
 #[inline(always)]
 pub fn enter_traced_args(
     pid_tgid: u64,
@@ -92,6 +95,7 @@ pub fn enter_traced_args(
     syscall: i32,
     kind: u32,
     direction: u32,
+    keep: Option<u32>,
 ) {
     let tgid = (pid_tgid >> 32) as u32;
     if fd > i32::MAX as u64 {
@@ -111,6 +115,25 @@ pub fn enter_traced_args(
     if tls::in_ssl_call(pid_tgid, tgid, fd, &conn, now) || conn.flags & CONN_TLS != 0 {
         clear_saved(pid_tgid);
         return;
+    }
+    // The turn state is kept in the entry's flags, above the `CONN_*` bits.
+    if let Some(entry) = CONNS.get_ptr_mut(&conn_key(tgid, fd)) {
+        // SAFETY: a map value pointer, valid for this program's run.
+        let flags = unsafe { &mut (*entry).flags };
+        let mut turn = (*flags >> TURN_SHIFT) as u32;
+        let pick = turns::pick(&mut turn, direction, keep, pid_tgid as u32);
+        *flags = (*flags & ((1 << TURN_SHIFT) - 1)) | ((turn as u64) << TURN_SHIFT);
+        match pick {
+            Pick::Skip => {
+                count(stat::SHED_IO);
+                clear_saved(pid_tgid);
+                return;
+            }
+            Pick::AfterGap => {
+                header_only(EventKind::ConnGap, tgid, pid_tgid as u32, fd, conn.conn_id);
+            }
+            Pick::Capture => {}
+        }
     }
     let (kind, buf, count) = match kind {
         SavedArgs::BUF => (kind, arg1, 0),

@@ -16,13 +16,14 @@ use aya_ebpf::{
     programs::{ProbeContext, RetProbeContext},
 };
 use tracer_common::{
-    DIR_EGRESS, DIR_INGRESS, SYSCALL_SSL_READ, SYSCALL_SSL_WRITE, SavedArgs, stat,
+    DIR_EGRESS, DIR_INGRESS, EventKind, SYSCALL_SSL_READ, SYSCALL_SSL_WRITE, SavedArgs, stat,
 };
 
 use crate::{
-    count, is_captured,
-    sockets::{ConnState, lookup_or_track, mark_tls},
+    capture_mode, count,
+    sockets::{ConnState, header_only, lookup_or_track, mark_tls},
     syscalls::emit_data,
+    turns::{self, Pick},
 };
 
 /// An SSL call in progress on a thread.
@@ -43,6 +44,9 @@ pub struct SslCall {
     /// The socket the call used, once a syscall under it showed it; `u32::MAX` until then.
     fd: u32,
     direction: u32,
+    /// Calls on the SSL object were skipped before this one (see `turns`).
+    after_gap: u32,
+    _pad: u32,
 }
 
 /// SSL calls in progress, by pid_tgid.
@@ -57,15 +61,31 @@ static SSL_CALLS: LruHashMap<u64, SslCall> = LruHashMap::with_max_entries(16384,
 #[map]
 static SSL_SEEN: Array<u64> = Array::with_max_entries(1, 0);
 
-/// The socket of each SSL object seen, by (tgid, `SSL *`).
+/// The socket of each SSL object seen, by (tgid, `SSL *`), and the object's turn state for
+/// per-turn sampling (`turns`).
 #[map]
-static SSL_SOCKETS: LruHashMap<[u64; 2], u32> = LruHashMap::with_max_entries(65536, 0);
+static SSL_SOCKETS: LruHashMap<[u64; 2], [u32; 2]> = LruHashMap::with_max_entries(65536, 0);
 
 #[inline(always)]
 fn enter(ssl: u64, buf: u64, count_ptr: u64, direction: u32) {
     let pid_tgid = bpf_get_current_pid_tgid();
-    if !is_captured((pid_tgid >> 32) as u32) {
+    let tgid = (pid_tgid >> 32) as u32;
+    let Some(keep) = capture_mode(tgid) else {
         return;
+    };
+    // An SSL object not seen yet is captured: its first call teaches its socket.
+    let mut after_gap = 0;
+    if let Some(known) = SSL_SOCKETS.get_ptr_mut(&[tgid as u64, ssl]) {
+        // SAFETY: a map value pointer, valid for this program's run.
+        let turn = unsafe { &mut (*known)[1] };
+        match turns::pick(turn, direction, keep, pid_tgid as u32) {
+            Pick::Skip => {
+                count(stat::SHED_IO);
+                return;
+            }
+            Pick::AfterGap => after_gap = 1,
+            Pick::Capture => {}
+        }
     }
     let call = SslCall {
         ssl,
@@ -77,6 +97,8 @@ fn enter(ssl: u64, buf: u64, count_ptr: u64, direction: u32) {
         conn_id: 0,
         fd: u32::MAX,
         direction,
+        after_gap,
+        _pad: 0,
     };
     if let Some(seen) = SSL_SEEN.get_ptr_mut(0) {
         // SAFETY: an aligned u64 map value; every writer stores the same value.
@@ -148,7 +170,7 @@ pub fn tracer_ssl_return(ctx: RetProbeContext) -> u32 {
     } else {
         // SAFETY: copied out at once.
         match unsafe { SSL_SOCKETS.get(&[tgid as u64, call.ssl]) } {
-            Some(fd) => *fd,
+            Some([fd, _]) => *fd,
             None => {
                 count(stat::TLS_NO_SOCKET);
                 return 0;
@@ -185,6 +207,9 @@ pub fn tracer_ssl_return(ctx: RetProbeContext) -> u32 {
         injected: Default::default(),
     };
     count(stat::TLS_CALLS);
+    if call.after_gap != 0 {
+        header_only(EventKind::ConnGap, tgid, pid_tgid as u32, fd, conn_id);
+    }
     let end_ns = if call.direction == DIR_EGRESS {
         call.io_ns
     } else {
@@ -192,6 +217,23 @@ pub fn tracer_ssl_return(ctx: RetProbeContext) -> u32 {
     };
     emit_data(&saved, len, pid_tgid, end_ns);
     0
+}
+
+/// Whether thread `pid_tgid` is inside an SSL call the probes capture.
+#[inline(always)]
+pub fn in_any_ssl_call(pid_tgid: u64) -> bool {
+    ssl_seen()
+        // SAFETY: a presence check.
+        && unsafe { SSL_CALLS.get(&pid_tgid) }.is_some()
+}
+
+/// Whether any traced thread has entered an SSL call yet (see `SSL_SEEN`).
+#[inline(always)]
+fn ssl_seen() -> bool {
+    SSL_SEEN
+        .get_ptr(0)
+        // SAFETY: an aligned u64 map value.
+        .is_some_and(|seen| unsafe { core::ptr::read_volatile(seen) } != 0)
 }
 
 /// Called for each socket syscall of a traced thread: when the thread is inside an SSL call,
@@ -202,11 +244,7 @@ pub fn tracer_ssl_return(ctx: RetProbeContext) -> u32 {
 pub fn in_ssl_call(pid_tgid: u64, tgid: u32, fd: u32, conn: &ConnState, io_ns: u64) -> bool {
     // A flag this thread set is visible here: set by its own earlier uprobe, on this CPU or
     // before the thread moved.
-    if SSL_SEEN
-        .get_ptr(0)
-        // SAFETY: an aligned u64 map value.
-        .is_none_or(|seen| unsafe { core::ptr::read_volatile(seen) } == 0)
-    {
+    if !ssl_seen() {
         return false;
     }
     let Some(call) = SSL_CALLS.get_ptr_mut(&pid_tgid) else {
@@ -220,7 +258,18 @@ pub fn in_ssl_call(pid_tgid: u64, tgid: u32, fd: u32, conn: &ConnState, io_ns: u
     }
     call.fd = fd;
     call.conn_id = conn.conn_id;
-    let _ = SSL_SOCKETS.insert(&[tgid as u64, call.ssl], &fd, 0);
+    let key = [tgid as u64, call.ssl];
+    // SAFETY: a map value pointer, valid for this program's run.
+    if SSL_SOCKETS
+        .get_ptr(&key)
+        .is_none_or(|known| unsafe { (*known)[0] } != fd)
+    {
+        // The object's turns start with this call (a server's first read, a client's first
+        // write).
+        let mut turn = 0;
+        let _ = turns::pick(&mut turn, call.direction, None, pid_tgid as u32);
+        let _ = SSL_SOCKETS.insert(&key, &[fd, turn], 0);
+    }
     mark_tls(tgid, fd);
     true
 }

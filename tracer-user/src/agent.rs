@@ -289,7 +289,7 @@ async fn event_loop(
                 // one pushes back: the kernel's tables are brought up to date here too.
                 update_kernel_tables(&mut probes, &mut tracker, &mut governor);
                 drain_delay = DRAIN_BUSY;
-                drain_sleep.as_mut().reset(tokio::time::Instant::now() + drain_delay.min(until_flip(&governor)));
+                drain_sleep.as_mut().reset(tokio::time::Instant::now() + drain_delay);
             }
             // The probes wake the agent only when data piles up (see WAKEUP_BYTES in
             // tracer-ebpf): the rest is picked up here, within milliseconds while events flow.
@@ -307,12 +307,8 @@ async fn event_loop(
                 );
                 submit(&mut exporter, &mut finished, &clock, &mut red);
                 update_kernel_tables(&mut probes, &mut tracker, &mut governor);
-                // A shedding process's duty cycle needs the agent at its flips only, which
-                // `until_flip` times: a drain every 10 ms through the shed part of each period
-                // as well was a hundred wakeups a second, each preempting the server or
-                // bringing the other CPU back from the hypervisor.
                 drain_delay = next_drain_delay(drain_delay, drained);
-                drain_sleep.as_mut().reset(tokio::time::Instant::now() + drain_delay.min(until_flip(&governor)));
+                drain_sleep.as_mut().reset(tokio::time::Instant::now() + drain_delay);
             }
             _ = sigint.recv() => break "interrupted",
             _ = sigterm.recv() => break "terminated",
@@ -436,15 +432,7 @@ fn drain_ring(
     n
 }
 
-/// Time until a shedding process's flag is due to flip; the timer's resolution (a
-/// millisecond) at the least.
-fn until_flip(governor: &Governor) -> Duration {
-    governor
-        .next_flip_ns(monotonic_ns())
-        .map_or(Duration::MAX, |ns| Duration::from_nanos(ns.max(1_000_000)))
-}
-
-/// Period of the duty cycle of a process whose capture is shed in part (see `governor`).
+/// How often the governor decides what share of a process to capture (see `governor`).
 const SHED_PERIOD_NS: u64 = 200_000_000;
 
 /// Tells the kernel what the events just parsed taught: processes that exited or exec'd (their
@@ -461,18 +449,15 @@ fn update_kernel_tables(probes: &mut Probes, tracker: &mut ConnTracker, governor
         match action {
             // What the process's connections wait for may now go unseen: one closed while
             // shed must not report its request as unanswered.
-            Action::Shed(tgid) => {
+            Action::Sample { tgid, keep } => {
                 tracker.set_shed(tgid, true);
-                probes.set_shed(tgid, true);
+                probes.set_shed(tgid, Some(keep));
             }
-            // Every event captured before shedding began has been handled (the ring was
-            // just drained, and nothing of the process was captured since): the gap ends
-            // before the first event of the flag's new state.
+            // Each connection that skipped calls reports its gap with its next captured call.
             Action::Resume { tgid, tids } => {
-                tracker.gap(tgid);
                 tracker.set_shed(tgid, false);
                 probes.clear_thread_contexts(&tids);
-                probes.set_shed(tgid, false);
+                probes.set_shed(tgid, None);
             }
         }
     }

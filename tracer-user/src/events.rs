@@ -33,6 +33,8 @@ pub enum Event<'a> {
     },
     ConnClose(EventHeader),
     ConnReset(EventHeader),
+    /// Calls on the connection went uncaptured before the next data event (per-turn sampling).
+    ConnGap(EventHeader),
     ProcessExit(EventHeader),
     ProcessExec(EventHeader),
 }
@@ -43,6 +45,7 @@ impl Event<'_> {
             Event::Data { hdr, .. } | Event::ConnOpen { hdr, .. } => hdr,
             Event::ConnClose(hdr)
             | Event::ConnReset(hdr)
+            | Event::ConnGap(hdr)
             | Event::ProcessExit(hdr)
             | Event::ProcessExec(hdr) => hdr,
         }
@@ -124,6 +127,7 @@ pub fn decode(bytes: &[u8]) -> Result<Event<'_>, DecodeError> {
         EventKind::ConnReset => Event::ConnReset(hdr),
         EventKind::ProcessExit => Event::ProcessExit(hdr),
         EventKind::ProcessExec => Event::ProcessExec(hdr),
+        EventKind::ConnGap => Event::ConnGap(hdr),
     })
 }
 

@@ -3,18 +3,18 @@
 //! The probes run in the traced thread's own time, a few microseconds per request. While the
 //! thread has idle time that costs CPU but no throughput, and every request is captured. When
 //! a traced thread is CPU-bound (running most of a period), each microsecond of probes is a
-//! microsecond the server does not serve requests in: then the agent captures its process's
-//! socket I/O only part of the time, so that the estimated cost stays within the budget
+//! microsecond the server does not serve requests in: then the agent has the kernel capture
+//! only a share of its process's requests, so that the estimated cost stays within the budget
 //! (`--overhead-budget`, a share of the thread's CPU), and sheds the rest. Shedding is
 //! counted, never silent: the kernel counts the socket calls it did not capture, the agent
 //! the time each process spent shed.
 //!
-//! The kernel side is a per-process flag (`SHED_PIDS` in tracer-ebpf) that the data-path
-//! programs read from their cached verdict: a shed call costs about what an untraced
-//! process's does. The flag follows a duty cycle: in each period the process is captured for
-//! the first `share` of it and shed for the rest, so that spans keep coming from every part
-//! of the load. Each return to capture is a gap in every connection of the process, which
-//! the agent tells the connection tracker before the flag flips (see `Action::Resume`).
+//! The kernel side is a per-process share (`SHED_PIDS` in tracer-ebpf) that the data-path
+//! programs read with their cached verdict: they capture that share of the process's
+//! request/response turns, each picked whole at random as it begins (tracer-ebpf's `turns`),
+//! and a skipped call costs little more than an untraced process's. The captured requests are
+//! spread evenly over the load, and so is their cost. A connection whose calls were skipped
+//! reports a gap before its next captured call, for the connection tracker to resync there.
 //!
 //! What a captured call costs has two parts: the probes in the traced thread, an estimate made
 //! on this project's benchmark machine (`CAPTURED_NS_PER_CALL`), and the agent's own work on
@@ -75,8 +75,10 @@ const SATURATED_MIN_BUSY: f64 = 0.5;
 /// thread's time; on-CPU time, not runnable, since a thread waiting for a CPU still waits
 /// once its process is captured again).
 const UNSATURATED: f64 = 0.75;
-/// The least share of each period a shedding process is captured for: spans keep coming.
+/// The least share of turns a shedding process is captured for: spans keep coming.
 const MIN_SHARE: f64 = 0.02;
+/// The least relative change of a shedding process's share that is made.
+const SHARE_STEP: f64 = 0.1;
 /// Threads of a process whose busy time is read each period, the busiest by captured calls.
 const THREADS_READ: usize = 4;
 /// Threads remembered per process (their kernel trace context is cleared on each resume, a
@@ -86,24 +88,24 @@ const MAX_KNOWN_TIDS: usize = 1024;
 const MAX_PROCESSES: usize = 4096;
 
 /// What the agent must do to the kernel's shed set.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug, PartialEq)]
 pub enum Action {
-    /// Stop capturing the process's socket I/O. The agent tells the tracker too: a connection
-    /// closed while shed must not report the request it waited on as unanswered.
-    Shed(u32),
-    /// Capture it again. Before the flag flips, the agent tells the tracker that every
-    /// connection of the process had a gap, and clears the kernel's trace context of its
-    /// threads (`tids`): what they were serving when shedding began was never answered in
-    /// view, and must not become the parent of their next calls.
+    /// Capture `keep` (0 < keep < 1) of the process's request/response turns from now on.
+    /// The agent tells the tracker too: a connection closed while shed must not report the
+    /// request it waited on as unanswered.
+    Sample { tgid: u32, keep: f64 },
+    /// Capture all of it again. The agent clears the kernel's per-thread state of its threads
+    /// (`tids`): the marks sampling left there, and what a thread was serving in a skipped
+    /// turn, must not become the parent of its next calls.
     Resume { tgid: u32, tids: Vec<u32> },
 }
 
 /// Counters for the stats line and metrics.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct GovernorStats {
-    /// Time processes spent shed, summed over processes.
+    /// Time processes spent shed (captured in part), summed over processes.
     pub shed_ns: u64,
-    /// Processes shedding now (captured only part of the time).
+    /// Processes shedding now (captured in part).
     pub shedding: usize,
     /// Times a process started shedding.
     pub episodes: u64,
@@ -111,14 +113,11 @@ pub struct GovernorStats {
 
 #[derive(Debug)]
 struct Process {
-    /// Share of each period the process is captured for; 1.0: always (not shedding).
+    /// Share of its turns the process is captured for, as the kernel has it; 1.0: all (not
+    /// shedding).
     share: f64,
-    /// The kernel flag as last set.
-    shed: bool,
-    /// When the flag last flipped (or the period began), for the time accounting.
+    /// When the share took effect, for the time accounting.
     since_ns: u64,
-    /// Time captured in the current period.
-    captured_ns: u64,
     /// Times of the threads read, by tid, and when they were read: at the end of the last
     /// period, or as soon as a thread was first seen (so that a process can be judged at the
     /// end of its first period under load).
@@ -144,9 +143,7 @@ impl Process {
     fn new(now_ns: u64) -> Self {
         Process {
             share: 1.0,
-            shed: false,
             since_ns: now_ns,
-            captured_ns: 0,
             times: HashMap::default(),
             known_tids: HashSet::default(),
             quiet_periods: 0,
@@ -168,8 +165,8 @@ pub struct Governor {
     agent_measured: bool,
     /// The agent's CPU time when the period began (`None`: not read yet).
     agent_cpu_ns: Option<u64>,
-    /// Whether some process was shed at some time in this period: its calls then cost the
-    /// agent nothing, and the period cannot measure the cost per call.
+    /// Whether some process was shed in this period: its skipped calls then cost the agent
+    /// nothing, and the period cannot measure the cost per call.
     shed_in_period: bool,
     stats: GovernorStats,
 }
@@ -242,37 +239,14 @@ impl Governor {
         }
     }
 
-    /// Time from `now_ns` until a shedding process's flag is due to flip (at most the rest of
-    /// the period), for the agent to tick then: a flip at the next routine tick instead would
-    /// stretch a captured share of a few milliseconds to the tick's interval.
-    pub fn next_flip_ns(&self, now_ns: u64) -> Option<u64> {
-        // Asked after every drain: no walk of every governed process while none sheds.
-        if self.stats.shedding == 0 {
-            return None;
-        }
-        let period_end = self.period_start_ns + self.period_ns;
-        self.processes
-            .values()
-            .filter(|p| p.share < 1.0)
-            .map(|p| {
-                if p.shed {
-                    period_end
-                } else {
-                    self.period_start_ns + (p.share * self.period_ns as f64) as u64
-                }
-            })
-            .min()
-            .map(|at| at.saturating_sub(now_ns))
-    }
-
     pub fn stats(&self) -> &GovernorStats {
         &self.stats
     }
 
-    /// The process is gone (exit, exec): its shed flag, if set, goes.
+    /// The process is gone (exit, exec): its share, if set, goes.
     pub fn forget(&mut self, tgid: u32, actions: &mut Vec<Action>) {
         if let Some(p) = self.processes.remove(&tgid) {
-            if p.shed {
+            if p.share < 1.0 {
                 actions.push(Action::Resume {
                     tgid,
                     tids: Vec::new(),
@@ -282,42 +256,39 @@ impl Governor {
         }
     }
 
-    /// Called after each drain of the ring (every few milliseconds while events flow or a
-    /// process sheds). Returns the changes to make to the kernel's shed set, in order.
+    /// Called after each drain of the ring (every few milliseconds while events flow).
+    /// Returns the changes to make to the kernel's shed set, in order.
     pub fn tick(&mut self, now_ns: u64, readings: &mut impl Readings) -> Vec<Action> {
         let mut actions = Vec::new();
         if !self.enabled() {
             return actions;
         }
         let elapsed = now_ns.saturating_sub(self.period_start_ns);
-        if elapsed >= self.period_ns {
-            self.end_period(now_ns, elapsed, readings);
-            self.period_start_ns = now_ns;
-        } else {
+        if elapsed < self.period_ns {
             self.read_new_threads(now_ns, readings);
+            return actions;
         }
-        let into_period = now_ns.saturating_sub(self.period_start_ns) as f64;
-        let period = self.period_ns as f64;
+        let before: HashMap<u32, f64> = self.processes.iter().map(|(t, p)| (*t, p.share)).collect();
+        self.end_period(now_ns, elapsed, readings);
+        self.period_start_ns = now_ns;
         for (tgid, p) in &mut self.processes {
-            let want_shed = p.share < 1.0 && into_period >= p.share * period;
-            if want_shed == p.shed {
+            let was = before.get(tgid).copied().unwrap_or(1.0);
+            if p.share == was {
                 continue;
             }
-            let since = now_ns.saturating_sub(p.since_ns);
-            if p.shed {
-                self.stats.shed_ns += since;
+            if p.share < 1.0 {
+                actions.push(Action::Sample {
+                    tgid: *tgid,
+                    keep: p.share,
+                });
+            } else {
                 actions.push(Action::Resume {
                     tgid: *tgid,
                     tids: p.known_tids.iter().copied().collect(),
                 });
-            } else {
-                p.captured_ns += since;
-                actions.push(Action::Shed(*tgid));
-                self.shed_in_period = true;
             }
-            p.shed = want_shed;
-            p.since_ns = now_ns;
         }
+        self.shed_in_period = self.processes.values().any(|p| p.share < 1.0);
         actions
     }
 
@@ -375,25 +346,21 @@ impl Governor {
             (self.budget, elapsed as f64, self.agent_ns_per_call);
         let period_start_ns = self.period_start_ns;
         self.processes.retain(|tgid, p| {
-            // Time accounting for the period that ended.
-            let since = now_ns.saturating_sub(p.since_ns);
-            if p.shed {
-                self.stats.shed_ns += since;
-            } else {
-                p.captured_ns += since;
+            // Time accounting for the period that ended, and the share of its calls captured.
+            if p.share < 1.0 {
+                self.stats.shed_ns += now_ns.saturating_sub(p.since_ns);
             }
             p.since_ns = now_ns;
-            let captured_share = (p.captured_ns as f64 / period).clamp(0.0, 1.0);
-            p.captured_ns = 0;
+            let captured_share = p.share;
             let Some(mut threads) = by_process.remove(tgid) else {
-                // Nothing captured all period, not even in its captured share: the load is
-                // gone, and with it any reason to shed. Forgotten once quiet for a while and
-                // its flag is down.
+                // Nothing captured all period, not even its share: the load is gone, and with
+                // it any reason to shed. Forgotten once quiet for a while, captured in full
+                // again by then (the kernel has been told).
                 p.quiet_periods += 1;
                 p.times.clear();
                 p.load = None;
                 p.share = 1.0;
-                return p.quiet_periods < 3 || p.shed;
+                return p.quiet_periods < 3 || captured_share < 1.0;
             };
             p.quiet_periods = 0;
             if p.known_tids.len() + threads.len() > MAX_KNOWN_TIDS {
@@ -453,7 +420,7 @@ impl Governor {
                 };
                 let share = next_share(budget, p.share, busy, cpu_bound, &cost, captured_share);
                 log::debug!(
-                    "pid {tgid}: hottest thread runnable {runnable:.2} (average {average:.2}), on CPU {busy:.2} (average {on_cpu:.2}), {calls} calls captured in {:.0}% of the period, agent {agent_ns_per_call:.0} ns a call: capture share {:.2} -> {share:.2}",
+                    "pid {tgid}: hottest thread runnable {runnable:.2} (average {average:.2}), on CPU {busy:.2} (average {on_cpu:.2}), {calls} calls captured of {:.0}% of its turns, agent {agent_ns_per_call:.0} ns a call: capture share {:.3} -> {share:.3}",
                     captured_share * 100.0,
                     p.share
                 );
@@ -461,7 +428,6 @@ impl Governor {
             }
             true
         });
-        self.shed_in_period = self.processes.values().any(|p| p.shed);
         let shedding = self.count_shedding();
         if shedding > self.stats.shedding {
             self.stats.episodes += (shedding - self.stats.shedding) as u64;
@@ -474,16 +440,16 @@ impl Governor {
     }
 }
 
-/// What capture costs a thread: its captured call rate had it been captured all period, and
-/// the agent's CPU time per call.
+/// What capture costs a thread: its call rate had all its calls been captured, and the
+/// agent's CPU time per call.
 struct CallCost {
     calls_per_ns: f64,
     agent_ns: f64,
 }
 
-/// The share of the next period to capture a process for, from its hottest thread's on-CPU
-/// share in the last one, whether that thread is CPU-bound, what its calls cost, and the share
-/// of the period that was captured.
+/// The share of turns to capture a process for in the next period, from its hottest thread's
+/// on-CPU share in the last one, whether that thread is CPU-bound, what its calls cost, and the
+/// share that was captured.
 fn next_share(
     budget: f64,
     share: f64,
@@ -495,7 +461,7 @@ fn next_share(
     if captured_share <= 0.0 || !cost.calls_per_ns.is_finite() {
         return share;
     }
-    // What capturing all period costs, in the thread and all in, and shedding all period, as
+    // What capturing every call costs, in the thread and all in, and shedding every call, as
     // shares of a CPU.
     let in_thread = cost.calls_per_ns * CAPTURED_NS_PER_CALL;
     let captured = cost.calls_per_ns * (CAPTURED_NS_PER_CALL + cost.agent_ns);
@@ -513,10 +479,16 @@ fn next_share(
         if busy_captured < UNSATURATED {
             1.0
         } else {
-            // A few tens of milliseconds captured make a noisy estimate of the rate: move
-            // halfway. Below 1 even when full capture fits the budget after all, so that the
-            // next period measures the same way and the hysteresis decides.
-            ((share + fitting) / 2.0).min(0.99)
+            // A few hundred calls captured make a noisy estimate of the rate: move halfway,
+            // and not at all for less than a tenth (each change costs the kernel a round of
+            // cached verdicts). Below 1 even when full capture fits the budget after all, so
+            // that the next period measures the same way and the hysteresis decides.
+            let next = ((share + fitting) / 2.0).min(0.99);
+            if (next - share).abs() < share * SHARE_STEP {
+                share
+            } else {
+                next
+            }
         }
     }
 }
@@ -552,9 +524,9 @@ mod tests {
     }
 
     /// Drives a governor over `periods` periods in 10 ms ticks for one process with one
-    /// thread that makes `calls_per_s` captured calls while captured and is `busy` of a CPU,
-    /// never waiting for one, the agent spending 2 µs on each call; returns the governor and
-    /// the actions.
+    /// thread that makes `calls_per_s` calls (of which the share sampled is captured) and is
+    /// `busy` of a CPU, never waiting for one, the agent spending 2 µs on each captured call;
+    /// returns the governor and the actions.
     fn run(
         budget: f64,
         busy: f64,
@@ -577,27 +549,35 @@ mod tests {
         let mut g = Governor::new(budget, PERIOD, 0);
         let mut fake = Fake::default();
         let mut all = Vec::new();
-        let mut shed = false;
+        let mut keep = 1.0;
         let tick = 10 * MS;
         for step in 1..=(periods * PERIOD / tick) {
             let now = step * tick;
-            if !shed {
-                let calls = calls_per_s * tick / 1_000_000_000;
-                for _ in 0..calls {
-                    g.observe(7, 8);
-                }
-                fake.agent_cpu_ns += calls * agent_ns;
+            let calls = captured_calls(calls_per_s, tick, keep);
+            for _ in 0..calls {
+                g.observe(7, 8);
             }
+            fake.agent_cpu_ns += calls * agent_ns;
             advance(&mut fake, tick, busy, waiting);
             for a in g.tick(now, &mut fake) {
-                match &a {
-                    Action::Shed(_) => shed = true,
-                    Action::Resume { .. } => shed = false,
-                }
+                keep = kept(&a);
                 all.push((now, a));
             }
         }
         (g, all)
+    }
+
+    /// Calls captured in `ns` at `calls_per_s`, `keep` of them.
+    fn captured_calls(calls_per_s: u64, ns: u64, keep: f64) -> u64 {
+        ((calls_per_s * ns / 1_000_000_000) as f64 * keep).round() as u64
+    }
+
+    /// The share captured after `action`.
+    fn kept(action: &Action) -> f64 {
+        match action {
+            Action::Sample { keep, .. } => *keep,
+            Action::Resume { .. } => 1.0,
+        }
     }
 
     #[test]
@@ -613,33 +593,18 @@ mod tests {
     fn a_saturated_thread_is_captured_within_the_budget() {
         // nginx at saturation: 30k requests/s, 60k calls/s, the worker busy 97%.
         let (g, actions) = run(0.03, 0.97, 60_000, 20);
-        assert!(matches!(actions.first(), Some((_, Action::Shed(7)))));
-        let p = &g.processes[&7];
-        // (0.03 - 0.015) / (0.06 * (4 + 2) - 0.015) ≈ 0.043 of each period captured.
-        assert!((0.04..0.047).contains(&p.share), "share {}", p.share);
-        // Shed about 93% of the time after the first two periods (the thread's CPU time is
-        // read as soon as it is seen; it must be CPU-bound two periods in a row).
+        // (0.03 - 0.015) / (0.06 * (4 + 2) - 0.015) ≈ 0.043 of the turns captured, from the
+        // end of the second period (the thread's CPU time is read as soon as it is seen; it
+        // must be CPU-bound two periods in a row), and the share holds: one action in all.
+        let [(at, Action::Sample { tgid: 7, keep })] = actions.as_slice() else {
+            panic!("{actions:?}");
+        };
+        assert_eq!(*at, 2 * PERIOD);
+        assert!((0.04..0.047).contains(keep), "share {keep}");
+        assert_eq!(g.processes[&7].share, *keep);
         let shed_s = g.stats().shed_ns as f64 / 1e9;
-        assert!((3.1..3.5).contains(&shed_s), "shed {shed_s} s of 4");
-        // It alternates: a resume for each shed after the first.
-        let sheds = actions
-            .iter()
-            .filter(|(_, a)| matches!(a, Action::Shed(_)))
-            .count();
-        let resumes = actions.len() - sheds;
-        assert!(sheds >= 17 && resumes >= sheds - 1, "{sheds} {resumes}");
+        assert!((3.55..3.65).contains(&shed_s), "shed {shed_s} s of 4");
         assert_eq!(g.stats().episodes, 1);
-    }
-
-    #[test]
-    fn the_next_flip_is_due_when_the_captured_share_ends() {
-        // A period has just begun, captured: its share of 200 ms (about 4%) ends in about
-        // 9 ms, long before the agent's routine 10 ms tick would notice.
-        let (g, _) = run(0.03, 0.97, 60_000, 5);
-        let due = g.next_flip_ns(5 * PERIOD).expect("a shedding process");
-        assert!((7 * MS..10 * MS).contains(&due), "due in {due} ns");
-        let (idle, _) = run(0.03, 0.6, 40_000, 5);
-        assert_eq!(idle.next_flip_ns(5 * PERIOD), None);
     }
 
     #[test]
@@ -661,7 +626,10 @@ mod tests {
         // nginx fully captured on a busy host: on a CPU 75% of the time, waiting for one the
         // rest (the agent among those it waits for).
         let (g, actions) = run_with(0.03, 0.75, 0.24, 2000, 50_000, 10);
-        assert!(matches!(actions.first(), Some((_, Action::Shed(7)))));
+        assert!(matches!(
+            actions.first(),
+            Some((_, Action::Sample { tgid: 7, .. }))
+        ));
         assert_eq!(g.stats().shedding, 1);
     }
 
@@ -670,7 +638,10 @@ mod tests {
         // Runnable only 90% of the time (the rest went to interrupts or the hypervisor), on a
         // CPU all of that: CPU-bound all the same.
         let (g, actions) = run_with(0.03, 0.9, 0.0, 2000, 50_000, 10);
-        assert!(matches!(actions.first(), Some((_, Action::Shed(7)))));
+        assert!(matches!(
+            actions.first(),
+            Some((_, Action::Sample { tgid: 7, .. }))
+        ));
         assert_eq!(g.stats().shedding, 1);
     }
 
@@ -738,36 +709,42 @@ mod tests {
     #[test]
     fn shedding_ends_when_the_load_falls() {
         let mut g = Governor::new(0.03, PERIOD, 0);
-        let mut shed = false;
+        let mut keep = 1.0;
         let mut now = 0;
         let mut fake = Fake::default();
-        let mut step = |g: &mut Governor, busy: f64, rate: u64, shed: &mut bool, now: &mut u64| {
+        let mut step = |g: &mut Governor, busy: f64, rate: u64, keep: &mut f64, now: &mut u64| {
             *now += 10 * MS;
-            if !*shed {
-                for _ in 0..rate / 100 {
-                    g.observe(7, 8);
-                }
-                fake.agent_cpu_ns += rate / 100 * 2000;
+            let calls = captured_calls(rate, 10 * MS, *keep);
+            for _ in 0..calls {
+                g.observe(7, 8);
             }
+            fake.agent_cpu_ns += calls * 2000;
             advance(&mut fake, 10 * MS, busy, 0.0);
             let actions = g.tick(*now, &mut fake);
             for a in &actions {
-                *shed = matches!(a, Action::Shed(_));
+                *keep = kept(a);
             }
             actions
         };
         for _ in 0..100 {
-            step(&mut g, 0.97, 60_000, &mut shed, &mut now);
+            step(&mut g, 0.97, 60_000, &mut keep, &mut now);
         }
         assert_eq!(g.stats().shedding, 1);
         // The load halves: 30k calls/s, the thread busy 45% while mostly shed.
-        let mut resumed_for_good = false;
+        let mut resumed = Vec::new();
         for _ in 0..100 {
-            step(&mut g, 0.45, 30_000, &mut shed, &mut now);
-            resumed_for_good = g.stats().shedding == 0;
+            resumed.extend(step(&mut g, 0.45, 30_000, &mut keep, &mut now));
         }
-        assert!(resumed_for_good);
-        assert!(!shed);
+        assert_eq!(g.stats().shedding, 0);
+        assert_eq!(keep, 1.0);
+        // Clearing the threads' kernel state needs their ids.
+        assert_eq!(
+            resumed,
+            vec![Action::Resume {
+                tgid: 7,
+                tids: vec![8]
+            }]
+        );
     }
 
     #[test]
@@ -781,10 +758,10 @@ mod tests {
             last.extend(g.tick(now, &mut Fake::default()));
         }
         assert_eq!(g.stats().shedding, 0);
-        assert!(!g.processes.get(&7).is_some_and(|p| p.shed));
+        assert!(!g.processes.get(&7).is_some_and(|p| p.share < 1.0));
         assert!(
-            matches!(last.last(), None | Some(Action::Resume { .. })),
-            "the last action must be a resume: {last:?}"
+            matches!(last.as_slice(), [Action::Resume { tgid: 7, .. }]),
+            "one resume: {last:?}"
         );
     }
 
@@ -792,30 +769,15 @@ mod tests {
     fn a_gone_process_is_resumed_and_forgotten() {
         let (mut g, _) = run(0.03, 0.97, 60_000, 5);
         assert_eq!(g.stats().shedding, 1);
-        let shed = g.processes[&7].shed;
         let mut actions = Vec::new();
         g.forget(7, &mut actions);
         assert_eq!(g.stats().shedding, 0);
         assert_eq!(
             actions,
-            if shed {
-                vec![Action::Resume {
-                    tgid: 7,
-                    tids: vec![],
-                }]
-            } else {
-                vec![]
-            }
+            vec![Action::Resume {
+                tgid: 7,
+                tids: vec![],
+            }]
         );
-    }
-
-    #[test]
-    fn resume_names_the_threads_seen() {
-        let (_, actions) = run(0.03, 0.97, 60_000, 5);
-        let tids = actions.iter().find_map(|(_, a)| match a {
-            Action::Resume { tids, .. } => Some(tids.clone()),
-            _ => None,
-        });
-        assert_eq!(tids, Some(vec![8]));
     }
 }

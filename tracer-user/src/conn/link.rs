@@ -366,10 +366,11 @@ impl Linker {
         self.open_heads.remove(&conn);
     }
 
-    /// Capture of the process had a gap (shedding): what its threads serve and the requests
-    /// started on its connections are unknown now, as after an exit.
-    pub fn capture_gap(&mut self, tgid: u32) {
-        self.process_exited(tgid);
+    /// Capture of the connection had a gap (per-turn sampling of a shed process): the
+    /// requests started on it, and what threads serve from it, are unknown now.
+    pub fn conn_gap(&mut self, conn: ConnKey) {
+        self.conn_closed(conn);
+        self.serving.retain(|_, s| s.conn != conn);
     }
 
     /// The process is gone (its tids may be reused).

@@ -478,6 +478,16 @@ impl ConnTracker {
                 }
                 self.drain(key.0, key, out);
             }
+            Event::ConnGap(_) => {
+                if let Some(conn) = self
+                    .conns
+                    .get_mut(&key)
+                    .filter(|c| c.conn_id == hdr.conn_id)
+                {
+                    self.stats.gap_requests += conn.gap() as u64;
+                    self.linker.conn_gap(key);
+                }
+            }
             Event::ConnReset(_) => {
                 if let Some(conn) = self.conns.get_mut(&key) {
                     conn.reset = true;
@@ -522,22 +532,6 @@ impl ConnTracker {
                     self.new_processes.push(hdr.tgid);
                 }
             }
-        }
-    }
-
-    /// Capture of process `tgid` stopped for a while and resumes now (load shedding, see
-    /// `crate::governor`): every connection of the process missed bytes both ways. Their
-    /// parsers resync at the next message start; requests waiting for a response are
-    /// dropped and counted, and so are the thread links made on them.
-    pub fn gap(&mut self, tgid: u32) {
-        self.linker.capture_gap(tgid);
-        for conn in self
-            .conns
-            .iter_mut()
-            .filter(|(k, _)| k.0 == tgid)
-            .map(|(_, c)| c)
-        {
-            self.stats.gap_requests += conn.gap() as u64;
         }
     }
 
@@ -886,9 +880,9 @@ mod tests {
         )
     }
 
-    /// A gap in a process's capture (shedding) drops the requests its connections were
-    /// answering, counts them, and leaves other processes' connections alone; the exchanges
-    /// after it are whole and right.
+    /// A gap in a connection's capture (per-turn sampling) drops the request it was
+    /// answering, counts it, and leaves other connections alone, a gap reported for an
+    /// earlier connection on the same fd too; the exchanges after it are whole and right.
     #[test]
     fn a_capture_gap_drops_what_it_cut_and_nothing_else() {
         let mut t = ConnTracker::new(TrackerConfig::default());
@@ -897,11 +891,13 @@ mod tests {
             &mut t,
             &[
                 data_record(7, 5, 1, 1_000, true, REQ),
+                data_record(7, 6, 2, 1_000, true, other_req),
                 data_record(8, 5, 1, 1_000, true, other_req),
+                header_record(EventKind::ConnGap, 7, 5, 1, 4_000),
+                header_record(EventKind::ConnGap, 7, 6, 1, 4_000),
             ],
         );
         assert!(before.is_empty());
-        t.gap(7);
         assert_eq!(t.stats().gap_requests, 1);
         let after = feed(
             &mut t,
@@ -910,6 +906,7 @@ mod tests {
                 data_record(7, 5, 1, 5_000, false, RESP),
                 data_record(7, 5, 1, 6_000, true, REQ),
                 data_record(7, 5, 1, 7_000, false, RESP),
+                data_record(7, 6, 2, 7_000, false, RESP),
                 data_record(8, 5, 1, 7_000, false, RESP),
             ],
         );
@@ -924,6 +921,7 @@ mod tests {
             got,
             [
                 ("/cats/42".to_string(), 6_000, Some(200)),
+                ("/dogs".to_string(), 1_000, Some(200)),
                 ("/dogs".to_string(), 1_000, Some(200))
             ]
         );
@@ -943,7 +941,6 @@ mod tests {
         );
         assert!(out.is_empty());
         assert_eq!(t.stats().gap_requests, 1);
-        t.gap(7);
         t.set_shed(7, false);
         let out = feed(
             &mut t,

@@ -677,17 +677,30 @@ impl Probes {
         dropped
     }
 
-    /// Sheds the capture of process `tgid`'s socket I/O, or takes it back (see
-    /// `crate::governor`): its processes and connections are still followed.
-    pub fn set_shed(&mut self, tgid: u32, shed: bool) {
-        let changed = if shed {
-            self.shed_pids.insert(tgid, 1, 0).is_ok() && self.shed.insert(tgid)
-        } else {
-            let _ = self.shed_pids.remove(&tgid);
-            self.shed.remove(&tgid)
-        };
-        if !changed {
-            return;
+    /// Has the kernel capture `keep` of process `tgid`'s request/response turns, or all of
+    /// them again with `None` (see `crate::governor`): its processes and connections are
+    /// followed in full either way.
+    pub fn set_shed(&mut self, tgid: u32, keep: Option<f64>) {
+        match keep {
+            Some(keep) => {
+                // Of u32::MAX, as the kernel compares it with a random u32; never 0.
+                let keep = ((keep.clamp(0.0, 1.0) * u32::MAX as f64) as u32).max(1);
+                if let Err(e) = self.shed_pids.insert(tgid, keep, 0) {
+                    warn!("cannot shed process {tgid}: {e}");
+                    return;
+                }
+                if !self.shed.insert(tgid) {
+                    // A new share: the programs' cached verdicts carry the old one.
+                    self.refresh_verdicts();
+                    return;
+                }
+            }
+            None => {
+                let _ = self.shed_pids.remove(&tgid);
+                if !self.shed.remove(&tgid) {
+                    return;
+                }
+            }
         }
         self.shed_epoch += 1;
         if let Err(e) = self
@@ -697,13 +710,13 @@ impl Probes {
         {
             warn!("cannot update the shed set's count: {e}");
         }
-        // The programs' cached verdicts carry the shed bit.
+        // The programs' cached verdicts carry the shed bit and share.
         self.refresh_verdicts();
     }
 
-    /// Clears what the kernel holds as the request each thread of `tids` serves: a request
-    /// read before shedding began was answered unseen, and must not become the parent of the
-    /// thread's next calls.
+    /// Clears what the kernel holds as the request each thread of `tids` serves, and the marks
+    /// per-turn sampling left there: a request read in a skipped turn was answered unseen, and
+    /// must not become the parent of the thread's next calls.
     pub fn clear_thread_contexts(&mut self, tids: &[u32]) {
         if tids.is_empty() {
             return;
