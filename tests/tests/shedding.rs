@@ -173,3 +173,165 @@ fn a_saturated_server_is_shed_within_its_budget_and_counted() {
     );
     assert!(stats.contains(" 0 lost,"), "{stats}");
 }
+
+/// A single-threaded Python service that burns about 4 ms of CPU on each request and then
+/// asks a backend (kept-alive connection) for the body: CPU-bound under a closed loop of one
+/// connection, each of its requests making one client call.
+const FRONTEND: &str = r#"
+import http.client, http.server, sys, time
+backend = int(sys.argv[2])
+class H(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True
+    upstream = None
+    def do_GET(self):
+        until = time.process_time() + 0.004
+        while time.process_time() < until:
+            pass
+        if H.upstream is None:
+            H.upstream = http.client.HTTPConnection("127.0.0.1", backend, timeout=10)
+        H.upstream.request("GET", "/index.html")
+        body = H.upstream.getresponse().read()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *args):
+        pass
+http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
+"#;
+
+/// Per-turn sampling keeps traces whole: a shed service's client calls are captured exactly
+/// when the request they serve is (no orphan client span, no sampled request without its
+/// call), and the context written into captured calls reaches the backend, which is not shed
+/// and has every request as a span.
+#[test]
+fn a_shed_service_keeps_whole_traces() {
+    require_root();
+    let dir = tempdir();
+    let (_backend, backend_port) = common::start_nginx(&dir, "", "");
+    let port = free_port();
+    let _frontend = tracer_e2e::ChildGuard(
+        Command::new("python3")
+            .args(["-c", FRONTEND, &port.to_string(), &backend_port.to_string()])
+            .spawn()
+            .expect("python3"),
+    );
+    tracer_e2e::wait_for_port(port, Duration::from_secs(10));
+    // A budget of 0.2% of a CPU: the frontend's ~1,500 captured calls a second cost more.
+    let tracer = Tracer::start_with_env(
+        &[
+            "run",
+            "--comm",
+            "python3",
+            "--comm",
+            "nginx",
+            "--output",
+            "json",
+            "--overhead-budget",
+            "0.2",
+        ],
+        &[("RUST_LOG", "info,tracer_user::governor=debug")],
+    );
+    let wrk = Command::new("wrk")
+        .args(["-t1", "-c1", "-d6s"])
+        .arg(format!("http://127.0.0.1:{port}/"))
+        .output()
+        .expect("wrk (Debian package wrk)");
+    assert!(wrk.status.success(), "{wrk:?}");
+    let requests: usize = String::from_utf8_lossy(&wrk.stdout)
+        .lines()
+        .find_map(|l| {
+            l.trim()
+                .split_once(" requests in")
+                .map(|(n, _)| n.parse().unwrap())
+        })
+        .expect("wrk's request count");
+    std::thread::sleep(Duration::from_secs(2));
+    let stopped = tracer.stop();
+    assert!(stopped.status.success(), "{}", stopped.stderr);
+    let stats = stopped
+        .stderr
+        .lines()
+        .find(|l| l.contains("shedding"))
+        .unwrap_or_else(|| panic!("no stats line: {}", stopped.stderr))
+        .to_string();
+    let governor: Vec<&str> = stopped
+        .stderr
+        .lines()
+        .filter(|l| l.contains("capture share"))
+        .collect();
+    let shed_s = stat_before(&stats, "s shed");
+    assert!(
+        shed_s > 1.0,
+        "the CPU-bound frontend was not shed: {stats}\n{}",
+        governor.join("\n")
+    );
+
+    let spans: Vec<serde_json::Value> = stopped
+        .stdout
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let of = |service: &str, kind: &str| -> Vec<&serde_json::Value> {
+        spans
+            .iter()
+            .filter(|s| s["localEndpoint"]["serviceName"] == service && s["kind"] == kind)
+            .collect()
+    };
+    let (served, calls, backend) = (
+        of("python3", "SERVER"),
+        of("python3", "CLIENT"),
+        of("nginx", "SERVER"),
+    );
+    let id = |s: &serde_json::Value| s["id"].as_str().unwrap().to_string();
+    let served_ids: std::collections::HashMap<String, &serde_json::Value> =
+        served.iter().map(|s| (id(s), *s)).collect();
+    let call_ids: std::collections::HashSet<String> = calls.iter().map(|s| id(s)).collect();
+    let summary = format!(
+        "{requests} requests; {} frontend server spans, {} client spans, {} backend spans; {stats}",
+        served.len(),
+        calls.len(),
+        backend.len()
+    );
+    eprintln!("{summary}");
+    assert!(
+        served.len() > 20 && served.len() < requests * 9 / 10,
+        "sampled, yet not a share of the requests: {summary}"
+    );
+    // Every client call captured is the child of a request captured.
+    for call in &calls {
+        let parent = call["parentId"].as_str().unwrap_or_default();
+        let Some(server) = served_ids.get(parent) else {
+            panic!("a client span without its parent: {call}\n{summary}");
+        };
+        assert_eq!(call["traceId"], server["traceId"], "{call}");
+    }
+    // Every request captured has its call (but the one wrk may have cut off at its end).
+    let with_call = served
+        .iter()
+        .filter(|s| calls.iter().any(|c| c["parentId"] == s["id"]))
+        .count();
+    assert!(
+        with_call + 1 >= served.len(),
+        "{} of {} sampled requests lack their client call: {summary}",
+        served.len() - with_call,
+        served.len()
+    );
+    // The backend, not shed, has every request; those of captured calls joined their trace,
+    // and no other carries a context (none was written into a call not captured).
+    assert!(backend.len() + 1 >= requests, "{summary}");
+    let joined = backend
+        .iter()
+        .filter(|b| b["parentId"].as_str().is_some())
+        .map(|b| {
+            let parent = b["parentId"].as_str().unwrap();
+            assert!(
+                call_ids.contains(parent),
+                "a backend span whose parent is no captured call: {b}\n{summary}"
+            );
+        })
+        .count();
+    assert!(joined + 1 >= calls.len(), "{joined} joined: {summary}");
+}

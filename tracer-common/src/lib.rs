@@ -5,6 +5,8 @@
 //! Event kinds are numbered and a number is never reused.
 #![no_std]
 
+pub mod turn;
+
 /// Largest payload prefix a probe can copy per syscall (a power of two: probes mask with it).
 pub const MAX_CAPTURE: usize = 4096;
 /// Default payload prefix copied per syscall: enough for request lines and ordinary headers.

@@ -13,8 +13,9 @@
 //! the direction of the first call seen on it: a server reads first, a client writes first.
 //! (A connection seen first in the middle of a turn, or a protocol whose server speaks first,
 //! gets its turns shifted by half a turn: the agent then sees answers without their questions,
-//! as after any gap, and drops them.) The state is a few bits per connection: `TurnState`,
-//! kept on the socket, in its `CONNS` entry, or by SSL object.
+//! as after any gap, and drops them.) The state is a few bits per connection
+//! (`tracer_common::turn`, where it is tested), kept on the socket, in its `CONNS` entry, or
+//! by SSL object.
 //!
 //! Client turns follow the server turn their thread serves: a request sent on behalf of a
 //! skipped request is skipped, one sent for a picked request is captured (its span keeps its
@@ -28,82 +29,33 @@
 //! guess which connections lost bytes.
 
 use aya_ebpf::helpers::bpf_get_prandom_u32;
-use tracer_common::{CTX_VALID, DIR_INGRESS, TraceCtx};
+pub use tracer_common::turn::Pick;
+use tracer_common::{CTX_VALID, DIR_INGRESS, TraceCtx, turn};
 
 use crate::inject::{THREAD_CTX, ThreadCtx};
-
-/// Bits of a connection's turn state.
-/// The direction that opens a turn: 0 unknown yet, else `dir_bits` of it.
-const OPENER: u32 = 0b11;
-/// The direction of the last call seen (`dir_bits`), 0 none yet.
-const LAST_SHIFT: u32 = 2;
-const LAST: u32 = 0b11 << LAST_SHIFT;
-/// The current turn is captured.
-const PICKED: u32 = 1 << 4;
-/// A call was skipped since the last captured one.
-const SKIPPED: u32 = 1 << 5;
 
 /// Marks in a thread's `THREAD_CTX` flags (above every `CTX_*` bit): the server turn the
 /// thread serves was picked, or skipped, by per-turn sampling.
 pub const TURN_PICKED: u32 = 1 << 30;
 pub const TURN_SKIPPED: u32 = 1 << 31;
 
-/// What becomes of a call.
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub enum Pick {
-    Skip,
-    Capture,
-    /// Capture it, after a gap event for its connection: calls before it were skipped.
-    AfterGap,
-}
-
-#[inline(always)]
-fn dir_bits(direction: u32) -> u32 {
-    if direction == DIR_INGRESS { 1 } else { 2 }
-}
-
-/// Decides a call in `direction` on a connection whose turn state is `turn`, of thread `tid`.
-/// `keep`: the share of turns to capture (of `u32::MAX`), or `None` while the process is
-/// captured in full. Idempotent for one call seen by several hooks: only a change of
-/// direction decides anything.
+/// Decides a call in `direction` on a connection whose turn state is `turn`, of thread `tid`
+/// (`tracer_common::turn::step`). `keep`: the share of turns to capture (of `u32::MAX`), or
+/// `None` while the process is captured in full.
 #[inline(always)]
 pub fn pick(turn: &mut u32, direction: u32, keep: Option<u32>, tid: u32) -> Pick {
-    let dir = dir_bits(direction);
-    let mut state = *turn;
-    if state & OPENER == 0 {
-        state |= dir;
-    }
-    let last = (state & LAST) >> LAST_SHIFT;
-    state = (state & !LAST) | (dir << LAST_SHIFT);
-    let picked = match keep {
-        None => true,
-        // The rest of the turn under way.
-        Some(_) if last == dir => state & PICKED != 0,
-        // The other half of a turn: the answer goes with its question.
-        Some(_) if dir != state & OPENER => state & PICKED != 0,
-        Some(keep) => new_turn(dir, keep, tid),
-    };
-    let verdict = if !picked {
-        state |= SKIPPED;
-        Pick::Skip
-    } else if state & SKIPPED != 0 {
-        Pick::AfterGap
-    } else {
-        Pick::Capture
-    };
-    if picked {
-        state = (state | PICKED) & !SKIPPED;
-    } else {
-        state &= !PICKED;
-    }
+    let (state, pick) = turn::step(*turn, direction == DIR_INGRESS, keep.is_some(), |server| {
+        new_turn(server, keep.unwrap_or(u32::MAX), tid)
+    });
     *turn = state;
-    verdict
+    pick
 }
 
-/// Whether a turn that begins now, with a call in direction `dir` (`dir_bits`), is captured.
+/// Whether a turn that begins now is captured: a server's turn (opened by a receive) or a
+/// client's.
 #[inline(always)]
-fn new_turn(dir: u32, keep: u32, tid: u32) -> bool {
-    if dir == dir_bits(DIR_INGRESS) {
+fn new_turn(server: bool, keep: u32, tid: u32) -> bool {
+    if server {
         // A server turn: at random, and the thread remembers the pick for its client calls.
         // SAFETY: no preconditions.
         let picked = unsafe { bpf_get_prandom_u32() } < keep;
