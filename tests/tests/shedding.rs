@@ -300,14 +300,21 @@ fn a_shed_service_keeps_whole_traces() {
         served.len() > 20 && served.len() < requests * 9 / 10,
         "sampled, yet not a share of the requests: {summary}"
     );
-    // Every client call captured is the child of a request captured.
+    // Every client call captured is the child of a request captured, but the call of the
+    // request wrk may have cut off at its end (no response, so no span).
+    let mut orphans = Vec::new();
     for call in &calls {
         let parent = call["parentId"].as_str().unwrap_or_default();
-        let Some(server) = served_ids.get(parent) else {
-            panic!("a client span without its parent: {call}\n{summary}");
-        };
-        assert_eq!(call["traceId"], server["traceId"], "{call}");
+        match served_ids.get(parent) {
+            Some(server) => assert_eq!(call["traceId"], server["traceId"], "{call}"),
+            None => orphans.push(call.to_string()),
+        }
     }
+    assert!(
+        orphans.len() <= 1,
+        "client spans without their parent:\n{}\n{summary}",
+        orphans.join("\n")
+    );
     // Every request captured has its call (but the one wrk may have cut off at its end).
     let with_call = served
         .iter()

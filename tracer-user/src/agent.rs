@@ -453,10 +453,8 @@ fn update_kernel_tables(probes: &mut Probes, tracker: &mut ConnTracker, governor
                 tracker.set_shed(tgid, true);
                 probes.set_shed(tgid, Some(keep));
             }
-            // Each connection that skipped calls reports its gap with its next captured call.
-            Action::Resume { tgid, tids } => {
+            Action::Resume(tgid) => {
                 tracker.set_shed(tgid, false);
-                probes.clear_thread_contexts(&tids);
                 probes.set_shed(tgid, None);
             }
         }

@@ -31,7 +31,7 @@
 //! after a stall of the machine it is runnable for three or four periods in a row).
 
 // Fx hashing as in the tracker: `observe` runs once per captured event.
-use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
+use rustc_hash::FxHashMap as HashMap;
 
 /// What a captured socket call cost nginx's worker, all in (kernel BPF run time about 1.5 µs
 /// a call, plus the caches and wakeups it disturbs): 6.1 to 8.4 µs more CPU per request of two
@@ -81,9 +81,6 @@ const MIN_SHARE: f64 = 0.02;
 const SHARE_STEP: f64 = 0.1;
 /// Threads of a process whose busy time is read each period, the busiest by captured calls.
 const THREADS_READ: usize = 4;
-/// Threads remembered per process (their kernel trace context is cleared on each resume, a
-/// map update each).
-const MAX_KNOWN_TIDS: usize = 1024;
 /// Processes governed at once; beyond, the least recently seen are forgotten.
 const MAX_PROCESSES: usize = 4096;
 
@@ -94,10 +91,10 @@ pub enum Action {
     /// The agent tells the tracker too: a connection closed while shed must not report the
     /// request it waited on as unanswered.
     Sample { tgid: u32, keep: f64 },
-    /// Capture all of it again. The agent clears the kernel's per-thread state of its threads
-    /// (`tids`): the marks sampling left there, and what a thread was serving in a skipped
-    /// turn, must not become the parent of its next calls.
-    Resume { tgid: u32, tids: Vec<u32> },
+    /// Capture all of it again. Each connection that skipped calls reports its gap with its
+    /// next captured call; the marks sampling left in the threads' kernel state are no trace
+    /// context, and a request captured in full overwrites them.
+    Resume(u32),
 }
 
 /// Counters for the stats line and metrics.
@@ -122,7 +119,6 @@ struct Process {
     /// period, or as soon as a thread was first seen (so that a process can be judged at the
     /// end of its first period under load).
     times: HashMap<u32, (ThreadTime, u64)>,
-    known_tids: HashSet<u32>,
     /// Periods in a row without a captured call.
     quiet_periods: u32,
     /// The hottest thread's running averages (`RUNNABLE_WEIGHT`); `None` until a period
@@ -145,7 +141,6 @@ impl Process {
             share: 1.0,
             since_ns: now_ns,
             times: HashMap::default(),
-            known_tids: HashSet::default(),
             quiet_periods: 0,
             load: None,
         }
@@ -247,10 +242,7 @@ impl Governor {
     pub fn forget(&mut self, tgid: u32, actions: &mut Vec<Action>) {
         if let Some(p) = self.processes.remove(&tgid) {
             if p.share < 1.0 {
-                actions.push(Action::Resume {
-                    tgid,
-                    tids: Vec::new(),
-                });
+                actions.push(Action::Resume(tgid));
             }
             self.stats.shedding = self.count_shedding();
         }
@@ -282,10 +274,7 @@ impl Governor {
                     keep: p.share,
                 });
             } else {
-                actions.push(Action::Resume {
-                    tgid: *tgid,
-                    tids: p.known_tids.iter().copied().collect(),
-                });
+                actions.push(Action::Resume(*tgid));
             }
         }
         self.shed_in_period = self.processes.values().any(|p| p.share < 1.0);
@@ -363,10 +352,6 @@ impl Governor {
                 return p.quiet_periods < 3 || captured_share < 1.0;
             };
             p.quiet_periods = 0;
-            if p.known_tids.len() + threads.len() > MAX_KNOWN_TIDS {
-                p.known_tids.clear();
-            }
-            p.known_tids.extend(threads.iter().map(|(tid, _)| *tid));
             threads.sort_unstable_by_key(|t| std::cmp::Reverse(t.1));
             threads.truncate(THREADS_READ);
             // The thread runnable the largest share of the time: (runnable, on CPU, calls).
@@ -576,7 +561,7 @@ mod tests {
     fn kept(action: &Action) -> f64 {
         match action {
             Action::Sample { keep, .. } => *keep,
-            Action::Resume { .. } => 1.0,
+            Action::Resume(_) => 1.0,
         }
     }
 
@@ -737,14 +722,7 @@ mod tests {
         }
         assert_eq!(g.stats().shedding, 0);
         assert_eq!(keep, 1.0);
-        // Clearing the threads' kernel state needs their ids.
-        assert_eq!(
-            resumed,
-            vec![Action::Resume {
-                tgid: 7,
-                tids: vec![8]
-            }]
-        );
+        assert_eq!(resumed, vec![Action::Resume(7)]);
     }
 
     #[test]
@@ -760,7 +738,7 @@ mod tests {
         assert_eq!(g.stats().shedding, 0);
         assert!(!g.processes.get(&7).is_some_and(|p| p.share < 1.0));
         assert!(
-            matches!(last.as_slice(), [Action::Resume { tgid: 7, .. }]),
+            matches!(last.as_slice(), [Action::Resume(7)]),
             "one resume: {last:?}"
         );
     }
@@ -772,12 +750,6 @@ mod tests {
         let mut actions = Vec::new();
         g.forget(7, &mut actions);
         assert_eq!(g.stats().shedding, 0);
-        assert_eq!(
-            actions,
-            vec![Action::Resume {
-                tgid: 7,
-                tids: vec![],
-            }]
-        );
+        assert_eq!(actions, vec![Action::Resume(7)]);
     }
 }

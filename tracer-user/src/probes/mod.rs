@@ -246,9 +246,6 @@ pub struct Probes {
     openssl: Option<openssl::OpenSsl>,
 }
 
-/// Size of the kernel's `ThreadCtx` (tracer-ebpf's inject.rs).
-const THREAD_CTX_SIZE: usize = std::mem::size_of::<tracer_common::TraceCtx>() + 8;
-
 impl Probes {
     pub fn load(opts: &ProbeOptions) -> Result<Self, ProbeError> {
         check_privileges()?;
@@ -712,27 +709,6 @@ impl Probes {
         }
         // The programs' cached verdicts carry the shed bit and share.
         self.refresh_verdicts();
-    }
-
-    /// Clears what the kernel holds as the request each thread of `tids` serves, and the marks
-    /// per-turn sampling left there: a request read in a skipped turn was answered unseen, and
-    /// must not become the parent of the thread's next calls.
-    pub fn clear_thread_contexts(&mut self, tids: &[u32]) {
-        if tids.is_empty() {
-            return;
-        }
-        let Some(map) = self.ebpf.map_mut("THREAD_CTX") else {
-            return;
-        };
-        // The value is the kernel's ThreadCtx: a TraceCtx and a connection id.
-        let Ok(mut contexts) = HashMap::<&mut MapData, u32, [u8; THREAD_CTX_SIZE]>::try_from(map)
-        else {
-            warn!("cannot open the kernel's thread context map");
-            return;
-        };
-        for tid in tids {
-            let _ = contexts.remove(tid);
-        }
     }
 
     pub fn untrace_pid(&mut self, pid: u32) {
