@@ -7,7 +7,8 @@
 //! tracepoints), `raw.rs` and `syscalls.rs` (the same from syscall tracepoints, the fallback),
 //! `sockets.rs` (fd -> socket resolution, accept, connect, close), `process.rs` (fork and
 //! exit, for the traced set), `inject.rs` (span ids named in the kernel, and trace context
-//! written into requests), `tls.rs` (OpenSSL uprobes: plaintext of TLS sockets).
+//! written into requests), `tls.rs` (OpenSSL uprobes: plaintext of TLS sockets), `turns.rs`
+//! (per-turn sampling of the processes the agent sheds).
 #![no_std]
 #![no_main]
 

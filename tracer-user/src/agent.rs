@@ -389,17 +389,23 @@ fn submit(
     exporter.flush();
 }
 
-/// How often the ring is drained while events flow.
+/// How often the ring is drained while events flow fast.
 const DRAIN_BUSY: Duration = Duration::from_millis(10);
+/// Records a drain should find while events flow: when fewer came, the delay grows in
+/// proportion, up to `DRAIN_TRICKLE`. The few events a second of a process sampled at a few
+/// percent are not worth waking a CPU a hundred times a second: each wakeup preempts the
+/// traced program or its clients, or brings an idle CPU back from the hypervisor.
+const DRAIN_BATCH: u32 = 256;
+const DRAIN_TRICKLE: Duration = Duration::from_millis(80);
 /// ... and at the longest when none came: the delay doubles with each empty drain.
 const DRAIN_IDLE: Duration = Duration::from_millis(320);
 
 fn next_drain_delay(current: Duration, drained: usize) -> Duration {
-    if drained > 0 {
-        DRAIN_BUSY
-    } else {
-        (current * 2).min(DRAIN_IDLE)
+    if drained == 0 {
+        return (current * 2).min(DRAIN_IDLE);
     }
+    let drained = u32::try_from(drained).unwrap_or(u32::MAX);
+    (current.min(DRAIN_TRICKLE) * DRAIN_BATCH / drained).clamp(DRAIN_BUSY, DRAIN_TRICKLE)
 }
 
 /// Handles every record in the ring; returns how many there were.
@@ -575,7 +581,7 @@ fn render_metrics(
         &mut out,
         "tracer_shedding_processes",
         "gauge",
-        "Traced processes captured only part of the time now.",
+        "Traced processes captured in part now (a share of their requests, sampled by turns).",
         governor.stats().shedding as u64,
     );
     metric(
@@ -775,6 +781,19 @@ mod tests {
             seen.push(delay.as_millis());
         }
         assert_eq!(seen, [20, 40, 80, 160, 320, 320, 320, 320]);
-        assert_eq!(next_drain_delay(delay, 1), DRAIN_BUSY);
+        // Events again: drained within the trickle delay, then as often as they fill a batch.
+        assert_eq!(next_drain_delay(delay, 1), DRAIN_TRICKLE);
+        assert_eq!(next_drain_delay(DRAIN_BUSY, 10_000), DRAIN_BUSY);
+    }
+
+    #[test]
+    fn a_trickle_of_events_is_drained_in_batches() {
+        // 5,000 events a second: the delay settles where a drain finds a batch.
+        let mut delay = DRAIN_BUSY;
+        for _ in 0..10 {
+            let drained = (5_000 * delay.as_millis() / 1000) as usize;
+            delay = next_drain_delay(delay, drained);
+        }
+        assert!((50..=52).contains(&delay.as_millis()), "{delay:?}");
     }
 }
