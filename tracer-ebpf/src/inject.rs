@@ -472,8 +472,7 @@ pub fn server_request(head: &[u8], head_len: usize, conn_id: u64, tid: u32) -> T
             let slot = unsafe { &mut *slot };
             // A thread that reads a second request before answering the first (an event
             // loop, or pipelining) cannot say which one its calls belong to.
-            // (A mark of per-turn sampling, see `turns`, is not a request being served.)
-            if slot.ctx.flags & CTX_VALID != 0 && slot.conn_id != conn_id {
+            if slot.ctx.flags != 0 && slot.conn_id != conn_id {
                 ctx.flags |= CTX_AMBIGUOUS;
             }
             *slot = ThreadCtx { ctx, conn_id };
@@ -740,7 +739,7 @@ fn try_inject(ctx: &SkMsgContext) -> Option<()> {
         ..Default::default()
     };
     // SAFETY: copied out at once.
-    match unsafe { THREAD_CTX.get(&tid) }.filter(|t| t.ctx.flags & CTX_VALID != 0) {
+    match unsafe { THREAD_CTX.get(&tid) }.filter(|t| t.ctx.flags != 0) {
         Some(t) if t.ctx.flags & CTX_AMBIGUOUS == 0 => {
             client.trace_id_hi = t.ctx.trace_id_hi;
             client.trace_id_lo = t.ctx.trace_id_lo;

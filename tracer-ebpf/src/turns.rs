@@ -19,25 +19,29 @@
 //!
 //! Client turns follow the server turn their thread serves: a request sent on behalf of a
 //! skipped request is skipped, one sent for a picked request is captured (its span keeps its
-//! parent); a thread serving nothing picks at random. Server turns leave a mark in the
-//! thread's `THREAD_CTX` slot for that (`TURN_PICKED`, `TURN_SKIPPED`; a live context of a
-//! picked HTTP request says "picked" as well).
+//! parent); a thread serving nothing picks at random. Each server turn leaves a mark on its
+//! CPU (`TURN_MARKS`: the thread and its pick), a per-CPU write where a per-thread hash entry
+//! cost about 0.2 µs a request. A thread that moved to another CPU since its server turn
+//! began finds no mark of its own and goes by its live trace context (`THREAD_CTX`, a picked
+//! HTTP request's) or picks at random: then a call made for a skipped request, by an event
+//! loop that read another, picked, request just before, may be captured as that one's child.
 //!
 //! The first call captured after skipped ones is preceded by a gap event for its connection:
 //! the agent drops what that connection's parser was waiting for and resyncs there. Capture
 //! resuming in full (the process no longer shed) goes the same way, so the agent never has to
 //! guess which connections lost bytes.
 
-use aya_ebpf::helpers::bpf_get_prandom_u32;
+use aya_ebpf::{helpers::bpf_get_prandom_u32, macros::map, maps::PerCpuArray};
 pub use tracer_common::turn::Pick;
-use tracer_common::{CTX_VALID, DIR_INGRESS, TraceCtx, turn};
+use tracer_common::{CTX_VALID, DIR_INGRESS, turn};
 
-use crate::inject::{THREAD_CTX, ThreadCtx};
+use crate::inject::THREAD_CTX;
 
-/// Marks in a thread's `THREAD_CTX` flags (above every `CTX_*` bit): the server turn the
-/// thread serves was picked, or skipped, by per-turn sampling.
-pub const TURN_PICKED: u32 = 1 << 30;
-pub const TURN_SKIPPED: u32 = 1 << 31;
+/// Per CPU, the last server turn begun on it: `[tid, 1 skipped | 2 picked]`.
+#[map]
+static TURN_MARKS: PerCpuArray<[u32; 2]> = PerCpuArray::with_max_entries(1, 0);
+const MARK_SKIPPED: u32 = 1;
+const MARK_PICKED: u32 = 2;
 
 /// Decides a call in `direction` on a connection whose turn state is `turn`, of thread `tid`
 /// (`tracer_common::turn::step`). `keep`: the share of turns to capture (of `u32::MAX`), or
@@ -55,50 +59,30 @@ pub fn pick(turn: &mut u32, direction: u32, keep: Option<u32>, tid: u32) -> Pick
 /// client's.
 #[inline(always)]
 fn new_turn(server: bool, keep: u32, tid: u32) -> bool {
+    let marks = TURN_MARKS.get_ptr_mut(0);
     if server {
-        // A server turn: at random, and the thread remembers the pick for its client calls.
+        // A server turn: at random, and its CPU remembers the pick for the thread's calls.
         // SAFETY: no preconditions.
         let picked = unsafe { bpf_get_prandom_u32() } < keep;
-        mark_thread(tid, picked);
+        if let Some(marks) = marks {
+            let mark = if picked { MARK_PICKED } else { MARK_SKIPPED };
+            // SAFETY: per-CPU slot; programs do not migrate CPUs while running.
+            unsafe { *marks = [tid, mark] };
+        }
         return picked;
     }
     // A client turn: as the server turn the thread serves.
-    // SAFETY: copied out at once.
-    let flags = unsafe { THREAD_CTX.get(&tid) }.map_or(0, |t| t.ctx.flags);
-    if flags & (CTX_VALID | TURN_PICKED) != 0 {
-        return true;
+    if let Some(marks) = marks {
+        // SAFETY: as above.
+        let [marked, mark] = unsafe { *marks };
+        if marked == tid && mark != 0 {
+            return mark == MARK_PICKED;
+        }
     }
-    if flags & TURN_SKIPPED != 0 {
-        return false;
+    // SAFETY: copied out at once.
+    if unsafe { THREAD_CTX.get(&tid) }.is_some_and(|t| t.ctx.flags & CTX_VALID != 0) {
+        return true;
     }
     // SAFETY: no preconditions.
     unsafe { bpf_get_prandom_u32() < keep }
-}
-
-/// Records in thread `tid`'s slot that the server turn it begins to serve was picked or not.
-/// A live context of another picked request stays when this one is picked too: the program
-/// that names this request's span finds it there and flags the pair ambiguous, as without
-/// sampling. A skipped request replaces it: a call the thread makes now may be for either,
-/// and one skipped is better than one given the wrong parent.
-#[inline(always)]
-fn mark_thread(tid: u32, picked: bool) {
-    let mark = if picked { TURN_PICKED } else { TURN_SKIPPED };
-    match THREAD_CTX.get_ptr_mut(&tid) {
-        Some(slot) => {
-            // SAFETY: a map value; only this thread's programs use its slot.
-            let slot = unsafe { &mut *slot };
-            if picked && slot.ctx.flags & CTX_VALID != 0 {
-                return;
-            }
-            slot.ctx.flags = mark;
-            slot.conn_id = 0;
-        }
-        None => {
-            let ctx = TraceCtx {
-                flags: mark,
-                ..TraceCtx::default()
-            };
-            let _ = THREAD_CTX.insert(&tid, &ThreadCtx { ctx, conn_id: 0 }, 0);
-        }
-    }
 }

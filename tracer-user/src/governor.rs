@@ -92,8 +92,7 @@ pub enum Action {
     /// request it waited on as unanswered.
     Sample { tgid: u32, keep: f64 },
     /// Capture all of it again. Each connection that skipped calls reports its gap with its
-    /// next captured call; the marks sampling left in the threads' kernel state are no trace
-    /// context, and a request captured in full overwrites them.
+    /// next captured call; a thread's kernel trace context is always a captured request's.
     Resume(u32),
 }
 
