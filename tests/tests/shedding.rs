@@ -26,6 +26,26 @@ fn stat_before(stats: &str, label: &str) -> f64 {
         .unwrap_or_else(|| panic!("no number before `{label}` in: {stats}"))
 }
 
+/// Stops the tracer; returns what it printed, its stats line, and the governor's debug lines
+/// (its view of each period, for failure messages).
+fn stop_and_read(tracer: Tracer) -> (common::Stopped, String, String) {
+    let stopped = tracer.stop();
+    assert!(stopped.status.success(), "{}", stopped.stderr);
+    let stats = stopped
+        .stderr
+        .lines()
+        .find(|l| l.contains("shedding"))
+        .unwrap_or_else(|| panic!("no stats line: {}", stopped.stderr))
+        .to_string();
+    let governor = stopped
+        .stderr
+        .lines()
+        .filter(|l| l.contains("capture share"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    (stopped, stats, governor)
+}
+
 #[test]
 fn a_saturated_server_is_shed_within_its_budget_and_counted() {
     require_root();
@@ -104,14 +124,7 @@ fn a_saturated_server_is_shed_within_its_budget_and_counted() {
     while tracer.stdout().matches("after=").count() < AFTER && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(100));
     }
-    let stopped = tracer.stop();
-    assert!(stopped.status.success(), "{}", stopped.stderr);
-    let stats = stopped
-        .stderr
-        .lines()
-        .find(|l| l.contains("shedding"))
-        .unwrap_or_else(|| panic!("no stats line: {}", stopped.stderr))
-        .to_string();
+    let (stopped, stats, governor) = stop_and_read(tracer);
 
     let mut spans = 0u64;
     let mut after = 0;
@@ -148,15 +161,10 @@ fn a_saturated_server_is_shed_within_its_budget_and_counted() {
     eprintln!(
         "{under_load} requests under load, {spans} spans; {not_captured} calls not captured, {shed_s} s shed"
     );
-    let governor: Vec<&str> = stopped
-        .stderr
-        .lines()
-        .filter(|l| l.contains("capture share"))
-        .collect();
     assert!(
         not_captured > 0.0 && shed_s > 0.5,
         "a CPU-bound nginx worker was not shed: {stats}\n{}",
-        governor.join("\n")
+        governor
     );
     assert!(
         spans < under_load,
@@ -248,24 +256,12 @@ fn a_shed_service_keeps_whole_traces() {
         })
         .expect("wrk's request count");
     std::thread::sleep(Duration::from_secs(2));
-    let stopped = tracer.stop();
-    assert!(stopped.status.success(), "{}", stopped.stderr);
-    let stats = stopped
-        .stderr
-        .lines()
-        .find(|l| l.contains("shedding"))
-        .unwrap_or_else(|| panic!("no stats line: {}", stopped.stderr))
-        .to_string();
-    let governor: Vec<&str> = stopped
-        .stderr
-        .lines()
-        .filter(|l| l.contains("capture share"))
-        .collect();
+    let (stopped, stats, governor) = stop_and_read(tracer);
     let shed_s = stat_before(&stats, "s shed");
     assert!(
         shed_s > 1.0,
         "the CPU-bound frontend was not shed: {stats}\n{}",
-        governor.join("\n")
+        governor
     );
 
     let spans: Vec<serde_json::Value> = stopped
