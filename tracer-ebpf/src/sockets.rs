@@ -272,6 +272,23 @@ pub fn lookup_or_track(tgid: u32, fd: u32) -> Option<ConnState> {
     track(fd, ROLE_UNKNOWN)
 }
 
+/// `lookup_or_track`, as the map entry itself: the syscall probes keep the connection's turn
+/// state in it (see `TURN_SHIFT`).
+#[inline(always)]
+pub fn lookup_or_track_entry(tgid: u32, fd: u32) -> Option<&'static mut ConnState> {
+    let key = conn_key(tgid, fd);
+    let entry = match CONNS.get_ptr_mut(&key) {
+        Some(entry) => entry,
+        None => {
+            track(fd, ROLE_UNKNOWN)?;
+            CONNS.get_ptr_mut(&key)?
+        }
+    };
+    // SAFETY: a map value pointer, valid for this program's run.
+    let entry = unsafe { &mut *entry };
+    (entry.flags & CONN_NOT_TCP == 0).then_some(entry)
+}
+
 /// The TCP sequence number of the next byte the socket will send (`egress`) or hand to the
 /// reader, or None when unreadable.
 #[inline(always)]

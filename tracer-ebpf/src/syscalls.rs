@@ -18,10 +18,10 @@ use tracer_common::{
 };
 
 use crate::{
-    CONNS, EVENTS, SCRATCH, capture_limit, capture_mode, count, inject,
+    EVENTS, SCRATCH, capture_limit, capture_mode, count, inject,
     sockets::{
-        CONN_TLS, TURN_SHIFT, clear_saved, conn_key, header_only, lookup_or_track, next_seq,
-        saved_slot, take_saved,
+        CONN_TLS, TURN_SHIFT, clear_saved, header_only, lookup_or_track, lookup_or_track_entry,
+        next_seq, saved_slot, take_saved,
     },
     tls,
     turns::{self, Pick},
@@ -102,12 +102,13 @@ pub fn enter_traced_args(
         return;
     }
     let fd = fd as u32;
-    let Some(conn) = lookup_or_track(tgid, fd) else {
+    let Some(entry) = lookup_or_track_entry(tgid, fd) else {
         // Not a socket. Drop any entry the agent seeded for a read this thread was blocked in
         // at attach time, so this exit cannot be mistaken for it.
         clear_saved(pid_tgid);
         return;
     };
+    let conn = *entry;
     // Inside an OpenSSL call the bytes are ciphertext: the call's own probes report the
     // plaintext, and learn here which socket it uses.
     // SAFETY: no preconditions.
@@ -117,23 +118,19 @@ pub fn enter_traced_args(
         return;
     }
     // The turn state is kept in the entry's flags, above the `CONN_*` bits.
-    if let Some(entry) = CONNS.get_ptr_mut(&conn_key(tgid, fd)) {
-        // SAFETY: a map value pointer, valid for this program's run.
-        let flags = unsafe { &mut (*entry).flags };
-        let mut turn = (*flags >> TURN_SHIFT) as u32;
-        let pick = turns::pick(&mut turn, direction, keep, pid_tgid as u32);
-        *flags = (*flags & ((1 << TURN_SHIFT) - 1)) | ((turn as u64) << TURN_SHIFT);
-        match pick {
-            Pick::Skip => {
-                count(stat::SHED_IO);
-                clear_saved(pid_tgid);
-                return;
-            }
-            Pick::AfterGap => {
-                header_only(EventKind::ConnGap, tgid, pid_tgid as u32, fd, conn.conn_id);
-            }
-            Pick::Capture => {}
+    let mut turn = (entry.flags >> TURN_SHIFT) as u32;
+    let pick = turns::pick(&mut turn, direction, keep, pid_tgid as u32);
+    entry.flags = (entry.flags & ((1 << TURN_SHIFT) - 1)) | ((turn as u64) << TURN_SHIFT);
+    match pick {
+        Pick::Skip => {
+            count(stat::SHED_IO);
+            clear_saved(pid_tgid);
+            return;
         }
+        Pick::AfterGap => {
+            header_only(EventKind::ConnGap, tgid, pid_tgid as u32, fd, conn.conn_id);
+        }
+        Pick::Capture => {}
     }
     let (kind, buf, count) = match kind {
         SavedArgs::BUF => (kind, arg1, 0),
