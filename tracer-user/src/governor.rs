@@ -109,11 +109,9 @@ pub struct GovernorStats {
 
 #[derive(Debug)]
 struct Process {
-    /// Share of its turns the process is captured for, as the kernel has it; 1.0: all (not
-    /// shedding).
+    /// Share of its turns the process is captured for, as the kernel has it (set at period
+    /// ends only); 1.0: all (not shedding).
     share: f64,
-    /// When the share took effect, for the time accounting.
-    since_ns: u64,
     /// Times of the threads read, by tid, and when they were read: at the end of the last
     /// period, or as soon as a thread was first seen (so that a process can be judged at the
     /// end of its first period under load).
@@ -135,10 +133,9 @@ struct Load {
 }
 
 impl Process {
-    fn new(now_ns: u64) -> Self {
+    fn new() -> Self {
         Process {
             share: 1.0,
-            since_ns: now_ns,
             times: HashMap::default(),
             quiet_periods: 0,
             load: None,
@@ -259,23 +256,8 @@ impl Governor {
             self.read_new_threads(now_ns, readings);
             return actions;
         }
-        let before: HashMap<u32, f64> = self.processes.iter().map(|(t, p)| (*t, p.share)).collect();
-        self.end_period(now_ns, elapsed, readings);
+        self.end_period(now_ns, elapsed, readings, &mut actions);
         self.period_start_ns = now_ns;
-        for (tgid, p) in &mut self.processes {
-            let was = before.get(tgid).copied().unwrap_or(1.0);
-            if p.share == was {
-                continue;
-            }
-            if p.share < 1.0 {
-                actions.push(Action::Sample {
-                    tgid: *tgid,
-                    keep: p.share,
-                });
-            } else {
-                actions.push(Action::Resume(*tgid));
-            }
-        }
         self.shed_in_period = self.processes.values().any(|p| p.share < 1.0);
         actions
     }
@@ -287,7 +269,7 @@ impl Governor {
                 if self.processes.len() >= MAX_PROCESSES {
                     continue;
                 }
-                self.processes.insert(*tgid, Process::new(now_ns));
+                self.processes.insert(*tgid, Process::new());
             }
             let Some(p) = self.processes.get_mut(tgid) else {
                 continue;
@@ -302,7 +284,14 @@ impl Governor {
     }
 
     /// Decides each process's share for the next period from the one that ended.
-    fn end_period(&mut self, now_ns: u64, elapsed: u64, readings: &mut impl Readings) {
+    /// Changes of share go to `actions`.
+    fn end_period(
+        &mut self,
+        now_ns: u64,
+        elapsed: u64,
+        readings: &mut impl Readings,
+        actions: &mut Vec<Action>,
+    ) {
         let mut by_process: HashMap<u32, Vec<(u32, u64)>> = HashMap::default();
         let mut all_calls = 0;
         for ((tgid, tid), n) in self.calls.drain() {
@@ -327,7 +316,7 @@ impl Governor {
         self.agent_cpu_ns = Some(agent_cpu_ns);
         for tgid in by_process.keys() {
             if !self.processes.contains_key(tgid) && self.processes.len() < MAX_PROCESSES {
-                self.processes.insert(*tgid, Process::new(now_ns));
+                self.processes.insert(*tgid, Process::new());
             }
         }
         let (budget, period, agent_ns_per_call) =
@@ -335,11 +324,10 @@ impl Governor {
         let period_start_ns = self.period_start_ns;
         self.processes.retain(|tgid, p| {
             // Time accounting for the period that ended, and the share of its calls captured.
-            if p.share < 1.0 {
-                self.stats.shed_ns += now_ns.saturating_sub(p.since_ns);
-            }
-            p.since_ns = now_ns;
             let captured_share = p.share;
+            if captured_share < 1.0 {
+                self.stats.shed_ns += elapsed;
+            }
             let Some(mut threads) = by_process.remove(tgid) else {
                 // Nothing captured all period, not even its share: the load is gone, and with
                 // it any reason to shed. Forgotten once quiet for a while, captured in full
@@ -347,7 +335,10 @@ impl Governor {
                 p.quiet_periods += 1;
                 p.times.clear();
                 p.load = None;
-                p.share = 1.0;
+                if captured_share < 1.0 {
+                    p.share = 1.0;
+                    actions.push(Action::Resume(*tgid));
+                }
                 return p.quiet_periods < 3 || captured_share < 1.0;
             };
             p.quiet_periods = 0;
@@ -408,6 +399,13 @@ impl Governor {
                     captured_share * 100.0,
                     p.share
                 );
+                if share != p.share {
+                    actions.push(if share < 1.0 {
+                        Action::Sample { tgid: *tgid, keep: share }
+                    } else {
+                        Action::Resume(*tgid)
+                    });
+                }
                 p.share = share;
             }
             true
