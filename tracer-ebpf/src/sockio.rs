@@ -331,9 +331,15 @@ fn sock_io(ctx: &BtfTracePointContext, direction: u32) {
     } else {
         unsafe { bpf_ktime_get_ns() }
     };
+    // The bytes moved already: the sequence number of the first is where the socket stands
+    // now, less the count (a send's was noted before it began, in case sk_msg added bytes).
+    let first_seq = || match seq_at_start {
+        Some(seq) => Some(seq),
+        None => next_seq(sk, direction == DIR_EGRESS).map(|s| s.wrapping_sub(ret as u32)),
+    };
     // Inside an OpenSSL call the bytes are ciphertext: the call's own probes report the
-    // plaintext, and learn here which socket it uses.
-    if tls::in_ssl_call(pid_tgid, tgid, fd, &conn, io_ns) {
+    // plaintext (with the first byte's sequence number), and learn here which socket it uses.
+    if tls::in_ssl_call(pid_tgid, tgid, fd, &conn, io_ns, first_seq) {
         // It marked the `CONNS` entry TLS; the socket's copy must say so as well.
         if let Some(st) = state.as_deref_mut()
             && st.conn_key == conn_key(tgid, fd)
@@ -369,12 +375,7 @@ fn sock_io(ctx: &BtfTracePointContext, direction: u32) {
         }
         _ => (SavedArgs::NO_PAYLOAD, 0, 0),
     };
-    // The bytes moved already: the sequence number of the first is where the socket stands
-    // now, less the count (a send's was noted before it began, in case sk_msg added bytes).
-    let seq = match seq_at_start {
-        Some(seq) => Some(seq),
-        None => next_seq(sk, direction == DIR_EGRESS).map(|s| s.wrapping_sub(ret as u32)),
-    };
+    let seq = first_seq();
     let saved = SavedArgs {
         kind,
         fd,

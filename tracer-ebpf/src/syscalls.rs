@@ -113,7 +113,11 @@ pub fn enter_traced_args(
     // plaintext, and learn here which socket it uses.
     // SAFETY: no preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
-    if tls::in_ssl_call(pid_tgid, tgid, fd, &conn, now) || conn.flags & CONN_TLS != 0 {
+    // At entry nothing has moved yet: the socket's next sequence number is the first byte's.
+    if tls::in_ssl_call(pid_tgid, tgid, fd, &conn, now, || {
+        next_seq(conn.sk, direction == DIR_EGRESS)
+    }) || conn.flags & CONN_TLS != 0
+    {
         clear_saved(pid_tgid);
         return;
     }

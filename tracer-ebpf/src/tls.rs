@@ -46,6 +46,13 @@ pub struct SslCall {
     direction: u32,
     /// Calls on the SSL object were skipped before this one (see `turns`).
     after_gap: u32,
+    /// The TCP sequence number of the first ciphertext byte the call's first socket syscall
+    /// moved (`seq_valid` 0: no syscall yet). Where a call writes a request from its first
+    /// byte, that is the first byte of the request's first record, and the peer's call that
+    /// reads from that record on finds the same number: the link key of the request on both
+    /// ends, as for plaintext. A call that reads a record already buffered has none.
+    seq_valid: u32,
+    seq: u32,
     _pad: u32,
 }
 
@@ -98,6 +105,8 @@ fn enter(ssl: u64, buf: u64, count_ptr: u64, direction: u32) {
         fd: u32::MAX,
         direction,
         after_gap,
+        seq_valid: 0,
+        seq: 0,
         _pad: 0,
     };
     if let Some(seen) = SSL_SEEN.get_ptr_mut(0) {
@@ -200,9 +209,8 @@ pub fn tracer_ssl_return(ctx: RetProbeContext) -> u32 {
             SYSCALL_SSL_WRITE
         },
         direction: call.direction,
-        // Sequence numbers count ciphertext bytes: none for plaintext.
-        seq: 0,
-        seq_valid: 0,
+        seq: call.seq,
+        seq_valid: call.seq_valid,
         enter_ns: call.enter_ns,
         injected: Default::default(),
     };
@@ -239,9 +247,17 @@ fn ssl_seen() -> bool {
 /// Called for each socket syscall of a traced thread: when the thread is inside an SSL call,
 /// records the call's socket (and the SSL object's, for later calls), marks the socket TLS and
 /// returns true: the syscall's bytes are ciphertext. `io_ns` is when the syscall's bytes
-/// began to move (see `SslCall::io_ns`).
+/// began to move (see `SslCall::io_ns`); `seq` gives the sequence number of the first of them,
+/// asked for the call's first syscall only (see `SslCall::seq`).
 #[inline(always)]
-pub fn in_ssl_call(pid_tgid: u64, tgid: u32, fd: u32, conn: &ConnState, io_ns: u64) -> bool {
+pub fn in_ssl_call(
+    pid_tgid: u64,
+    tgid: u32,
+    fd: u32,
+    conn: &ConnState,
+    io_ns: u64,
+    seq: impl FnOnce() -> Option<u32>,
+) -> bool {
     // A flag this thread set is visible here: set by its own earlier uprobe, on this CPU or
     // before the thread moved.
     if !ssl_seen() {
@@ -258,6 +274,10 @@ pub fn in_ssl_call(pid_tgid: u64, tgid: u32, fd: u32, conn: &ConnState, io_ns: u
     }
     call.fd = fd;
     call.conn_id = conn.conn_id;
+    if let Some(seq) = seq() {
+        call.seq = seq;
+        call.seq_valid = 1;
+    }
     let key = [tgid as u64, call.ssl];
     // SAFETY: a map value pointer, valid for this program's run.
     if SSL_SOCKETS

@@ -381,12 +381,12 @@ impl ConnTracker {
                     head,
                     tail,
                 };
-                // The kernel's sequence numbers count ciphertext: meaningless for plaintext.
-                let seq = if plaintext { None } else { *seq };
+                // A TLS call's is that of the first ciphertext byte it moved: the same number
+                // on both ends where a call writes or reads a request from its first record.
                 let start = Start {
                     ts_ns: *start_ns,
                     tid: hdr.tid,
-                    seq,
+                    seq: *seq,
                 };
                 let mut fed = false;
                 if matches!(conn.proto, Proto::Detecting(_))
@@ -1250,9 +1250,13 @@ mod tests {
     #[test]
     fn tls_plaintext_replaces_the_ciphertext() {
         let mut t = ConnTracker::new(TrackerConfig::default());
+        // The request's call read from the first byte of a record: the kernel gives the
+        // record's sequence number.
         let tls = |ts: u64, ingress: bool, payload: &[u8]| {
             data_record_with(9, 4, 3, ts, ingress, payload, |e| {
                 e.syscall = if ingress {
+                    e.seq = 5_000;
+                    e.seq_valid = 1;
                     tracer_common::SYSCALL_SSL_READ
                 } else {
                     tracer_common::SYSCALL_SSL_WRITE
@@ -1290,8 +1294,9 @@ mod tests {
         assert_eq!((ex.side, ex.status), (Side::Server, Some(200)));
         assert_eq!(t.stats().tls_conns, 1);
         assert_eq!(
-            out[0].1.request_seq, None,
-            "TCP sequence numbers count ciphertext"
+            out[0].1.request_seq,
+            Some(5_000),
+            "the sequence number of the request's first record"
         );
     }
 }
