@@ -184,10 +184,12 @@ fn a_saturated_server_is_shed_within_its_budget_and_counted() {
 
 /// A single-threaded Python service that burns about 4 ms of CPU on each request and then
 /// asks a backend (kept-alive connection) for the body: CPU-bound under a closed loop of one
-/// connection, each of its requests making one client call.
+/// connection, each of its requests making one client call. With a certificate and key as
+/// third and fourth arguments it serves HTTPS and calls its backend over HTTPS.
 const FRONTEND: &str = r#"
-import http.client, http.server, sys, time
+import http.client, http.server, ssl, sys, time
 backend = int(sys.argv[2])
+tls = len(sys.argv) > 3
 class H(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     disable_nagle_algorithm = True
@@ -197,7 +199,11 @@ class H(http.server.BaseHTTPRequestHandler):
         while time.process_time() < until:
             pass
         if H.upstream is None:
-            H.upstream = http.client.HTTPConnection("127.0.0.1", backend, timeout=10)
+            if tls:
+                H.upstream = http.client.HTTPSConnection("127.0.0.1", backend, timeout=10,
+                    context=ssl._create_unverified_context())
+            else:
+                H.upstream = http.client.HTTPConnection("127.0.0.1", backend, timeout=10)
         H.upstream.request("GET", "/index.html")
         body = H.upstream.getresponse().read()
         self.send_response(200)
@@ -206,7 +212,12 @@ class H(http.server.BaseHTTPRequestHandler):
         self.wfile.write(body)
     def log_message(self, *args):
         pass
-http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
+server = http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), H)
+if tls:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(sys.argv[3], sys.argv[4])
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+server.serve_forever()
 "#;
 
 /// Per-turn sampling keeps traces whole: a shed service's client calls are captured exactly
@@ -215,17 +226,43 @@ http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
 /// and has every request as a span.
 #[test]
 fn a_shed_service_keeps_whole_traces() {
+    shed_service_keeps_whole_traces(false);
+}
+
+/// The same over HTTPS, both hops: the OpenSSL probes pick their turns by SSL object, and the
+/// socket calls under them must follow. No header can carry the context inside TLS: each
+/// captured call and its backend span share their `tracer.link` key instead.
+#[test]
+fn a_shed_tls_service_keeps_whole_traces() {
+    shed_service_keeps_whole_traces(true);
+}
+
+fn shed_service_keeps_whole_traces(tls: bool) {
     require_root();
     let dir = tempdir();
-    let (_backend, backend_port) = common::start_nginx(&dir, "", "");
+    let (cert, key) = common::self_signed_certificate(&dir);
+    let (_backend, backend_port) = if tls {
+        common::start_nginx(
+            &dir,
+            " ssl",
+            &format!(
+                "ssl_certificate {}; ssl_certificate_key {};",
+                cert.display(),
+                key.display()
+            ),
+        )
+    } else {
+        common::start_nginx(&dir, "", "")
+    };
     let port = free_port();
-    let _frontend = tracer_e2e::ChildGuard(
-        Command::new("python3")
-            .args(["-c", FRONTEND, &port.to_string(), &backend_port.to_string()])
-            .spawn()
-            .expect("python3"),
-    );
+    let mut frontend = Command::new("python3");
+    frontend.args(["-c", FRONTEND, &port.to_string(), &backend_port.to_string()]);
+    if tls {
+        frontend.arg(&cert).arg(&key);
+    }
+    let _frontend = tracer_e2e::ChildGuard(frontend.spawn().expect("python3"));
     tracer_e2e::wait_for_port(port, Duration::from_secs(10));
+    let scheme = if tls { "https" } else { "http" };
     // A budget of 0.2% of a CPU: the frontend's ~1,500 captured calls a second cost more.
     let tracer = Tracer::start_with_env(
         &[
@@ -243,7 +280,7 @@ fn a_shed_service_keeps_whole_traces() {
     );
     let wrk = Command::new("wrk")
         .args(["-t1", "-c1", "-d6s"])
-        .arg(format!("http://127.0.0.1:{port}/"))
+        .arg(format!("{scheme}://127.0.0.1:{port}/"))
         .output()
         .expect("wrk (Debian package wrk)");
     assert!(wrk.status.success(), "{wrk:?}");
@@ -322,9 +359,36 @@ fn a_shed_service_keeps_whole_traces() {
         served.len() - with_call,
         served.len()
     );
-    // The backend, not shed, has every request; those of captured calls joined their trace,
-    // and no other carries a context (none was written into a call not captured).
+    // Whole requests only: a turn captured in part would parse as another request, or none.
+    for span in served.iter().chain(&calls).chain(&backend) {
+        let (name, status) = (&span["name"], &span["tags"]["http.status_code"]);
+        let cut_off = span["tags"]["error"] == "connection closed before response";
+        assert!(
+            (name == "GET /" || name == "GET /index.html") && (status == "200" || cut_off),
+            "not a whole request: {span}\n{summary}"
+        );
+    }
+    // The backend, not shed, has every request.
     assert!(backend.len() + 1 >= requests, "{summary}");
+    if tls {
+        // Each captured call is one half of a hop whose other half is a backend span, and no
+        // backend span carries a context.
+        let link = |s: &serde_json::Value| s["tags"]["tracer.link"].as_str().map(str::to_string);
+        let backend_links: std::collections::HashSet<String> =
+            backend.iter().filter_map(|b| link(b)).collect();
+        let linked = calls
+            .iter()
+            .filter(|c| link(c).is_some_and(|k| backend_links.contains(&k)))
+            .count();
+        assert!(linked + 1 >= calls.len(), "{linked} linked: {summary}");
+        assert!(
+            backend.iter().all(|b| b["parentId"].is_null()),
+            "a context inside TLS: {summary}"
+        );
+        return;
+    }
+    // Those of captured calls joined their trace, and no other carries a context (none was
+    // written into a call not captured).
     let joined = backend
         .iter()
         .filter(|b| b["parentId"].as_str().is_some())

@@ -131,7 +131,8 @@ impl SockState {
 
 /// The send note of socket `sk` for thread `pid_tgid` (made when the socket has none), when
 /// the send under way is captured: `keep` as in `turns::pick`. The first hook of a send to
-/// get here picks its turn; the others find the pick made.
+/// get here picks its turn; the others find the pick made. A TLS socket's turns are the SSL
+/// probes' to pick (see `sock_io`): its sends are noted.
 #[inline(always)]
 pub fn send_sampled(
     sk: *mut core::ffi::c_void,
@@ -140,6 +141,7 @@ pub fn send_sampled(
 ) -> Option<&'static mut SendNote> {
     let state = sock_state(sk, true)?;
     if keep.is_some()
+        && state.conn_flags & CONN_TLS == 0
         && turns::pick(&mut state.turn, DIR_EGRESS, keep, pid_tgid as u32) == Pick::Skip
     {
         return None;
@@ -251,15 +253,19 @@ fn sock_io(ctx: &BtfTracePointContext, direction: u32) {
         let Some(st) = state.as_deref_mut() else {
             return;
         };
-        match turns::pick(&mut st.turn, direction, keep, pid_tgid as u32) {
-            // Unless the thread is inside an OpenSSL call, whose probes pick for themselves
-            // and must learn its socket here.
-            Pick::Skip if !tls::in_any_ssl_call(pid_tgid) => {
-                count(stat::SHED_IO);
-                return;
+        // Under an OpenSSL call the bytes are ciphertext, the call's probes pick its turn by
+        // SSL object, and they must learn the socket here. A pick here as well would begin
+        // turns of its own, and the mark a server turn leaves on the CPU would replace theirs
+        // (the thread's client calls would follow a coin toss, not their request).
+        if st.conn_flags & CONN_TLS == 0 && !tls::in_any_ssl_call(pid_tgid) {
+            match turns::pick(&mut st.turn, direction, keep, pid_tgid as u32) {
+                Pick::Skip => {
+                    count(stat::SHED_IO);
+                    return;
+                }
+                Pick::AfterGap => gap = true,
+                Pick::Capture => {}
             }
-            Pick::AfterGap => gap = true,
-            _ => {}
         }
     }
     let generation = crate::generation();
