@@ -172,6 +172,68 @@ fn nginx_https_and_curl() {
     assert_eq!(collector.spans().len(), 2, "{:#?}", collector.spans());
 }
 
+/// No header can carry the context inside TLS: the two halves of each HTTPS hop carry the same
+/// link key (addresses and the TCP sequence number of the request's first record), and the
+/// relay joins them. curl sends three requests on one connection to nginx; each server span
+/// comes out as the child of its client span.
+#[test]
+fn tls_hops_link_through_the_relay() {
+    require_root();
+    let collector = Collector::start();
+    let dir = tempdir();
+    let (cert, key) = self_signed_certificate(&dir);
+    let (_nginx, port) = common::start_nginx(
+        &dir,
+        " ssl",
+        &format!(
+            "ssl_certificate {}; ssl_certificate_key {};",
+            cert.display(),
+            key.display()
+        ),
+    );
+    let listen = format!("127.0.0.1:{}", tracer_e2e::free_port());
+    let relay = Tracer::start(&[
+        "collect",
+        "--listen",
+        &listen,
+        "--zipkin",
+        &collector.url(),
+        "--hold-ms",
+        "1500",
+    ]);
+    let tracer = Tracer::run_for(&["nginx", "curl"], port, &format!("http://{listen}"));
+    let base = format!("https://127.0.0.1:{port}");
+    let out = Command::new("curl")
+        .args(["-sk", "-o", "/dev/null", "-o", "/dev/null", "-o", "/dev/null"])
+        .args(["-w", "%{http_code}\\n"])
+        .args([
+            format!("{base}/index.html"),
+            format!("{base}/big.txt"),
+            format!("{base}/err"),
+        ])
+        .output()
+        .expect("curl");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "200\n200\n503\n");
+    let spans = collector.wait_for_spans(6, Duration::from_secs(15));
+    let stopped = tracer.stop();
+    assert!(stopped.status.success(), "{}", stopped.stderr);
+    relay.stop();
+    assert_eq!(spans.len(), 6, "{spans:#?}");
+    for server in spans.iter().filter(|s| s["kind"] == "SERVER") {
+        let path = &server["tags"]["http.path"];
+        let client = spans
+            .iter()
+            .find(|s| s["kind"] == "CLIENT" && &s["tags"]["http.path"] == path)
+            .unwrap_or_else(|| panic!("no client span of {path}: {spans:#?}"));
+        assert_eq!(server["parentId"], client["id"], "{spans:#?}");
+        assert_eq!(server["traceId"], client["traceId"], "{spans:#?}");
+    }
+    assert!(
+        spans.iter().all(|s| s["tags"].get("tracer.link").is_none()),
+        "the relay strips link keys: {spans:#?}"
+    );
+}
+
 /// Python's ssl module on both ends (SSL_read_ex/SSL_write_ex): a server traced from before,
 /// and a client started after the tracer that loads its own copy of libssl (a different file
 /// from the system's), which the tracer must find in the process's memory map.
