@@ -204,7 +204,15 @@ fn tls_hops_link_through_the_relay() {
     let tracer = Tracer::run_for(&["nginx", "curl"], port, &format!("http://{listen}"));
     let base = format!("https://127.0.0.1:{port}");
     let out = Command::new("curl")
-        .args(["-sk", "-o", "/dev/null", "-o", "/dev/null", "-o", "/dev/null"])
+        .args([
+            "-sk",
+            "-o",
+            "/dev/null",
+            "-o",
+            "/dev/null",
+            "-o",
+            "/dev/null",
+        ])
         .args(["-w", "%{http_code}\\n"])
         .args([
             format!("{base}/index.html"),
