@@ -44,9 +44,11 @@ const AGENT_NS_PER_CALL: f64 = 2000.0;
 /// Calls a period must bring, none of them shed, to measure the agent's cost per call: fewer
 /// and the agent's fixed costs (its timers, reading /proc) weigh on the estimate.
 const AGENT_MEASURE_CALLS: u64 = 1000;
-/// What a shed call costs: the programs' early returns, about 0.45 µs per nginx request of
-/// two calls (the cost an untraced process pays).
-const SHED_NS_PER_CALL: f64 = 250.0;
+/// What a shed call costs the thread: the programs that still run for it (the verdict, the
+/// socket's turn bits, the early return). Sampled at 4 kHz, nginx shed under wrk (7.5% of its
+/// requests captured) spent 3.8% of its CPU in the programs, about 1 µs a request of two
+/// counted calls, of which the captured ones account for about 0.25.
+const SHED_NS_PER_CALL: f64 = 400.0;
 /// A thread runnable (on a CPU or waiting for one) this share of the time, on average, is
 /// CPU-bound: tracing it takes throughput. Fully captured nginx under wrk: 82-100% of each
 /// period, 94-99% on average (wrk, starved by the agent and the server, does not always have
@@ -573,16 +575,16 @@ mod tests {
 
     #[test]
     fn a_saturated_thread_is_captured_within_the_budget() {
-        // nginx at saturation: 30k requests/s, 60k calls/s, the worker busy 97%.
-        let (g, actions) = run(0.03, 0.97, 60_000, 20);
-        // (0.03 - 0.015) / (0.06 * (4 + 2) - 0.015) ≈ 0.043 of the turns captured, from the
+        // A server at saturation: 20k requests/s, 40k calls/s, the thread busy 97%.
+        let (g, actions) = run(0.03, 0.97, 40_000, 20);
+        // (0.03 - 0.016) / (0.04 * (4 + 2) - 0.016) = 0.0625 of the turns captured, from the
         // end of the second period (the thread's CPU time is read as soon as it is seen; it
         // must be CPU-bound two periods in a row), and the share holds: one action in all.
         let [(at, Action::Sample { tgid: 7, keep })] = actions.as_slice() else {
             panic!("{actions:?}");
         };
         assert_eq!(*at, 2 * PERIOD);
-        assert!((0.04..0.047).contains(keep), "share {keep}");
+        assert!((0.058..0.067).contains(keep), "share {keep}");
         assert_eq!(g.processes[&7].share, *keep);
         let shed_s = g.stats().shed_ns as f64 / 1e9;
         assert!((3.55..3.65).contains(&shed_s), "shed {shed_s} s of 4");
@@ -590,17 +592,29 @@ mod tests {
     }
 
     #[test]
+    fn where_shed_calls_alone_cost_the_budget_the_least_share_is_captured() {
+        // nginx at saturation: 30k requests/s, 60k calls/s, whose shed calls alone cost
+        // 0.06 * 0.4 = 2.4% of a CPU, more than a 2% budget.
+        let (g, actions) = run(0.02, 0.97, 60_000, 20);
+        assert!(
+            matches!(actions.as_slice(), [(_, Action::Sample { tgid: 7, .. })]),
+            "{actions:?}"
+        );
+        assert_eq!(g.processes[&7].share, MIN_SHARE);
+    }
+
+    #[test]
     fn the_agents_cost_is_measured_and_counted() {
-        // As above, the agent spending 6 µs on each call: (0.03 - 0.015) / (0.06 * (4 + 6)
-        // - 0.015) ≈ 0.026.
-        let (g, _) = run_with(0.03, 0.97, 0.0, 6000, 60_000, 20);
+        // As above, the agent spending 6 µs on each call: (0.03 - 0.016) / (0.04 * (4 + 6)
+        // - 0.016) ≈ 0.036.
+        let (g, _) = run_with(0.03, 0.97, 0.0, 6000, 40_000, 20);
         assert!(
             (5500.0..6500.0).contains(&g.agent_ns_per_call()),
             "{}",
             g.agent_ns_per_call()
         );
         let share = g.processes[&7].share;
-        assert!((0.024..0.03).contains(&share), "share {share}");
+        assert!((0.033..0.04).contains(&share), "share {share}");
     }
 
     #[test]
