@@ -22,11 +22,12 @@
 //! parent); a thread serving nothing picks at random. Each server turn leaves a mark in its
 //! CPU's slot (`TURN_MARKS`: the thread, its pick and when), a write to a line no other CPU
 //! writes, where a per-thread hash entry cost about 0.2 µs a request. A thread that finds
-//! another's mark on its CPU has moved since its server turn began: it looks for its newest
-//! mark in the other CPUs' slots, then goes by its live trace context (`THREAD_CTX`, a picked
-//! HTTP request's), then picks at random. (A thread that moved away and back between its
-//! server turn and its call finds an older mark of its own: rare, and then the call may follow
-//! the wrong turn.)
+//! another's mark on its CPU has moved since its server turn began (or another thread began
+//! one there since): it goes by its live trace context (`THREAD_CTX`, a picked HTTP
+//! request's); a thread that serves HTTP but has none looks for its newest mark in the other
+//! CPUs' slots (the first 16); else it picks at random. (A thread that moved away and back
+//! between its server turn and its call finds an older mark of its own: rare, and then the
+//! call may follow the wrong turn.)
 //!
 //! The first call captured after skipped ones is preceded by a gap event for its connection:
 //! the agent drops what that connection's parser was waiting for and resyncs there. Capture
@@ -58,8 +59,8 @@ const _: () = assert!(core::mem::size_of::<TurnMark>() == 64);
 
 /// Slots, one per CPU; a thread on a CPU beyond them goes by its trace context or at random.
 const MARK_CPUS: u32 = 256;
-/// The most slots a moved thread looks through for its mark.
-const MARK_SCAN: u32 = 64;
+/// The most slots a moved thread looks through for its mark (cold lines, about 0.1 µs each).
+const MARK_SCAN: u32 = 16;
 
 #[map]
 static TURN_MARKS: Array<TurnMark> = Array::with_max_entries(MARK_CPUS, 0);
@@ -107,12 +108,19 @@ fn new_turn(server: bool, keep: u32, tid: u32) -> bool {
     {
         return mark.pick == MARK_PICKED;
     }
-    if let Some(pick) = moved_mark(tid) {
-        return pick == MARK_PICKED;
-    }
     // SAFETY: copied out at once.
-    if unsafe { THREAD_CTX.get(&tid) }.is_some_and(|t| t.ctx.flags & CTX_VALID != 0) {
-        return true;
+    match unsafe { THREAD_CTX.get(&tid) }.map(|t| t.ctx.flags) {
+        // Serving a picked HTTP request.
+        Some(flags) if flags & CTX_VALID != 0 => return true,
+        // A thread that serves HTTP requests, and no picked one now: it moved, or another
+        // thread's server turn replaced its mark here. Only such threads look through the
+        // other CPUs' slots; one that serves nothing would do it at each of its calls.
+        Some(_) => {
+            if let Some(pick) = moved_mark(tid) {
+                return pick == MARK_PICKED;
+            }
+        }
+        None => {}
     }
     // SAFETY: no preconditions.
     unsafe { bpf_get_prandom_u32() < keep }
