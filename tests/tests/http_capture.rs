@@ -171,27 +171,7 @@ fn run_traces_nginx_and_curl() {
 
     let tracer = Tracer::run_for(&["nginx", "curl"], port, &collector.url());
     let base = format!("http://127.0.0.1:{port}");
-    let out = std::process::Command::new("curl")
-        // -o applies to one URL each: one per URL keeps the bodies out of stdout.
-        .args([
-            "-s",
-            "-o",
-            "/dev/null",
-            "-o",
-            "/dev/null",
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{http_code}\\n",
-        ])
-        .args([
-            format!("{base}/index.html"),
-            format!("{base}/big.txt"),
-            format!("{base}/err"),
-        ])
-        .output()
-        .expect("curl");
-    assert_eq!(String::from_utf8_lossy(&out.stdout), "200\n200\n503\n");
+    common::curl_index_big_err(&base);
 
     let spans = collector.wait_for_spans(6, Duration::from_secs(10));
     let stopped = tracer.stop();

@@ -379,18 +379,8 @@ fn scenario(linking: Linking) {
     let (relay, zipkin) = match linking {
         Linking::Injected => (None, collector.url()),
         Linking::Passive => {
-            let port = tracer_e2e::free_port().to_string();
-            let listen = format!("127.0.0.1:{port}");
-            let relay = Tracer::start(&[
-                "collect",
-                "--listen",
-                &listen,
-                "--zipkin",
-                &collector.url(),
-                "--hold-ms",
-                "1500",
-            ]);
-            relay_url = format!("http://{listen}");
+            let relay;
+            (relay, relay_url) = common::start_relay(&collector.url());
             (Some(relay), relay_url.clone())
         }
     };

@@ -242,15 +242,7 @@ fn shed_service_keeps_whole_traces(tls: bool) {
     let dir = tempdir();
     let (cert, key) = common::self_signed_certificate(&dir);
     let (_backend, backend_port) = if tls {
-        common::start_nginx(
-            &dir,
-            " ssl",
-            &format!(
-                "ssl_certificate {}; ssl_certificate_key {};",
-                cert.display(),
-                key.display()
-            ),
-        )
+        common::start_https_nginx(&dir, &cert, &key)
     } else {
         common::start_nginx(&dir, "", "")
     };

@@ -68,37 +68,11 @@ fn nginx_https_and_curl() {
     let collector = Collector::start();
     let dir = tempdir();
     let (cert, key) = self_signed_certificate(&dir);
-    let (_nginx, port) = common::start_nginx(
-        &dir,
-        " ssl",
-        &format!(
-            "ssl_certificate {}; ssl_certificate_key {};",
-            cert.display(),
-            key.display()
-        ),
-    );
+    let (_nginx, port) = common::start_https_nginx(&dir, &cert, &key);
 
     let tracer = Tracer::run_for(&["nginx", "curl"], port, &collector.url());
     let base = format!("https://127.0.0.1:{port}");
-    let out = Command::new("curl")
-        .args([
-            "-sk",
-            "-o",
-            "/dev/null",
-            "-o",
-            "/dev/null",
-            "-o",
-            "/dev/null",
-        ])
-        .args(["-w", "%{http_code}\\n"])
-        .args([
-            format!("{base}/index.html"),
-            format!("{base}/big.txt"),
-            format!("{base}/err"),
-        ])
-        .output()
-        .expect("curl");
-    assert_eq!(String::from_utf8_lossy(&out.stdout), "200\n200\n503\n");
+    common::curl_index_big_err(&base);
     let spans = collector.wait_for_spans(6, Duration::from_secs(10));
     assert_eq!(
         shapes(&spans),
@@ -182,46 +156,11 @@ fn tls_hops_link_through_the_relay() {
     let collector = Collector::start();
     let dir = tempdir();
     let (cert, key) = self_signed_certificate(&dir);
-    let (_nginx, port) = common::start_nginx(
-        &dir,
-        " ssl",
-        &format!(
-            "ssl_certificate {}; ssl_certificate_key {};",
-            cert.display(),
-            key.display()
-        ),
-    );
-    let listen = format!("127.0.0.1:{}", tracer_e2e::free_port());
-    let relay = Tracer::start(&[
-        "collect",
-        "--listen",
-        &listen,
-        "--zipkin",
-        &collector.url(),
-        "--hold-ms",
-        "1500",
-    ]);
-    let tracer = Tracer::run_for(&["nginx", "curl"], port, &format!("http://{listen}"));
+    let (_nginx, port) = common::start_https_nginx(&dir, &cert, &key);
+    let (relay, relay_url) = common::start_relay(&collector.url());
+    let tracer = Tracer::run_for(&["nginx", "curl"], port, &relay_url);
     let base = format!("https://127.0.0.1:{port}");
-    let out = Command::new("curl")
-        .args([
-            "-sk",
-            "-o",
-            "/dev/null",
-            "-o",
-            "/dev/null",
-            "-o",
-            "/dev/null",
-        ])
-        .args(["-w", "%{http_code}\\n"])
-        .args([
-            format!("{base}/index.html"),
-            format!("{base}/big.txt"),
-            format!("{base}/err"),
-        ])
-        .output()
-        .expect("curl");
-    assert_eq!(String::from_utf8_lossy(&out.stdout), "200\n200\n503\n");
+    common::curl_index_big_err(&base);
     let spans = collector.wait_for_spans(6, Duration::from_secs(15));
     let stopped = tracer.stop();
     assert!(stopped.status.success(), "{}", stopped.stderr);

@@ -338,6 +338,66 @@ pub fn start_nginx(
     (spawn_nginx(&conf, port), port)
 }
 
+/// [`start_nginx`] serving HTTPS with certificate `cert` and key `key` (see
+/// [`self_signed_certificate`]).
+pub fn start_https_nginx(
+    dir: &std::path::Path,
+    cert: &std::path::Path,
+    key: &std::path::Path,
+) -> (ChildGuard, u16) {
+    start_nginx(
+        dir,
+        " ssl",
+        &format!(
+            "ssl_certificate {}; ssl_certificate_key {};",
+            cert.display(),
+            key.display()
+        ),
+    )
+}
+
+/// curl (`-k`, so any certificate) getting `/index.html`, `/big.txt` and `/err` of
+/// [`start_nginx`]'s server at `base` on one connection; asserts their statuses (200, 200,
+/// 503).
+pub fn curl_index_big_err(base: &str) {
+    let out = Command::new("curl")
+        // -o applies to one URL each: one per URL keeps the bodies out of stdout.
+        .args([
+            "-sk",
+            "-o",
+            "/dev/null",
+            "-o",
+            "/dev/null",
+            "-o",
+            "/dev/null",
+        ])
+        .args(["-w", "%{http_code}\\n"])
+        .args([
+            format!("{base}/index.html"),
+            format!("{base}/big.txt"),
+            format!("{base}/err"),
+        ])
+        .output()
+        .expect("curl");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "200\n200\n503\n");
+}
+
+/// `tracer collect` on a free loopback port, forwarding to `zipkin` what it joined, holding
+/// unmatched halves 1.5 s; returns it and the URL agents send to.
+pub fn start_relay(zipkin: &str) -> (Tracer, String) {
+    let listen = format!("127.0.0.1:{}", tracer_e2e::free_port());
+    let relay = Tracer::start(&[
+        "collect",
+        "--listen",
+        &listen,
+        "--zipkin",
+        zipkin,
+        "--hold-ms",
+        "1500",
+    ]);
+    (relay, format!("http://{listen}"))
+}
+
 /// nginx with configuration `conf`, once it listens on `port`.
 pub fn spawn_nginx(conf: &std::path::Path, port: u16) -> ChildGuard {
     let nginx = ChildGuard(
