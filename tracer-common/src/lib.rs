@@ -221,10 +221,8 @@ pub struct Config {
     /// `sock:sock_recv_length`), not at syscall entry and exit. The agent sets it when the
     /// kernel's BTF has those tracepoints; the programs that serve both ways read it.
     pub sock_hooks: u32,
-    /// The host's possible CPUs: how many per-CPU slots a program may look through.
-    pub nr_cpus: u32,
 }
-const _: () = assert!(core::mem::size_of::<Config>() == 56);
+const _: () = assert!(core::mem::size_of::<Config>() == 52);
 
 /// Byte offsets of the kernel struct fields the probes read, taken from the running kernel's BTF
 /// by the agent at start: a hand-made CO-RE, since the probes walk `task->files->fdt->fd[fd]`

@@ -65,7 +65,6 @@ static CONFIG: Global<Config> = Global::new(Config {
     netns_inum: 0,
     exit_group_dead_offset: 0,
     sock_hooks: 0,
-    nr_cpus: 1,
 });
 
 #[inline(always)]

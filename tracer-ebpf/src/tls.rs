@@ -93,6 +93,11 @@ fn enter(ssl: u64, buf: u64, count_ptr: u64, direction: u32) {
             Pick::AfterGap => after_gap = 1,
             Pick::Capture => {}
         }
+    } else if keep.is_some() && direction == DIR_INGRESS {
+        // A server's first read on a new TLS connection, captured: its turn is picked, and
+        // the thread's client calls are to follow it, not the mark the handshake's socket
+        // calls left (their turns are the socket's own, before it is known as TLS).
+        turns::mark_server_turn(pid_tgid as u32, true);
     }
     let call = SslCall {
         ssl,

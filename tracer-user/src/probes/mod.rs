@@ -278,7 +278,6 @@ impl Probes {
             exit_group_dead_offset: sched_format_offset("sched_process_exit", "group_dead")
                 .unwrap_or(0),
             sock_hooks: u32::from(socket_layer_ok),
-            nr_cpus: aya::util::nr_cpus().map_or(1, |n| n as u32),
         };
         raise_memlock_limit();
         let mut ebpf = EbpfLoader::new()
