@@ -240,7 +240,7 @@ fn a_shed_tls_service_keeps_whole_traces() {
 
 /// The same over a new HTTPS connection for each request, each request 20 ms of CPU: the
 /// thread changes CPUs within requests, and its calls must still follow the request they
-/// serve (by its trace context: marks left on a CPU alone orphaned 26-31% of the calls).
+/// serve (going by the mark left on the CPU alone orphaned 26-31% of the calls).
 #[test]
 fn a_shed_tls_service_on_new_connections_keeps_whole_traces() {
     shed_service_keeps_whole_traces(true, Connections::OnePerRequest);

@@ -55,6 +55,9 @@ const AF_INET: u32 = 2;
 pub struct ThreadCtx {
     pub ctx: TraceCtx,
     pub conn_id: u64,
+    /// When the request was read (per-turn sampling tells an older mark of the thread's from
+    /// the request it serves now, see `turns`).
+    pub read_ns: u64,
 }
 
 /// By tid: a slot per thread that served a request, removed when the thread exits
@@ -440,7 +443,13 @@ extern "C" fn scan_step(_index: u64, ctx: *mut core::ffi::c_void) -> i64 {
 /// name its server span and remember it as what the thread serves. Returns the context to put
 /// on the data event.
 #[inline(always)]
-pub fn server_request(head: &[u8], head_len: usize, conn_id: u64, tid: u32) -> TraceCtx {
+pub fn server_request(
+    head: &[u8],
+    head_len: usize,
+    conn_id: u64,
+    tid: u32,
+    read_ns: u64,
+) -> TraceCtx {
     let none = TraceCtx::default();
     if config!(kernel_ctx) == 0 || !starts_with_method(head) {
         return none;
@@ -475,10 +484,22 @@ pub fn server_request(head: &[u8], head_len: usize, conn_id: u64, tid: u32) -> T
             if slot.ctx.flags != 0 && slot.conn_id != conn_id {
                 ctx.flags |= CTX_AMBIGUOUS;
             }
-            *slot = ThreadCtx { ctx, conn_id };
+            *slot = ThreadCtx {
+                ctx,
+                conn_id,
+                read_ns,
+            };
         }
         None => {
-            let _ = THREAD_CTX.insert(&tid, &ThreadCtx { ctx, conn_id }, 0);
+            let _ = THREAD_CTX.insert(
+                &tid,
+                &ThreadCtx {
+                    ctx,
+                    conn_id,
+                    read_ns,
+                },
+                0,
+            );
         }
     }
     ctx

@@ -306,7 +306,13 @@ pub fn emit_data(saved: &SavedArgs, len: u64, pid_tgid: u64, end_ns: u64) {
     scratch.event.head_len = head_len as u32;
     let tid = pid_tgid as u32;
     scratch.event.ctx = if saved.direction == DIR_INGRESS {
-        inject::server_request(&scratch.payload[..], head_len, saved.conn_id, tid)
+        inject::server_request(
+            &scratch.payload[..],
+            head_len,
+            saved.conn_id,
+            tid,
+            scratch.event.hdr.ts_ns,
+        )
     } else {
         inject::response_written(&scratch.payload[..], saved.conn_id, tid);
         saved.injected

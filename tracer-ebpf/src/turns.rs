@@ -19,31 +19,35 @@
 //!
 //! Client turns follow the server turn their thread serves: a request sent on behalf of a
 //! skipped request is skipped, one sent for a picked request is captured (its span keeps its
-//! parent); a thread serving nothing picks at random. A thread that serves HTTP has a trace
-//! context slot (`THREAD_CTX`): live while it serves a picked request (whose capture wrote
-//! it), cleared when it answers, never set by a skipped one, so the slot answers for it
-//! wherever the thread runs. Other threads go by the mark their server turn left on their CPU
-//! (`TURN_MARKS`: the thread and its pick, per CPU, where a per-thread hash entry cost about
-//! 0.2 µs a request): a thread that moved since, or whose CPU served another thread's turn
-//! since, picks at random, and one that moved away and back may follow an older turn of its
-//! own.
+//! parent); a thread serving nothing picks at random. Each server turn leaves a mark on its
+//! CPU (`TURN_MARKS`: the thread, its pick and when), a per-CPU write where a per-thread hash
+//! entry cost about 0.2 µs a request. A thread that serves HTTP also has a trace context slot
+//! (`THREAD_CTX`), live while it serves a picked request and dated by its read, never set by a
+//! skipped one. A client turn follows the thread's mark on its CPU where that is newer than
+//! the live context (an event loop that read a skipped request after a picked one), the live
+//! context otherwise (the mark is an older turn's: the thread changed CPUs within the
+//! request), skips when the thread serves HTTP and has none, and else picks at random.
 //!
 //! The first call captured after skipped ones is preceded by a gap event for its connection:
 //! the agent drops what that connection's parser was waiting for and resyncs there. Capture
 //! resuming in full (the process no longer shed) goes the same way, so the agent never has to
 //! guess which connections lost bytes.
 
-use aya_ebpf::{helpers::bpf_get_prandom_u32, macros::map, maps::PerCpuArray};
+use aya_ebpf::{
+    helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns},
+    macros::map,
+    maps::PerCpuArray,
+};
 pub use tracer_common::turn::Pick;
 use tracer_common::{CTX_VALID, DIR_INGRESS, turn};
 
 use crate::inject::THREAD_CTX;
 
-/// Per CPU, the last server turn begun on it: `[tid, 1 skipped | 2 picked]`.
+/// Per CPU, the last server turn begun on it: `[tid << 32 | 1 skipped or 2 picked, when]`.
 #[map]
-static TURN_MARKS: PerCpuArray<[u32; 2]> = PerCpuArray::with_max_entries(1, 0);
-const MARK_SKIPPED: u32 = 1;
-const MARK_PICKED: u32 = 2;
+static TURN_MARKS: PerCpuArray<[u64; 2]> = PerCpuArray::with_max_entries(1, 0);
+const MARK_SKIPPED: u64 = 1;
+const MARK_PICKED: u64 = 2;
 
 /// Decides a call in `direction` on a connection whose turn state is `turn`, of thread `tid`
 /// (`tracer_common::turn::step`). `keep`: the share of turns to capture (of `u32::MAX`), or
@@ -68,22 +72,27 @@ fn new_turn(server: bool, keep: u32, tid: u32) -> bool {
         mark_server_turn(tid, picked);
         return picked;
     }
-    // A client turn: as the server turn the thread serves. An HTTP server thread's trace
-    // context says (a shed HTTPS service spending 20 ms a request, long enough to change
-    // CPUs, had 26-31% of its captured calls orphaned by the marks alone).
-    // SAFETY: copied out at once.
-    if let Some(flags) = unsafe { THREAD_CTX.get(&tid) }.map(|t| t.ctx.flags) {
-        return flags & CTX_VALID != 0;
-    }
-    if let Some(marks) = TURN_MARKS.get_ptr(0) {
+    // A client turn: as the server turn the thread serves. The thread's mark on this CPU,
+    // if it is there: (picked, when).
+    let mark = TURN_MARKS.get_ptr(0).and_then(|marks| {
         // SAFETY: per-CPU slot; programs do not migrate CPUs while running.
-        let [marked, mark] = unsafe { *marks };
-        if marked == tid && mark != 0 {
-            return mark == MARK_PICKED;
-        }
+        let [who, at_ns] = unsafe { *marks };
+        ((who >> 32) as u32 == tid && who as u32 != 0)
+            .then_some((who as u32 as u64 == MARK_PICKED, at_ns))
+    });
+    // SAFETY: copied out at once.
+    match unsafe { THREAD_CTX.get(&tid) }.map(|t| (t.ctx.flags & CTX_VALID != 0, t.read_ns)) {
+        Some((true, read_ns)) => match mark {
+            Some((picked, at_ns)) if at_ns > read_ns => picked,
+            _ => true,
+        },
+        Some((false, _)) => false,
+        None => match mark {
+            Some((picked, _)) => picked,
+            // SAFETY: no preconditions.
+            None => unsafe { bpf_get_prandom_u32() < keep },
+        },
     }
-    // SAFETY: no preconditions.
-    unsafe { bpf_get_prandom_u32() < keep }
 }
 
 /// Leaves the mark of a server turn of thread `tid` that begins now on this CPU, `picked` or
@@ -91,8 +100,8 @@ fn new_turn(server: bool, keep: u32, tid: u32) -> bool {
 #[inline(always)]
 pub fn mark_server_turn(tid: u32, picked: bool) {
     if let Some(marks) = TURN_MARKS.get_ptr_mut(0) {
-        let mark = if picked { MARK_PICKED } else { MARK_SKIPPED };
+        let pick = if picked { MARK_PICKED } else { MARK_SKIPPED };
         // SAFETY: per-CPU slot; programs do not migrate CPUs while running.
-        unsafe { *marks = [tid, mark] };
+        unsafe { *marks = [((tid as u64) << 32) | pick, bpf_ktime_get_ns()] };
     }
 }
