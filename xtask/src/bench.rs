@@ -28,6 +28,8 @@ pub struct BenchOptions {
     pub pairs: u32,
     pub connections: u32,
     pub syscalls: u64,
+    /// Whether the servers under load are measured.
+    pub servers: bool,
 }
 
 struct Guard(Child);
@@ -86,6 +88,11 @@ enum Mode {
     /// Traced (default budget) under a paced load of `PACED_RATE`, below saturation: every
     /// request must be a span.
     TracedPaced,
+    /// The same with the budget off: what the tracer itself keeps up with at that rate (no
+    /// event lost, every request a span), apart from when the governor judges the server's
+    /// one worker CPU-bound (at 20k req/s it runs 70-80% of a core; a slow spell of the
+    /// machine takes it past that).
+    TracedFullPaced,
 }
 
 /// The offered load of `Mode::TracedPaced`, requests per second: the rate up to which the
@@ -108,11 +115,15 @@ impl Mode {
             Mode::Exported => "traced+export",
             Mode::UntracedPaced => "untraced, paced 20k req/s",
             Mode::TracedPaced => "traced, paced 20k req/s",
+            Mode::TracedFullPaced => "traced, every request (--overhead-budget 0), paced 20k req/s",
         }
     }
 
     fn paced(self) -> bool {
-        matches!(self, Mode::UntracedPaced | Mode::TracedPaced)
+        matches!(
+            self,
+            Mode::UntracedPaced | Mode::TracedPaced | Mode::TracedFullPaced
+        )
     }
 }
 
@@ -609,6 +620,14 @@ fn measure(
             "--queue-size".into(),
             "100000".into(),
         ]),
+        Mode::TracedFullPaced => args.extend([
+            "--output".into(),
+            "json".into(),
+            "--queue-size".into(),
+            "100000".into(),
+            "--overhead-budget".into(),
+            "0".into(),
+        ]),
         Mode::TracedFull => args.extend([
             "--output".into(),
             "json".into(),
@@ -628,7 +647,7 @@ fn measure(
         &[]
     };
     let agent = Agent::start_with_env(&args, env)?;
-    let paced = (mode == Mode::TracedPaced).then_some(PACED_RATE);
+    let paced = mode.paced().then_some(PACED_RATE);
     // The collector's CPU per span counts the warm-up's spans and its CPU alike.
     let collector_cpu0 = proc_cpu_seconds(collector.pid());
     warm_up(target, opts, paced)?;
@@ -853,7 +872,7 @@ pub fn bench(opts: &BenchOptions) -> anyhow::Result<()> {
     writeln!(report, "# tracer benchmark\n")?;
     writeln!(
         report,
-        "{cpus} CPUs ({machine}), Linux {}; wrk -t2 -c{} -d{}s, each run after {WARMUP_SECS} s of the same load (steady state: a saturated server is shed within a second of the load's start); {} rounds (every other one in reverse order) of untraced / tracer idle (running, server not traced) / traced / traced+export, and for nginx the idle and traced runs again on the syscall-tracepoint path (`TRACER_SYSCALL_TRACEPOINTS=tp_btf`, what kernels before 6.3 get), and a paced load of 20k req/s untraced and traced; then {} more pairs of untraced and traced runs; medians of the runs.\n",
+        "{cpus} CPUs ({machine}), Linux {}; wrk -t2 -c{} -d{}s, each run after {WARMUP_SECS} s of the same load (steady state: a saturated server is shed within a second of the load's start); {} rounds (every other one in reverse order) of untraced / tracer idle (running, server not traced) / traced / traced+export, and for nginx the idle and traced runs again on the syscall-tracepoint path (`TRACER_SYSCALL_TRACEPOINTS=tp_btf`, what kernels before 6.3 get), and a paced load of 20k req/s untraced, traced, and traced with the budget off; then {} more pairs of untraced and traced runs; medians of the runs. After the servers: the in-kernel cost of a syscall, the agent's memory with {OPEN_CONNECTIONS} connections open, and the agent's own work per request.\n",
         kernel.trim(),
         opts.connections,
         opts.duration,
@@ -876,6 +895,7 @@ pub fn bench(opts: &BenchOptions) -> anyhow::Result<()> {
                 Mode::Exported,
                 Mode::UntracedPaced,
                 Mode::TracedPaced,
+                Mode::TracedFullPaced,
             ][..],
         ),
         (
@@ -888,7 +908,10 @@ pub fn bench(opts: &BenchOptions) -> anyhow::Result<()> {
                 Mode::Exported,
             ][..],
         ),
-    ] {
+    ]
+    .into_iter()
+    .filter(|_| opts.servers)
+    {
         let target = start()?;
         // Warm up (page cache, Python's first imports).
         let _ = wrk(
@@ -1105,6 +1128,10 @@ pub fn bench(opts: &BenchOptions) -> anyhow::Result<()> {
             .iter()
             .position(|x| *x == Mode::UntracedPaced)
             .map(|i| &runs[i]);
+        let full_paced = modes
+            .iter()
+            .position(|x| *x == Mode::TracedFullPaced)
+            .map(|i| &runs[i]);
         // Judged on the median of the paired ratios (see the pairs above).
         let paired = |f: fn(&Run) -> f64| -> Vec<f64> {
             traced
@@ -1167,6 +1194,21 @@ pub fn bench(opts: &BenchOptions) -> anyhow::Result<()> {
                 ),
             ),
         ];
+        if let Some(paced) = full_paced {
+            let spans: u64 = paced.iter().map(|x| x.spans).sum();
+            let served: u64 = paced.iter().map(|x| x.served).sum();
+            let lost: u64 = paced.iter().map(|x| x.lost).sum();
+            checks.push((
+                "the tracer keeps up at 20k req/s (paced, budget off): no event lost, every request a span",
+                paced.iter().all(every_request_a_span),
+                format!(
+                    "{spans} spans for {served} requests served at {:.0} req/s, {lost} lost events; p50 {:.3} ms, p99 {:.3} ms",
+                    median(paced.iter().map(|x| x.rps).collect()),
+                    median(paced.iter().map(|x| x.p50_ms).collect()),
+                    median(paced.iter().map(|x| x.p99_ms).collect()),
+                ),
+            ));
+        }
         if let Some(paced) = paced {
             let spans: u64 = paced.iter().map(|x| x.spans).sum();
             let served: u64 = paced.iter().map(|x| x.served).sum();
@@ -1298,6 +1340,14 @@ pub fn bench(opts: &BenchOptions) -> anyhow::Result<()> {
         null_other - null_none,
         null_traced - null_none
     )?;
+    let (memory, pass) = connections_memory()?;
+    all_pass &= pass;
+    report.push_str(&memory);
+    writeln!(
+        report,
+        "\n## The agent's own work per request\n\n{}",
+        agent_pipeline()?
+    )?;
     writeln!(
         report,
         "\nOverall: {}",
@@ -1306,9 +1356,168 @@ pub fn bench(opts: &BenchOptions) -> anyhow::Result<()> {
 
     let out_dir = root().join("bench");
     std::fs::create_dir_all(&out_dir)?;
-    let path = out_dir.join("results.md");
+    let path = out_dir.join(if opts.servers {
+        "results.md"
+    } else {
+        "results-partial.md"
+    });
     std::fs::write(&path, &report)?;
     println!("{report}");
     eprintln!("bench: report written to {}", Path::new(&path).display());
     Ok(())
+}
+
+/// Connections held open at once for the memory target.
+const OPEN_CONNECTIONS: usize = 10_000;
+/// Connections opened and closed one after another once those are closed.
+const CHURNED_CONNECTIONS: usize = 20_000;
+/// The agent's resident memory target with `OPEN_CONNECTIONS` open.
+const RSS_TARGET_KIB: u64 = 64 * 1024;
+
+/// The agent's memory while nginx holds 10k traced connections open (each carried one request),
+/// and after 20k more were opened and closed one by one: the report's section and whether the
+/// RSS target held, with a span for every request.
+fn connections_memory() -> anyhow::Result<(String, bool)> {
+    let port = free_port()?;
+    let dir = std::env::temp_dir().join(format!("tracer-bench-conns-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    std::fs::write(dir.join("index.html"), "hi\n")?;
+    let d = dir.display();
+    std::fs::write(
+        dir.join("nginx.conf"),
+        format!(
+            "worker_processes 1;\nworker_rlimit_nofile 40000;\ndaemon off;\nerror_log {d}/error.log;\npid {d}/nginx.pid;\n\
+             events {{ worker_connections 30000; }}\n\
+             http {{ access_log off; keepalive_timeout 600s; keepalive_requests 100000;\n  server {{ listen 127.0.0.1:{port} backlog=4096; root {d}; }} }}\n"
+        ),
+    )?;
+    let nginx = Guard(
+        Command::new("nginx")
+            .arg("-c")
+            .arg(dir.join("nginx.conf"))
+            .spawn()
+            .context("start nginx (apt-get install nginx)")?,
+    );
+    wait_port(port)?;
+    let agent = Agent::start(&[
+        "run".into(),
+        "--comm".into(),
+        "nginx".into(),
+        "--port".into(),
+        port.to_string(),
+        "--output".into(),
+        "json".into(),
+        "--stats-interval".into(),
+        "0".into(),
+        // Every request must be a span: the connections' bursts are not to be shed.
+        "--overhead-budget".into(),
+        "0".into(),
+        "--queue-size".into(),
+        "40000".into(),
+    ])?;
+    let agent_pid = agent.child.id();
+    let rss_start = proc_status_kib(agent_pid, "VmRSS:");
+    let mut client = Guard(
+        Command::new("python3")
+            .arg(root().join("tests/servers/many_conns.py"))
+            .args([
+                port.to_string(),
+                OPEN_CONNECTIONS.to_string(),
+                CHURNED_CONNECTIONS.to_string(),
+            ])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .context("start python3 many_conns.py")?,
+    );
+    let mut out = BufReader::new(client.0.stdout.take().context("client stdout")?);
+    let mut line = String::new();
+    out.read_line(&mut line)?;
+    if line.trim() != format!("open {OPEN_CONNECTIONS}") {
+        bail!("many_conns.py did not open its connections: {line:?}");
+    }
+    // The agent drains every few milliseconds; let it take in the last opens and requests.
+    std::thread::sleep(Duration::from_secs(2));
+    let rss_open = proc_status_kib(agent_pid, "VmRSS:");
+    client
+        .0
+        .stdin
+        .take()
+        .context("client stdin")?
+        .write_all(b"go\n")?;
+    for want in [
+        "closed".to_string(),
+        format!("churned {CHURNED_CONNECTIONS}"),
+    ] {
+        line.clear();
+        out.read_line(&mut line)?;
+        if line.trim() != want {
+            bail!("many_conns.py: expected {want:?}, got {line:?}");
+        }
+    }
+    if !client.0.wait()?.success() {
+        bail!("many_conns.py failed");
+    }
+    wait_until_idle(nginx.0.id());
+    std::thread::sleep(Duration::from_secs(1));
+    let rss_end = proc_status_kib(agent_pid, "VmRSS:");
+    let (hwm, summary) = agent.stop()?;
+    drop(nginx);
+    let _ = std::fs::remove_dir_all(&dir);
+    let spans: u64 = summary_number(&summary, "exported");
+    let lost: u64 = summary_number(&summary, "lost");
+    let requests = (OPEN_CONNECTIONS + CHURNED_CONNECTIONS) as u64;
+    let pass = hwm <= RSS_TARGET_KIB && spans == requests && lost == 0;
+    let mib = |kib: u64| kib as f64 / 1024.0;
+    let mut s = String::new();
+    writeln!(
+        s,
+        "\n## Agent memory with {OPEN_CONNECTIONS} open connections\n"
+    )?;
+    writeln!(
+        s,
+        "nginx traced, {OPEN_CONNECTIONS} kept-alive connections opened and held (one request each), then closed, then {CHURNED_CONNECTIONS} more opened and closed one after another (tests/servers/many_conns.py):\n"
+    )?;
+    writeln!(
+        s,
+        "| agent RSS at start | with {OPEN_CONNECTIONS} open | after the churn | peak | spans / requests | lost events |"
+    )?;
+    writeln!(s, "|---|---|---|---|---|---|")?;
+    writeln!(
+        s,
+        "| {:.1} MiB | {:.1} MiB | {:.1} MiB | {:.1} MiB | {spans} / {requests} | {lost} |",
+        mib(rss_start),
+        mib(rss_open),
+        mib(rss_end),
+        mib(hwm)
+    )?;
+    writeln!(
+        s,
+        "\n- {} RSS <= {} MiB with {OPEN_CONNECTIONS} open connections, every request a span: peak {:.1} MiB, {spans} spans for {requests} requests, {lost} lost events (the ring buffer's 16 MiB are counted twice in RSS, see above)\n",
+        if pass { "PASS" } else { "FAIL" },
+        RSS_TARGET_KIB / 1024,
+        mib(hwm)
+    )?;
+    Ok((s, pass))
+}
+
+/// The agent's CPU per request on a synthetic stream, without the kernel, the load generator or
+/// the scheduler (`tracer-user/benches/pipeline.rs`): the line it prints.
+fn agent_pipeline() -> anyhow::Result<String> {
+    let out = crate::cargo()
+        .args(["bench", "-q", "-p", "tracer-user", "--bench", "pipeline"])
+        .stderr(Stdio::inherit())
+        .output()
+        .context("cargo bench --bench pipeline")?;
+    if !out.status.success() {
+        bail!("the agent pipeline benchmark failed");
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("agent pipeline:"))
+        .context("no result from the agent pipeline benchmark")?;
+    Ok(format!(
+        "{line}. Each request is a read of an 81-byte request and a write of nginx's 381-byte response, as the probes report them, taken through decoding, connection tracking, HTTP parsing, linking, the span and its JSON: the capture thread's work per request, less the ring buffer's reading and the writer's output, which the loaded runs above include."
+    ))
 }

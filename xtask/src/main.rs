@@ -63,6 +63,10 @@ enum Task {
         /// Writes per syscall-cost loop.
         #[arg(long, default_value_t = 200_000)]
         syscalls: u64,
+        /// Skip the servers under load (the long part): for work on the other sections. The
+        /// report then goes to bench/results-partial.md.
+        #[arg(long)]
+        no_servers: bool,
     },
     /// Fuzz the parsers of untrusted bytes (cargo-fuzz, nightly): replays fuzz/regressions,
     /// then fuzzes each target for a bounded time.
@@ -106,6 +110,7 @@ fn main() -> anyhow::Result<()> {
             pairs,
             connections,
             syscalls,
+            no_servers,
         } => {
             setup()?;
             bench::bench(&bench::BenchOptions {
@@ -114,6 +119,7 @@ fn main() -> anyhow::Result<()> {
                 pairs,
                 connections,
                 syscalls,
+                servers: !no_servers,
             })
         }
         Task::SyscallLoop { n, http } => bench::syscall_loop(n, http),
