@@ -89,9 +89,7 @@ enum Mode {
     /// request must be a span.
     TracedPaced,
     /// The same with the budget off: what the tracer itself keeps up with at that rate (no
-    /// event lost, every request a span), apart from when the governor judges the server's
-    /// one worker CPU-bound (at 20k req/s it runs 70-80% of a core; a slow spell of the
-    /// machine takes it past that).
+    /// event lost, every request a span), whatever the governor would judge.
     TracedFullPaced,
 }
 
@@ -472,6 +470,9 @@ fn wrk(url: &str, opts: &BenchOptions) -> anyhow::Result<Run> {
 
 struct Target {
     name: &'static str,
+    /// Whether its paced runs are held to the "every request a span at 20k req/s" target:
+    /// only where that rate is below the server's saturation (see `start_nginx_per_cpu`).
+    paced_judged: bool,
     url: String,
     comm: &'static str,
     served: ServedCounter,
@@ -504,16 +505,37 @@ impl ServedCounter {
     }
 }
 
+/// nginx with one worker: the saturation runs' server, where the throughput target is
+/// measured against a single core's worth of serving. At 20k req/s that worker runs 70-80% of
+/// its core on this machine, near what the governor judges CPU-bound: its paced runs are
+/// reported, not judged.
 fn start_nginx() -> anyhow::Result<Target> {
+    start_nginx_with("nginx (static file)", "1", false)
+}
+
+/// nginx as packaged (`worker_processes auto`: a worker per CPU), for the paced runs: 20k
+/// req/s below saturation, where every request must be a span.
+fn start_nginx_per_cpu() -> anyhow::Result<Target> {
+    start_nginx_with("nginx (static file), a worker per CPU, paced", "auto", true)
+}
+
+fn start_nginx_with(
+    name: &'static str,
+    workers: &str,
+    paced_judged: bool,
+) -> anyhow::Result<Target> {
     let port = free_port()?;
-    let dir = std::env::temp_dir().join(format!("tracer-bench-nginx-{}", std::process::id()));
+    let dir = std::env::temp_dir().join(format!(
+        "tracer-bench-nginx-{workers}-{}",
+        std::process::id()
+    ));
     std::fs::create_dir_all(&dir)?;
     std::fs::write(dir.join("index.html"), "<html>cats</html>\n".repeat(8))?;
     let d = dir.display();
     std::fs::write(
         dir.join("nginx.conf"),
         format!(
-            "worker_processes 1;\ndaemon off;\nerror_log {d}/error.log;\npid {d}/nginx.pid;\n\
+            "worker_processes {workers};\ndaemon off;\nerror_log {d}/error.log;\npid {d}/nginx.pid;\n\
              events {{ worker_connections 1024; }}\n\
              http {{ log_format count '.'; access_log {d}/access.log count buffer=64k flush=100ms; keepalive_requests 1000000;\n  server {{ listen 127.0.0.1:{port}; root {d}; }} }}\n"
         ),
@@ -526,7 +548,8 @@ fn start_nginx() -> anyhow::Result<Target> {
     let guard = Guard(child);
     wait_port(port)?;
     Ok(Target {
-        name: "nginx (static file)",
+        name,
+        paced_judged,
         url: format!("http://127.0.0.1:{port}/index.html"),
         comm: "nginx",
         served: ServedCounter::AccessLog(dir.join("access.log")),
@@ -546,6 +569,7 @@ fn start_python() -> anyhow::Result<Target> {
     wait_port(port)?;
     Ok(Target {
         name: "python http.server (keep-alive)",
+        paced_judged: false,
         url: format!("http://127.0.0.1:{port}/hello"),
         comm: "python3",
         served: ServedCounter::CountUrl(format!("http://127.0.0.1:{port}/count")),
@@ -883,8 +907,8 @@ pub fn bench(opts: &BenchOptions) -> anyhow::Result<()> {
     for (start, modes) in [
         (
             start_nginx as fn() -> anyhow::Result<Target>,
-            // The syscall-tracepoint path too, on the server where its cost shows.
-            // And a paced load below saturation, where every request must be a span.
+            // The syscall-tracepoint path too, on the server where its cost shows; and the
+            // paced load on one worker near its saturation, reported.
             &[
                 Mode::Untraced,
                 Mode::Idle,
@@ -893,6 +917,14 @@ pub fn bench(opts: &BenchOptions) -> anyhow::Result<()> {
                 Mode::TracedFull,
                 Mode::TracedSyscalls,
                 Mode::Exported,
+                Mode::UntracedPaced,
+                Mode::TracedPaced,
+            ][..],
+        ),
+        (
+            // A paced load below saturation, where every request must be a span.
+            start_nginx_per_cpu,
+            &[
                 Mode::UntracedPaced,
                 Mode::TracedPaced,
                 Mode::TracedFullPaced,
@@ -949,11 +981,10 @@ pub fn bench(opts: &BenchOptions) -> anyhow::Result<()> {
         // More pairs of the two judged modes: one round's ratio carries this machine's noise
         // (untraced runs a minute apart differ by up to a third), and the median of many
         // pairs' ratios is what the targets are judged on.
-        let traced_i = modes
-            .iter()
-            .position(|m| *m == Mode::Traced)
-            .expect("traced is measured");
-        for pair in 0..opts.pairs {
+        let traced_i = modes.iter().position(|m| *m == Mode::Traced);
+        let saturation = traced_i.is_some();
+        for pair in (0..opts.pairs).filter(|_| saturation) {
+            let traced_i = traced_i.unwrap_or_default();
             let order = if pair % 2 == 0 {
                 [0, traced_i]
             } else {
@@ -1063,18 +1094,26 @@ pub fn bench(opts: &BenchOptions) -> anyhow::Result<()> {
             )?;
         }
         let untraced_rps: Vec<f64> = runs[0].iter().map(|r| r.rps).collect();
+        let noise = if saturation {
+            format!(
+                "Untraced rounds ranged from {:.0} to {:.0} req/s: the noise any ratio above carries. ",
+                untraced_rps.iter().copied().fold(f64::INFINITY, f64::min),
+                untraced_rps.iter().copied().fold(0.0, f64::max),
+            )
+        } else {
+            format!(
+                "The load is paced: {PACED_RATE} req/s over {PACED_CONNECTIONS} kept-alive connections, each request timed from when it was due. "
+            )
+        };
         writeln!(
             report,
-            "\nUntraced rounds ranged from {:.0} to {:.0} req/s: the noise any ratio above carries. \
-             Server CPU per request is the server's own CPU time over the requests wrk counted in the measured runs, \
+            "\n{noise}Server CPU per request is the server's own CPU time over the requests the load generator counted in the measured runs, \
              where the probes run; steal is CPU time the hypervisor gave to other guests; idle \
-             is CPU time no thread wanted (wrk and the server waiting on each other); IPIs are \
+             is CPU time no thread wanted (the load generator and the server waiting on each other); IPIs are \
              the machine's inter-processor interrupts per request served, mostly wakeups of a \
              thread asleep on the other CPU. The agent's RSS counts the 16 MiB ring buffer twice \
              (its pages are mapped twice in a row, so that a record is read across the end): \
              32 MiB of it are the kernel's pages, there whether the agent runs or not.",
-            untraced_rps.iter().copied().fold(f64::INFINITY, f64::min),
-            untraced_rps.iter().copied().fold(0.0, f64::max),
         )?;
         if let Some(i) = modes.iter().position(|m| *m == Mode::Exported) {
             let r = &runs[i];
@@ -1089,159 +1128,10 @@ pub fn bench(opts: &BenchOptions) -> anyhow::Result<()> {
                 cpu / ((opts.duration + WARMUP_SECS) as f64 * r.len() as f64),
             )?;
         }
-        // Each round runs every mode within a minute or two, so a mode's ratio to the
-        // untraced run of its own round shares more of the machine's state than the ratio of
-        // medians above; for the traced mode, the pairs after the rounds are rounds too.
-        writeln!(
-            report,
-            "\nThroughput against the untraced run of the same round (min, median, max over the rounds; for traced, over the rounds and the {} pairs after them):",
-            opts.pairs
-        )?;
-        for (i, mode) in modes.iter().enumerate().skip(1) {
-            if mode.paced() {
-                continue;
-            }
-            let ratios: Vec<f64> = runs[i]
-                .iter()
-                .zip(&runs[0])
-                .map(|(run, base)| run.rps / base.rps)
-                .collect();
-            writeln!(
-                report,
-                "- {}: {:.3}, {:.3}, {:.3}",
-                mode.name(),
-                ratios.iter().copied().fold(f64::INFINITY, f64::min),
-                median(ratios.clone()),
-                ratios.iter().copied().fold(0.0, f64::max),
-            )?;
+        if saturation {
+            judge_saturation(&mut report, &mut all_pass, modes, &runs, opts)?;
         }
-        // Targets, for the traced run without export (export is judged by spans/requests).
-        let of = |m: Mode| &runs[modes.iter().position(|x| *x == m).expect("mode measured")];
-        let traced = of(Mode::Traced);
-        let exported = of(Mode::Exported);
-        let full = of(Mode::TracedFull);
-        let paced = modes
-            .iter()
-            .position(|x| *x == Mode::TracedPaced)
-            .map(|i| &runs[i]);
-        let untraced_paced = modes
-            .iter()
-            .position(|x| *x == Mode::UntracedPaced)
-            .map(|i| &runs[i]);
-        let full_paced = modes
-            .iter()
-            .position(|x| *x == Mode::TracedFullPaced)
-            .map(|i| &runs[i]);
-        // Judged on the median of the paired ratios (see the pairs above).
-        let paired = |f: fn(&Run) -> f64| -> Vec<f64> {
-            traced
-                .iter()
-                .zip(&runs[0])
-                .map(|(run, base)| f(run) / f(base))
-                .collect()
-        };
-        let rps_ratios = paired(|r| r.rps);
-        let p99_ratios = paired(|r| r.p99_ms);
-        let rps_ratio = median(rps_ratios.clone());
-        let p99_ratio = median(p99_ratios.clone());
-        let quartiles = |v: &[f64]| {
-            if v.is_empty() {
-                return "-".to_string();
-            }
-            let mut v = v.to_vec();
-            v.sort_by(f64::total_cmp);
-            let at = |q: f64| v[((v.len() - 1) as f64 * q).round() as usize];
-            format!("{:.3} to {:.3}", at(0.25), at(0.75))
-        };
-        let requests: u64 = traced.iter().map(|x| x.requests).sum();
-        let cpu_per_1k = traced.iter().map(|x| x.agent_cpu_s).sum::<f64>() * 1e6 / requests as f64;
-        let saturated = || traced.iter().chain(exported).chain(full);
-        let lost: u64 = saturated().map(|x| x.lost).sum();
-        let spans_total: u64 = saturated().map(|x| x.spans).sum();
-        let served_total: u64 = saturated().map(|x| x.served).sum();
-        let shed_total: u64 = saturated().map(|x| x.shed_calls).sum();
-        let max_rps = saturated().map(|x| x.rps).fold(0.0, f64::max);
-        let mut checks = vec![
-            (
-                "throughput >= 97% of untraced",
-                rps_ratio >= 0.97,
-                format!(
-                    "{:.1}% (median of {} paired runs' ratios; middle half {})",
-                    rps_ratio * 100.0,
-                    rps_ratios.len(),
-                    quartiles(&rps_ratios)
-                ),
-            ),
-            (
-                "p99 latency <= 1.05x untraced",
-                p99_ratio <= 1.05,
-                format!(
-                    "{p99_ratio:.2}x (median of {} paired runs' ratios; middle half {})",
-                    p99_ratios.len(),
-                    quartiles(&p99_ratios)
-                ),
-            ),
-            (
-                "agent CPU <= 50 ms per 1k requests",
-                cpu_per_1k <= 50.0,
-                format!("{cpu_per_1k:.1} ms"),
-            ),
-            (
-                "at saturation, every request a span or its loss counted (lost events, shed calls)",
-                saturated().all(accounted),
-                format!(
-                    "{lost} lost events, {shed_total} socket calls shed, {spans_total} spans for {served_total} requests served at up to {max_rps:.0} req/s"
-                ),
-            ),
-        ];
-        if let Some(paced) = full_paced {
-            let spans: u64 = paced.iter().map(|x| x.spans).sum();
-            let served: u64 = paced.iter().map(|x| x.served).sum();
-            let lost: u64 = paced.iter().map(|x| x.lost).sum();
-            checks.push((
-                "the tracer keeps up at 20k req/s (paced, budget off): no event lost, every request a span",
-                paced.iter().all(every_request_a_span),
-                format!(
-                    "{spans} spans for {served} requests served at {:.0} req/s, {lost} lost events; p50 {:.3} ms, p99 {:.3} ms",
-                    median(paced.iter().map(|x| x.rps).collect()),
-                    median(paced.iter().map(|x| x.p50_ms).collect()),
-                    median(paced.iter().map(|x| x.p99_ms).collect()),
-                ),
-            ));
-        }
-        if let Some(paced) = paced {
-            let spans: u64 = paced.iter().map(|x| x.spans).sum();
-            let served: u64 = paced.iter().map(|x| x.served).sum();
-            let lost: u64 = paced.iter().map(|x| x.lost).sum();
-            let shed: u64 = paced.iter().map(|x| x.shed_calls).sum();
-            let late: u64 = paced.iter().map(|x| x.late).sum();
-            let rate = median(paced.iter().map(|x| x.rps).collect());
-            // Whether the server kept up untraced in the same rounds: a machine too slow for
-            // 20k req/s untraced fails the traced run for want of CPU, not for the tracer.
-            let untraced = untraced_paced.map_or(String::new(), |u| {
-                format!(
-                    "; untraced at the same rate: p50 {:.3} ms, {} sent over 1 ms late",
-                    median(u.iter().map(|x| x.p50_ms).collect()),
-                    u.iter().map(|x| x.late).sum::<u64>()
-                )
-            });
-            checks.push((
-                "every request a span at 20k req/s (paced), nothing lost or shed",
-                paced.iter().all(every_request_a_span),
-                format!(
-                    "{spans} spans for {served} requests served at {rate:.0} req/s ({late} sent over 1 ms late), {lost} lost events, {shed} socket calls shed{untraced}"
-                ),
-            ));
-        }
-        writeln!(report)?;
-        for (what, pass, value) in checks {
-            all_pass &= pass;
-            writeln!(
-                report,
-                "- {} {what}: {value}",
-                if pass { "PASS" } else { "FAIL" }
-            )?;
-        }
+        judge_paced(&mut report, &mut all_pass, &target, modes, &runs)?;
         writeln!(report)?;
     }
 
@@ -1520,4 +1410,192 @@ fn agent_pipeline() -> anyhow::Result<String> {
     Ok(format!(
         "{line}. Each request is a read of an 81-byte request and a write of nginx's 381-byte response, as the probes report them, taken through decoding, connection tracking, HTTP parsing, linking, the span and its JSON: the capture thread's work per request, less the ring buffer's reading and the writer's output, which the loaded runs above include."
     ))
+}
+
+/// One judged line of the report: `Some(pass)`, or `None` for a figure reported, not judged.
+type Check = (&'static str, Option<bool>, String);
+
+fn write_checks(report: &mut String, all_pass: &mut bool, checks: Vec<Check>) -> std::fmt::Result {
+    for (what, verdict, value) in checks {
+        let word = match verdict {
+            Some(true) => "PASS",
+            Some(false) => "FAIL",
+            None => "NOT JUDGED",
+        };
+        *all_pass &= verdict.unwrap_or(true);
+        writeln!(report, "- {word} {what}: {value}")?;
+    }
+    Ok(())
+}
+
+/// The same-round throughput ratios and the saturation targets of a target measured under wrk.
+fn judge_saturation(
+    report: &mut String,
+    all_pass: &mut bool,
+    modes: &[Mode],
+    runs: &[Vec<Run>],
+    opts: &BenchOptions,
+) -> anyhow::Result<()> {
+    // Each round runs every mode within a minute or two, so a mode's ratio to the untraced
+    // run of its own round shares more of the machine's state than the ratio of medians
+    // above; for the traced mode, the pairs after the rounds are rounds too.
+    writeln!(
+        report,
+        "\nThroughput against the untraced run of the same round (min, median, max over the rounds; for traced, over the rounds and the {} pairs after them):",
+        opts.pairs
+    )?;
+    for (i, mode) in modes.iter().enumerate().skip(1) {
+        if mode.paced() {
+            continue;
+        }
+        let ratios: Vec<f64> = runs[i]
+            .iter()
+            .zip(&runs[0])
+            .map(|(run, base)| run.rps / base.rps)
+            .collect();
+        writeln!(
+            report,
+            "- {}: {:.3}, {:.3}, {:.3}",
+            mode.name(),
+            ratios.iter().copied().fold(f64::INFINITY, f64::min),
+            median(ratios.clone()),
+            ratios.iter().copied().fold(0.0, f64::max),
+        )?;
+    }
+    // Targets, for the traced run without export (export is judged by spans/requests).
+    let of = |m: Mode| &runs[modes.iter().position(|x| *x == m).expect("mode measured")];
+    let traced = of(Mode::Traced);
+    let exported = of(Mode::Exported);
+    let full = of(Mode::TracedFull);
+    // Judged on the median of the paired ratios (see the pairs above).
+    let paired = |f: fn(&Run) -> f64| -> Vec<f64> {
+        traced
+            .iter()
+            .zip(&runs[0])
+            .map(|(run, base)| f(run) / f(base))
+            .collect()
+    };
+    let rps_ratios = paired(|r| r.rps);
+    let p99_ratios = paired(|r| r.p99_ms);
+    let rps_ratio = median(rps_ratios.clone());
+    let p99_ratio = median(p99_ratios.clone());
+    let quartiles = |v: &[f64]| {
+        if v.is_empty() {
+            return "-".to_string();
+        }
+        let mut v = v.to_vec();
+        v.sort_by(f64::total_cmp);
+        let at = |q: f64| v[((v.len() - 1) as f64 * q).round() as usize];
+        format!("{:.3} to {:.3}", at(0.25), at(0.75))
+    };
+    let requests: u64 = traced.iter().map(|x| x.requests).sum();
+    let cpu_per_1k = traced.iter().map(|x| x.agent_cpu_s).sum::<f64>() * 1e6 / requests as f64;
+    let saturated = || traced.iter().chain(exported).chain(full);
+    let lost: u64 = saturated().map(|x| x.lost).sum();
+    let spans_total: u64 = saturated().map(|x| x.spans).sum();
+    let served_total: u64 = saturated().map(|x| x.served).sum();
+    let shed_total: u64 = saturated().map(|x| x.shed_calls).sum();
+    let max_rps = saturated().map(|x| x.rps).fold(0.0, f64::max);
+    writeln!(report)?;
+    write_checks(
+        report,
+        all_pass,
+        vec![
+            (
+                "throughput >= 97% of untraced",
+                Some(rps_ratio >= 0.97),
+                format!(
+                    "{:.1}% (median of {} paired runs' ratios; middle half {})",
+                    rps_ratio * 100.0,
+                    rps_ratios.len(),
+                    quartiles(&rps_ratios)
+                ),
+            ),
+            (
+                "p99 latency <= 1.05x untraced",
+                Some(p99_ratio <= 1.05),
+                format!(
+                    "{p99_ratio:.2}x (median of {} paired runs' ratios; middle half {})",
+                    p99_ratios.len(),
+                    quartiles(&p99_ratios)
+                ),
+            ),
+            (
+                "agent CPU <= 50 ms per 1k requests",
+                Some(cpu_per_1k <= 50.0),
+                format!("{cpu_per_1k:.1} ms"),
+            ),
+            (
+                "at saturation, every request a span or its loss counted (lost events, shed calls)",
+                Some(saturated().all(accounted)),
+                format!(
+                    "{lost} lost events, {shed_total} socket calls shed, {spans_total} spans for {served_total} requests served at up to {max_rps:.0} req/s"
+                ),
+            ),
+        ],
+    )?;
+    Ok(())
+}
+
+/// The paced runs' verdicts: every request a span at `PACED_RATE`, with the default budget
+/// and with it off; judged where the target is below saturation at that rate.
+fn judge_paced(
+    report: &mut String,
+    all_pass: &mut bool,
+    target: &Target,
+    modes: &[Mode],
+    runs: &[Vec<Run>],
+) -> anyhow::Result<()> {
+    let of = |m: Mode| modes.iter().position(|x| *x == m).map(|i| &runs[i]);
+    let judged = |pass: bool| target.paced_judged.then_some(pass);
+    let mut checks: Vec<Check> = Vec::new();
+    if let Some(paced) = of(Mode::TracedPaced) {
+        let spans: u64 = paced.iter().map(|x| x.spans).sum();
+        let served: u64 = paced.iter().map(|x| x.served).sum();
+        let lost: u64 = paced.iter().map(|x| x.lost).sum();
+        let shed: u64 = paced.iter().map(|x| x.shed_calls).sum();
+        let late: u64 = paced.iter().map(|x| x.late).sum();
+        let rate = median(paced.iter().map(|x| x.rps).collect());
+        // Whether the server kept up untraced in the same rounds: a machine too slow for
+        // 20k req/s untraced fails the traced run for want of CPU, not for the tracer.
+        let untraced = of(Mode::UntracedPaced).map_or(String::new(), |u| {
+            format!(
+                "; untraced at the same rate: p50 {:.3} ms, {} sent over 1 ms late",
+                median(u.iter().map(|x| x.p50_ms).collect()),
+                u.iter().map(|x| x.late).sum::<u64>()
+            )
+        });
+        let near_saturation = if target.paced_judged {
+            ""
+        } else {
+            " (one worker near its saturation: shedding there is the governor at work, see the per-CPU server below)"
+        };
+        checks.push((
+            "every request a span at 20k req/s (paced), nothing lost or shed",
+            judged(paced.iter().all(every_request_a_span)),
+            format!(
+                "{spans} spans for {served} requests served at {rate:.0} req/s ({late} sent over 1 ms late), {lost} lost events, {shed} socket calls shed{untraced}{near_saturation}"
+            ),
+        ));
+    }
+    if let Some(paced) = of(Mode::TracedFullPaced) {
+        let spans: u64 = paced.iter().map(|x| x.spans).sum();
+        let served: u64 = paced.iter().map(|x| x.served).sum();
+        let lost: u64 = paced.iter().map(|x| x.lost).sum();
+        checks.push((
+            "the tracer keeps up at 20k req/s (paced, budget off): no event lost, every request a span",
+            judged(paced.iter().all(every_request_a_span)),
+            format!(
+                "{spans} spans for {served} requests served at {:.0} req/s, {lost} lost events; p50 {:.3} ms, p99 {:.3} ms",
+                median(paced.iter().map(|x| x.rps).collect()),
+                median(paced.iter().map(|x| x.p50_ms).collect()),
+                median(paced.iter().map(|x| x.p99_ms).collect()),
+            ),
+        ));
+    }
+    if !checks.is_empty() {
+        writeln!(report)?;
+        write_checks(report, all_pass, checks)?;
+    }
+    Ok(())
 }
