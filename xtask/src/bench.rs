@@ -28,9 +28,12 @@ pub struct BenchOptions {
     pub pairs: u32,
     pub connections: u32,
     pub syscalls: u64,
-    /// Whether the servers under load are measured.
-    pub servers: bool,
+    /// Which of `SERVERS` are measured under load.
+    pub servers: [bool; SERVERS.len()],
 }
+
+/// The servers measured under load, in the order of the report.
+pub const SERVERS: [&str; 3] = ["nginx", "nginx-per-cpu", "python"];
 
 struct Guard(Child);
 
@@ -144,6 +147,9 @@ struct Run {
     /// and the time it was shed.
     shed_calls: u64,
     shed_s: f64,
+    /// Paced load, default budget: the governor's judgement of the periods that began its
+    /// first shedding, when it shed (its debug lines), for the report to say why.
+    first_shed: Option<String>,
     /// Paced load only: requests sent more than 1 ms late.
     late: u64,
     /// Requests the server itself counted (its access log, or its own counter): what spans
@@ -665,10 +671,12 @@ fn measure(
             "100000".into(),
         ]),
     }
-    let env: &[(&str, &str)] = if matches!(mode, Mode::IdleSyscalls | Mode::TracedSyscalls) {
-        &[("TRACER_SYSCALL_TRACEPOINTS", "tp_btf")]
-    } else {
-        &[]
+    let env: &[(&str, &str)] = match mode {
+        Mode::IdleSyscalls | Mode::TracedSyscalls => &[("TRACER_SYSCALL_TRACEPOINTS", "tp_btf")],
+        // Below saturation nothing should be shed: where something is, the report says what
+        // the governor saw.
+        Mode::TracedPaced => &[("RUST_LOG", "info,tracer_user::governor=debug")],
+        _ => &[],
     };
     let agent = Agent::start_with_env(&args, env)?;
     let paced = mode.paced().then_some(PACED_RATE);
@@ -683,6 +691,7 @@ fn measure(
     std::thread::sleep(Duration::from_millis(500));
     wait_until_idle(target.server.0.id());
     run.agent_cpu_s = agent.cpu_seconds() - cpu0;
+    let log = agent.stderr.clone();
     let (rss, summary) = agent.stop()?;
     // The agent flushed its last spans as it stopped; the collector has taken them in once
     // it is idle.
@@ -700,7 +709,43 @@ fn measure(
     run.failed = summary_number(&summary, "failed");
     run.shed_calls = summary_number(&summary, "socket");
     run.shed_s = summary_number(&summary, "s");
+    if mode == Mode::TracedPaced && run.shed_calls > 0 {
+        run.first_shed = first_shed(&log.lock().unwrap());
+    }
     Ok(run)
+}
+
+/// The governor's debug lines (`pid N: hottest thread ... capture share A -> B`) of the first
+/// period whose share fell below 1, and of the two periods of that process before it.
+fn first_shed(log: &str) -> Option<String> {
+    let lines: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("hottest thread"))
+        .collect();
+    let at = lines.iter().position(|l| !l.ends_with("-> 1.000"))?;
+    let pid = |l: &str| {
+        l.split(": hottest")
+            .next()
+            .and_then(|h| h.rsplit("] ").next())
+            .map(str::to_string)
+    };
+    let this = pid(lines[at]);
+    let mut picked: Vec<&str> = lines[..at]
+        .iter()
+        .rev()
+        .filter(|l| pid(l) == this)
+        .take(2)
+        .copied()
+        .collect();
+    picked.reverse();
+    picked.push(lines[at]);
+    Some(
+        picked
+            .iter()
+            .map(|l| l.rsplit("] ").next().unwrap_or(l))
+            .collect::<Vec<_>>()
+            .join(" / "),
+    )
 }
 
 /// A traced run accounts for every request the server answered: spans exported plus those
@@ -942,7 +987,8 @@ pub fn bench(opts: &BenchOptions) -> anyhow::Result<()> {
         ),
     ]
     .into_iter()
-    .filter(|_| opts.servers)
+    .zip(opts.servers)
+    .filter_map(|(target, chosen)| chosen.then_some(target))
     {
         let target = start()?;
         // Warm up (page cache, Python's first imports).
@@ -1246,7 +1292,7 @@ pub fn bench(opts: &BenchOptions) -> anyhow::Result<()> {
 
     let out_dir = root().join("bench");
     std::fs::create_dir_all(&out_dir)?;
-    let path = out_dir.join(if opts.servers {
+    let path = out_dir.join(if opts.servers.iter().all(|s| *s) {
         "results.md"
     } else {
         "results-partial.md"
@@ -1565,6 +1611,18 @@ fn judge_paced(
                 u.iter().map(|x| x.late).sum::<u64>()
             )
         });
+        let why: Vec<&str> = paced
+            .iter()
+            .filter_map(|x| x.first_shed.as_deref())
+            .collect();
+        let why = if why.is_empty() {
+            String::new()
+        } else {
+            format!(
+                ". Where a run was shed, the governor's last periods before it: {}",
+                why.join("; ")
+            )
+        };
         let near_saturation = if target.paced_judged {
             ""
         } else {
@@ -1574,7 +1632,7 @@ fn judge_paced(
             "every request a span at 20k req/s (paced), nothing lost or shed",
             judged(paced.iter().all(every_request_a_span)),
             format!(
-                "{spans} spans for {served} requests served at {rate:.0} req/s ({late} sent over 1 ms late), {lost} lost events, {shed} socket calls shed{untraced}{near_saturation}"
+                "{spans} spans for {served} requests served at {rate:.0} req/s ({late} sent over 1 ms late), {lost} lost events, {shed} socket calls shed{untraced}{near_saturation}{why}"
             ),
         ));
     }
@@ -1598,4 +1656,35 @@ fn judge_paced(
         write_checks(report, all_pass, checks)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn first_shed_gives_the_shed_periods_and_the_two_of_its_process_before() {
+        let log = "\
+[t INFO ] tracing 2 programs
+[t DEBUG] pid 7: hottest thread runnable 0.50 (average 0.50), on CPU 0.40 (average 0.40), 10 calls captured of 100% of its turns, agent 2000 ns a call: capture share 1.000 -> 1.000
+[t DEBUG] pid 8: hottest thread runnable 0.90 (average 0.80), on CPU 0.80 (average 0.80), 10 calls captured of 100% of its turns, agent 2000 ns a call: capture share 1.000 -> 1.000
+[t DEBUG] pid 7: hottest thread runnable 0.60 (average 0.52), on CPU 0.50 (average 0.42), 10 calls captured of 100% of its turns, agent 2000 ns a call: capture share 1.000 -> 1.000
+[t DEBUG] pid 8: hottest thread runnable 0.99 (average 0.96), on CPU 0.90 (average 0.86), 10 calls captured of 100% of its turns, agent 2000 ns a call: capture share 1.000 -> 1.000
+[t DEBUG] pid 8: hottest thread runnable 0.99 (average 0.97), on CPU 0.95 (average 0.88), 10 calls captured of 100% of its turns, agent 2000 ns a call: capture share 1.000 -> 0.120
+[t DEBUG] pid 8: hottest thread runnable 0.70 (average 0.90), on CPU 0.60 (average 0.80), 10 calls captured of 12% of its turns, agent 2000 ns a call: capture share 0.120 -> 1.000
+";
+        let got = first_shed(log).expect("a period shed");
+        let periods: Vec<&str> = got.split(" / ").collect();
+        assert_eq!(periods.len(), 3, "{got}");
+        assert!(periods.iter().all(|p| p.starts_with("pid 8: ")), "{got}");
+        assert!(periods[0].contains("average 0.80"), "{got}");
+        assert!(periods[2].ends_with("-> 0.120"), "{got}");
+        assert_eq!(
+            first_shed(
+                &log.replace("-> 0.120", "-> 1.000")
+                    .replace("share 0.120", "share 1.000")
+            ),
+            None
+        );
+    }
 }

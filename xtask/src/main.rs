@@ -63,10 +63,15 @@ enum Task {
         /// Writes per syscall-cost loop.
         #[arg(long, default_value_t = 200_000)]
         syscalls: u64,
-        /// Skip the servers under load (the long part): for work on the other sections. The
-        /// report then goes to bench/results-partial.md.
-        #[arg(long)]
-        no_servers: bool,
+        /// The servers measured under load, of nginx, nginx-per-cpu (the paced target) and
+        /// python; `none` for the other sections only. A report of fewer than all goes to
+        /// bench/results-partial.md.
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "nginx,nginx-per-cpu,python"
+        )]
+        servers: Vec<String>,
     },
     /// Fuzz the parsers of untrusted bytes (cargo-fuzz, nightly): replays fuzz/regressions,
     /// then fuzzes each target for a bounded time.
@@ -110,8 +115,18 @@ fn main() -> anyhow::Result<()> {
             pairs,
             connections,
             syscalls,
-            no_servers,
+            servers,
         } => {
+            let mut chosen = [false; bench::SERVERS.len()];
+            for name in servers.iter().filter(|n| *n != "none") {
+                let Some(i) = bench::SERVERS.iter().position(|s| s == name) else {
+                    bail!(
+                        "unknown server {name:?} (expected some of {} or none)",
+                        bench::SERVERS.join(", ")
+                    );
+                };
+                chosen[i] = true;
+            }
             setup()?;
             bench::bench(&bench::BenchOptions {
                 duration,
@@ -119,7 +134,7 @@ fn main() -> anyhow::Result<()> {
                 pairs,
                 connections,
                 syscalls,
-                servers: !no_servers,
+                servers: chosen,
             })
         }
         Task::SyscallLoop { n, http } => bench::syscall_loop(n, http),
