@@ -5,9 +5,9 @@
 //! `cargo bench -p tracer-user --bench pipeline`; `cargo xtask bench` puts it in the report.
 //!
 //! No server, load generator or scheduler is involved, but this machine's own speed still
-//! moves the result: runs minutes apart gave 2.2 to 3.4 µs at best and 3.6 to 4.1 µs median
-//! (a calibration loop timed beside it moved as much and did not cancel it out). Compare
-//! changes in interleaved runs.
+//! moves the result: runs minutes to an hour apart gave 2.2 to 4.0 µs at best and 3.6 to 4.3
+//! µs median (a calibration loop timed beside it moved as much and did not cancel it out).
+//! Compare changes in interleaved runs.
 
 use std::{hint::black_box, time::Instant};
 

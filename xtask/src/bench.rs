@@ -147,8 +147,8 @@ struct Run {
     /// and the time it was shed.
     shed_calls: u64,
     shed_s: f64,
-    /// Paced load, default budget: the governor's judgement of the periods that began its
-    /// first shedding, when it shed (its debug lines), for the report to say why.
+    /// Paced load, default budget, when it shed: the governor's readings of the period it
+    /// first shed in and of the two before (its debug lines), for the report to say why.
     first_shed: Option<String>,
     /// Paced load only: requests sent more than 1 ms late.
     late: u64,
@@ -1394,8 +1394,8 @@ fn connections_memory() -> anyhow::Result<(String, bool)> {
     if !client.0.wait()?.success() {
         bail!("many_conns.py failed");
     }
-    wait_until_idle(nginx.0.id());
-    std::thread::sleep(Duration::from_secs(1));
+    // The last requests' spans: the agent has handled them once it is idle.
+    wait_until_idle(agent_pid);
     let rss_end = proc_status_kib(agent_pid, "VmRSS:");
     let (hwm, summary) = agent.stop()?;
     drop(nginx);
