@@ -282,7 +282,8 @@ async fn event_loop(
         tokio::select! {
             guard = ring.readable_mut() => {
                 let mut guard = guard.context("ring buffer poll failed")?;
-                drain_ring(guard.get_inner_mut(), &mut tracker, &mut governor, &mut finished, &mut decode_errors);
+                drain_ring(guard.get_inner_mut(), &mut tracker, &mut governor, &mut finished, &mut decode_errors,
+                    |f| submit(&mut exporter, f, &clock, &mut red));
                 guard.clear_ready();
                 submit(&mut exporter, &mut finished, &clock, &mut red);
                 // Under a flood the wakeups may come faster than the timer below, which each
@@ -304,6 +305,7 @@ async fn event_loop(
                     &mut governor,
                     &mut finished,
                     &mut decode_errors,
+                    |f| submit(&mut exporter, f, &clock, &mut red),
                 );
                 submit(&mut exporter, &mut finished, &clock, &mut red);
                 update_kernel_tables(&mut probes, &mut tracker, &mut governor);
@@ -350,6 +352,7 @@ async fn event_loop(
         &mut governor,
         &mut finished,
         &mut decode_errors,
+        |f| submit(&mut exporter, f, &clock, &mut red),
     );
     submit(&mut exporter, &mut finished, &clock, &mut red);
     info!("stopping: {reason}; flushing spans");
@@ -408,17 +411,27 @@ fn next_drain_delay(current: Duration, drained: usize) -> Duration {
     (current.min(DRAIN_TRICKLE) * DRAIN_BATCH / drained).clamp(DRAIN_BUSY, DRAIN_TRICKLE)
 }
 
-/// Handles every record in the ring; returns how many there were.
+/// Records handled between two hand-overs of what they finished: a drain that finds a backlog
+/// (megabytes, when the capture thread yields the CPU and a load starts) never holds the spans
+/// of all of it at once.
+const DRAIN_CHUNK: usize = 4096;
+
+/// Handles every record in the ring, giving `hand_over` what finished every `DRAIN_CHUNK`
+/// records (the caller takes the rest); returns how many records there were.
 fn drain_ring(
     ring: &mut RingBuf<MapData>,
     tracker: &mut ConnTracker,
     governor: &mut Governor,
     out: &mut Vec<Finished>,
     errors: &mut u64,
+    mut hand_over: impl FnMut(&mut Vec<Finished>),
 ) -> usize {
     let mut n = 0;
     while let Some(item) = ring.next() {
         n += 1;
+        if n % DRAIN_CHUNK == 0 {
+            hand_over(out);
+        }
         match decode(&item) {
             Ok(event) => {
                 if let Event::Data { .. } = event {

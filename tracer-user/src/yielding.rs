@@ -7,7 +7,9 @@
 //! saturation did 30.2k requests/s on average against 27.6k (six interleaved pairs; its worker
 //! busy 93-98% of a core instead of 74-90%, the machine idle 0.12-0.20 cores instead of
 //! 0.31-0.43), but its CPU per request was 1.6 µs higher, and in the benchmark proper the
-//! agent's peak RSS grew by 7-20 MiB (it drains larger batches): hence not the default.
+//! agent's peak RSS grew by 7-20 MiB (it drained larger batches and held all their spans at
+//! once; spans are now handed over every `DRAIN_CHUNK` records of a drain): hence not the
+//! default.
 //!
 //! `SCHED_IDLE` alone would let a host whose CPUs are all busy starve the agent until the ring
 //! buffer overflows. A watchdog thread (a normal one, asleep almost always) looks at the ring's
