@@ -342,6 +342,54 @@ fn busy_cpus_do_not_starve_capture() {
     );
 }
 
+/// A yielding capture thread keeps up with a load that starts from nothing: nginx saturated by
+/// wrk with every request captured (budget off) is a backlog within milliseconds, which its
+/// watchdog must see before the ring is full and let the thread compete.
+#[test]
+fn a_yielding_capture_thread_keeps_up_with_a_sudden_load() {
+    require_root();
+    let dir = common::tempdir();
+    let (_nginx, port) = common::start_nginx(&dir, "", "");
+    let port_s = port.to_string();
+    let tracer = Tracer::start_with_env(
+        &[
+            "run",
+            "--comm",
+            "nginx",
+            "--port",
+            &port_s,
+            "--output",
+            "json",
+            "--queue-size",
+            "1000000",
+            "--overhead-budget",
+            "0",
+            "--capture-priority",
+            "idle",
+        ],
+        &[("RUST_LOG", "info,tracer_user::yielding=debug")],
+    );
+    let wrk = std::process::Command::new("wrk")
+        .args(["-t2", "-c50", "-d3s"])
+        .arg(format!("http://127.0.0.1:{port}/index.html"))
+        .output()
+        .expect("wrk (Debian package wrk)");
+    assert!(wrk.status.success(), "{wrk:?}");
+    std::thread::sleep(Duration::from_millis(500));
+    let stopped = tracer.stop();
+    assert!(stopped.status.success(), "{}", stopped.stderr);
+    assert!(
+        stopped.stderr.contains("competing normally"),
+        "the load made a backlog: {}",
+        stopped.stderr
+    );
+    assert!(
+        stopped.stderr.contains(" 0 lost"),
+        "no event lost: {}",
+        stopped.stderr
+    );
+}
+
 /// The requests the Python server answered so far (its `/count`, which it does not count).
 fn served(server: &PythonServer) -> u64 {
     use std::io::{Read, Write};
