@@ -94,6 +94,10 @@ enum Mode {
     /// The same with the budget off: what the tracer itself keeps up with at that rate (no
     /// event lost, every request a span), whatever the governor would judge.
     TracedFullPaced,
+    /// Traced (default budget) with `--capture-priority idle`: the agent's capture thread
+    /// takes only CPU time nobody else wants, at saturation and paced.
+    TracedYielding,
+    TracedYieldingPaced,
 }
 
 /// The offered load of `Mode::TracedPaced`, requests per second: the rate up to which the
@@ -117,13 +121,18 @@ impl Mode {
             Mode::UntracedPaced => "untraced, paced 20k req/s",
             Mode::TracedPaced => "traced, paced 20k req/s",
             Mode::TracedFullPaced => "traced, every request (--overhead-budget 0), paced 20k req/s",
+            Mode::TracedYielding => "traced, --capture-priority idle",
+            Mode::TracedYieldingPaced => "traced, --capture-priority idle, paced 20k req/s",
         }
     }
 
     fn paced(self) -> bool {
         matches!(
             self,
-            Mode::UntracedPaced | Mode::TracedPaced | Mode::TracedFullPaced
+            Mode::UntracedPaced
+                | Mode::TracedPaced
+                | Mode::TracedFullPaced
+                | Mode::TracedYieldingPaced
         )
     }
 }
@@ -658,6 +667,20 @@ fn measure(
             "--overhead-budget".into(),
             "0".into(),
         ]),
+        Mode::TracedYielding => args.extend([
+            "--output".into(),
+            "json".into(),
+            "--capture-priority".into(),
+            "idle".into(),
+        ]),
+        Mode::TracedYieldingPaced => args.extend([
+            "--output".into(),
+            "json".into(),
+            "--queue-size".into(),
+            "100000".into(),
+            "--capture-priority".into(),
+            "idle".into(),
+        ]),
         Mode::TracedFull => args.extend([
             "--output".into(),
             "json".into(),
@@ -941,7 +964,7 @@ pub fn bench(opts: &BenchOptions) -> anyhow::Result<()> {
     writeln!(report, "# tracer benchmark\n")?;
     writeln!(
         report,
-        "{cpus} CPUs ({machine}), Linux {}; wrk -t2 -c{} -d{}s, each run after {WARMUP_SECS} s of the same load (steady state: a saturated server is shed within a second of the load's start); {} rounds (every other one in reverse order) of untraced / tracer idle (running, server not traced) / traced / traced+export, and for nginx the idle and traced runs again on the syscall-tracepoint path (`TRACER_SYSCALL_TRACEPOINTS=tp_btf`, what kernels before 6.3 get), and a paced load of 20k req/s untraced, traced, and traced with the budget off; then {} more pairs of untraced and traced runs; medians of the runs. After the servers: the in-kernel cost of a syscall, the agent's memory with {OPEN_CONNECTIONS} connections open, and the agent's own work per request.\n",
+        "{cpus} CPUs ({machine}), Linux {}; wrk -t2 -c{} -d{}s, each run after {WARMUP_SECS} s of the same load (steady state: a saturated server is shed within a second of the load's start); {} rounds (every other one in reverse order) of untraced / tracer idle (running, server not traced) / traced / traced with the capture thread under `SCHED_IDLE` (`--capture-priority idle`) / traced+export, and for nginx the idle and traced runs again on the syscall-tracepoint path (`TRACER_SYSCALL_TRACEPOINTS=tp_btf`, what kernels before 6.3 get), and a paced load of 20k req/s untraced, traced (also with `--capture-priority idle`), and traced with the budget off; then {} more pairs of untraced and traced runs; medians of the runs. After the servers: the in-kernel cost of a syscall, the agent's memory with {OPEN_CONNECTIONS} connections open, and the agent's own work per request.\n",
         kernel.trim(),
         opts.connections,
         opts.duration,
@@ -959,6 +982,7 @@ pub fn bench(opts: &BenchOptions) -> anyhow::Result<()> {
                 Mode::Idle,
                 Mode::IdleSyscalls,
                 Mode::Traced,
+                Mode::TracedYielding,
                 Mode::TracedFull,
                 Mode::TracedSyscalls,
                 Mode::Exported,
@@ -972,6 +996,7 @@ pub fn bench(opts: &BenchOptions) -> anyhow::Result<()> {
             &[
                 Mode::UntracedPaced,
                 Mode::TracedPaced,
+                Mode::TracedYieldingPaced,
                 Mode::TracedFullPaced,
             ][..],
         ),
@@ -981,6 +1006,7 @@ pub fn bench(opts: &BenchOptions) -> anyhow::Result<()> {
                 Mode::Untraced,
                 Mode::Idle,
                 Mode::Traced,
+                Mode::TracedYielding,
                 Mode::TracedFull,
                 Mode::Exported,
             ][..],
