@@ -369,12 +369,7 @@ fn a_yielding_capture_thread_keeps_up_with_a_sudden_load() {
         ],
         &[("RUST_LOG", "info,tracer_user::yielding=debug")],
     );
-    let wrk = std::process::Command::new("wrk")
-        .args(["-t2", "-c50", "-d3s"])
-        .arg(format!("http://127.0.0.1:{port}/index.html"))
-        .output()
-        .expect("wrk (Debian package wrk)");
-    assert!(wrk.status.success(), "{wrk:?}");
+    wrk(3, &format!("http://127.0.0.1:{port}/index.html"));
     std::thread::sleep(Duration::from_millis(500));
     let stopped = tracer.stop();
     assert!(stopped.status.success(), "{}", stopped.stderr);
@@ -384,6 +379,15 @@ fn a_yielding_capture_thread_keeps_up_with_a_sudden_load() {
     ] {
         assert!(stopped.stderr.contains(said), "{what}: {}", stopped.stderr);
     }
+}
+
+/// wrk's load on `url` for `seconds`: two threads, 50 connections.
+fn wrk(seconds: u32, url: &str) {
+    let wrk = std::process::Command::new("wrk")
+        .args(["-t2", "-c50", &format!("-d{seconds}s"), url])
+        .output()
+        .expect("wrk (Debian package wrk)");
+    assert!(wrk.status.success(), "{wrk:?}");
 }
 
 /// The requests the Python server answered so far (its `/count`, which it does not count).
@@ -414,12 +418,7 @@ fn connections_reset_mid_response_make_no_phantom_requests() {
     // wrk stops with a request in flight on most of its 50 connections: six times, each
     // time 50 connections reset while the server answers.
     for _ in 0..6 {
-        let wrk = std::process::Command::new("wrk")
-            .args(["-t2", "-c50", "-d1s"])
-            .arg(format!("http://127.0.0.1:{}/hello", server.port))
-            .output()
-            .expect("wrk (Debian package wrk)");
-        assert!(wrk.status.success(), "{wrk:?}");
+        wrk(1, &format!("http://127.0.0.1:{}/hello", server.port));
     }
     std::thread::sleep(Duration::from_millis(500));
     let stopped = tracer.stop();
