@@ -639,60 +639,29 @@ fn measure(
         "0".into(),
     ];
     let served0 = target.served.read()?;
-    match mode {
-        Mode::Untraced | Mode::UntracedPaced => {
-            let paced = (mode == Mode::UntracedPaced).then_some(PACED_RATE);
-            warm_up(target, opts, paced)?;
-            let mut run = load(target, opts, paced)?;
-            std::thread::sleep(Duration::from_millis(300));
-            run.served = target.served.read()? - served0;
-            return Ok(run);
-        }
-        Mode::Idle | Mode::IdleSyscalls | Mode::Traced | Mode::TracedSyscalls => {
-            args.extend(["--output".into(), "json".into()])
-        }
-        Mode::TracedPaced => args.extend([
-            "--output".into(),
-            "json".into(),
-            // Spans of every request at 20k req/s: more than the default queue takes in a
-            // second of stdout's pace.
-            "--queue-size".into(),
-            "100000".into(),
-        ]),
-        Mode::TracedFullPaced => args.extend([
-            "--output".into(),
-            "json".into(),
-            "--queue-size".into(),
-            "100000".into(),
-            "--overhead-budget".into(),
-            "0".into(),
-        ]),
-        Mode::TracedYielding => args.extend([
-            "--output".into(),
-            "json".into(),
-            "--capture-priority".into(),
-            "idle".into(),
-        ]),
-        Mode::TracedYieldingPaced => args.extend([
-            "--output".into(),
-            "json".into(),
-            "--queue-size".into(),
-            "100000".into(),
-            "--capture-priority".into(),
-            "idle".into(),
-        ]),
-        Mode::TracedFull => args.extend([
-            "--output".into(),
-            "json".into(),
-            "--overhead-budget".into(),
-            "0".into(),
-        ]),
-        Mode::Exported => args.extend([
-            "--zipkin".into(),
-            collector.url.clone(),
-            "--queue-size".into(),
-            "100000".into(),
-        ]),
+    if matches!(mode, Mode::Untraced | Mode::UntracedPaced) {
+        let paced = (mode == Mode::UntracedPaced).then_some(PACED_RATE);
+        warm_up(target, opts, paced)?;
+        let mut run = load(target, opts, paced)?;
+        std::thread::sleep(Duration::from_millis(300));
+        run.served = target.served.read()? - served0;
+        return Ok(run);
+    }
+    if mode == Mode::Exported {
+        args.extend(["--zipkin".into(), collector.url.clone()]);
+    } else {
+        args.extend(["--output".into(), "json".into()]);
+    }
+    // Spans of every request at 20k req/s, or a collector's batches: more than the default
+    // queue takes in a second of stdout's or the collector's pace.
+    if mode.paced() || mode == Mode::Exported {
+        args.extend(["--queue-size".into(), "100000".into()]);
+    }
+    if matches!(mode, Mode::TracedFull | Mode::TracedFullPaced) {
+        args.extend(["--overhead-budget".into(), "0".into()]);
+    }
+    if matches!(mode, Mode::TracedYielding | Mode::TracedYieldingPaced) {
+        args.extend(["--capture-priority".into(), "idle".into()]);
     }
     let env: &[(&str, &str)] = match mode {
         Mode::IdleSyscalls | Mode::TracedSyscalls => &[("TRACER_SYSCALL_TRACEPOINTS", "tp_btf")],
