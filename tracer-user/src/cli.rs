@@ -153,7 +153,7 @@ pub struct CommonOptions {
     #[arg(long, value_name = "PCT", default_value_t = 3.0, value_parser = parse_budget)]
     pub overhead_budget: f64,
     /// CPU priority of the thread that reads and parses what the kernel captured.
-    #[arg(long, value_enum, default_value_t = CapturePriority::Normal)]
+    #[arg(long, value_enum, default_value_t = CapturePriority::Idle)]
     pub capture_priority: CapturePriority,
 }
 
@@ -162,8 +162,8 @@ pub enum CapturePriority {
     /// Compete for CPU like any other thread.
     Normal,
     /// Run on CPU time no other thread wants (SCHED_IDLE), and compete normally only while
-    /// the ring buffer backs up: the traced programs keep their CPUs, the agent holds larger
-    /// batches (more memory).
+    /// the ring buffer backs up: the traced programs keep their CPUs, the agent drains larger
+    /// batches (a few MiB more memory). Without CAP_SYS_NICE, as `normal`.
     Idle,
 }
 

@@ -1,15 +1,16 @@
-//! `--capture-priority idle`: the capture thread yields the CPU to the programs it watches.
+//! `--capture-priority idle` (the default): the capture thread yields the CPU to the programs
+//! it watches.
 //!
 //! As a normal thread, the agent's drains can preempt the traced server or its clients: every
 //! 10 ms a millisecond of parsing lands on a CPU a server thread wanted, its peers wait on it,
 //! and on a virtual machine the CPUs halt meanwhile and pay to wake up. Under `SCHED_IDLE` the
-//! drains run only on time nobody else wants. On the 2-vCPU benchmark machine, nginx traced at
-//! saturation did 30.2k requests/s on average against 27.6k (six interleaved pairs; its worker
-//! busy 93-98% of a core instead of 74-90%, the machine idle 0.12-0.20 cores instead of
-//! 0.31-0.43), but its CPU per request was 1.6 µs higher, and in the benchmark proper the
-//! agent's peak RSS grew by 7-20 MiB (it drained larger batches and held all their spans at
-//! once; spans are now handed over every `DRAIN_CHUNK` records of a drain): hence not the
-//! default.
+//! drains run only on time nobody else wants. On the 2-vCPU benchmark machine, per-CPU nginx
+//! at a paced 20k requests/s (every request a span) had a traced p99 lower with it in 11 of 13
+//! rounds over three benchmark runs (medians 1.70 ms against 6.50 in one, untraced 1.67), and
+//! at saturation traced/untraced throughput was higher (nginx median 1.03 against 0.92, Python
+//! 1.03 against 0.97). The price: the drains come in larger batches, and the agent's peak RSS
+//! at saturation was 47 MiB against 44 (spans are handed to the exporter every `DRAIN_CHUNK`
+//! records of a drain, so that a drain of a full ring does not hold all of its spans at once).
 //!
 //! `SCHED_IDLE` alone would let a host whose CPUs are all busy starve the agent until the ring
 //! buffer overflows. A watchdog thread (a normal one, asleep almost always) looks at the ring's
@@ -149,7 +150,8 @@ impl Yielding {
     /// left as it was, when that cannot be done safely.
     pub fn start(ring: &impl AsRawFd) -> Option<Yielding> {
         if !may_raise_priority() {
-            warn!(
+            // Not a fault: the thread runs as every thread does, as with `normal`.
+            info!(
                 "the capture thread competes for CPU normally: no CAP_SYS_NICE to raise it when it falls behind"
             );
             return None;

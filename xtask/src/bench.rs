@@ -94,10 +94,11 @@ enum Mode {
     /// The same with the budget off: what the tracer itself keeps up with at that rate (no
     /// event lost, every request a span), whatever the governor would judge.
     TracedFullPaced,
-    /// Traced (default budget) with `--capture-priority idle`: the agent's capture thread
-    /// takes only CPU time nobody else wants, at saturation and paced.
-    TracedYielding,
-    TracedYieldingPaced,
+    /// Traced (default budget) with `--capture-priority normal`: the agent's capture thread
+    /// competes for CPU with the server and its clients (the default yields), at saturation
+    /// and paced.
+    TracedCompeting,
+    TracedCompetingPaced,
 }
 
 /// The offered load of `Mode::TracedPaced`, requests per second: the rate up to which the
@@ -121,8 +122,8 @@ impl Mode {
             Mode::UntracedPaced => "untraced, paced 20k req/s",
             Mode::TracedPaced => "traced, paced 20k req/s",
             Mode::TracedFullPaced => "traced, every request (--overhead-budget 0), paced 20k req/s",
-            Mode::TracedYielding => "traced, --capture-priority idle",
-            Mode::TracedYieldingPaced => "traced, --capture-priority idle, paced 20k req/s",
+            Mode::TracedCompeting => "traced, --capture-priority normal",
+            Mode::TracedCompetingPaced => "traced, --capture-priority normal, paced 20k req/s",
         }
     }
 
@@ -132,7 +133,7 @@ impl Mode {
             Mode::UntracedPaced
                 | Mode::TracedPaced
                 | Mode::TracedFullPaced
-                | Mode::TracedYieldingPaced
+                | Mode::TracedCompetingPaced
         )
     }
 }
@@ -660,8 +661,8 @@ fn measure(
     if matches!(mode, Mode::TracedFull | Mode::TracedFullPaced) {
         args.extend(["--overhead-budget".into(), "0".into()]);
     }
-    if matches!(mode, Mode::TracedYielding | Mode::TracedYieldingPaced) {
-        args.extend(["--capture-priority".into(), "idle".into()]);
+    if matches!(mode, Mode::TracedCompeting | Mode::TracedCompetingPaced) {
+        args.extend(["--capture-priority".into(), "normal".into()]);
     }
     let env: &[(&str, &str)] = match mode {
         Mode::IdleSyscalls | Mode::TracedSyscalls => &[("TRACER_SYSCALL_TRACEPOINTS", "tp_btf")],
@@ -933,7 +934,7 @@ pub fn bench(opts: &BenchOptions) -> anyhow::Result<()> {
     writeln!(report, "# tracer benchmark\n")?;
     writeln!(
         report,
-        "{cpus} CPUs ({machine}), Linux {}; wrk -t2 -c{} -d{}s, each run after {WARMUP_SECS} s of the same load (steady state: a saturated server is shed within a second of the load's start); {} rounds (every other one in reverse order) of untraced / tracer idle (running, server not traced) / traced / traced with the capture thread under `SCHED_IDLE` (`--capture-priority idle`) / traced+export, and for nginx the idle and traced runs again on the syscall-tracepoint path (`TRACER_SYSCALL_TRACEPOINTS=tp_btf`, what kernels before 6.3 get), and a paced load of 20k req/s untraced, traced (also with `--capture-priority idle`), and traced with the budget off; then {} more pairs of untraced and traced runs; medians of the runs. After the servers: the in-kernel cost of a syscall, the agent's memory with {OPEN_CONNECTIONS} connections open, and the agent's own work per request.\n",
+        "{cpus} CPUs ({machine}), Linux {}; wrk -t2 -c{} -d{}s, each run after {WARMUP_SECS} s of the same load (steady state: a saturated server is shed within a second of the load's start); {} rounds (every other one in reverse order) of untraced / tracer idle (running, server not traced) / traced / traced with the capture thread competing for CPU (`--capture-priority normal`; the default yields it) / traced+export, and for nginx the idle and traced runs again on the syscall-tracepoint path (`TRACER_SYSCALL_TRACEPOINTS=tp_btf`, what kernels before 6.3 get), and a paced load of 20k req/s untraced, traced (also with `--capture-priority normal`), and traced with the budget off; then {} more pairs of untraced and traced runs; medians of the runs. After the servers: the in-kernel cost of a syscall, the agent's memory with {OPEN_CONNECTIONS} connections open, and the agent's own work per request.\n",
         kernel.trim(),
         opts.connections,
         opts.duration,
@@ -951,7 +952,7 @@ pub fn bench(opts: &BenchOptions) -> anyhow::Result<()> {
                 Mode::Idle,
                 Mode::IdleSyscalls,
                 Mode::Traced,
-                Mode::TracedYielding,
+                Mode::TracedCompeting,
                 Mode::TracedFull,
                 Mode::TracedSyscalls,
                 Mode::Exported,
@@ -965,7 +966,7 @@ pub fn bench(opts: &BenchOptions) -> anyhow::Result<()> {
             &[
                 Mode::UntracedPaced,
                 Mode::TracedPaced,
-                Mode::TracedYieldingPaced,
+                Mode::TracedCompetingPaced,
                 Mode::TracedFullPaced,
             ][..],
         ),
@@ -975,7 +976,7 @@ pub fn bench(opts: &BenchOptions) -> anyhow::Result<()> {
                 Mode::Untraced,
                 Mode::Idle,
                 Mode::Traced,
-                Mode::TracedYielding,
+                Mode::TracedCompeting,
                 Mode::TracedFull,
                 Mode::Exported,
             ][..],
