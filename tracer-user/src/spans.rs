@@ -260,7 +260,7 @@ impl Span {
             if i > 0 {
                 out.push(b',');
             }
-            json_str(out, name);
+            json_known_str(out, name);
             out.push(b':');
             json_str(out, value);
         }
@@ -316,17 +316,54 @@ fn json_str(out: &mut Vec<u8>, s: &str) {
     }
 }
 
-/// Whether `s` has a byte JSON escapes: a control character, `"` or `\`. Tested 16 bytes at
+/// A JSON string of this program's own text (a tag name), which needs no escaping.
+fn json_known_str(out: &mut Vec<u8>, s: &'static str) {
+    debug_assert!(!needs_escaping(s.as_bytes()), "{s:?} needs escaping");
+    out.reserve(s.len() + 2);
+    out.push(b'"');
+    out.extend_from_slice(s.as_bytes());
+    out.push(b'"');
+}
+
+/// Whether `s` has a byte JSON escapes: a control character, `"` or `\\`. Tested 16 bytes at
 /// a time with no exit inside a chunk, which LLVM turns into a few SIMD compares per chunk; a
 /// byte-by-byte `all` that stops at the first such byte was not vectorised, and this check
-/// runs over every string of every span.
+/// runs over every string of every span. The bytes after the last whole chunk are one more
+/// chunk, the string's last 16 bytes; a string shorter than that (most tag values) is read
+/// as two overlapping words (byte by byte, it cost more than the rest of the check).
 fn needs_escaping(s: &[u8]) -> bool {
     let escaped = |b: u8| (b < 0x20) | (b == b'"') | (b == b'\\');
+    let any_escaped = |chunk: &[u8; 16]| chunk.iter().fold(false, |any, &b| any | escaped(b));
     let (chunks, rest) = s.as_chunks::<16>();
-    chunks
-        .iter()
-        .any(|chunk| chunk.iter().fold(false, |any, &b| any | escaped(b)))
-        || rest.iter().any(|&b| escaped(b))
+    if chunks.iter().any(any_escaped) {
+        return true;
+    }
+    if let Some(last) = s.last_chunk::<16>() {
+        return !rest.is_empty() && any_escaped(last);
+    }
+    let word = |bytes: &[u8]| match bytes.first_chunk::<4>() {
+        Some(first) => {
+            let last = bytes.last_chunk::<4>().unwrap_or(first);
+            u64::from(u32::from_ne_bytes(*first)) | u64::from(u32::from_ne_bytes(*last)) << 32
+        }
+        None => 0,
+    };
+    match s.len() {
+        8.. => word_needs_escaping(word(&s[..8])) || word_needs_escaping(word(&s[s.len() - 8..])),
+        4.. => word_needs_escaping(word(s)),
+        _ => s.iter().any(|&b| escaped(b)),
+    }
+}
+
+/// Whether a byte of `w` is one JSON escapes, with the classic word-at-a-time tests (a byte
+/// below a value; a byte equal to one): exact as a whole, since a borrow only starts at a
+/// byte that matches.
+fn word_needs_escaping(w: u64) -> bool {
+    const ONES: u64 = u64::from_ne_bytes([1; 8]);
+    const HIGH_BITS: u64 = ONES * 0x80;
+    let below = |w: u64, n: u8| w.wrapping_sub(ONES * u64::from(n)) & !w & HIGH_BITS;
+    let equal = |n: u8| below(w ^ (ONES * u64::from(n)), 1);
+    (below(w, 0x20) | equal(b'"') | equal(b'\\')) != 0
 }
 
 /// Lowercase hex of `v`'s low `N * 4` bits, zero-padded: ids are written for every span, and
@@ -995,7 +1032,8 @@ mod tests {
 
     #[test]
     fn escaping_is_found_at_every_position() {
-        let plain = "abcdefghijklmnopqrstuvwxyz0123456789/é-_.:?=&ABCDEFGHIJKLMNOPQRSTUVWXYZ";
+        // Every byte next to one that is escaped, and bytes with the high bit set.
+        let plain = "abcdefghijklmnopqrstuvwxyz0123456789/é-_.:?=&ABC !#[]DEFGHIJKLMNOPQRSTUVWXYZ\u{7f}\u{ff}";
         for len in 0..plain.len() {
             assert!(!needs_escaping(&plain.as_bytes()[..len]));
             for pos in 0..len {
