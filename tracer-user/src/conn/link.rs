@@ -423,20 +423,19 @@ fn context_header_lines(
     skip_first: bool,
     headers: &mut Vec<(&'static str, String)>,
 ) -> bool {
-    let mut lines = bytes
-        .split(|b| *b == b'\n')
-        .skip(usize::from(skip_first))
-        .peekable();
-    while let Some(line) = lines.next() {
-        // What follows the last line break is a line cut short.
-        if lines.peek().is_none() {
-            break;
+    // Only lines that end are read: what follows the last line break is a line cut short.
+    let mut start = 0;
+    for (n, end) in memchr::memchr_iter(b'\n', bytes).enumerate() {
+        let line = &bytes[start..end];
+        start = end + 1;
+        if n == 0 && skip_first {
+            continue;
         }
         let line = line.strip_suffix(b"\r").unwrap_or(line);
         if line.is_empty() {
             return true;
         }
-        let Some(colon) = line.iter().position(|b| *b == b':') else {
+        let Some(colon) = memchr::memchr(b':', line) else {
             continue;
         };
         // Every header line of every request passes here: only a context header costs an
@@ -476,6 +475,14 @@ const OTHER_B3: &str = "x-b3-*";
 
 /// The static name of a trace-context header line's `name` (any case).
 fn context_header_name(name: &[u8]) -> Option<&'static str> {
+    // Every header line of every request is asked: most (Host, User-Agent, Accept...) are
+    // told by their first letter.
+    if !matches!(
+        name.first().map(u8::to_ascii_lowercase),
+        Some(b't' | b'b' | b'x')
+    ) {
+        return None;
+    }
     if let Some(known) = crate::context::HEADERS
         .iter()
         .find(|known| name.eq_ignore_ascii_case(known.as_bytes()))
@@ -793,6 +800,20 @@ mod tests {
                 (OTHER_B3, String::new()),
             ]
         );
+    }
+
+    #[test]
+    fn every_context_header_passes_the_first_letter_filter() {
+        for name in crate::context::HEADERS {
+            assert_eq!(context_header_name(name.as_bytes()), Some(name));
+            assert_eq!(
+                context_header_name(name.to_ascii_uppercase().as_bytes()),
+                Some(name)
+            );
+        }
+        assert_eq!(context_header_name(b"X-B3-Other"), Some(OTHER_B3));
+        assert_eq!(context_header_name(b"host"), None);
+        assert_eq!(context_header_name(b""), None);
     }
 
     #[test]
