@@ -1209,9 +1209,12 @@ fn method_of(method: &str) -> Cow<'static, str> {
 /// bound split is left out rather than shown as U+FFFD.
 fn header_value(value: &[u8]) -> &[u8] {
     let value = value.trim_ascii();
-    let cut = &value[..value.len().min(MAX_HEADER_VALUE)];
+    if value.len() <= MAX_HEADER_VALUE {
+        return value;
+    }
+    let cut = &value[..MAX_HEADER_VALUE];
     match std::str::from_utf8(cut) {
-        Err(e) if cut.len() < value.len() && e.error_len().is_none() => &cut[..e.valid_up_to()],
+        Err(e) if e.error_len().is_none() => &cut[..e.valid_up_to()],
         _ => cut,
     }
 }

@@ -155,7 +155,11 @@ impl RequestText {
         let headers = headers
             .iter()
             .map(|(name, value)| {
-                text.push_str(&String::from_utf8_lossy(value.as_ref()));
+                // Valid nearly always: checked without `from_utf8_lossy`'s slower walk.
+                match std::str::from_utf8(value.as_ref()) {
+                    Ok(valid) => text.push_str(valid),
+                    Err(_) => text.push_str(&String::from_utf8_lossy(value.as_ref())),
+                }
                 (*name, offset(text.len()))
             })
             .collect();
