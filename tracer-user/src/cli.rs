@@ -234,6 +234,21 @@ mod tests {
         assert_eq!(run.comms, ["nginx"]);
         assert_eq!(run.ports, [80]);
         assert_eq!(run.common.output, OutputFormat::Text);
+        // The capture thread yields unless told otherwise.
+        assert_eq!(run.common.capture_priority, CapturePriority::Idle);
+        let cli = Cli::try_parse_from([
+            "tracer",
+            "attach",
+            "--pid",
+            "1",
+            "--capture-priority",
+            "normal",
+        ])
+        .unwrap();
+        let Command::Attach(attach) = cli.command else {
+            panic!()
+        };
+        assert_eq!(attach.common.capture_priority, CapturePriority::Normal);
     }
 
     #[test]
