@@ -16,6 +16,7 @@ use tracer_common::{
     EventKind, ROLE_SERVER, TAIL_LEN, TraceCtx,
 };
 use tracer_user::{
+    agent::is_exported,
     conn::{ConnTracker, TrackerConfig},
     events::decode,
     spans::{Clock, span_of},
@@ -122,14 +123,7 @@ fn pass(records: &[Vec<u8>], clock: &Clock) -> usize {
         let event = decode(record).expect("a well-formed record");
         tracker.handle(&event, &mut finished);
         for (exchange, conn, identity) in finished.drain(..) {
-            // What `agent::submit` checks of every exchange: the agent's own export is skipped.
-            let own = match &exchange {
-                tracer_user::protocols::Exchange::Http(e) => e
-                    .request_headers()
-                    .any(|(n, v)| n == "user-agent" && v == tracer_user::export::USER_AGENT),
-                tracer_user::protocols::Exchange::Db(_) => false,
-            };
-            if identity.sampled && !own {
+            if is_exported(&exchange, &identity) {
                 span_of(&exchange, &conn, &identity, clock).write_json(&mut json);
             }
         }

@@ -368,6 +368,18 @@ async fn event_loop(
 /// Builds and queues the spans of finished exchanges. Unsampled traces (an upstream caller said
 /// so) are not exported, nor the collector's side of our own export requests: tracing the
 /// collector's host would otherwise add a span per batch, forever.
+/// Whether an exchange becomes a span: sampled, and not the agent's own export (its requests
+/// to a collector on a traced host would otherwise be spans, exported in turn).
+pub fn is_exported(exchange: &Exchange, identity: &crate::conn::link::Identity) -> bool {
+    identity.sampled
+        && match exchange {
+            Exchange::Http(e) => !e
+                .request_headers()
+                .any(|(n, v)| n == "user-agent" && v == USER_AGENT),
+            Exchange::Db(_) => true,
+        }
+}
+
 fn submit(
     exporter: &mut Exporter,
     finished: &mut Vec<Finished>,
@@ -375,13 +387,7 @@ fn submit(
     red: &mut Option<Red>,
 ) {
     for (exchange, conn, identity) in finished.drain(..) {
-        let own_export = match &exchange {
-            Exchange::Http(e) => e
-                .request_headers()
-                .any(|(n, v)| n == "user-agent" && v == USER_AGENT),
-            Exchange::Db(_) => false,
-        };
-        if identity.sampled && !own_export {
+        if is_exported(&exchange, &identity) {
             let span = span_of(&exchange, &conn, &identity, clock);
             if let Some(red) = red {
                 red.observe(&span);
