@@ -792,6 +792,39 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_agents_own_export_and_unsampled_requests_are_not_spans() {
+        use crate::protocols::{HttpExchange, Outcome, RequestText, Side};
+        let request = |user_agent: &str| {
+            Exchange::Http(HttpExchange {
+                side: Side::Client,
+                method: "POST".into(),
+                request: RequestText::new(
+                    "/api/v2/spans",
+                    &[("host", "127.0.0.1:9411"), ("user-agent", user_agent)],
+                ),
+                minor_version: 1,
+                status: Some(202),
+                req_start_ns: 1,
+                req_end_ns: 2,
+                resp_start_ns: Some(3),
+                end_ns: 4,
+                req_bytes: 100,
+                resp_bytes: 50,
+                outcome: Outcome::Complete,
+            })
+        };
+        let identity = |sampled| crate::conn::link::Identity {
+            trace_id: 1,
+            span_id: 2,
+            parent_id: None,
+            sampled,
+        };
+        assert!(!is_exported(&request(USER_AGENT), &identity(true)));
+        assert!(is_exported(&request("curl/7.88.1"), &identity(true)));
+        assert!(!is_exported(&request("curl/7.88.1"), &identity(false)));
+    }
+
+    #[test]
     fn an_idle_ring_is_drained_less_and_less_often_until_events_flow_again() {
         let mut delay = DRAIN_BUSY;
         let mut seen = Vec::new();
