@@ -365,9 +365,6 @@ async fn event_loop(
     Ok(())
 }
 
-/// Builds and queues the spans of finished exchanges. Unsampled traces (an upstream caller said
-/// so) are not exported, nor the collector's side of our own export requests: tracing the
-/// collector's host would otherwise add a span per batch, forever.
 /// Whether an exchange becomes a span: sampled, and not the agent's own export (its requests
 /// to a collector on a traced host would otherwise be spans, exported in turn).
 pub fn is_exported(exchange: &Exchange, identity: &crate::conn::link::Identity) -> bool {
@@ -380,6 +377,9 @@ pub fn is_exported(exchange: &Exchange, identity: &crate::conn::link::Identity) 
         }
 }
 
+/// Builds and queues the spans of finished exchanges. Unsampled traces (an upstream caller said
+/// so) are not exported, nor the collector's side of our own export requests: tracing the
+/// collector's host would otherwise add a span per batch, forever.
 fn submit(
     exporter: &mut Exporter,
     finished: &mut Vec<Finished>,

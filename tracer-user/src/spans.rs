@@ -325,7 +325,7 @@ fn json_known_str(out: &mut Vec<u8>, s: &'static str) {
     out.push(b'"');
 }
 
-/// Whether `s` has a byte JSON escapes: a control character, `"` or `\\`. Tested 16 bytes at
+/// Whether `s` has a byte JSON escapes: a control character, `"` or `\`. Tested 16 bytes at
 /// a time with no exit inside a chunk, which LLVM turns into a few SIMD compares per chunk; a
 /// byte-by-byte `all` that stops at the first such byte was not vectorised, and this check
 /// runs over every string of every span. The bytes after the last whole chunk are one more
