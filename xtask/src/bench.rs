@@ -767,6 +767,45 @@ fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
+/// An interval that holds the median of what `v` samples with at least 90% confidence, from
+/// its order statistics (the sign test's interval: no assumption on the distribution), and
+/// that confidence; `None` for fewer than 5 samples, too few for 90%.
+fn median_interval(v: &[f64]) -> Option<(f64, f64, f64)> {
+    let n = v.len();
+    // P(Binomial(n, 1/2) <= j), for j = 0..n.
+    let mut below = Vec::with_capacity(n + 1);
+    let (mut term, mut sum) = (0.5f64.powi(n as i32), 0.0);
+    for j in 0..=n {
+        sum += term;
+        below.push(sum);
+        term = term * (n - j) as f64 / (j + 1) as f64;
+    }
+    // The kth smallest and kth largest hold the median with probability 1 - 2 P(B <= k - 1):
+    // the largest k for which that is still 90%.
+    let k = (1..=n / 2)
+        .take_while(|&k| 1.0 - 2.0 * below[k - 1] >= 0.90)
+        .last()?;
+    let mut sorted = v.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    Some((sorted[k - 1], sorted[n - k], 1.0 - 2.0 * below[k - 1]))
+}
+
+/// What the median's interval says of a target the median is judged against.
+fn settled(v: &[f64], target: f64) -> String {
+    match median_interval(v) {
+        Some((low, high, confidence)) => format!(
+            "; the median's {:.0}% interval {low:.3} to {high:.3} {}",
+            confidence * 100.0,
+            if low <= target && target <= high {
+                "holds the target: this run does not settle it"
+            } else {
+                "is clear of the target"
+            }
+        ),
+        None => String::new(),
+    }
+}
+
 /// CPU time of the calling thread.
 fn thread_cpu() -> Duration {
     let mut ts = libc::timespec {
@@ -1547,19 +1586,21 @@ fn judge_saturation(
                 "throughput >= 97% of untraced",
                 Some(rps_ratio >= 0.97),
                 format!(
-                    "{:.1}% (median of {} paired runs' ratios; middle half {})",
+                    "{:.1}% (median of {} paired runs' ratios; middle half {}{})",
                     rps_ratio * 100.0,
                     rps_ratios.len(),
-                    quartiles(&rps_ratios)
+                    quartiles(&rps_ratios),
+                    settled(&rps_ratios, 0.97)
                 ),
             ),
             (
                 "p99 latency <= 1.05x untraced",
                 Some(p99_ratio <= 1.05),
                 format!(
-                    "{p99_ratio:.2}x (median of {} paired runs' ratios; middle half {})",
+                    "{p99_ratio:.2}x (median of {} paired runs' ratios; middle half {}{})",
                     p99_ratios.len(),
-                    quartiles(&p99_ratios)
+                    quartiles(&p99_ratios),
+                    settled(&p99_ratios, 1.05)
                 ),
             ),
             (
@@ -1657,6 +1698,23 @@ fn judge_paced(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_medians_interval_is_the_sign_tests() {
+        // 14 paired ratios: the 4th smallest to the 4th largest, 94.3% (1 - 2 * 470/16384).
+        let v: Vec<f64> = (1..=14).rev().map(f64::from).collect();
+        let (low, high, confidence) = median_interval(&v).unwrap();
+        assert_eq!((low, high), (4.0, 11.0));
+        assert!((confidence - (1.0 - 2.0 * 470.0 / 16384.0)).abs() < 1e-12);
+        // Five samples: only the extremes, 93.75%; four are too few for 90%.
+        assert_eq!(
+            median_interval(&[3.0, 1.0, 2.0, 5.0, 4.0]),
+            Some((1.0, 5.0, 0.9375))
+        );
+        assert_eq!(median_interval(&[1.0, 2.0, 3.0, 4.0]), None);
+        assert!(settled(&v, 7.0).contains("does not settle"));
+        assert!(settled(&v, 3.0).contains("clear of"));
+    }
 
     #[test]
     fn first_shed_gives_the_shed_periods_and_the_two_of_its_process_before() {
