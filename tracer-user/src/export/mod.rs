@@ -173,8 +173,15 @@ fn encode_json(span: &Span, out: &mut Vec<u8>) {
     span.write_json(out);
 }
 
-fn encode_text(span: &Span, out: &mut Vec<u8>) {
+/// Stdout's forms are lines: a chunk of them is written as it is.
+fn encode_json_line(span: &Span, out: &mut Vec<u8>) {
+    span.write_json(out);
+    out.push(b'\n');
+}
+
+fn encode_text_line(span: &Span, out: &mut Vec<u8>) {
     out.extend_from_slice(text_line(span).as_bytes());
+    out.push(b'\n');
 }
 
 impl Exporter {
@@ -194,11 +201,11 @@ impl Exporter {
         };
         let (encode, task): (fn(&Span, &mut Vec<u8>), _) = match output {
             Output::Text => (
-                encode_text,
+                encode_text_line,
                 tokio::task::spawn_blocking(move || write_stdout(queue, task_stats)),
             ),
             Output::Json => (
-                encode_json,
+                encode_json_line,
                 tokio::task::spawn_blocking(move || write_stdout(queue, task_stats)),
             ),
             Output::Zipkin(config) => (
@@ -322,39 +329,39 @@ fn write_stdout(queue: SpanQueue<EncodedChunk>, stats: Arc<ExportStats>) {
     write_lines(queue, &stats, std::io::stdout().lock());
 }
 
-/// One span per line.
+/// One span per line: the chunks' bytes as they are (their spans are lines already), each
+/// written straight from the chunk rather than copied into one buffer first.
 fn write_lines(
     mut queue: SpanQueue<EncodedChunk>,
     stats: &ExportStats,
     mut writer: impl std::io::Write,
 ) {
-    let mut out = Vec::new();
     while let Some(first) = queue.rx.blocking_recv() {
         std::thread::sleep(STDOUT_LINGER);
-        out.clear();
-        let mut n = 0;
+        let (mut written, mut failed) = (0, 0);
         let mut next = Some(first);
         while let Some(chunk) = next {
-            for span in chunk.spans() {
-                out.extend_from_slice(span);
-                out.push(b'\n');
-            }
             let spans = chunk.len();
+            // A closed stdout (`tracer run | head`) is the reader's choice: count, keep
+            // capturing.
+            if failed == 0 && writer.write_all(&chunk.bytes).is_ok() {
+                written += spans;
+            } else {
+                failed += spans;
+            }
             queue.done(chunk);
             queue.taken(spans);
-            n += spans;
-            next = if n < 4096 {
+            next = if written + failed < 4096 {
                 queue.rx.try_recv().ok()
             } else {
                 None
             };
         }
-        // A closed stdout (`tracer run | head`) is the reader's choice: count, keep capturing.
-        if writer.write_all(&out).is_ok() && writer.flush().is_ok() {
-            stats.exported.fetch_add(n as u64, Relaxed);
-        } else {
-            stats.failed.fetch_add(n as u64, Relaxed);
+        if written > 0 && writer.flush().is_err() {
+            (failed, written) = (failed + written, 0);
         }
+        stats.exported.fetch_add(written as u64, Relaxed);
+        stats.failed.fetch_add(failed as u64, Relaxed);
     }
 }
 
@@ -660,7 +667,10 @@ mod tests {
             .zip([&["{\"a\":1}", "{\"b\":2}"][..], &["x y"]])
         {
             for line in lines {
-                chunk.push(|out| out.extend_from_slice(line.as_bytes()));
+                chunk.push(|out| {
+                    out.extend_from_slice(line.as_bytes());
+                    out.push(b'\n');
+                });
             }
         }
         for chunk in chunks {
