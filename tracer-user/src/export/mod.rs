@@ -323,7 +323,7 @@ fn queue_capacity(output: &Output) -> usize {
 /// context switch each, which cost the agent more than encoding the span).
 const STDOUT_LINGER: Duration = Duration::from_millis(20);
 
-/// Writes spans to stdout on a thread of its own, a batch per write: tokio's stdout hands every
+/// Writes spans to stdout on a thread of its own, a chunk per write: tokio's stdout hands every
 /// write to its blocking pool, a thread handoff per line that cost more than the parsing.
 fn write_stdout(queue: SpanQueue<EncodedChunk>, stats: Arc<ExportStats>) {
     write_lines(queue, &stats, std::io::stdout().lock());
