@@ -767,6 +767,10 @@ fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
+/// The least traced/untraced throughput and the most traced/untraced p99 at saturation.
+const THROUGHPUT_TARGET: f64 = 0.97;
+const P99_TARGET: f64 = 1.05;
+
 /// An interval that holds the median of what `v` samples with at least 90% confidence, from
 /// its order statistics (the sign test's interval: no assumption on the distribution), and
 /// that confidence; `None` for fewer than 5 samples, too few for 90%.
@@ -1584,23 +1588,23 @@ fn judge_saturation(
         vec![
             (
                 "throughput >= 97% of untraced",
-                Some(rps_ratio >= 0.97),
+                Some(rps_ratio >= THROUGHPUT_TARGET),
                 format!(
                     "{:.1}% (median of {} paired runs' ratios; middle half {}{})",
                     rps_ratio * 100.0,
                     rps_ratios.len(),
                     quartiles(&rps_ratios),
-                    settled(&rps_ratios, 0.97)
+                    settled(&rps_ratios, THROUGHPUT_TARGET)
                 ),
             ),
             (
                 "p99 latency <= 1.05x untraced",
-                Some(p99_ratio <= 1.05),
+                Some(p99_ratio <= P99_TARGET),
                 format!(
                     "{p99_ratio:.2}x (median of {} paired runs' ratios; middle half {}{})",
                     p99_ratios.len(),
                     quartiles(&p99_ratios),
-                    settled(&p99_ratios, 1.05)
+                    settled(&p99_ratios, P99_TARGET)
                 ),
             ),
             (
