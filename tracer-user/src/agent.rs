@@ -365,21 +365,18 @@ async fn event_loop(
     Ok(())
 }
 
-/// Whether an exchange becomes a span: sampled, and not the agent's own export (its requests
-/// to a collector on a traced host would otherwise be spans, exported in turn).
+/// Whether an exchange becomes a span: sampled (an upstream caller may have said no), and not
+/// the agent's own export (tracing the collector's host would otherwise add a span per batch,
+/// forever).
 pub fn is_exported(exchange: &Exchange, identity: &crate::conn::link::Identity) -> bool {
     identity.sampled
         && match exchange {
-            Exchange::Http(e) => !e
-                .request_headers()
-                .any(|(n, v)| n == "user-agent" && v == USER_AGENT),
+            Exchange::Http(e) => e.header("user-agent") != Some(USER_AGENT),
             Exchange::Db(_) => true,
         }
 }
 
-/// Builds and queues the spans of finished exchanges. Unsampled traces (an upstream caller said
-/// so) are not exported, nor the collector's side of our own export requests: tracing the
-/// collector's host would otherwise add a span per batch, forever.
+/// Builds and queues the spans of finished exchanges that are exported (`is_exported`).
 fn submit(
     exporter: &mut Exporter,
     finished: &mut Vec<Finished>,
