@@ -282,7 +282,7 @@ impl Endpoint {
             Some(IpAddr::V4(v4)) => {
                 out.extend_from_slice(sep.as_bytes());
                 out.extend_from_slice(b"\"ipv4\":\"");
-                ipv4_text(v4, |part| out.extend_from_slice(part.as_bytes()));
+                out.extend_from_slice(ipv4_text(v4).as_bytes());
                 out.push(b'"');
                 sep = ",";
             }
@@ -693,19 +693,58 @@ fn push_socket_addr(out: &mut String, addr: SocketAddr) {
 }
 
 fn push_ipv4(out: &mut String, ip: std::net::Ipv4Addr) {
-    ipv4_text(ip, |part| out.push_str(part));
+    out.push_str(ipv4_text(ip).as_str());
 }
 
 /// `ip` as `Display` writes it, in pieces given to `push`.
-fn ipv4_text(ip: std::net::Ipv4Addr, mut push: impl FnMut(&str)) {
-    let mut buf = itoa::Buffer::new();
-    for (i, octet) in ip.octets().into_iter().enumerate() {
-        if i > 0 {
-            push(".");
-        }
-        push(buf.format(octet));
+fn ipv4_text(ip: std::net::Ipv4Addr) -> Ipv4Text {
+    let mut text = [0u8; 16];
+    let mut len = 0;
+    for octet in ip.octets() {
+        let (digits, n) = OCTET_TEXT[usize::from(octet)];
+        text[len..len + 4].copy_from_slice(&digits);
+        len += usize::from(n);
+    }
+    // Less the last octet's dot.
+    Ipv4Text { text, len: len - 1 }
+}
+
+/// IPv4 text on the stack: at most 15 bytes ("255.255.255.255").
+struct Ipv4Text {
+    text: [u8; 16],
+    len: usize,
+}
+
+impl Ipv4Text {
+    fn as_bytes(&self) -> &[u8] {
+        &self.text[..self.len]
+    }
+
+    fn as_str(&self) -> &str {
+        std::str::from_utf8(self.as_bytes()).expect("digits and dots")
     }
 }
+
+/// Each octet's decimal digits and a dot, as four bytes, and how many of them are used. The
+/// addresses of every span are written as text three times (two endpoints, the link key):
+/// formatting each octet with its own small copies was most of an endpoint's cost, a table
+/// entry is one 4-byte copy.
+static OCTET_TEXT: [([u8; 4], u8); 256] = {
+    let mut table = [([0u8; 4], 0u8); 256];
+    let mut i = 0;
+    while i < 256 {
+        let (h, t, u) = ((i / 100) as u8, (i / 10 % 10) as u8, (i % 10) as u8);
+        table[i] = if i >= 100 {
+            ([b'0' + h, b'0' + t, b'0' + u, b'.'], 4)
+        } else if i >= 10 {
+            ([b'0' + t, b'0' + u, b'.', 0], 3)
+        } else {
+            ([b'0' + u, b'.', 0, 0], 2)
+        };
+        i += 1;
+    }
+    table
+};
 
 /// Zipkin's `error` tag of an HTTP exchange.
 enum HttpError {
@@ -758,12 +797,22 @@ fn host_without_port(host: &str) -> &str {
 /// proxy) gives its path; the fragment, never sent by browsers but possible, is dropped.
 fn split_target(target: &str) -> (&str, &str) {
     let mut rest = target;
-    if let Some(i) = rest.find("://") {
+    // Absolute form (to a proxy): the path starts after the authority. An origin-form target
+    // (starting with '/') is not searched: a "://" in its query is no scheme.
+    if !rest.starts_with('/')
+        && let Some(i) = rest.find("://")
+    {
         let after = &rest[i + 3..];
         rest = after.find('/').map_or("/", |j| &after[j..]);
     }
-    let rest = rest.split('#').next().unwrap_or(rest);
-    let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
+    let (path, query) = match memchr::memchr2(b'?', b'#', rest.as_bytes()) {
+        Some(i) if rest.as_bytes()[i] == b'?' => {
+            let query = &rest[i + 1..];
+            (&rest[..i], query.split('#').next().unwrap_or(query))
+        }
+        Some(i) => (&rest[..i], ""),
+        None => (rest, ""),
+    };
     (if path.is_empty() { "/" } else { path }, query)
 }
 
@@ -1340,6 +1389,12 @@ mod tests {
         assert_eq!(split_target("http://proxy.example/x/y?z"), ("/x/y", "z"));
         assert_eq!(split_target("http://proxy.example"), ("/", ""));
         assert_eq!(split_target("*"), ("*", ""));
+        assert_eq!(
+            split_target("/login?next=https://example.com/home"),
+            ("/login", "next=https://example.com/home")
+        );
+        assert_eq!(split_target("/a#frag?not-a-query"), ("/a", ""));
+        assert_eq!(split_target("/a?#"), ("/a", ""));
         assert_eq!(split_target(""), ("/", ""));
     }
 
@@ -1382,6 +1437,22 @@ mod tests {
             let mut direct = Vec::new();
             e.write_json(&mut direct);
             assert_eq!(String::from_utf8(direct).unwrap(), want, "{addr}");
+        }
+    }
+
+    #[test]
+    fn ipv4_text_is_what_display_writes() {
+        for octet in 0..=255u8 {
+            for ip in [
+                [octet, 0, 0, 0],
+                [0, octet, 1, 2],
+                [10, 20, octet, 255],
+                [255, 9, 99, octet],
+                [octet; 4],
+            ] {
+                let ip = std::net::Ipv4Addr::from(ip);
+                assert_eq!(ipv4_text(ip).as_str(), ip.to_string());
+            }
         }
     }
 
