@@ -696,7 +696,7 @@ fn push_ipv4(out: &mut String, ip: std::net::Ipv4Addr) {
     out.push_str(ipv4_text(ip).as_str());
 }
 
-/// `ip` as `Display` writes it, in pieces given to `push`.
+/// `ip` as `Display` writes it.
 fn ipv4_text(ip: std::net::Ipv4Addr) -> Ipv4Text {
     let mut text = [0u8; 16];
     let mut len = 0;

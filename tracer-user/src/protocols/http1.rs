@@ -1100,9 +1100,10 @@ fn response_config() -> httparse::ParserConfig {
 }
 
 fn parse_head(role: Role, buf: &[u8]) -> Parsed {
-    let mut headers = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_PARSED_HEADERS];
     match role {
         Role::Request => {
+            let mut headers =
+                [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_PARSED_HEADERS];
             let mut req = httparse::Request::new(&mut []);
             match request_config().parse_request_with_uninit_headers(&mut req, buf, &mut headers) {
                 Ok(httparse::Status::Complete(n)) => {
@@ -1123,23 +1124,22 @@ fn parse_head(role: Role, buf: &[u8]) -> Parsed {
                 );
                 Parsed::Complete(Head::Response(head), len)
             }
-            None => {
-                let mut resp = httparse::Response::new(&mut []);
-                match response_config().parse_response_with_uninit_headers(
-                    &mut resp,
-                    buf,
-                    &mut headers,
-                ) {
-                    Ok(httparse::Status::Complete(n)) => {
-                        let status = resp.code.unwrap_or_default();
-                        let framing = Framing::from_headers(resp.headers);
-                        Parsed::Complete(Head::Response(RespHead { status, framing }), n)
-                    }
-                    Ok(httparse::Status::Partial) => Parsed::Partial,
-                    Err(_) => Parsed::Invalid,
-                }
-            }
+            None => parse_response_with_httparse(buf),
         },
+    }
+}
+
+fn parse_response_with_httparse(buf: &[u8]) -> Parsed {
+    let mut headers = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_PARSED_HEADERS];
+    let mut resp = httparse::Response::new(&mut []);
+    match response_config().parse_response_with_uninit_headers(&mut resp, buf, &mut headers) {
+        Ok(httparse::Status::Complete(n)) => {
+            let status = resp.code.unwrap_or_default();
+            let framing = Framing::from_headers(resp.headers);
+            Parsed::Complete(Head::Response(RespHead { status, framing }), n)
+        }
+        Ok(httparse::Status::Partial) => Parsed::Partial,
+        Err(_) => Parsed::Invalid,
     }
 }
 
@@ -1147,16 +1147,8 @@ fn parse_head(role: Role, buf: &[u8]) -> Parsed {
 /// with).
 #[cfg(any(test, fuzzing))]
 fn parse_response_head(buf: &[u8]) -> Option<(RespHead, usize)> {
-    let mut headers = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_PARSED_HEADERS];
-    let mut resp = httparse::Response::new(&mut []);
-    match response_config().parse_response_with_uninit_headers(&mut resp, buf, &mut headers) {
-        Ok(httparse::Status::Complete(n)) => Some((
-            RespHead {
-                status: resp.code.unwrap_or_default(),
-                framing: Framing::from_headers(resp.headers),
-            },
-            n,
-        )),
+    match parse_response_with_httparse(buf) {
+        Parsed::Complete(Head::Response(head), len) => Some((head, len)),
         _ => None,
     }
 }
