@@ -907,8 +907,44 @@ enum LoopMode {
     TracedHttp,
 }
 
+/// Run time and run count so far of each of the tracer's BPF programs, by program id, as the
+/// kernel's run-time statistics have them (counted only while they are enabled).
+fn tracer_program_stats() -> anyhow::Result<Vec<(u32, u64, u64)>> {
+    let mut out = Vec::new();
+    for info in aya::programs::loaded_programs() {
+        let info = info?;
+        if info.name_as_str().is_some_and(|n| n.starts_with("tracer_")) {
+            out.push((
+                info.id(),
+                u64::try_from(info.run_time().as_nanos())?,
+                info.run_count(),
+            ));
+        }
+    }
+    Ok(out)
+}
+
+/// Nanoseconds of BPF program time per loop iteration: one more run of the loop of `mode`
+/// with the kernel's run-time statistics on (their own clock reads are in the figure), over
+/// all the tracer's programs, so for a write both the writer's and the sink's.
+fn loop_probe_ns(mode: LoopMode, n: u64, other_pid: u32) -> anyhow::Result<f64> {
+    let (_, probe_ns) = loop_run(mode, n, other_pid, true)?;
+    Ok(probe_ns.unwrap_or(0) as f64 / n as f64)
+}
+
 /// CPU and wall nanoseconds per write of one syscall loop: to a socket, then to /dev/null.
 fn loop_cost(mode: LoopMode, n: u64, other_pid: u32) -> anyhow::Result<[f64; 4]> {
+    Ok(loop_run(mode, n, other_pid, false)?.0)
+}
+
+/// The syscall loop in `mode`: its times per write, and with `probe_stats` the BPF program
+/// time the tracer's programs took meanwhile.
+fn loop_run(
+    mode: LoopMode,
+    n: u64,
+    other_pid: u32,
+    probe_stats: bool,
+) -> anyhow::Result<([f64; 4], Option<u64>)> {
     let exe = std::env::current_exe()?;
     let mut child = Command::new(exe)
         .args(["syscall-loop", &n.to_string()])
@@ -941,10 +977,32 @@ fn loop_cost(mode: LoopMode, n: u64, other_pid: u32) -> anyhow::Result<[f64; 4]>
             "0".into(),
         ])?),
     };
+    let stats = if probe_stats {
+        let enabled = aya::sys::enable_stats(aya::sys::Stats::RunTime)
+            .context("enable BPF run-time statistics")?;
+        Some((enabled, tracer_program_stats()?))
+    } else {
+        None
+    };
     child.stdin.as_mut().unwrap().write_all(b"go\n")?;
     line.clear();
     out.read_line(&mut line)?;
     child.wait()?;
+    let probe_ns = match stats {
+        Some((_enabled, before)) => {
+            let after = tracer_program_stats()?;
+            Some(
+                after
+                    .iter()
+                    .map(|&(id, ns, _)| {
+                        let was = before.iter().find(|b| b.0 == id).map_or(0, |b| b.1);
+                        ns.saturating_sub(was)
+                    })
+                    .sum(),
+            )
+        }
+        None => None,
+    };
     if let Some(agent) = agent {
         agent.stop()?;
     }
@@ -954,7 +1012,7 @@ fn loop_cost(mode: LoopMode, n: u64, other_pid: u32) -> anyhow::Result<[f64; 4]>
         .collect::<Result<_, _>>()
         .map_err(|e| anyhow::anyhow!("syscall loop result {line:?}: {e}"))?;
     match fields[..] {
-        [a, b, c, d] => Ok([a, b, c, d]),
+        [a, b, c, d] => Ok(([a, b, c, d], probe_ns)),
         _ => bail!("syscall loop result: {line:?}"),
     }
 }
@@ -1253,6 +1311,9 @@ pub fn bench(opts: &BenchOptions) -> anyhow::Result<()> {
         wall_http,
     ] = wall.map(median);
     let [null_none, null_other, null_traced, _, _] = null_cpu.map(median);
+    let probe_other = loop_probe_ns(LoopMode::OtherTraced, n, other.0.id())?;
+    let probe_traced = loop_probe_ns(LoopMode::Traced, n, other.0.id())?;
+    let probe_http = loop_probe_ns(LoopMode::TracedHttp, n, other.0.id())?;
     writeln!(report, "## In-kernel cost of a traced syscall\n")?;
     writeln!(
         report,
@@ -1314,6 +1375,16 @@ pub fn bench(opts: &BenchOptions) -> anyhow::Result<()> {
          ({:+.0} ns); traced {null_traced:.0} ({:+.0} ns).",
         null_other - null_none,
         null_traced - null_none
+    )?;
+    writeln!(
+        report,
+        "\nThe tracer's BPF programs' own time, from the kernel's run-time statistics (one more \
+         run of each loop with them on; their clock reads are included): {probe_other:.0} ns a \
+         write with the process not traced (the early returns of the writer's two send programs \
+         and of the sink's receive), {probe_traced:.0} ns a write traced, and {probe_http:.0} ns \
+         a request of the traced HTTP client (its send, header injection and receive, and the \
+         sink's). The CPU-time differences above also carry what the programs cost the rest of \
+         the call (caches, the paths they take), and this machine's noise."
     )?;
     let (memory, pass) = connections_memory()?;
     all_pass &= pass;
