@@ -907,18 +907,14 @@ enum LoopMode {
     TracedHttp,
 }
 
-/// Run time and run count so far of each of the tracer's BPF programs, by program id, as the
-/// kernel's run-time statistics have them (counted only while they are enabled).
-fn tracer_program_stats() -> anyhow::Result<Vec<(u32, u64, u64)>> {
+/// Run time so far of each of the tracer's BPF programs, by program id, as the kernel's
+/// run-time statistics have it (counted only while they are enabled).
+fn tracer_program_run_ns() -> anyhow::Result<Vec<(u32, u64)>> {
     let mut out = Vec::new();
     for info in aya::programs::loaded_programs() {
         let info = info?;
         if info.name_as_str().is_some_and(|n| n.starts_with("tracer_")) {
-            out.push((
-                info.id(),
-                u64::try_from(info.run_time().as_nanos())?,
-                info.run_count(),
-            ));
+            out.push((info.id(), u64::try_from(info.run_time().as_nanos())?));
         }
     }
     Ok(out)
@@ -929,7 +925,8 @@ fn tracer_program_stats() -> anyhow::Result<Vec<(u32, u64, u64)>> {
 /// all the tracer's programs, so for a write both the writer's and the sink's.
 fn loop_probe_ns(mode: LoopMode, n: u64, other_pid: u32) -> anyhow::Result<f64> {
     let (_, probe_ns) = loop_run(mode, n, other_pid, true)?;
-    Ok(probe_ns.unwrap_or(0) as f64 / n as f64)
+    let probe_ns = probe_ns.context("the loop ran without statistics")?;
+    Ok(probe_ns as f64 / n as f64)
 }
 
 /// CPU and wall nanoseconds per write of one syscall loop: to a socket, then to /dev/null.
@@ -980,7 +977,7 @@ fn loop_run(
     let stats = if probe_stats {
         let enabled = aya::sys::enable_stats(aya::sys::Stats::RunTime)
             .context("enable BPF run-time statistics")?;
-        Some((enabled, tracer_program_stats()?))
+        Some((enabled, tracer_program_run_ns()?))
     } else {
         None
     };
@@ -990,11 +987,11 @@ fn loop_run(
     child.wait()?;
     let probe_ns = match stats {
         Some((_enabled, before)) => {
-            let after = tracer_program_stats()?;
+            let after = tracer_program_run_ns()?;
             Some(
                 after
                     .iter()
-                    .map(|&(id, ns, _)| {
+                    .map(|&(id, ns)| {
                         let was = before.iter().find(|b| b.0 == id).map_or(0, |b| b.1);
                         ns.saturating_sub(was)
                     })
