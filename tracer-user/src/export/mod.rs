@@ -98,7 +98,9 @@ impl EncodedChunk {
         &self.bytes[start..self.ends[i] as usize]
     }
 
-    pub fn spans(&self) -> impl Iterator<Item = &[u8]> {
+    /// Every span's bytes (the writers take a chunk whole, or span by span with `span`).
+    #[cfg(test)]
+    fn spans(&self) -> impl Iterator<Item = &[u8]> {
         (0..self.len()).map(|i| self.span(i))
     }
 
