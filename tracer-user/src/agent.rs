@@ -179,6 +179,28 @@ fn plan(
 }
 
 fn execute(plan: Plan) -> anyhow::Result<()> {
+    // Capture runs on a runtime of its own thread: its drain timer, the ring's wakeups and the
+    // signals are all handled by the thread that drains. On a multi-threaded runtime a worker
+    // fired each drain timer and woke the capture thread, two context switches a drain and
+    // about 15% of the agent's CPU under load. Export (HTTP, gzip, stdout) has its own thread.
+    let capture = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    // Taken before the seconds of loading and attaching, and held back until the run starts:
+    // a stop asked for meanwhile ends the run as soon as it starts. Without a handler, SIGINT
+    // did what the parent left it to do, which for a background job of a script is nothing:
+    // it was lost, and the tracer ran on. Delivered during loading, it would make the kernel's
+    // verifier give up on the program under way (EINTR), and aya load it again with the
+    // verifier's log on, for minutes.
+    let stop_signals = {
+        let _runtime = capture.enter();
+        StopSignals {
+            interrupt: signal(SignalKind::interrupt()).context("cannot handle SIGINT")?,
+            terminate: signal(SignalKind::terminate()).context("cannot handle SIGTERM")?,
+        }
+    };
+    hold_stop_signals(true);
     let mut probes = Probes::load(&plan.probe)?;
     // Reading the kernel's BTF and loading the programs took tens of MiB of heap that is all
     // free now; glibc keeps it unless asked.
@@ -216,27 +238,44 @@ fn execute(plan: Plan) -> anyhow::Result<()> {
         }
         None => info!("tracing every process on this host"),
     }
-    // Capture runs on a runtime of its own thread: its drain timer, the ring's wakeups and the
-    // signals are all handled by the thread that drains. On a multi-threaded runtime a worker
-    // fired each drain timer and woke the capture thread, two context switches a drain and
-    // about 15% of the agent's CPU under load. Export (HTTP, gzip, stdout) has its own thread.
-    let capture = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?;
     let export = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
         .thread_name("tracer-export")
         .build()
         .context("cannot start the async runtime")?;
-    capture.block_on(event_loop(plan, probes, export.handle()))
+    capture.block_on(event_loop(plan, probes, export.handle(), stop_signals))
+}
+
+/// Holds SIGINT and SIGTERM back from this thread (and the threads it starts) while `hold`, and
+/// lets them, and any that came meanwhile, through when not.
+fn hold_stop_signals(hold: bool) {
+    // SAFETY: a signal set of our own, filled by sigemptyset/sigaddset before use.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        let how = if hold {
+            libc::SIG_BLOCK
+        } else {
+            libc::SIG_UNBLOCK
+        };
+        libc::pthread_sigmask(how, &set, std::ptr::null_mut());
+    }
+}
+
+/// The signals that stop a run.
+struct StopSignals {
+    interrupt: tokio::signal::unix::Signal,
+    terminate: tokio::signal::unix::Signal,
 }
 
 async fn event_loop(
     plan: Plan,
     mut probes: Probes,
     export: &tokio::runtime::Handle,
+    stop_signals: StopSignals,
 ) -> anyhow::Result<()> {
     // RED metrics cost a series lookup per span: kept only when someone can read them.
     let mut red = plan.metrics.is_some().then(Red::default);
@@ -261,8 +300,11 @@ async fn event_loop(
     // and the AsyncFd owns the RingBuf.
     let mut ring = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
         .map_err(|e| anyhow::anyhow!("cannot poll the ring buffer: {e}"))?;
-    let mut sigint = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
-    let mut sigterm = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+    let StopSignals {
+        interrupt: mut sigint,
+        terminate: mut sigterm,
+    } = stop_signals;
+    hold_stop_signals(false);
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut drain_delay = DRAIN_BUSY;
