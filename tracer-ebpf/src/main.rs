@@ -16,18 +16,24 @@
 /// read that LLVM may not shrink to the fields used: each call site's copy took stack slots of
 /// its own, and together they pushed the sys_enter program past the 512-byte stack limit.
 macro_rules! config {
-    ($field:ident) => {
+    ($field:ident) => {{
+        // Used inside unsafe blocks as well as out of them.
+        #[allow(unused_unsafe)]
         // SAFETY: `Global<T>` is `repr(transparent)` over an initialized `T`.
-        unsafe { core::ptr::read_volatile(&raw const (*crate::config_ptr()).$field) }
-    };
+        let value = unsafe { core::ptr::read_volatile(&raw const (*crate::config_ptr()).$field) };
+        value
+    }};
 }
 
 /// One field of the load-time `OFFSETS` (see `config!`).
 macro_rules! offset {
-    ($field:ident) => {
+    ($field:ident) => {{
+        // Used inside unsafe blocks as well as out of them.
+        #[allow(unused_unsafe)]
         // SAFETY: `Global<T>` is `repr(transparent)` over an initialized `T`.
-        unsafe { core::ptr::read_volatile(&raw const (*crate::offsets_ptr()).$field) }
-    };
+        let value = unsafe { core::ptr::read_volatile(&raw const (*crate::offsets_ptr()).$field) };
+        value
+    }};
 }
 
 mod inject;
@@ -104,6 +110,8 @@ static OFFSETS: Global<KernelOffsets> = Global::new(KernelOffsets {
     tcp_copied_seq: 0,
     task_group_leader: 0,
     task_comm: 0,
+    task_tgid: 0,
+    task_pid: 0,
     _pad: 0,
     valid: 0,
 });
