@@ -261,15 +261,11 @@ pub struct KernelOffsets {
     /// thread's), which a worker thread's name (Puma's "puma srv tp 001") is not.
     pub task_group_leader: u32,
     pub task_comm: u32,
-    /// `task_struct.tgid` and `task_struct.pid`: the current thread's ids read from the task
-    /// with plain loads where a program has it BTF-typed, instead of a helper call.
-    pub task_tgid: u32,
-    pub task_pid: u32,
     pub _pad: u32,
     /// Non-zero once the agent has filled the struct in (the probes trace nothing before).
     pub valid: u32,
 }
-const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 112);
+const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 104);
 
 /// What a syscall's enter saved for its exit, in the `ACTIVE` map keyed by pid_tgid. The agent
 /// also writes entries for threads it finds blocked in a socket read when it attaches, so that

@@ -110,8 +110,6 @@ static OFFSETS: Global<KernelOffsets> = Global::new(KernelOffsets {
     tcp_copied_seq: 0,
     task_group_leader: 0,
     task_comm: 0,
-    task_tgid: 0,
-    task_pid: 0,
     _pad: 0,
     valid: 0,
 });

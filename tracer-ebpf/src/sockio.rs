@@ -18,7 +18,7 @@ use aya_ebpf::{
     bindings::BPF_SK_STORAGE_GET_F_CREATE,
     btf_maps::SkStorage,
     helpers::{
-        bpf_ktime_get_ns,
+        bpf_get_current_pid_tgid, bpf_ktime_get_ns,
         generated::{bpf_get_current_task_btf, bpf_sk_storage_get, bpf_task_pt_regs},
     },
     macros::{btf_map, btf_tracepoint},
@@ -149,24 +149,6 @@ pub fn send_sampled(
     Some(state.note_for(pid_tgid, crate::shed_epoch()))
 }
 
-/// The current thread's `pid_tgid`, as `bpf_get_current_pid_tgid` gives it, read from the
-/// BTF-typed current task with plain loads: `bpf_get_current_task_btf` is a per-CPU read the
-/// JIT inlines, where the other is a helper call, a call and a return through the kernel's
-/// return thunk, a good part of an untraced call's early return.
-#[inline(always)]
-fn current_pid_tgid() -> u64 {
-    let (tgid_at, pid_at) = (offset!(task_tgid) as usize, offset!(task_pid) as usize);
-    // SAFETY: the current task, BTF-typed; the offsets are those of its `tgid` and `pid`
-    // (pid_t) in the running kernel's BTF, constants of the read-only data the verifier checks
-    // each load against.
-    unsafe {
-        let task = bpf_get_current_task_btf() as *const u8;
-        let tgid = core::ptr::read_volatile(task.add(tgid_at) as *const u32);
-        let pid = core::ptr::read_volatile(task.add(pid_at) as *const u32);
-        ((tgid as u64) << 32) | pid as u64
-    }
-}
-
 const TCP_CLOSE: i32 = 7;
 const MSG_PEEK: i32 = 2;
 const ECONNRESET: i64 = 104;
@@ -194,7 +176,7 @@ pub fn tracer_sock_recv(ctx: BtfTracePointContext) -> i32 {
 /// sequence number is still that of the sender's first byte.
 #[btf_tracepoint(function = "tcp_sendmsg_locked")]
 pub fn tracer_tcp_send_begin(ctx: BtfTracePointContext) -> i32 {
-    let pid_tgid = current_pid_tgid();
+    let pid_tgid = bpf_get_current_pid_tgid();
     let Some(keep) = capture_mode((pid_tgid >> 32) as u32) else {
         return 0;
     };
@@ -254,7 +236,7 @@ pub fn tracer_sock_state(ctx: BtfTracePointContext) -> i32 {
 /// A send or receive of `ctx`'s socket returned.
 #[inline(always)]
 fn sock_io(ctx: &BtfTracePointContext, direction: u32) {
-    let pid_tgid = current_pid_tgid();
+    let pid_tgid = bpf_get_current_pid_tgid();
     let tgid = (pid_tgid >> 32) as u32;
     let Some(keep) = capture_mode(tgid) else {
         return;

@@ -877,8 +877,6 @@ fn offsets_of(btf: &Btf) -> Result<KernelOffsets, ProbeError> {
         tcp_copied_seq: field_offset(btf, "tcp_sock", "copied_seq")?.unwrap_or(u32::MAX),
         task_group_leader: field("task_struct", "group_leader")?,
         task_comm: field("task_struct", "comm")?,
-        task_tgid: field("task_struct", "tgid")?,
-        task_pid: field("task_struct", "pid")?,
         _pad: 0,
         valid: 1,
     })
