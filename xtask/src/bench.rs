@@ -169,6 +169,9 @@ struct Run {
     server_cpu_s: f64,
     /// CPU seconds the test's Zipkin collector used to take in this run's spans (export only).
     collector_cpu_s: f64,
+    /// `measure(.., profile)`: samples of the server's threads during the load that were in a
+    /// tracer frame, and all of them.
+    server_samples: Option<(u64, u64)>,
     /// CPU seconds the hypervisor took from this machine's CPUs during the load.
     steal_s: f64,
     /// CPU seconds this machine's CPUs were idle during the load: the closed loop of wrk and
@@ -182,9 +185,14 @@ struct Run {
 
 /// CPU seconds of process `pid` and its children (nginx's master and workers).
 fn tree_cpu_seconds(pid: u32) -> f64 {
-    let mut total = proc_cpu_seconds(pid);
+    tree_pids(pid).into_iter().map(proc_cpu_seconds).sum()
+}
+
+/// Process `pid` and its children.
+fn tree_pids(pid: u32) -> Vec<u32> {
+    let mut pids = vec![pid];
     let Ok(dir) = std::fs::read_dir("/proc") else {
-        return total;
+        return pids;
     };
     for entry in dir.flatten() {
         let Some(child) = entry
@@ -200,10 +208,10 @@ fn tree_cpu_seconds(pid: u32) -> f64 {
             .rsplit_once(')')
             .and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<u32>().ok());
         if parent == Some(pid) {
-            total += proc_cpu_seconds(child);
+            pids.push(child);
         }
     }
-    total
+    pids
 }
 
 /// Machine-wide counters since boot: CPU seconds stolen by the hypervisor and idle, all CPUs,
@@ -621,11 +629,14 @@ fn start_collector() -> anyhow::Result<Collector> {
     })
 }
 
+/// One run of `target` under load in `mode`; with `profile`, the server's threads sampled by
+/// perf during the load.
 fn measure(
     target: &Target,
     mode: Mode,
     collector: &Collector,
     opts: &BenchOptions,
+    profile: bool,
 ) -> anyhow::Result<Run> {
     let comm = if matches!(mode, Mode::Idle | Mode::IdleSyscalls) {
         "no-such-program"
@@ -676,8 +687,20 @@ fn measure(
     // The collector's CPU per span counts the warm-up's spans and its CPU alike.
     let collector_cpu0 = proc_cpu_seconds(collector.pid());
     warm_up(target, opts, paced)?;
+    let profiler = if profile {
+        let pids: Vec<String> = tree_pids(target.server.0.id())
+            .iter()
+            .map(u32::to_string)
+            .collect();
+        Some(Profiler::start("-p", &pids.join(","), 4999)?)
+    } else {
+        None
+    };
     let cpu0 = agent.cpu_seconds();
     let mut run = load(target, opts, paced)?;
+    if let Some(profiler) = profiler {
+        run.server_samples = Some(profiler.stop(None)?);
+    }
     // Let the server answer what wrk left in flight (Python's p99 is over a second) and the
     // last spans reach the exporter, before the CPU reading and the agent's stop: a request
     // answered after the stop would be served without a span.
@@ -1004,13 +1027,7 @@ fn loop_cost(mode: LoopMode, n: u64, other_pid: u32) -> anyhow::Result<[f64; 4]>
 /// programs and the kernel code that runs them, from one more run of the loop of `mode`
 /// sampled by `perf`; `None` without perf.
 fn loop_tracer_share(mode: LoopMode, n: u64, other_pid: u32) -> anyhow::Result<Option<f64>> {
-    if Command::new("perf")
-        .arg("--version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_err()
-    {
+    if !have_perf() {
         return Ok(None);
     }
     let (tracer, all) = loop_run(mode, n, other_pid, LoopWatch::Profile)?
@@ -1053,14 +1070,90 @@ fn is_tracer_frame(sym: &str) -> bool {
         || sym.starts_with("__traceiter_")
 }
 
-/// Counts, in `perf script -F tid,ip,sym` output, the samples of thread `tid`, and of those
-/// the ones in a tracer frame.
-fn count_samples(script: &str, tid: u32) -> (u64, u64) {
+/// `perf record` of some threads' CPU time, sampled by a CPU clock (the VM has no hardware
+/// counters), with call chains.
+struct Profiler {
+    perf: Child,
+    path: std::path::PathBuf,
+}
+
+impl Profiler {
+    /// Starts recording the threads that `perf record {which} {ids}` names (`-t TID`, `-p
+    /// PID,PID`), `hz` samples a second.
+    fn start(which: &str, ids: &str, hz: u32) -> anyhow::Result<Profiler> {
+        let path = std::env::temp_dir().join(format!(
+            "tracer-bench-{}-{}.perf",
+            std::process::id(),
+            ids.replace(',', "-")
+        ));
+        let perf = Command::new("perf")
+            .args([
+                "record",
+                "-q",
+                "-e",
+                "cpu-clock",
+                "-g",
+                "-F",
+                &hz.to_string(),
+                which,
+                ids,
+            ])
+            .arg("-o")
+            .arg(&path)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("start perf record")?;
+        // perf has no "ready" to wait for; it is attached well within this.
+        std::thread::sleep(Duration::from_millis(500));
+        Ok(Profiler { perf, path })
+    }
+
+    /// Stops recording; returns the samples in a tracer frame and all samples, of thread
+    /// `tid` only when given.
+    fn stop(self, tid: Option<u32>) -> anyhow::Result<(u64, u64)> {
+        // SAFETY: signals our own, unreaped child.
+        unsafe { libc::kill(self.perf.id() as i32, libc::SIGINT) };
+        let perf = self.perf.wait_with_output()?;
+        // perf ends an interrupted record by raising SIGINT again.
+        if !perf.status.success()
+            && std::os::unix::process::ExitStatusExt::signal(&perf.status) != Some(libc::SIGINT)
+        {
+            bail!(
+                "perf record failed ({}): {}",
+                perf.status,
+                String::from_utf8_lossy(&perf.stderr)
+            );
+        }
+        let script = Command::new("perf")
+            .args(["script", "-F", "tid,ip,sym", "-i"])
+            .arg(&self.path)
+            .stderr(Stdio::null())
+            .output()
+            .context("perf script")?;
+        let _ = std::fs::remove_file(&self.path);
+        Ok(count_samples(&String::from_utf8_lossy(&script.stdout), tid))
+    }
+}
+
+/// Whether `perf` can be run.
+fn have_perf() -> bool {
+    Command::new("perf")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// Counts, in `perf script -F tid,ip,sym` output, the samples (of thread `tid` when given),
+/// and of those the ones in a tracer frame.
+fn count_samples(script: &str, tid: Option<u32>) -> (u64, u64) {
     let (mut tracer, mut all) = (0, 0);
     for sample in script.split("\n\n") {
         let mut lines = sample.lines().skip_while(|l| l.trim().is_empty());
         let Some(head) = lines.next() else { continue };
-        if head.trim().parse::<u32>().ok() != Some(tid) {
+        if tid.is_some() && head.trim().parse::<u32>().ok() != tid {
             continue;
         }
         all += 1;
@@ -1122,22 +1215,9 @@ fn loop_run(
     } else {
         None
     };
-    let profile_path = std::env::temp_dir().join(format!("tracer-bench-loop-{pid}.perf"));
     let profiler = if watch == LoopWatch::Profile {
-        // The loop's main thread (its tid is its pid), sampled by CPU time: the VM has no
-        // hardware counters.
-        let perf = Command::new("perf")
-            .args(["record", "-q", "-e", "cpu-clock", "-F", "9999", "-g", "-t"])
-            .arg(pid.to_string())
-            .arg("-o")
-            .arg(&profile_path)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .context("start perf record")?;
-        // perf has no "ready" to wait for; it is attached well within this.
-        std::thread::sleep(Duration::from_millis(500));
-        Some(perf)
+        // The loop's main thread (its tid is its pid).
+        Some(Profiler::start("-t", &pid.to_string(), 9999)?)
     } else {
         None
     };
@@ -1145,25 +1225,7 @@ fn loop_run(
     line.clear();
     out.read_line(&mut line)?;
     let samples = match profiler {
-        Some(perf) => {
-            // SAFETY: signals our own, unreaped child.
-            unsafe { libc::kill(perf.id() as i32, libc::SIGINT) };
-            let perf = perf.wait_with_output()?;
-            // perf ends an interrupted record by raising SIGINT again.
-            if !perf.status.success()
-                && std::os::unix::process::ExitStatusExt::signal(&perf.status) != Some(libc::SIGINT)
-            {
-                bail!("perf record failed ({})", perf.status);
-            }
-            let script = Command::new("perf")
-                .args(["script", "-F", "tid,ip,sym", "-i"])
-                .arg(&profile_path)
-                .stderr(Stdio::null())
-                .output()
-                .context("perf script")?;
-            let _ = std::fs::remove_file(&profile_path);
-            Some(count_samples(&String::from_utf8_lossy(&script.stdout), pid))
-        }
+        Some(profiler) => Some(profiler.stop(Some(pid))?),
         None => None,
     };
     let program_ns = match stats {
@@ -1293,7 +1355,7 @@ pub fn bench(opts: &BenchOptions) -> anyhow::Result<()> {
             };
             for i in order {
                 let mode = &modes[i];
-                let run = measure(&target, *mode, &collector, opts)?;
+                let run = measure(&target, *mode, &collector, opts, false)?;
                 eprintln!(
                     "bench: {} round {} {}: {:.0} req/s p50 {:.3} ms p99 {:.3} ms",
                     target.name,
@@ -1319,7 +1381,7 @@ pub fn bench(opts: &BenchOptions) -> anyhow::Result<()> {
                 [traced_i, 0]
             };
             for i in order {
-                let run = measure(&target, modes[i], &collector, opts)?;
+                let run = measure(&target, modes[i], &collector, opts, false)?;
                 eprintln!(
                     "bench: {} pair {} {}: {:.0} req/s p50 {:.3} ms p99 {:.3} ms",
                     target.name,
@@ -1332,6 +1394,17 @@ pub fn bench(opts: &BenchOptions) -> anyhow::Result<()> {
                 runs[i].push(run);
             }
         }
+        // One more traced run, its server sampled by perf: what share of the server's CPU the
+        // tracer's programs and their dispatch took, a figure the machine's drift, which the
+        // throughput ratios carry, moves little.
+        let server_share = match traced_i {
+            Some(i) if have_perf() => {
+                let run = measure(&target, modes[i], &collector, opts, true)?;
+                run.server_samples
+                    .map(|(tracer, all)| (tracer, all, run.shed_s > 0.0))
+            }
+            _ => None,
+        };
         let base_rps = median(runs[0].iter().map(|r| r.rps).collect());
         let base_p50 = median(runs[0].iter().map(|r| r.p50_ms).collect());
         let base_p99 = median(runs[0].iter().map(|r| r.p99_ms).collect());
@@ -1454,6 +1527,23 @@ pub fn bench(opts: &BenchOptions) -> anyhow::Result<()> {
                  duration): part of that mode's cost to the server, not the tracer's.",
                 cpu * 1e6 / spans.max(1) as f64,
                 cpu / ((opts.duration + WARMUP_SECS) as f64 * r.len() as f64),
+            )?;
+        }
+        if let Some((tracer, all, shed)) = server_share {
+            writeln!(
+                report,
+                "\nIn one more traced run, the server's threads sampled by perf during the load \
+                 (`perf record -e cpu-clock -F 4999`): {:.1}% of their CPU samples were in the \
+                 tracer's programs or the kernel code that runs them ({tracer} of {all}){}. At \
+                 saturation that share is what capture costs the server's throughput where its \
+                 CPU is the limit, a figure this machine's drift moves much less than the \
+                 ratios above.",
+                tracer as f64 * 100.0 / all.max(1) as f64,
+                if shed {
+                    ", with the server shed for part of the run"
+                } else {
+                    ", every call captured"
+                },
             )?;
         }
         if saturation {
