@@ -118,10 +118,23 @@ impl Postgres {
             port,
             sslmode: if tls { "require" } else { "disable" },
         };
-        pg.psql(
-            "CREATE TABLE cats (id int PRIMARY KEY, name text); \
-             INSERT INTO cats VALUES (1, 'Tom'), (2, 'Felix'), (3, 'Garfield');",
-        );
+        // The port opens before the server takes connections: until then psql is turned away
+        // ("the database system is starting up"), and the table was missing from the tests.
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let out = pg.psql(
+                "CREATE TABLE cats (id int PRIMARY KEY, name text); \
+                 INSERT INTO cats VALUES (1, 'Tom'), (2, 'Felix'), (3, 'Garfield');",
+            );
+            if out.trim().is_empty() {
+                break;
+            }
+            assert!(
+                out.contains("starting up") && std::time::Instant::now() < deadline,
+                "creating the test table: {out}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
         pg
     }
 
