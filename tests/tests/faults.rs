@@ -192,71 +192,39 @@ fn sigkill_leaves_nothing_behind() {
 fn a_stop_while_loading_ends_the_run() {
     use std::os::unix::process::CommandExt as _;
     require_root();
-    let mut target = std::process::Command::new("sleep")
-        .arg("60")
-        .spawn()
-        .unwrap();
-    let mut tracer = std::process::Command::new(common::tracer_bin());
-    tracer
-        .args(["run", "--pid", &target.id().to_string(), "--output", "json"])
-        .env("RUST_LOG", "info")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped());
+    let target = tracer_e2e::ChildGuard(
+        std::process::Command::new("sleep")
+            .arg("60")
+            .spawn()
+            .unwrap(),
+    );
+    let mut command = std::process::Command::new(common::tracer_bin());
+    command.args([
+        "run",
+        "--pid",
+        &target.0.id().to_string(),
+        "--output",
+        "json",
+    ]);
     // SAFETY: signal() is async-signal-safe, as pre_exec requires.
     unsafe {
-        tracer.pre_exec(|| {
+        command.pre_exec(|| {
             libc::signal(libc::SIGINT, libc::SIG_IGN);
             Ok(())
         });
     }
-    let mut tracer = tracer.spawn().unwrap();
-    let stderr = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
-    let pump = {
-        let stderr = stderr.clone();
-        let pipe = tracer.stderr.take().unwrap();
-        std::thread::spawn(move || {
-            use std::io::BufRead as _;
-            for line in std::io::BufReader::new(pipe).lines().map_while(Result::ok) {
-                let mut s = stderr.lock().unwrap();
-                s.push_str(&line);
-                s.push('\n');
-            }
-        })
-    };
+    let tracer = Tracer::spawn(&mut command);
     // The programs are loaded and being attached: the run has not started.
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while !stderr.lock().unwrap().contains("attached") {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the tracer did not attach: {}",
-            stderr.lock().unwrap()
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    tracer.wait_for_stderr("attached", Duration::from_secs(30));
     // SAFETY: signals our own, unreaped child.
-    unsafe { libc::kill(tracer.id() as i32, libc::SIGINT) };
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    let status = loop {
-        if let Some(status) = tracer.try_wait().unwrap() {
-            break status;
-        }
-        if std::time::Instant::now() > deadline {
-            let _ = tracer.kill();
-            let _ = tracer.wait();
-            let _ = target.kill();
-            panic!(
-                "the tracer ran on 30 s after SIGINT: {}",
-                stderr.lock().unwrap()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    pump.join().unwrap();
-    let _ = target.kill();
-    let _ = target.wait();
-    let stderr = stderr.lock().unwrap().clone();
-    assert!(status.success(), "{status}: {stderr}");
-    assert!(stderr.contains("tracer: interrupted"), "{stderr}");
+    unsafe { libc::kill(tracer.pid() as i32, libc::SIGINT) };
+    let stopped = tracer.wait_for_exit(Duration::from_secs(30));
+    assert!(stopped.status.success(), "{}", stopped.stderr);
+    assert!(
+        stopped.stderr.contains("tracer: interrupted"),
+        "{}",
+        stopped.stderr
+    );
 }
 
 /// `attach` to a process that exits ends by itself with a clear message and the spans of

@@ -115,23 +115,11 @@ impl Tracer {
 
     /// `start` with extra environment variables.
     pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Tracer {
-        let mut child = Command::new(tracer_bin())
-            .args(args)
-            .env("RUST_LOG", "info")
-            .envs(env.iter().copied())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {}: {e}", tracer_bin().display()));
-        let stdout = Arc::new(Mutex::new(String::new()));
-        let stderr = Arc::new(Mutex::new(String::new()));
-        pump(child.stdout.take().unwrap(), stdout.clone());
-        pump(child.stderr.take().unwrap(), stderr.clone());
-        let mut tracer = Tracer {
-            child: Some(child),
-            stdout,
-            stderr,
-        };
+        let mut tracer = Tracer::spawn(
+            Command::new(tracer_bin())
+                .args(args)
+                .envs(env.iter().copied()),
+        );
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let err = tracer.stderr();
@@ -150,6 +138,41 @@ impl Tracer {
                 "tracer did not attach within 30 s:\n{err}"
             );
             std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Spawns `command` (the tracer with its arguments; `RUST_LOG=info` unless it says
+    /// otherwise), its output read as it comes, without waiting for anything.
+    pub fn spawn(command: &mut Command) -> Tracer {
+        if !command.get_envs().any(|(k, _)| k == "RUST_LOG") {
+            command.env("RUST_LOG", "info");
+        }
+        let mut child = command
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", tracer_bin().display()));
+        let stdout = Arc::new(Mutex::new(String::new()));
+        let stderr = Arc::new(Mutex::new(String::new()));
+        pump(child.stdout.take().unwrap(), stdout.clone());
+        pump(child.stderr.take().unwrap(), stderr.clone());
+        Tracer {
+            child: Some(child),
+            stdout,
+            stderr,
+        }
+    }
+
+    /// Waits (at most `limit`) until the tracer's stderr holds `text`.
+    pub fn wait_for_stderr(&self, text: &str, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        while !self.stderr().contains(text) {
+            assert!(
+                Instant::now() < deadline,
+                "no {text:?} from the tracer within {limit:?}:\n{}",
+                self.stderr()
+            );
+            std::thread::sleep(Duration::from_millis(10));
         }
     }
 
