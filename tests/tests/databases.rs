@@ -430,4 +430,34 @@ fn redis_calls_are_spans() {
     for value in ["hello", "Felix", "Tom"] {
         assert!(!all.contains(value), "{value:?} leaked into a span: {all}");
     }
+    // Both ends on one host, one clock: each command's server span lies within the client's,
+    // although a send is reported when it returns and the reader may have run before that.
+    // (Pairs by their link tag; a pipelined command that did not start a segment has none on
+    // the server's side.)
+    let mut nested = 0;
+    for server in spans.iter().filter(|s| s["kind"] == "SERVER") {
+        let Some(link) = tag(server, "tracer.link") else {
+            continue;
+        };
+        let client = spans
+            .iter()
+            .find(|s| s["kind"] == "CLIENT" && tag(s, "tracer.link") == Some(link))
+            .unwrap_or_else(|| panic!("no CLIENT span for {link}: {spans:#?}"));
+        let (cs, ce) = span_times(client);
+        let (ss, se) = span_times(server);
+        // Microseconds, each rounded down on its own.
+        assert!(
+            cs <= ss && se <= ce + 1,
+            "server span {ss}..{se} outside its client's {cs}..{ce}: {client:#} {server:#}"
+        );
+        nested += 1;
+    }
+    // redis-cli's SET and GET, ruby's SET and GET at least.
+    assert!(nested >= 4, "{nested} linked pairs: {spans:#?}");
+}
+
+/// A span's start and end, in microseconds.
+fn span_times(span: &Value) -> (u64, u64) {
+    let start = span["timestamp"].as_u64().expect("timestamp");
+    (start, start + span["duration"].as_u64().unwrap_or(0))
 }

@@ -261,11 +261,15 @@ pub struct KernelOffsets {
     /// thread's), which a worker thread's name (Puma's "puma srv tp 001") is not.
     pub task_group_leader: u32,
     pub task_comm: u32,
+    /// `tcp_sock.snd_nxt` and `tcp_sock.tcp_wstamp_ns`: how far the socket has transmitted,
+    /// and when it last did (see tracer-ebpf's `sockio::transmitted_at`).
+    pub tcp_snd_nxt: u32,
+    pub tcp_wstamp_ns: u32,
     pub _pad: u32,
     /// Non-zero once the agent has filled the struct in (the probes trace nothing before).
     pub valid: u32,
 }
-const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 104);
+const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 112);
 
 /// What a syscall's enter saved for its exit, in the `ACTIVE` map keyed by pid_tgid. The agent
 /// also writes entries for threads it finds blocked in a socket read when it attaches, so that

@@ -134,7 +134,7 @@ mod tests {
 
     #[test]
     fn one_call_seen_by_several_hooks_gets_one_answer() {
-        // sk_msg, tcp_sendmsg_locked and sock_send_length see the same send.
+        // sk_msg and sock_send_length see the same send.
         let (state, _) = step(0, R, true, |_| false);
         let (state, first) = step(state, W, true, |_| unreachable!());
         let (_, again) = step(state, W, true, |_| unreachable!());

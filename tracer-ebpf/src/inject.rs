@@ -90,6 +90,23 @@ pub struct MsgScratch {
     pub buf: [u8; 2 * WINDOW],
     /// The header line being written (too large for the 512-byte stack with the rest).
     pub line: [u8; 128],
+    /// See `address_of`.
+    address: u64,
+}
+
+/// The address of the socket an sk_msg program is given, as a number: the verifier allows no
+/// arithmetic on that pointer, and the probe reads of the socket's fields need its address
+/// plus their offsets. A word written to memory and read back is a number to it.
+#[inline(always)]
+fn address_of(sk: *mut core::ffi::c_void) -> Option<u64> {
+    let scratch = MSG_SCRATCH.get_ptr_mut(0)?;
+    // SAFETY: per-CPU slot owned for the program's run; volatile, so that the compiler keeps
+    // the round trip.
+    unsafe {
+        let slot = &raw mut (*scratch).address;
+        core::ptr::write_volatile(slot, sk as u64);
+        Some(core::ptr::read_volatile(slot))
+    }
 }
 
 #[map]
@@ -677,7 +694,10 @@ fn try_inject(ctx: &SkMsgContext) -> Option<()> {
         let keep = crate::capture_mode((pid_tgid >> 32) as u32)?;
         // SAFETY: a read of the program's context: the socket being sent on.
         let sk = unsafe { (*ctx.msg).__bindgen_anon_3.sk };
-        &mut crate::sockio::send_sampled(sk.cast(), pid_tgid, keep)?.injected
+        let note = crate::sockio::send_sampled(sk.cast(), pid_tgid, keep)?;
+        // The send begins here, before its bytes are queued.
+        crate::sockio::note_send_start(note, address_of(sk.cast())?);
+        &mut note.injected
     } else {
         // Only the sends the syscall probes saw a traced thread start: its saved arguments
         // say so, and carry the injected context to the syscall's exit.

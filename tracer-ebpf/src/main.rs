@@ -110,6 +110,8 @@ static OFFSETS: Global<KernelOffsets> = Global::new(KernelOffsets {
     tcp_copied_seq: 0,
     task_group_leader: 0,
     task_comm: 0,
+    tcp_snd_nxt: 0,
+    tcp_wstamp_ns: 0,
     _pad: 0,
     valid: 0,
 });

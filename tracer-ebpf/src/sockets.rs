@@ -22,7 +22,7 @@ const AF_INET: u16 = 2;
 const AF_INET6: u16 = 10;
 const IPPROTO_TCP: u16 = 6;
 const EINPROGRESS: i64 = 115;
-const ABSENT: u32 = u32::MAX;
+pub(crate) const ABSENT: u32 = u32::MAX;
 
 /// A traced socket, as the kernel side remembers it.
 #[repr(C)]

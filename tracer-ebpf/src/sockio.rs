@@ -9,10 +9,14 @@
 //! syscall's buffers. Nothing is saved between entry and exit, and no fd table is walked:
 //! the tracepoint names the socket.
 //!
-//! Two more tracepoints complete it: `tcp:tcp_sendmsg_locked` dates a send's first byte and
-//! its sequence number before anything is queued (the reader of a loopback send may run
-//! before the sender's call returns), and `sock:inet_sock_set_state` ends a connection when
-//! its socket reaches TCP_CLOSE (there are no close syscalls to watch).
+//! A send is reported when it returns, and the reader of a loopback send may have run before
+//! that: it is dated by when the socket transmitted its bytes (`transmitted_at`), which no
+//! reader can precede, or where the sk_msg program watches the socket (clients whose
+//! requests may get a trace context header), by when that program saw its first bytes. A
+//! tracepoint at the send's start (`tcp:tcp_sendmsg_locked`) dated every send exactly, at
+//! the price of a third program on every send of every process on the host, traced or not.
+//! `sock:inet_sock_set_state` ends a connection when its socket reaches TCP_CLOSE (there are
+//! no close syscalls to watch).
 
 use aya_ebpf::{
     bindings::BPF_SK_STORAGE_GET_F_CREATE,
@@ -33,23 +37,23 @@ use crate::{
         NR_WRITE, NR_WRITEV, ORIG_AX, SI, btf_reg,
     },
     sockets::{
-        CONN_NOT_TCP, CONN_TLS, ConnState, conn_key, header_only, is_tcp, next_seq, read_at,
-        track_socket,
+        ABSENT, CONN_NOT_TCP, CONN_TLS, ConnState, conn_key, header_only, is_tcp, next_seq,
+        read_at, track_socket,
     },
     syscalls::emit_data,
     tls,
     turns::{self, Pick},
 };
 
-/// What is known of a send under way on a socket before the send returns: noted when its first
-/// segment is filled (`tcp_sendmsg_locked`) and by the sk_msg program that may add a header,
-/// taken by `sock_send_length` when the send returns.
+/// What is known of a send under way on a socket before the send returns: noted by the sk_msg
+/// program (which may add a header) when it sees the send's first bytes, taken by
+/// `sock_send_length` when the send returns.
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct SendNote {
     /// The sending thread: a note another thread left is not this send's.
     pub pid_tgid: u64,
-    /// When the first segment was filled (0: not yet).
+    /// When the sk_msg program saw the send's first bytes (0: not yet).
     pub enter_ns: u64,
     pub seq: u32,
     pub seq_valid: u32,
@@ -168,36 +172,47 @@ pub fn tracer_sock_recv(ctx: BtfTracePointContext) -> i32 {
     0
 }
 
-/// tcp_sendmsg_locked(const struct sock *sk, const struct msghdr *msg,
-/// const struct sk_buff *skb, int size_goal): fires once per segment a send fills, the first
-/// time before any byte of it is queued. Notes that moment and the sequence number of the
-/// first byte in the socket's send note, for `sock_send_length` to take. The sk_msg program (trace
-/// context injection) has run by then, and its added bytes are part of what follows: the
-/// sequence number is still that of the sender's first byte.
-#[btf_tracepoint(function = "tcp_sendmsg_locked")]
-pub fn tracer_tcp_send_begin(ctx: BtfTracePointContext) -> i32 {
-    let pid_tgid = bpf_get_current_pid_tgid();
-    let Some(keep) = capture_mode((pid_tgid >> 32) as u32) else {
-        return 0;
-    };
-    let sk: *mut core::ffi::c_void = ctx.arg(0);
-    let Some(note) = send_sampled(sk, pid_tgid, keep) else {
-        return 0;
-    };
+/// Notes in `note` that its send begins now, with the sequence number of its first byte, unless
+/// an earlier piece of the same send did: for the sk_msg program, which runs before the bytes
+/// are queued, and before any header it adds (the sequence number is still that of the
+/// sender's first byte).
+#[inline(always)]
+pub fn note_send_start(note: &mut SendNote, sk: u64) {
     if note.enter_ns != 0 {
-        // A later segment of the same send.
-        return 0;
+        return;
     }
     // SAFETY: no preconditions.
     note.enter_ns = unsafe { bpf_ktime_get_ns() };
-    match next_seq(sk as u64, true) {
+    match next_seq(sk, true) {
         Some(seq) => {
             note.seq = seq;
             note.seq_valid = 1;
         }
         None => note.seq_valid = 0,
     }
-    0
+}
+
+/// When socket `sk` transmitted the bytes of a send that returned at `now` and whose first
+/// byte is `first_seq`: the socket's departure time of its last transmitted segment, if the
+/// send's bytes were transmitted (at least in part) by then. A loopback peer can read them
+/// from that moment, before the sender's call returns; bytes still queued (Nagle, cork, a
+/// full window) reach no one before `now`. For a send of one segment this is its
+/// transmission, a few microseconds after the call began; for a send of many, its last.
+#[inline(always)]
+fn transmitted_at(sk: u64, first_seq: u32, now: u64) -> Option<u64> {
+    let (snd_nxt, wstamp) = (offset!(tcp_snd_nxt), offset!(tcp_wstamp_ns));
+    if snd_nxt == 0 || snd_nxt == ABSENT || wstamp == 0 || wstamp == ABSENT {
+        return None;
+    }
+    // SAFETY: probe reads of the socket the kernel handed the tracepoint.
+    let sent_up_to = unsafe { read_at::<u32>(sk as *const u8, snd_nxt) }.ok()?;
+    if (sent_up_to.wrapping_sub(first_seq) as i32) <= 0 {
+        return None;
+    }
+    // SAFETY: as above.
+    let at = unsafe { read_at::<u64>(sk as *const u8, wstamp) }.ok()?;
+    // With pacing the stamp is the next departure, which may be ahead of now.
+    (at != 0).then_some(if at < now { at } else { now })
 }
 
 /// inet_sock_set_state(const struct sock *sk, const int oldstate, const int newstate): a
@@ -269,7 +284,7 @@ fn sock_io(ctx: &BtfTracePointContext, direction: u32) {
         }
     }
     let generation = crate::generation();
-    // What the send's first segment noted, and the context sk_msg wrote into it; the note is
+    // What the sk_msg program noted of the send, and the context it wrote into it; the note is
     // emptied whatever becomes of this send (a later send must not inherit them).
     let mut enter_ns = 0;
     let mut seq_at_start = None;
@@ -332,20 +347,28 @@ fn sock_io(ctx: &BtfTracePointContext, direction: u32) {
         return;
     };
     // SAFETY: no preconditions.
-    let io_ns = if enter_ns != 0 {
-        enter_ns
-    } else {
-        unsafe { bpf_ktime_get_ns() }
-    };
+    let now = unsafe { bpf_ktime_get_ns() };
     // The bytes moved already: the sequence number of the first is where the socket stands
-    // now, less the count (a send's was noted before it began, in case sk_msg added bytes).
-    let first_seq = || match seq_at_start {
+    // now, less the count, unless the sk_msg program noted it before the send began (it may
+    // have added bytes).
+    let seq = match seq_at_start {
         Some(seq) => Some(seq),
         None => next_seq(sk, direction == DIR_EGRESS).map(|s| s.wrapping_sub(ret as u32)),
     };
+    // When the bytes moved, as a peer can tell: a receive's were all in by its return; a
+    // send's last ones left when its socket last transmitted them (see `transmitted_at`),
+    // and its first ones when the sk_msg program saw them, or, without its note, as late as
+    // the last (one segment: the same moment).
+    let end_ns = match direction {
+        DIR_EGRESS => seq
+            .and_then(|first| transmitted_at(sk, first, now))
+            .unwrap_or(now),
+        _ => now,
+    };
+    let start_ns = if enter_ns != 0 { enter_ns } else { end_ns };
     // Inside an OpenSSL call the bytes are ciphertext: the call's own probes report the
     // plaintext (with the first byte's sequence number), and learn here which socket it uses.
-    if tls::in_ssl_call(pid_tgid, tgid, fd, &conn, io_ns, first_seq) {
+    if tls::in_ssl_call(pid_tgid, tgid, fd, &conn, end_ns, || seq) {
         // It marked the `CONNS` entry TLS; the socket's copy must say so as well.
         if let Some(st) = state.as_deref_mut()
             && st.conn_key == conn_key(tgid, fd)
@@ -381,7 +404,6 @@ fn sock_io(ctx: &BtfTracePointContext, direction: u32) {
         }
         _ => (SavedArgs::NO_PAYLOAD, 0, 0),
     };
-    let seq = first_seq();
     let saved = SavedArgs {
         kind,
         fd,
@@ -392,17 +414,10 @@ fn sock_io(ctx: &BtfTracePointContext, direction: u32) {
         direction,
         seq: seq.unwrap_or(0),
         seq_valid: u32::from(seq.is_some()),
-        enter_ns,
+        enter_ns: start_ns,
         injected,
     };
-    // Without a note of when the send began, `io_ns` is the clock read above, as good a date
-    // for the last byte as a second read (a receive's bytes were all in by the call's return).
-    emit_data(
-        &saved,
-        ret as u64,
-        pid_tgid,
-        if enter_ns == 0 { io_ns } else { 0 },
-    );
+    emit_data(&saved, ret as u64, pid_tgid, end_ns);
 }
 
 /// The traced connection `fd` is, if the socket map already has it as `sk`.

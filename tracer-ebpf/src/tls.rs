@@ -35,8 +35,9 @@ pub struct SslCall {
     /// `size_t *` where the `_ex` forms store the byte count; 0 for SSL_read/SSL_write.
     count_ptr: u64,
     enter_ns: u64,
-    /// Entry of the last socket syscall under the call: for a write, when its last bytes
-    /// went to the socket. The peer may read them before SSL_write returns (and on a busy
+    /// When the last socket syscall under the call moved its bytes (its entry on the syscall
+    /// path; at the socket layer, for a send, when the socket transmitted them): for a
+    /// write, when its last bytes went out. The peer may read them before SSL_write returns (and on a busy
     /// machine the writer may wait milliseconds to run again), so a write's end is dated
     /// by this rather than by the return.
     io_ns: u64,
@@ -251,8 +252,8 @@ fn ssl_seen() -> bool {
 
 /// Called for each socket syscall of a traced thread: when the thread is inside an SSL call,
 /// records the call's socket (and the SSL object's, for later calls), marks the socket TLS and
-/// returns true: the syscall's bytes are ciphertext. `io_ns` is when the syscall's bytes
-/// began to move (see `SslCall::io_ns`); `seq` gives the sequence number of the first of them,
+/// returns true: the syscall's bytes are ciphertext. `io_ns` is when the syscall moved its
+/// bytes (see `SslCall::io_ns`); `seq` gives the sequence number of the first of them,
 /// asked for the call's first syscall only (see `SslCall::seq`).
 #[inline(always)]
 pub fn in_ssl_call(

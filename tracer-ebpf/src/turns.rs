@@ -3,9 +3,8 @@
 //! While the agent sheds a process (a CPU-bound thread whose capture costs more than the
 //! overhead budget, see tracer-user's governor), its calls are captured one request/response
 //! turn in so many, the share the agent sets (`SHED_PIDS`), each turn picked at random as it
-//! begins. A turn is picked whole, every call of it from the first hook that sees it (sk_msg,
-//! `tcp_sendmsg_locked` and the socket-layer tracepoints; the syscall probes; the OpenSSL
-//! probes), so that captured requests are whole, spread evenly over the load, and what they
+//! begins. A turn is picked whole, every call of it from the first hook that sees it (sk_msg
+//! and the socket-layer tracepoints; the syscall probes; the OpenSSL probes), so that captured requests are whole, spread evenly over the load, and what they
 //! cost the thread is spread with them (capturing all of a few milliseconds at a time made the
 //! requests of those milliseconds queue).
 //!

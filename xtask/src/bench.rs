@@ -1685,8 +1685,8 @@ pub fn bench(opts: &BenchOptions) -> anyhow::Result<()> {
         report,
         "\nThe tracer's BPF programs' own time, from the kernel's run-time statistics (one more \
          run of each loop with them on; their clock reads are included): {probe_other:.0} ns a \
-         write with the process not traced (the early returns of the writer's two send \
-         programs), {probe_traced:.0} ns a write traced (and the batch's read, shared among its \
+         write with the process not traced (the early return of the writer's send program), \
+         {probe_traced:.0} ns a write traced (and the batch's read, shared among its \
          writes), and {probe_http:.0} ns a request of the traced HTTP client (its send, header \
          injection and receive, and the sink's). The sampled share above also counts the \
          tracepoints' dispatch, which these statistics leave out."

@@ -877,6 +877,9 @@ fn offsets_of(btf: &Btf) -> Result<KernelOffsets, ProbeError> {
         tcp_copied_seq: field_offset(btf, "tcp_sock", "copied_seq")?.unwrap_or(u32::MAX),
         task_group_leader: field("task_struct", "group_leader")?,
         task_comm: field("task_struct", "comm")?,
+        // Absent (before 4.20), a send that had no sk_msg note is dated at its return.
+        tcp_snd_nxt: field_offset(btf, "tcp_sock", "snd_nxt")?.unwrap_or(u32::MAX),
+        tcp_wstamp_ns: field_offset(btf, "tcp_sock", "tcp_wstamp_ns")?.unwrap_or(u32::MAX),
         _pad: 0,
         valid: 1,
     })
@@ -1003,10 +1006,9 @@ fn read_process_u64(pid: u32, addr: u64) -> Option<u64> {
 
 /// The socket-layer programs and their tracepoints, `(program, category, tracepoint)` (see
 /// tracer-ebpf/src/sockio.rs).
-const SOCKET_LAYER: [(&str, &str, &str); 4] = [
+const SOCKET_LAYER: [(&str, &str, &str); 3] = [
     ("tracer_sock_send", "sock", "sock_send_length"),
     ("tracer_sock_recv", "sock", "sock_recv_length"),
-    ("tracer_tcp_send_begin", "tcp", "tcp_sendmsg_locked"),
     ("tracer_sock_state", "sock", "inet_sock_set_state"),
 ];
 
