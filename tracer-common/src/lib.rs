@@ -117,8 +117,11 @@ pub struct DataEvent {
     /// each saw one end agree on which request is which without any header.
     pub seq: u32,
     pub seq_valid: u32,
-    /// When the bytes began to move: the syscall's entry for sends, `hdr.ts_ns` (its exit)
-    /// for receives.
+    /// When the bytes began to move, as early as a peer could have seen them: for sends the
+    /// syscall's entry (syscall path, or where the sk_msg program noted it), else when the
+    /// socket transmitted them (socket layer); `hdr.ts_ns` for receives. A send's `hdr.ts_ns`
+    /// is when its last bytes were transmitted at the socket layer (its return if some were
+    /// still queued), its return on the syscall path.
     pub start_ns: u64,
 }
 const _: () = assert!(core::mem::size_of::<DataEvent>() == 128);
@@ -262,7 +265,7 @@ pub struct KernelOffsets {
     pub task_group_leader: u32,
     pub task_comm: u32,
     /// `tcp_sock.snd_nxt` and `tcp_sock.tcp_wstamp_ns`: how far the socket has transmitted,
-    /// and when it last did (see tracer-ebpf's `sockio::transmitted_at`).
+    /// and when it last did (see tracer-ebpf's `sockio::transmitted`).
     pub tcp_snd_nxt: u32,
     pub tcp_wstamp_ns: u32,
     pub _pad: u32,

@@ -10,11 +10,12 @@
 //! the tracepoint names the socket.
 //!
 //! A send is reported when it returns, and the reader of a loopback send may have run before
-//! that: it is dated by when the socket transmitted its bytes (`transmitted_at`), which no
+//! that: it is dated by when the socket transmitted its bytes (`transmitted`), which no
 //! reader can precede, or where the sk_msg program watches the socket (clients whose
 //! requests may get a trace context header), by when that program saw its first bytes. A
 //! tracepoint at the send's start (`tcp:tcp_sendmsg_locked`) dated every send exactly, at
-//! the price of a third program on every send of every process on the host, traced or not.
+//! the price of a second program run on every send of every process on the host, traced or
+//! not.
 //! `sock:inet_sock_set_state` ends a connection when its socket reaches TCP_CLOSE (there are
 //! no close syscalls to watch).
 
@@ -192,27 +193,28 @@ pub fn note_send_start(note: &mut SendNote, sk: u64) {
     }
 }
 
-/// When socket `sk` transmitted the bytes of a send that returned at `now` and whose first
-/// byte is `first_seq`: the socket's departure time of its last transmitted segment, if the
-/// send's bytes were transmitted (at least in part) by then. A loopback peer can read them
-/// from that moment, before the sender's call returns; bytes still queued (Nagle, cork, a
-/// full window) reach no one before `now`. For a send of one segment this is its
-/// transmission, a few microseconds after the call began; for a send of many, its last.
+/// How far socket `sk` had transmitted a send of `len` bytes whose first is `first_seq`, when
+/// the send returned at `now`: `(at, all)`, the socket's departure time of its last segment
+/// and whether that carried the send's last byte, if any of the send's bytes had gone by then.
+/// A loopback peer can read them from that moment, before the sender's call returns; bytes
+/// still queued (Nagle, cork, a full window) reach no one before `now`. For a send of one
+/// segment `at` is its transmission, a few microseconds after the call began.
 #[inline(always)]
-fn transmitted_at(sk: u64, first_seq: u32, now: u64) -> Option<u64> {
+fn transmitted(sk: u64, first_seq: u32, len: u32, now: u64) -> Option<(u64, bool)> {
     let (snd_nxt, wstamp) = (offset!(tcp_snd_nxt), offset!(tcp_wstamp_ns));
     if snd_nxt == 0 || snd_nxt == ABSENT || wstamp == 0 || wstamp == ABSENT {
         return None;
     }
     // SAFETY: probe reads of the socket the kernel handed the tracepoint.
     let sent_up_to = unsafe { read_at::<u32>(sk as *const u8, snd_nxt) }.ok()?;
-    if (sent_up_to.wrapping_sub(first_seq) as i32) <= 0 {
+    let sent = sent_up_to.wrapping_sub(first_seq) as i32;
+    if sent <= 0 {
         return None;
     }
     // SAFETY: as above.
     let at = unsafe { read_at::<u64>(sk as *const u8, wstamp) }.ok()?;
     // With pacing the stamp is the next departure, which may be ahead of now.
-    (at != 0).then_some(if at < now { at } else { now })
+    (at != 0).then_some((if at < now { at } else { now }, sent as u32 >= len))
 }
 
 /// inet_sock_set_state(const struct sock *sk, const int oldstate, const int newstate): a
@@ -356,16 +358,22 @@ fn sock_io(ctx: &BtfTracePointContext, direction: u32) {
         None => next_seq(sk, direction == DIR_EGRESS).map(|s| s.wrapping_sub(ret as u32)),
     };
     // When the bytes moved, as a peer can tell: a receive's were all in by its return; a
-    // send's last ones left when its socket last transmitted them (see `transmitted_at`),
-    // and its first ones when the sk_msg program saw them, or, without its note, as late as
-    // the last (one segment: the same moment).
-    let end_ns = match direction {
-        DIR_EGRESS => seq
-            .and_then(|first| transmitted_at(sk, first, now))
-            .unwrap_or(now),
+    // send's last ones left when its socket transmitted them (see `transmitted`), or are
+    // still queued; its first ones when the sk_msg program saw them, or, without its note,
+    // no later than the socket's last transmission of them (one segment: the same moment).
+    let sent = match (direction, seq) {
+        (DIR_EGRESS, Some(first)) => transmitted(sk, first, ret as u32, now),
+        _ => None,
+    };
+    let end_ns = match sent {
+        Some((at, true)) => at,
         _ => now,
     };
-    let start_ns = if enter_ns != 0 { enter_ns } else { end_ns };
+    let start_ns = match (enter_ns, sent) {
+        (0, Some((at, _))) => at,
+        (0, None) => now,
+        (noted, _) => noted,
+    };
     // Inside an OpenSSL call the bytes are ciphertext: the call's own probes report the
     // plaintext (with the first byte's sequence number), and learn here which socket it uses.
     if tls::in_ssl_call(pid_tgid, tgid, fd, &conn, end_ns, || seq) {

@@ -20,7 +20,7 @@ pub enum Event<'a> {
         ctx: TraceCtx,
         /// TCP sequence number of the first byte, when the kernel could read it.
         seq: Option<u32>,
-        /// When the bytes began to move (the syscall's entry for sends).
+        /// When the bytes began to move (for sends, no later than a peer could see them).
         start_ns: u64,
     },
     ConnOpen {

@@ -820,7 +820,7 @@ mod tests {
         assert_eq!(info.pid, 4242);
     }
 
-    /// A send is dated from its syscall's entry; the identity the kernel injected and the
+    /// A send is dated from before its return (`start_ns`); the identity the kernel injected and the
     /// request's sequence number must still find their exchange.
     #[test]
     fn client_request_keeps_kernel_identity_and_sequence_number() {
@@ -861,7 +861,7 @@ mod tests {
         let (ex, info, identity) = &out[0];
         let ex = ex.as_http().unwrap();
         assert_eq!(ex.side, Side::Client);
-        assert_eq!(ex.req_start_ns, 1_000, "dated from the send's entry");
+        assert_eq!(ex.req_start_ns, 1_000, "dated from the send's start");
         assert_eq!(info.request_seq, Some(12345));
         assert_eq!((identity.span_id, identity.parent_id), (0x33, Some(0x44)));
     }

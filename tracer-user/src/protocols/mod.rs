@@ -39,11 +39,12 @@ impl Direction {
 #[derive(Clone, Copy, Debug)]
 pub struct Segment<'a> {
     pub dir: Direction,
-    /// CLOCK_MONOTONIC nanoseconds when the bytes finished moving: the syscall's exit.
+    /// CLOCK_MONOTONIC nanoseconds when the bytes finished moving: a receive's return; for a
+    /// send, when its last bytes left (see `tracer_common::DataEvent::start_ns`).
     pub ts_ns: u64,
-    /// When the bytes began to move: the syscall's entry for sends (the peer may read them
-    /// before the send returns), `ts_ns` for receives. A message's first byte is dated by this,
-    /// its last byte by `ts_ns`.
+    /// When the bytes began to move: for sends, no later than the peer could read them (it
+    /// may read them before the send returns), `ts_ns` for receives. A message's first byte is
+    /// dated by this, its last byte by `ts_ns`.
     pub start_ns: u64,
     /// Bytes the syscall moved (its return value).
     pub len: u64,
