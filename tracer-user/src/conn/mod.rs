@@ -619,27 +619,34 @@ impl ConnTracker {
         };
         for exchange in self.http_out.drain(..) {
             self.stats.exchanges += 1;
-            let request_seq =
-                take_start(&mut conn.starts, exchange.req_start_ns, true).and_then(|s| s.seq);
+            let request_seq = take_start(&mut conn.starts, exchange.req_start_ns, Take::Consume)
+                .and_then(|s| s.seq);
             let identity = self.linker.finished(key, &exchange);
             out.push((Exchange::Http(exchange), info(request_seq), identity));
         }
         for exchange in self.db_out.drain(..) {
             self.stats.exchanges += 1;
-            // Pipelined commands written in one syscall share its start; only the first
-            // begins at the sequence number, but all were sent by its thread.
-            let start = take_start(&mut conn.starts, exchange.req_start_ns, false);
+            // Pipelined commands written or read in one syscall share its start, and were all
+            // sent by its thread; the first begins at its sequence number, the others where
+            // their parser says they began in it, or have none.
+            let (start, request_seq) = match exchange.req_offset {
+                Some(offset) => {
+                    let start = take_start(&mut conn.starts, exchange.req_start_ns, Take::Share);
+                    let seq = start.and_then(|s| s.seq);
+                    (start, seq.map(|seq| seq.wrapping_add(offset as u32)))
+                }
+                None => {
+                    let start = take_start(&mut conn.starts, exchange.req_start_ns, Take::First);
+                    (start, start.and_then(|s| s.seq))
+                }
+            };
             let identity = match exchange.side {
                 Side::Client => self
                     .linker
                     .call_identity(start.map(|s| s.tid), exchange.req_start_ns),
                 Side::Server => self.linker.new_root(),
             };
-            out.push((
-                Exchange::Db(exchange),
-                info(start.and_then(|s| s.seq)),
-                identity,
-            ));
+            out.push((Exchange::Db(exchange), info(request_seq), identity));
         }
     }
 
@@ -681,19 +688,31 @@ impl ConnTracker {
     }
 }
 
+/// What `take_start` leaves of the start it finds.
+#[derive(Clone, Copy)]
+enum Take {
+    /// Nothing: one request per start.
+    Consume,
+    /// All of it, for the next request that began in the same syscall.
+    Share,
+    /// All but its sequence number, which is the first request's only.
+    First,
+}
+
 /// The start recorded for a request that began at `ts_ns`. Starts older than it never
-/// finished and are dropped; `consume` removes the match too, otherwise only its sequence
-/// number is taken (the next exchange with the same start gets none).
-fn take_start(starts: &mut VecDeque<Start>, ts_ns: u64, consume: bool) -> Option<Start> {
+/// finished and are dropped; the match is left as `take` says.
+fn take_start(starts: &mut VecDeque<Start>, ts_ns: u64, take: Take) -> Option<Start> {
     while starts.front().is_some_and(|s| s.ts_ns < ts_ns) {
         starts.pop_front();
     }
     let front = starts.front_mut().filter(|s| s.ts_ns == ts_ns)?;
     let found = *front;
-    if consume {
-        starts.pop_front();
-    } else {
-        front.seq = None;
+    match take {
+        Take::Consume => {
+            starts.pop_front();
+        }
+        Take::Share => {}
+        Take::First => front.seq = None,
     }
     Some(found)
 }
@@ -1245,6 +1264,49 @@ mod tests {
         assert!(http.as_http().is_some());
         assert_eq!(db_id.trace_id, http_id.trace_id);
         assert_eq!(db_id.parent_id, Some(http_id.span_id));
+    }
+
+    /// However the server's reads cut the command stream, each command's sequence number is
+    /// that of its own first byte: what the client's side reports for it.
+    #[test]
+    fn pipelined_commands_each_get_their_own_sequence_number() {
+        let mut t = ConnTracker::new(TrackerConfig::default());
+        let ping = b"*1\r\n$4\r\nPING\r\n";
+        let read = |ts: u64, seq: u32, bytes: &[u8]| {
+            data_record_with(3, 8, 4, ts, true, bytes, |e| {
+                e.seq = seq;
+                e.seq_valid = 1;
+            })
+        };
+        let out = feed(
+            &mut t,
+            &[
+                // Two commands in one read, then the first half of a third.
+                read(
+                    1_000,
+                    500,
+                    b"*1\r\n$4\r\nPING\r\n*2\r\n$3\r\nGET\r\n$1\r\nk\r\n*1\r\n$4\r\nPI",
+                ),
+                // The third's end and a fourth.
+                read(1_100, 544, b"NG\r\n*1\r\n$4\r\nPING\r\n"),
+                data_record(3, 8, 4, 2_000, false, b"+PONG\r\n$-1\r\n+PONG\r\n+PONG\r\n"),
+            ],
+        );
+        let seqs: Vec<_> = out
+            .iter()
+            .map(|(ex, info, _)| (ex.side(), info.request_seq))
+            .collect();
+        let get = 500 + ping.len() as u32;
+        assert_eq!(
+            seqs,
+            [
+                (Side::Server, Some(500)),
+                (Side::Server, Some(get)),
+                (Side::Server, Some(get + 20)),
+                (Side::Server, Some(544 + 4)),
+            ],
+            "{out:#?}"
+        );
     }
 
     #[test]

@@ -227,6 +227,12 @@ pub struct DbExchange {
     /// The server's error message, when the call failed.
     pub error: Option<String>,
     pub req_start_ns: u64,
+    /// Bytes before the request's first in the syscall it began in (the one dated
+    /// `req_start_ns`), when the parser knows: with that syscall's TCP sequence number, the
+    /// request's own, the same on both ends however each cut the stream into syscalls
+    /// (pipelined commands a server reads at once). `None`: only a request that began its
+    /// syscall has a sequence number.
+    pub req_offset: Option<u64>,
     pub req_end_ns: u64,
     pub resp_start_ns: Option<u64>,
     pub end_ns: u64,

@@ -1761,6 +1761,8 @@ impl PgConn {
             target: p.stmt.target.clone(),
             error: p.error,
             req_start_ns: p.req_start_ns,
+            // Not tracked: of queries pipelined in one syscall only the first is linked.
+            req_offset: None,
             req_end_ns: p.req_end_ns,
             resp_start_ns,
             end_ns,
