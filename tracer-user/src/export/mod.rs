@@ -324,6 +324,8 @@ fn queue_capacity(output: &Output) -> usize {
 /// that under load it wakes a few dozen times a second, not once per span (a wakeup and a
 /// context switch each, which cost the agent more than encoding the span).
 const STDOUT_LINGER: Duration = Duration::from_millis(20);
+/// Spans written between two flushes of stdout at most.
+const STDOUT_BATCH: usize = 4096;
 
 /// Writes spans to stdout on a thread of its own, a chunk per write: tokio's stdout hands every
 /// write to its blocking pool, a thread handoff per line that cost more than the parsing.
@@ -338,8 +340,14 @@ fn write_lines(
     stats: &ExportStats,
     mut writer: impl std::io::Write,
 ) {
+    // A burst (a drain of a full ring makes spans far faster than one write a linger takes
+    // away) is written without lingering until it is through: a 10k-span queue overflowed
+    // behind 4096 spans a linger.
+    let mut behind = false;
     while let Some(first) = queue.rx.blocking_recv() {
-        std::thread::sleep(STDOUT_LINGER);
+        if !behind {
+            std::thread::sleep(STDOUT_LINGER);
+        }
         let (mut written, mut failed) = (0, 0);
         let mut next = Some(first);
         while let Some(chunk) = next {
@@ -353,12 +361,13 @@ fn write_lines(
             }
             queue.done(chunk);
             queue.taken(spans);
-            next = if written + failed < 4096 {
+            next = if written + failed < STDOUT_BATCH {
                 queue.rx.try_recv().ok()
             } else {
                 None
             };
         }
+        behind = written + failed >= STDOUT_BATCH;
         if written > 0 && writer.flush().is_err() {
             (failed, written) = (failed + written, 0);
         }
