@@ -15,9 +15,8 @@
 //! requests may get a trace context header), by when that program saw its first bytes. A
 //! tracepoint at the send's start (`tcp:tcp_sendmsg_locked`) dated every send exactly, at
 //! the price of a second program run on every send of every process on the host, traced or
-//! not.
-//! `sock:inet_sock_set_state` ends a connection when its socket reaches TCP_CLOSE (there are
-//! no close syscalls to watch).
+//! not. `sock:inet_sock_set_state` ends a connection when its socket reaches TCP_CLOSE (there
+//! are no close syscalls to watch).
 
 use aya_ebpf::{
     bindings::BPF_SK_STORAGE_GET_F_CREATE,

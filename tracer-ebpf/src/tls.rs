@@ -37,9 +37,9 @@ pub struct SslCall {
     enter_ns: u64,
     /// When the last socket syscall under the call moved its bytes (its entry on the syscall
     /// path; at the socket layer, for a send, when the socket transmitted them): for a
-    /// write, when its last bytes went out. The peer may read them before SSL_write returns (and on a busy
-    /// machine the writer may wait milliseconds to run again), so a write's end is dated
-    /// by this rather than by the return.
+    /// write, when its last bytes went out. The peer may read them before SSL_write returns
+    /// (and on a busy machine the writer may wait milliseconds to run again), so a write's
+    /// end is dated by this rather than by the return.
     io_ns: u64,
     conn_id: u64,
     /// The socket the call used, once a syscall under it showed it; `u32::MAX` until then.

@@ -4,9 +4,10 @@
 //! overhead budget, see tracer-user's governor), its calls are captured one request/response
 //! turn in so many, the share the agent sets (`SHED_PIDS`), each turn picked at random as it
 //! begins. A turn is picked whole, every call of it from the first hook that sees it (sk_msg
-//! and the socket-layer tracepoints; the syscall probes; the OpenSSL probes), so that captured requests are whole, spread evenly over the load, and what they
-//! cost the thread is spread with them (capturing all of a few milliseconds at a time made the
-//! requests of those milliseconds queue).
+//! and the socket-layer tracepoints; the syscall probes; the OpenSSL probes), so that captured
+//! requests are whole, spread evenly over the load, and what they cost the thread is spread
+//! with them (capturing all of a few milliseconds at a time made the requests of those
+//! milliseconds queue).
 //!
 //! A turn begins where a connection's calls turn to the direction that opened it, which is
 //! the direction of the first call seen on it: a server reads first, a client writes first.

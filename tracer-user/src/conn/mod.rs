@@ -839,8 +839,8 @@ mod tests {
         assert_eq!(info.pid, 4242);
     }
 
-    /// A send is dated from before its return (`start_ns`); the identity the kernel injected and the
-    /// request's sequence number must still find their exchange.
+    /// A send is dated from before its return (`start_ns`); the identity the kernel injected
+    /// and the request's sequence number must still find their exchange.
     #[test]
     fn client_request_keeps_kernel_identity_and_sequence_number() {
         let mut t = ConnTracker::new(TrackerConfig::default());
