@@ -351,19 +351,21 @@ fn sock_io(ctx: &BtfTracePointContext, direction: u32) {
     let now = unsafe { bpf_ktime_get_ns() };
     // The bytes moved already: the sequence number of the first is where the socket stands
     // now, less the count, unless the sk_msg program noted it before the send began (it may
-    // have added bytes).
-    let seq = match seq_at_start {
+    // have added bytes). A send needs it now; a receive only if it is reported (an SSL
+    // call's asks for its first syscall's only).
+    let read_seq = || match seq_at_start {
         Some(seq) => Some(seq),
         None => next_seq(sk, direction == DIR_EGRESS).map(|s| s.wrapping_sub(ret as u32)),
     };
+    let send_seq = (direction == DIR_EGRESS).then(read_seq);
+    let seq = || send_seq.unwrap_or_else(read_seq);
     // When the bytes moved, as a peer can tell: a receive's were all in by its return; a
     // send's last ones left when its socket transmitted them (see `transmitted`), or are
     // still queued; its first ones when the sk_msg program saw them, or, without its note,
     // no later than the socket's last transmission of them (one segment: the same moment).
-    let sent = match (direction, seq) {
-        (DIR_EGRESS, Some(first)) => transmitted(sk, first, ret as u32, now),
-        _ => None,
-    };
+    let sent = send_seq
+        .flatten()
+        .and_then(|first| transmitted(sk, first, ret as u32, now));
     let end_ns = match sent {
         Some((at, true)) => at,
         _ => now,
@@ -375,7 +377,7 @@ fn sock_io(ctx: &BtfTracePointContext, direction: u32) {
     };
     // Inside an OpenSSL call the bytes are ciphertext: the call's own probes report the
     // plaintext (with the first byte's sequence number), and learn here which socket it uses.
-    if tls::in_ssl_call(pid_tgid, tgid, fd, &conn, end_ns, || seq) {
+    if tls::in_ssl_call(pid_tgid, tgid, fd, &conn, end_ns, seq) {
         // It marked the `CONNS` entry TLS; the socket's copy must say so as well.
         if let Some(st) = state.as_deref_mut()
             && st.conn_key == conn_key(tgid, fd)
@@ -411,6 +413,7 @@ fn sock_io(ctx: &BtfTracePointContext, direction: u32) {
         }
         _ => (SavedArgs::NO_PAYLOAD, 0, 0),
     };
+    let seq = seq();
     let saved = SavedArgs {
         kind,
         fd,
