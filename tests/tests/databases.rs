@@ -231,7 +231,8 @@ fn scratch_dir() -> PathBuf {
 
 /// psql (simple query protocol) and ruby-pg (extended protocol, prepared statements, a
 /// pipeline) against PostgreSQL: one CLIENT span per query, and one SERVER span per query in
-/// the postgres backend, with literals hidden, errors carried, and no password anywhere.
+/// the postgres backend, linked to its client's, with literals hidden, errors carried, and no
+/// password anywhere.
 #[test]
 fn postgres_calls_are_spans() {
     require_root();
@@ -283,6 +284,9 @@ fn postgres_calls_are_spans() {
     let mut all_clients: Vec<String> = client_psql.iter().chain(client_ruby).cloned().collect();
     all_clients.sort();
     assert_eq!(server, &all_clients, "one SERVER span per query");
+    // Linked as the Redis commands below, the pipeline's three queries too (one write, one
+    // read: each numbered from where it began in them).
+    assert_eq!(linked_and_nested(&spans), all_clients.len());
 
     for s in &spans {
         assert_eq!(tag(s, "db.system"), Some("postgresql"));
@@ -431,9 +435,14 @@ fn redis_calls_are_spans() {
         assert!(!all.contains(value), "{value:?} leaked into a span: {all}");
     }
     // Each command's server span has the link tag its client span has (the TCP sequence
-    // number of its first byte, wherever the server's reads cut the pipelined ones), and,
-    // both ends on one host and one clock, lies within it: a send is reported when it
-    // returns, and the reader may have run before that.
+    // number of its first byte, wherever the server's reads cut the pipelined ones).
+    assert_eq!(linked_and_nested(&spans), n);
+}
+
+/// Checks that each SERVER span in `spans` has a link tag, that a CLIENT span has the same,
+/// and, both ends on one host and one clock, that the server span lies within it (a send is
+/// reported when it returns, and the reader may have run before that). Returns how many.
+fn linked_and_nested(spans: &[Value]) -> usize {
     let mut nested = 0;
     for server in spans.iter().filter(|s| s["kind"] == "SERVER") {
         let link = tag(server, "tracer.link")
@@ -451,7 +460,7 @@ fn redis_calls_are_spans() {
         );
         nested += 1;
     }
-    assert_eq!(nested, n);
+    nested
 }
 
 /// A span's start and end, in microseconds.

@@ -628,11 +628,14 @@ impl ConnTracker {
             self.stats.exchanges += 1;
             // Pipelined commands written or read in one syscall share its start, and were all
             // sent by its thread; the first begins at its sequence number, the others where
-            // their parser says they began in it, or have none.
+            // their parser says they began in it, or have none. A TLS call's number is its
+            // first ciphertext byte's, which says nothing of where later plaintext lies.
             let (start, request_seq) = match exchange.req_offset {
                 Some(offset) => {
                     let start = take_start(&mut conn.starts, exchange.req_start_ns, Take::Share);
-                    let seq = start.and_then(|s| s.seq);
+                    let seq = start
+                        .and_then(|s| s.seq)
+                        .filter(|_| offset == 0 || !conn.tls);
                     (start, seq.map(|seq| seq.wrapping_add(offset as u32)))
                 }
                 None => {
@@ -1305,6 +1308,40 @@ mod tests {
                 (Side::Server, Some(get + 20)),
                 (Side::Server, Some(544 + 4)),
             ],
+            "{out:#?}"
+        );
+    }
+
+    /// Over TLS a call's sequence number is its first ciphertext byte's: a command that began
+    /// later in the plaintext it read has none (the offset is in plaintext).
+    #[test]
+    fn pipelined_commands_over_tls_link_the_first_only() {
+        let mut t = ConnTracker::new(TrackerConfig::default());
+        let tls = |ts: u64, ingress: bool, payload: &[u8]| {
+            data_record_with(3, 8, 4, ts, ingress, payload, |e| {
+                e.seq = 7_000;
+                e.seq_valid = 1;
+                e.syscall = if ingress {
+                    tracer_common::SYSCALL_SSL_READ
+                } else {
+                    tracer_common::SYSCALL_SSL_WRITE
+                };
+            })
+        };
+        let out = feed(
+            &mut t,
+            &[
+                tls(1_000, true, b"*1\r\n$4\r\nPING\r\n*1\r\n$4\r\nPING\r\n"),
+                tls(2_000, false, b"+PONG\r\n+PONG\r\n"),
+            ],
+        );
+        let seqs: Vec<_> = out
+            .iter()
+            .map(|(ex, info, _)| (ex.side(), info.request_seq))
+            .collect();
+        assert_eq!(
+            seqs,
+            [(Side::Server, Some(7_000)), (Side::Server, None)],
             "{out:#?}"
         );
     }

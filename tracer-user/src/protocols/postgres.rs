@@ -420,6 +420,8 @@ struct Framer {
     keep_max: usize,
     /// When its first byte moved.
     start_ns: u64,
+    /// Bytes before its first in the syscall dated `start_ns`.
+    start_offset: u64,
     /// Type of the last complete message.
     last: u8,
 }
@@ -427,6 +429,8 @@ struct Framer {
 /// The bytes of one segment being framed.
 struct Input<'a> {
     head: &'a [u8],
+    /// Where `head` begins in the segment's bytes.
+    base: u64,
     pos: usize,
     /// Bytes past `head` not yet skipped.
     left: u64,
@@ -434,6 +438,7 @@ struct Input<'a> {
     /// from it.
     tail: &'a [u8],
     start_ns: u64,
+    len: u64,
 }
 
 impl<'a> Input<'a> {
@@ -441,10 +446,12 @@ impl<'a> Input<'a> {
         let (head, left) = captured(seg);
         Input {
             head,
+            base: 0,
             pos: 0,
             left,
             tail: seg.tail,
             start_ns: seg.start_ns,
+            len: seg.len,
         }
     }
 
@@ -456,6 +463,7 @@ impl<'a> Input<'a> {
     fn refill(&mut self) {
         if self.pos == self.head.len() && self.left > 0 && self.left <= self.tail.len() as u64 {
             self.head = &self.tail[self.tail.len() - self.left as usize..];
+            self.base = self.len - self.left;
             self.pos = 0;
             self.left = 0;
         }
@@ -508,6 +516,7 @@ impl Framer {
                     let need = if self.untyped { 4 } else { 5 };
                     if self.have == 0 {
                         self.start_ns = inp.start_ns;
+                        self.start_offset = inp.base + inp.pos as u64;
                         self.keep.clear();
                     }
                     let n = (need - self.have).min(inp.head.len() - inp.pos);
@@ -657,6 +666,8 @@ struct Pending {
     prepare: bool,
     error: Option<String>,
     req_start_ns: u64,
+    /// See `DbExchange::req_offset`.
+    req_offset: u64,
     req_end_ns: u64,
     req_bytes: u64,
     /// The backend asked for COPY data: the client's CopyData counts as request bytes.
@@ -753,6 +764,8 @@ struct RespAcc {
 #[derive(Debug, Default)]
 struct ReqGroup {
     start: Option<u64>,
+    /// Where its first message began in the syscall dated `start`.
+    offset: u64,
     bytes: u64,
     /// The statement of the group's last Parse or Bind.
     stmt: Option<Arc<Stmt>>,
@@ -760,8 +773,16 @@ struct ReqGroup {
 }
 
 impl ReqGroup {
-    fn add(&mut self, start_ns: u64, size: u64) {
-        self.start.get_or_insert(start_ns);
+    /// When and where in that syscall its first message began.
+    fn began(&self) -> Option<(u64, u64)> {
+        self.start.map(|ns| (ns, self.offset))
+    }
+
+    fn add(&mut self, (start_ns, offset): (u64, u64), size: u64) {
+        if self.start.is_none() {
+            self.start = Some(start_ns);
+            self.offset = offset;
+        }
         self.bytes += size;
     }
 }
@@ -1182,6 +1203,7 @@ impl PgConn {
                 prepare: false,
                 error: None,
                 req_start_ns: group.start.unwrap_or(seg.start_ns),
+                req_offset: group.offset,
                 req_end_ns: seg.ts_ns,
                 // The final Sync is no part of the exchange.
                 req_bytes: group.bytes.saturating_add(rest.saturating_sub(5)),
@@ -1208,7 +1230,7 @@ impl PgConn {
     fn request_message(&mut self, ts_ns: u64, out: &mut Vec<DbExchange>) {
         let kind = self.req.kind;
         let size = self.req.size;
-        let start = self.req.start_ns;
+        let start = (self.req.start_ns, self.req.start_offset);
         let body = std::mem::take(&mut self.req.keep);
         match kind {
             0 => match body.get(..4).map_or(0, be32) {
@@ -1227,7 +1249,8 @@ impl PgConn {
                     stmt: Stmt::from_sql(text),
                     prepare: false,
                     error: None,
-                    req_start_ns: start,
+                    req_start_ns: start.0,
+                    req_offset: start.1,
                     req_end_ns: ts_ns,
                     req_bytes: size,
                     copy_in: false,
@@ -1287,11 +1310,13 @@ impl PgConn {
                     .unwrap_or_else(|| Stmt::unknown(b""));
                 self.group.add(start, size);
                 let group = std::mem::take(&mut self.group);
+                let began = group.began().unwrap_or(start);
                 let p = Pending {
                     stmt,
                     prepare: false,
                     error: None,
-                    req_start_ns: group.start.unwrap_or(start),
+                    req_start_ns: began.0,
+                    req_offset: began.1,
                     req_end_ns: ts_ns,
                     req_bytes: group.bytes,
                     copy_in: false,
@@ -1311,11 +1336,13 @@ impl PgConn {
             }
             b'S' => {
                 let group = std::mem::take(&mut self.group);
+                let began = group.began().unwrap_or(start);
                 let prepare = group.parsed.then(|| Pending {
                     stmt: group.stmt.unwrap_or_else(|| Stmt::unknown(b"")),
                     prepare: true,
                     error: None,
-                    req_start_ns: group.start.unwrap_or(start),
+                    req_start_ns: began.0,
+                    req_offset: began.1,
                     req_end_ns: ts_ns,
                     req_bytes: group.bytes + size,
                     copy_in: false,
@@ -1761,8 +1788,7 @@ impl PgConn {
             target: p.stmt.target.clone(),
             error: p.error,
             req_start_ns: p.req_start_ns,
-            // Not tracked: of queries pipelined in one syscall only the first is linked.
-            req_offset: None,
+            req_offset: Some(p.req_offset),
             req_end_ns: p.req_end_ns,
             resp_start_ns,
             end_ns,
@@ -1872,16 +1898,24 @@ mod tests {
         });
     }
 
+    /// The exchanges without where each began in its syscall, which depends on the cut.
+    fn uncut((mut exchanges, gave_up): (Vec<DbExchange>, bool)) -> (Vec<DbExchange>, bool) {
+        for e in &mut exchanges {
+            e.req_offset = None;
+        }
+        (exchanges, gave_up)
+    }
+
     #[test]
     fn splits_give_identical_exchanges() {
         for (name, text) in fixture_files() {
             let items = fixture::parse_fixture(&text);
-            let whole = run_items(&items, None);
-            let bytewise = run_items(&split_items(&items, || 1), None);
+            let whole = uncut(run_items(&items, None));
+            let bytewise = uncut(run_items(&split_items(&items, || 1), None));
             assert_eq!(whole, bytewise, "{name}: byte by byte");
             for seed in 1..=20u64 {
                 let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15));
-                let random = run_items(&split_items(&items, || 1 + rng.below(40)), None);
+                let random = uncut(run_items(&split_items(&items, || 1 + rng.below(40)), None));
                 assert_eq!(whole, random, "{name}: random splits, seed {seed}");
             }
         }
@@ -1917,6 +1951,7 @@ mod tests {
     fn consistent(e: &DbExchange, f: &DbExchange) -> Result<(), &'static str> {
         let checks = [
             (e.req_start_ns == f.req_start_ns, "req_start"),
+            (e.req_offset == f.req_offset, "req_offset"),
             (e.req_end_ns == f.req_end_ns, "req_end"),
             (e.req_bytes == f.req_bytes, "req_bytes"),
             (e.resp_start_ns == f.resp_start_ns, "resp_start"),
@@ -2019,6 +2054,60 @@ mod tests {
         conn.feed(&fixture::seg(Direction::Ingress, 2, &ok), &mut out);
         assert!(out.is_empty());
         (conn, out)
+    }
+
+    /// Queries pipelined in one write each say where they began in it, however much of the
+    /// write was captured: with its TCP sequence number, each query's own.
+    #[test]
+    fn pipelined_queries_each_say_where_they_began() {
+        let (mut conn, mut out) = started();
+        // Two extended-protocol groups and one Sync, as libpq's pipeline mode writes them.
+        let mut first = msg(b'P', b"\x00SELECT $1::int\x00\x00\x00");
+        first.extend(msg(
+            b'B',
+            b"\x00\x00\x00\x00\x00\x01\x00\x00\x00\x011\x00\x00",
+        ));
+        first.extend(msg(b'E', b"\x00\x00\x00\x00\x00"));
+        let mut second = msg(b'B', b"\x00\x00\x00\x00\x00\x01\x00\x00\x00\x012\x00\x00");
+        second.extend(msg(b'E', b"\x00\x00\x00\x00\x00"));
+        let mut write = first.clone();
+        write.extend(&second);
+        write.extend(msg(b'S', b""));
+        conn.feed(&fixture::seg(Direction::Egress, 10, &write), &mut out);
+        let mut answer = msg(b'1', b"");
+        for _ in 0..2 {
+            answer.extend(msg(b'2', b""));
+            answer.extend(msg(b'D', b"\x00\x01\x00\x00\x00\x011"));
+            answer.extend(msg(b'C', b"SELECT 1\x00"));
+        }
+        answer.extend_from_slice(READY);
+        conn.feed(&fixture::seg(Direction::Ingress, 11, &answer), &mut out);
+        let began: Vec<_> = out.iter().map(|e| (e.req_start_ns, e.req_offset)).collect();
+        assert_eq!(began, [(10, Some(0)), (10, Some(first.len() as u64))]);
+
+        // Simple queries, the second read from the write's last bytes (its middle was not
+        // captured).
+        out.clear();
+        let long = q(&format!("SELECT '{}'", "x".repeat(200)));
+        let mut write = long.clone();
+        write.extend(q("SELECT 1"));
+        let seg = Segment {
+            dir: Direction::Egress,
+            ts_ns: 20,
+            start_ns: 20,
+            len: write.len() as u64,
+            head: &write[..32],
+            tail: &write[write.len() - tracer_common::TAIL_LEN..],
+        };
+        assert!(write.len() - long.len() <= tracer_common::TAIL_LEN);
+        conn.feed(&seg, &mut out);
+        let mut answer = msg(b'C', b"SELECT 1\x00");
+        answer.extend_from_slice(READY);
+        answer.extend(answer.clone());
+        conn.feed(&fixture::seg(Direction::Ingress, 21, &answer), &mut out);
+        let began: Vec<_> = out.iter().map(|e| (e.req_start_ns, e.req_offset)).collect();
+        assert_eq!(began, [(20, Some(0)), (20, Some(long.len() as u64))]);
+        assert_eq!(out[1].statement, "SELECT ?");
     }
 
     #[test]
