@@ -329,6 +329,14 @@ impl Probes {
         )
         .map_err(|_| ProbeError::Map("SHED_STATE"))?;
 
+        // Everything is loaded first (the verifier took two seconds over the programs here)
+        // and attached after, the programs that report socket calls first: what they capture
+        // waits in the ring buffer until the agent reads it, which begins once this is over.
+        // Attached before the other programs were loaded, they filled the 16 MiB ring of a
+        // saturated server with nobody reading it, and lost events.
+        let injector =
+            (opts.inject.mode != INJECT_OFF).then(|| load_injector(&mut ebpf, &opts.inject));
+        let openssl = opts.tls.then(|| openssl::OpenSsl::load(&mut ebpf));
         let mut attached = Vec::new();
         let mut skipped = Vec::new();
         let socket_layer = config.sock_hooks != 0
@@ -418,46 +426,52 @@ impl Probes {
             None => String::new(),
         };
         info!("attached {} tracepoints{how}", attached.len());
-        let mut inject_sockets = None;
-        if opts.inject.mode != INJECT_OFF {
-            match attach_injector(&mut ebpf, &opts.inject) {
-                Ok(map) => {
-                    inject_sockets = Some(map);
-                    info!("trace context injection on (sock_ops + sk_msg)");
-                }
-                // Capture and linking inside the host work without it: a kernel or cgroup
-                // setup that refuses it costs cross-host links only.
-                Err(e) => warn!("trace context injection is off: {e}"),
-            }
-        }
         if !skipped.is_empty() {
             warn!(
                 "not attached (this kernel lacks them): {}",
                 skipped.join(", ")
             );
         }
-        let openssl = if opts.tls {
-            match openssl::OpenSsl::load(&mut ebpf) {
-                Ok(mut o) => {
-                    let mut n = o.attach_system(&mut ebpf);
-                    for pid in &opts.pids {
-                        n += o.attach_process(&mut ebpf, *pid);
-                    }
-                    if n == 0 {
-                        info!(
-                            "TLS: no OpenSSL library found yet; processes are checked as they appear"
-                        );
-                    }
-                    Some(o)
+        // The injector after the tracepoints: a send it noted before they were attached would
+        // leave its note to the socket's next send.
+        let inject_sockets = match injector {
+            Some(Ok(())) => match attach_injector(&mut ebpf) {
+                Ok(map) => {
+                    info!("trace context injection on (sock_ops + sk_msg)");
+                    Some(map)
                 }
-                // Plaintext capture goes on without it.
                 Err(e) => {
-                    warn!("TLS probes unavailable ({e}); TLS traffic will not be parsed");
+                    warn!("trace context injection is off: {e}");
                     None
                 }
+            },
+            // Capture and linking inside the host work without it: a kernel or cgroup setup
+            // that refuses it costs cross-host links only.
+            Some(Err(e)) => {
+                warn!("trace context injection is off: {e}");
+                None
             }
-        } else {
-            None
+            None => None,
+        };
+        let openssl = match openssl {
+            Some(Ok(mut o)) => {
+                let mut n = o.attach_system(&mut ebpf);
+                for pid in &opts.pids {
+                    n += o.attach_process(&mut ebpf, *pid);
+                }
+                if n == 0 {
+                    info!(
+                        "TLS: no OpenSSL library found yet; processes are checked as they appear"
+                    );
+                }
+                Some(o)
+            }
+            // Plaintext capture goes on without it.
+            Some(Err(e)) => {
+                warn!("TLS probes unavailable ({e}); TLS traffic will not be parsed");
+                None
+            }
+            None => None,
         };
         Ok(Self {
             ebpf,
@@ -1081,37 +1095,37 @@ fn attach_btf_syscalls(ebpf: &mut Ebpf) -> Result<(), aya::programs::ProgramErro
 
 /// Loads and attaches BTF-typed programs, `(program, tracepoint)`, all or none: a half
 /// attached set (a send seen without its connection's close, an enter without its exit) is
-/// worse than none, so the ones done are taken down again on a failure.
+/// worse than none, so the ones done are taken down again on a failure. All are loaded before
+/// any is attached: the verifier takes about a second over them, a second of events that
+/// would otherwise wait unread (and a send could be seen without the close of its socket).
 fn attach_btf_tracepoints(
     ebpf: &mut Ebpf,
     list: &[(&str, &str)],
 ) -> Result<(), aya::programs::ProgramError> {
-    use aya::programs::BtfTracePoint;
+    use aya::programs::{BtfTracePoint, ProgramError};
     let btf = aya::Btf::from_sys_fs()
-        .map_err(|e| aya::programs::ProgramError::IOError(std::io::Error::other(e.to_string())))?;
-    let mut done: Vec<&str> = Vec::new();
-    for &(program, tracepoint) in list {
-        let attached = (|| {
-            let p: &mut BtfTracePoint = ebpf
-                .program_mut(program)
-                .ok_or(aya::programs::ProgramError::NotLoaded)?
-                .try_into()?;
-            p.load(tracepoint, &btf)?;
-            p.attach().map(drop)
-        })();
-        if let Err(e) = attached {
-            for name in done {
-                if let Some(p) = ebpf.program_mut(name)
-                    && let Ok(p) = <&mut BtfTracePoint>::try_from(p)
-                {
-                    let _ = p.unload();
-                }
-            }
-            return Err(e);
-        }
-        done.push(program);
+        .map_err(|e| ProgramError::IOError(std::io::Error::other(e.to_string())))?;
+    fn program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut BtfTracePoint, ProgramError> {
+        ebpf.program_mut(name)
+            .ok_or(ProgramError::NotLoaded)?
+            .try_into()
     }
-    Ok(())
+    let result = list
+        .iter()
+        .try_for_each(|&(name, tracepoint)| program(ebpf, name)?.load(tracepoint, &btf))
+        .and_then(|()| {
+            list.iter()
+                .try_for_each(|&(name, _)| program(ebpf, name)?.attach().map(drop))
+        });
+    if result.is_err() {
+        // Unloading detaches too; a program never loaded is left as it is.
+        for &(name, _) in list {
+            if let Ok(p) = program(ebpf, name) {
+                let _ = p.unload();
+            }
+        }
+    }
+    result
 }
 
 /// sys_enter/sys_exit as raw tracepoints.
@@ -1178,15 +1192,13 @@ fn cgroup2_root() -> Result<std::path::PathBuf, String> {
     Ok(CGROUP2_PRIVATE.into())
 }
 
-/// Attaches the sock_ops program to the root cgroup (so it sees every connection the host
-/// makes; it keeps only those of traced processes) and the sk_msg program to the socket map.
-fn attach_injector(
-    ebpf: &mut Ebpf,
-    opts: &InjectOptions,
-) -> Result<aya::maps::SockHash<MapData, SockKey>, String> {
+/// Loads the injector: the sock_ops program, for the root cgroup (it sees every connection the
+/// host makes and keeps only those of traced processes), and the sk_msg program, for the
+/// socket map; fills in the destinations it is limited to.
+fn load_injector(ebpf: &mut Ebpf, opts: &InjectOptions) -> Result<(), String> {
     use aya::{
-        maps::{LpmTrie, SockHash, lpm_trie::Key},
-        programs::{CgroupAttachMode, SkMsg, SockOps},
+        maps::{LpmTrie, lpm_trie::Key},
+        programs::{SkMsg, SockOps},
     };
     let mut ports: HashMap<&mut MapData, u16, u8> =
         HashMap::try_from(ebpf.map_mut("INJECT_PORTS").ok_or("no INJECT_PORTS map")?)
@@ -1205,7 +1217,29 @@ fn attach_injector(
         nets.insert(&Key::new(bits, addr), 1, 0)
             .map_err(|e| e.to_string())?;
     }
+    let sockops: &mut SockOps = ebpf
+        .program_mut("tracer_sockops")
+        .ok_or("no tracer_sockops program")?
+        .try_into()
+        .map_err(|e: aya::programs::ProgramError| e.to_string())?;
+    sockops
+        .load()
+        .map_err(|e| format!("sock_ops program: {e}"))?;
+    let sk_msg: &mut SkMsg = ebpf
+        .program_mut("tracer_inject")
+        .ok_or("no tracer_inject program")?
+        .try_into()
+        .map_err(|e: aya::programs::ProgramError| e.to_string())?;
+    sk_msg.load().map_err(|e| format!("sk_msg program: {e}"))
+}
 
+/// Attaches the injector `load_injector` loaded: sock_ops to the root cgroup, sk_msg to the
+/// socket map, which it returns.
+fn attach_injector(ebpf: &mut Ebpf) -> Result<aya::maps::SockHash<MapData, SockKey>, String> {
+    use aya::{
+        maps::SockHash,
+        programs::{CgroupAttachMode, SkMsg, SockOps},
+    };
     let root = cgroup2_root()?;
     let cgroup =
         fs::File::open(&root).map_err(|e| format!("cannot open {}: {e}", root.display()))?;
@@ -1220,9 +1254,6 @@ fn attach_injector(
         .ok_or("no tracer_sockops program")?
         .try_into()
         .map_err(|e: aya::programs::ProgramError| e.to_string())?;
-    sockops
-        .load()
-        .map_err(|e| format!("sock_ops program: {e}"))?;
     sockops
         // With BPF links (which aya uses where the kernel has them) several programs share a
         // cgroup whatever the mode, and link_create refuses the multi flag: use the default.
@@ -1243,7 +1274,6 @@ fn attach_injector(
         .ok_or("no tracer_inject program")?
         .try_into()
         .map_err(|e: aya::programs::ProgramError| e.to_string())?;
-    sk_msg.load().map_err(|e| format!("sk_msg program: {e}"))?;
     sk_msg
         .attach(sockets.fd())
         .map_err(|e| format!("attaching sk_msg: {e}"))?;
