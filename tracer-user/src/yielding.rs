@@ -167,33 +167,51 @@ impl Yielding {
         };
         // SAFETY: gettid has no preconditions.
         let tid = unsafe { libc::gettid() };
-        if let Err(e) = set_policy(tid, true) {
-            warn!("the capture thread competes for CPU normally: cannot set SCHED_IDLE ({e})");
-            return None;
-        }
         let stop = Arc::new(AtomicBool::new(false));
         let raises = Arc::new(AtomicU64::new(0));
+        // Started before this thread yields, so that it does not inherit SCHED_IDLE (on CPUs
+        // a load kept busy its first instruction waited up to a second, while the ring filled
+        // with the capture thread starved too), and looking once it has (a raise before would
+        // be undone).
+        let yielded = Arc::new(AtomicBool::new(false));
         let watchdog = {
-            let (stop, raises) = (stop.clone(), raises.clone());
+            let (stop, raises, yielded) = (stop.clone(), raises.clone(), yielded.clone());
             std::thread::Builder::new()
                 .name("tracer-watchdog".into())
-                .spawn(move || watch(tid, &positions, &stop, &raises))
-        };
-        match watchdog {
-            Ok(handle) => {
-                info!("the capture thread yields the CPU to other programs (SCHED_IDLE)");
-                Some(Yielding {
-                    stop,
-                    raises,
-                    watchdog: Some(handle),
+                .spawn(move || {
+                    while !yielded.load(Ordering::Acquire) {
+                        if stop.load(Ordering::Relaxed) {
+                            return;
+                        }
+                        std::thread::park();
+                    }
+                    watch(tid, &positions, &stop, &raises);
                 })
-            }
+        };
+        let watchdog = match watchdog {
+            Ok(handle) => handle,
             Err(e) => {
-                let _ = set_policy(tid, false);
                 warn!("the capture thread competes for CPU normally: no watchdog thread ({e})");
-                None
+                return None;
             }
+        };
+        let yielding = Yielding {
+            stop,
+            raises,
+            watchdog: Some(watchdog),
+        };
+        if let Err(e) = set_policy(tid, true) {
+            warn!("the capture thread competes for CPU normally: cannot set SCHED_IDLE ({e})");
+            // Dropping it stops the watchdog.
+            drop(yielding);
+            return None;
         }
+        yielded.store(true, Ordering::Release);
+        if let Some(handle) = &yielding.watchdog {
+            handle.thread().unpark();
+        }
+        info!("the capture thread yields the CPU to other programs (SCHED_IDLE)");
+        Some(yielding)
     }
 }
 
@@ -250,13 +268,6 @@ impl Watch {
 }
 
 fn watch(tid: libc::pid_t, ring: &RingPositions, stop: &AtomicBool, raises: &AtomicU64) {
-    // SAFETY: gettid has no preconditions.
-    let own = unsafe { libc::gettid() };
-    // Threads inherit their creator's policy, and a yielding watchdog could be starved with
-    // the thread it is there to rescue.
-    if let Err(e) = set_policy(own, false) {
-        warn!("the ring's watchdog may be starved with the capture thread: {e}");
-    }
     let mut state = Watch {
         raised: false,
         last_consumer: ring.read().0,
