@@ -844,6 +844,7 @@ mod tests {
                 minor_version: 1,
                 status: Some(202),
                 req_start_ns: 1,
+                req_offset: 0,
                 req_end_ns: 2,
                 resp_start_ns: Some(3),
                 end_ns: 4,

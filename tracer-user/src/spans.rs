@@ -1145,6 +1145,7 @@ mod tests {
             minor_version: 1,
             status,
             req_start_ns: 1_000_000,
+            req_offset: 0,
             req_end_ns: 1_100_000,
             resp_start_ns: Some(2_000_000),
             end_ns: 3_500_000,

@@ -537,6 +537,7 @@ mod tests {
             minor_version: 1,
             status: Some(200),
             req_start_ns: start,
+            req_offset: 0,
             req_end_ns: start,
             resp_start_ns: Some(end),
             end_ns: end,

@@ -433,7 +433,6 @@ impl ConnTracker {
                             self.linker.request_started(
                                 key, *ingress, hdr.tid, *start_ns, head, whole, ctx,
                             );
-                            push_start(&mut conn.starts, start);
                             if !*ingress {
                                 let injected = ctx.flags & CTX_INJECTED != 0;
                                 client_request_sent(
@@ -449,16 +448,21 @@ impl ConnTracker {
                         }
                         if !fed {
                             http.feed(&segment, &mut self.http_out);
-                            if http.is_not_http() {
-                                // Upgraded: WebSocket, a CONNECT tunnel.
-                                conn.proto = Proto::Opaque;
-                                self.stats.not_parsed += 1;
-                                report_release(
-                                    &mut conn.release,
-                                    (conn.local, conn.remote),
-                                    &mut self.clients_to_release,
-                                );
-                            }
+                        }
+                        // A segment where a request began, at its start or after another's
+                        // end (pipelined), not the many of a long body.
+                        if http.last_request_start_ns() == Some(*start_ns) {
+                            push_start(&mut conn.starts, start);
+                        }
+                        if http.is_not_http() {
+                            // Upgraded: WebSocket, a CONNECT tunnel.
+                            conn.proto = Proto::Opaque;
+                            self.stats.not_parsed += 1;
+                            report_release(
+                                &mut conn.release,
+                                (conn.local, conn.remote),
+                                &mut self.clients_to_release,
+                            );
                         }
                     }
                     Proto::Db {
@@ -617,32 +621,27 @@ impl ConnTracker {
             remote: conn.remote,
             request_seq,
         };
+        // Requests written or read in one syscall (pipelined) share its start, and were all
+        // sent by its thread; each began at its sequence number plus where its parser says it
+        // began in the syscall. A TLS call's number is its first ciphertext byte's, which says
+        // nothing of where later plaintext lies.
+        let mut request_start = |start_ns: u64, offset: u64| {
+            let start = start_at(&mut conn.starts, start_ns);
+            let seq = start
+                .and_then(|s| s.seq)
+                .filter(|_| offset == 0 || !conn.tls)
+                .map(|seq| seq.wrapping_add(offset as u32));
+            (start, seq)
+        };
         for exchange in self.http_out.drain(..) {
             self.stats.exchanges += 1;
-            let request_seq = take_start(&mut conn.starts, exchange.req_start_ns, Take::Consume)
-                .and_then(|s| s.seq);
+            let (_, request_seq) = request_start(exchange.req_start_ns, exchange.req_offset);
             let identity = self.linker.finished(key, &exchange);
             out.push((Exchange::Http(exchange), info(request_seq), identity));
         }
         for exchange in self.db_out.drain(..) {
             self.stats.exchanges += 1;
-            // Pipelined commands written or read in one syscall share its start, and were all
-            // sent by its thread; the first begins at its sequence number, the others where
-            // their parser says they began in it, or have none. A TLS call's number is its
-            // first ciphertext byte's, which says nothing of where later plaintext lies.
-            let (start, request_seq) = match exchange.req_offset {
-                Some(offset) => {
-                    let start = take_start(&mut conn.starts, exchange.req_start_ns, Take::Share);
-                    let seq = start
-                        .and_then(|s| s.seq)
-                        .filter(|_| offset == 0 || !conn.tls);
-                    (start, seq.map(|seq| seq.wrapping_add(offset as u32)))
-                }
-                None => {
-                    let start = take_start(&mut conn.starts, exchange.req_start_ns, Take::First);
-                    (start, start.and_then(|s| s.seq))
-                }
-            };
+            let (start, request_seq) = request_start(exchange.req_start_ns, exchange.req_offset);
             let identity = match exchange.side {
                 Side::Client => self
                     .linker
@@ -691,33 +690,13 @@ impl ConnTracker {
     }
 }
 
-/// What `take_start` leaves of the start it finds.
-#[derive(Clone, Copy)]
-enum Take {
-    /// Nothing: one request per start.
-    Consume,
-    /// All of it, for the next request that began in the same syscall.
-    Share,
-    /// All but its sequence number, which is the first request's only.
-    First,
-}
-
-/// The start recorded for a request that began at `ts_ns`. Starts older than it never
-/// finished and are dropped; the match is left as `take` says.
-fn take_start(starts: &mut VecDeque<Start>, ts_ns: u64, take: Take) -> Option<Start> {
+/// The start recorded for a request that began at `ts_ns`, left for the others that began in
+/// the same syscall. Starts older than it never finished and are dropped.
+fn start_at(starts: &mut VecDeque<Start>, ts_ns: u64) -> Option<Start> {
     while starts.front().is_some_and(|s| s.ts_ns < ts_ns) {
         starts.pop_front();
     }
-    let front = starts.front_mut().filter(|s| s.ts_ns == ts_ns)?;
-    let found = *front;
-    match take {
-        Take::Consume => {
-            starts.pop_front();
-        }
-        Take::Share => {}
-        Take::First => front.seq = None,
-    }
-    Some(found)
+    starts.front().filter(|s| s.ts_ns == ts_ns).copied()
 }
 
 /// Adds a connection to `out` once, if it is a client's whose addresses are known.
@@ -1307,6 +1286,48 @@ mod tests {
                 (Side::Server, Some(get)),
                 (Side::Server, Some(get + 20)),
                 (Side::Server, Some(544 + 4)),
+            ],
+            "{out:#?}"
+        );
+    }
+
+    /// Pipelined HTTP requests read in one syscall, and one whose head began in a read that
+    /// ended another's body, each get the sequence number of their own first byte.
+    #[test]
+    fn pipelined_http_requests_each_get_their_own_sequence_number() {
+        let mut t = ConnTracker::new(TrackerConfig::default());
+        let get = b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n";
+        let post = b"POST /b HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n\r\nab";
+        let read = |ts: u64, seq: u32, bytes: &[u8]| {
+            data_record_with(3, 8, 4, ts, true, bytes, |e| {
+                e.seq = seq;
+                e.seq_valid = 1;
+            })
+        };
+        let ok = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n";
+        let mut first = get.to_vec();
+        first.extend_from_slice(post);
+        let second_seq = 900 + first.len() as u32;
+        let mut second = b"cd".to_vec();
+        second.extend_from_slice(get);
+        let out = feed(
+            &mut t,
+            &[
+                read(1_000, 900, &first),
+                read(1_100, second_seq, &second),
+                data_record(3, 8, 4, 2_000, false, &ok.repeat(3)),
+            ],
+        );
+        let seqs: Vec<_> = out
+            .iter()
+            .map(|(ex, info, _)| (ex.side(), info.request_seq))
+            .collect();
+        assert_eq!(
+            seqs,
+            [
+                (Side::Server, Some(900)),
+                (Side::Server, Some(900 + get.len() as u32)),
+                (Side::Server, Some(second_seq + 2)),
             ],
             "{out:#?}"
         );

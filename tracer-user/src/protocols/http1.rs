@@ -112,6 +112,8 @@ pub struct Http1Conn {
     next_seq: u64,
     /// Reused to close a head cut by the capture limit so that `httparse` accepts it.
     scratch: Vec<u8>,
+    /// See `last_request_start_ns()`.
+    last_request_start_ns: Option<u64>,
 }
 
 #[derive(Debug)]
@@ -144,6 +146,8 @@ struct Stream {
     /// waiting for (an unsolicited response, a request body whose exchange already finished).
     owner: Option<u64>,
     msg_start_ns: u64,
+    /// Bytes before the current message's first in the segment dated `msg_start_ns`.
+    msg_offset: u64,
     /// Wire bytes of the current message so far.
     msg_bytes: u64,
     /// Time of the latest segment that carried bytes of the current message.
@@ -223,6 +227,7 @@ struct Pending {
     /// A 2xx to CONNECT turns the connection into a tunnel.
     is_connect: bool,
     req_start_ns: u64,
+    req_offset: u64,
     req_end_ns: u64,
     req_bytes: u64,
     status: Option<u16>,
@@ -311,6 +316,7 @@ impl Http1Conn {
             pending: VecDeque::new(),
             next_seq: 0,
             scratch: Vec::new(),
+            last_request_start_ns: None,
         }
     }
 
@@ -323,6 +329,11 @@ impl Http1Conn {
     /// True while no request line was found yet (the connection may carry another protocol).
     pub fn is_searching(&self) -> bool {
         matches!(self.mode, Mode::Searching { .. })
+    }
+
+    /// When the latest request whose first byte was seen began (its segment's `start_ns`).
+    pub fn last_request_start_ns(&self) -> Option<u64> {
+        self.last_request_start_ns
     }
 
     /// Bytes held in partial-head buffers (bounded by about twice `MAX_HEAD`, 16 KiB).
@@ -469,7 +480,7 @@ impl Http1Conn {
                             break;
                         }
                     }
-                    match self.head_step(role, seg, &head[pos..], uncaptured, out) {
+                    match self.head_step(role, seg, (head, pos), uncaptured, out) {
                         Some(taken) => pos += taken,
                         None => return,
                     }
@@ -539,23 +550,28 @@ impl Http1Conn {
         }
     }
 
-    /// Parses, or keeps buffering, the head that starts at `bytes` (the captured rest of the
-    /// segment). Returns how many bytes the head took, or `None` when it took the whole
-    /// segment (a head cut by the capture) or the stream lost sync.
+    /// Parses, or keeps buffering, the head that starts at `pos` in `captured`, the
+    /// segment's captured bytes. Returns how many bytes the head took, or `None` when it took
+    /// the whole segment (a head cut by the capture) or the stream lost sync.
     fn head_step(
         &mut self,
         role: Role,
         seg: &Segment<'_>,
-        bytes: &[u8],
+        (captured, pos): (&[u8], usize),
         uncaptured: u64,
         out: &mut Vec<HttpExchange>,
     ) -> Option<usize> {
         let ts = seg.ts_ns;
+        let bytes = &captured[pos..];
+        if role == Role::Request && self.req.state == State::Idle {
+            self.last_request_start_ns = Some(seg.start_ns);
+        }
         let stream = self.stream(role);
         if stream.state == State::Idle {
             *stream = Stream {
                 buf: std::mem::take(&mut stream.buf),
                 msg_start_ns: seg.start_ns,
+                msg_offset: pos as u64,
                 in_sync: stream.in_sync,
                 ..Stream::default()
             };
@@ -675,6 +691,7 @@ impl Http1Conn {
             request: head.request,
             minor_version: head.minor_version,
             req_start_ns: self.req.msg_start_ns,
+            req_offset: self.req.msg_offset,
             req_end_ns: seg.ts_ns,
             req_bytes: self.req.msg_bytes,
             status: None,
@@ -928,6 +945,7 @@ impl Http1Conn {
             minor_version: p.minor_version,
             status: p.status,
             req_start_ns: p.req_start_ns,
+            req_offset: p.req_offset,
             req_end_ns: p.req_end_ns,
             resp_start_ns: p.resp_start_ns,
             end_ns,
@@ -1680,6 +1698,31 @@ mod tests {
             r.out.iter().map(|e| e.resp_bytes).sum::<u64>(),
             resps.len() as u64
         );
+        // Each says where it began in the write.
+        let began: Vec<_> = r
+            .out
+            .iter()
+            .map(|e| (e.req_start_ns, e.req_offset))
+            .collect();
+        let b = GET.len() as u64;
+        assert_eq!(began, [(1, 0), (1, b), (1, b + GET_B.len() as u64)]);
+    }
+
+    /// A head split across reads began where its first bytes lay in the first.
+    #[test]
+    fn a_split_head_began_in_its_first_read() {
+        let mut r = Run::default();
+        let two = [GET, GET_B].concat();
+        let cut = GET.len() + 5;
+        r.feed(seg(IN, 1, &two[..cut]))
+            .feed(seg(IN, 2, &two[cut..]))
+            .feed(seg(EG, 3, &[OK2, OK2].concat()));
+        let began: Vec<_> = r
+            .out
+            .iter()
+            .map(|e| (e.req_start_ns, e.req_offset))
+            .collect();
+        assert_eq!(began, [(1, 0), (1, GET.len() as u64)]);
     }
 
     #[test]

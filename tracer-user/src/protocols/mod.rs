@@ -102,6 +102,9 @@ pub struct HttpExchange {
     pub status: Option<u16>,
     /// First byte of the request.
     pub req_start_ns: u64,
+    /// Bytes before the request's first in the syscall it began in (the one dated
+    /// `req_start_ns`): see `DbExchange::req_offset`.
+    pub req_offset: u64,
     /// Last byte of the request (headers and body).
     pub req_end_ns: u64,
     /// First byte of the final (non-1xx) response, if any.
@@ -228,11 +231,10 @@ pub struct DbExchange {
     pub error: Option<String>,
     pub req_start_ns: u64,
     /// Bytes before the request's first in the syscall it began in (the one dated
-    /// `req_start_ns`), when the parser knows: with that syscall's TCP sequence number, the
-    /// request's own, the same on both ends however each cut the stream into syscalls
-    /// (pipelined commands a server reads at once). `None`: only a request that began its
-    /// syscall has a sequence number.
-    pub req_offset: Option<u64>,
+    /// `req_start_ns`): with that syscall's TCP sequence number, the request's own, the same
+    /// on both ends however each cut the stream into syscalls (pipelined commands a server
+    /// reads at once).
+    pub req_offset: u64,
     pub req_end_ns: u64,
     pub resp_start_ns: Option<u64>,
     pub end_ns: u64,

@@ -1788,7 +1788,7 @@ impl PgConn {
             target: p.stmt.target.clone(),
             error: p.error,
             req_start_ns: p.req_start_ns,
-            req_offset: Some(p.req_offset),
+            req_offset: p.req_offset,
             req_end_ns: p.req_end_ns,
             resp_start_ns,
             end_ns,
@@ -1901,7 +1901,7 @@ mod tests {
     /// The exchanges without where each began in its syscall, which depends on the cut.
     fn uncut((mut exchanges, gave_up): (Vec<DbExchange>, bool)) -> (Vec<DbExchange>, bool) {
         for e in &mut exchanges {
-            e.req_offset = None;
+            e.req_offset = 0;
         }
         (exchanges, gave_up)
     }
@@ -2083,7 +2083,7 @@ mod tests {
         answer.extend_from_slice(READY);
         conn.feed(&fixture::seg(Direction::Ingress, 11, &answer), &mut out);
         let began: Vec<_> = out.iter().map(|e| (e.req_start_ns, e.req_offset)).collect();
-        assert_eq!(began, [(10, Some(0)), (10, Some(first.len() as u64))]);
+        assert_eq!(began, [(10, 0), (10, first.len() as u64)]);
 
         // Simple queries, the second read from the write's last bytes (its middle was not
         // captured).
@@ -2106,7 +2106,7 @@ mod tests {
         answer.extend(answer.clone());
         conn.feed(&fixture::seg(Direction::Ingress, 21, &answer), &mut out);
         let began: Vec<_> = out.iter().map(|e| (e.req_start_ns, e.req_offset)).collect();
-        assert_eq!(began, [(20, Some(0)), (20, Some(long.len() as u64))]);
+        assert_eq!(began, [(20, 0), (20, long.len() as u64)]);
         assert_eq!(out[1].statement, "SELECT ?");
     }
 

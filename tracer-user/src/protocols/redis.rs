@@ -1384,7 +1384,7 @@ fn emit(side: Side, p: Pending, outcome: Outcome, end_ns: u64, out: &mut Vec<DbE
         target: None,
         error: p.error,
         req_start_ns: p.req_start_ns,
-        req_offset: Some(p.req_offset),
+        req_offset: p.req_offset,
         req_end_ns: p.req_end_ns,
         resp_start_ns: p.resp_start_ns,
         end_ns,
@@ -1588,7 +1588,7 @@ mod tests {
     /// The exchanges without where each began in its syscall, which depends on the cut.
     fn uncut((mut exchanges, gave_up): (Vec<DbExchange>, bool)) -> (Vec<DbExchange>, bool) {
         for e in &mut exchanges {
-            e.req_offset = None;
+            e.req_offset = 0;
         }
         (exchanges, gave_up)
     }
