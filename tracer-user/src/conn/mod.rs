@@ -406,13 +406,7 @@ impl ConnTracker {
                     http.feed(&segment, &mut self.http_out);
                     fed = true;
                     if http.is_not_http() {
-                        conn.proto = Proto::Opaque;
-                        self.stats.not_parsed += 1;
-                        report_release(
-                            &mut conn.release,
-                            (conn.local, conn.remote),
-                            &mut self.clients_to_release,
-                        );
+                        stop_parsing(conn, &mut self.stats, &mut self.clients_to_release);
                         return;
                     }
                     if http.is_searching() {
@@ -456,13 +450,7 @@ impl ConnTracker {
                         }
                         if http.is_not_http() {
                             // Upgraded: WebSocket, a CONNECT tunnel.
-                            conn.proto = Proto::Opaque;
-                            self.stats.not_parsed += 1;
-                            report_release(
-                                &mut conn.release,
-                                (conn.local, conn.remote),
-                                &mut self.clients_to_release,
-                            );
+                            stop_parsing(conn, &mut self.stats, &mut self.clients_to_release);
                         }
                     }
                     Proto::Db {
@@ -697,6 +685,22 @@ fn start_at(starts: &mut VecDeque<Start>, ts_ns: u64) -> Option<Start> {
         starts.pop_front();
     }
     starts.front().filter(|s| s.ts_ns == ts_ns).copied()
+}
+
+/// The connection carries no protocol parsed here (any more): its bytes are left alone, and a
+/// client's is reported for the injector to stop watching.
+fn stop_parsing(
+    conn: &mut Conn,
+    stats: &mut TrackerStats,
+    clients_to_release: &mut Vec<(SocketAddr, SocketAddr)>,
+) {
+    conn.proto = Proto::Opaque;
+    stats.not_parsed += 1;
+    report_release(
+        &mut conn.release,
+        (conn.local, conn.remote),
+        clients_to_release,
+    );
 }
 
 /// Adds a connection to `out` once, if it is a client's whose addresses are known.
@@ -1318,12 +1322,8 @@ mod tests {
                 data_record(3, 8, 4, 2_000, false, &ok.repeat(3)),
             ],
         );
-        let seqs: Vec<_> = out
-            .iter()
-            .map(|(ex, info, _)| (ex.side(), info.request_seq))
-            .collect();
         assert_eq!(
-            seqs,
+            request_seqs(&out),
             [
                 (Side::Server, Some(900)),
                 (Side::Server, Some(900 + get.len() as u32)),
@@ -1333,35 +1333,48 @@ mod tests {
         );
     }
 
+    /// Each exchange's side and the sequence number it is linked by.
+    fn request_seqs(out: &[Finished]) -> Vec<(Side, Option<u32>)> {
+        out.iter()
+            .map(|(ex, info, _)| (ex.side(), info.request_seq))
+            .collect()
+    }
+
+    /// An OpenSSL call's plaintext on connection `(tgid, fd, conn_id)`; a read's carries
+    /// `read_seq`, the sequence number of the first ciphertext byte it read.
+    fn ssl_call(
+        (tgid, fd, conn_id): (u32, u32, u64),
+        ts: u64,
+        ingress: bool,
+        payload: &[u8],
+        read_seq: u32,
+    ) -> Vec<u8> {
+        data_record_with(tgid, fd, conn_id, ts, ingress, payload, |e| {
+            e.syscall = if ingress {
+                e.seq = read_seq;
+                e.seq_valid = 1;
+                tracer_common::SYSCALL_SSL_READ
+            } else {
+                tracer_common::SYSCALL_SSL_WRITE
+            };
+        })
+    }
+
     /// Over TLS a call's sequence number is its first ciphertext byte's: a command that began
     /// later in the plaintext it read has none (the offset is in plaintext).
     #[test]
     fn pipelined_commands_over_tls_link_the_first_only() {
         let mut t = ConnTracker::new(TrackerConfig::default());
-        let tls = |ts: u64, ingress: bool, payload: &[u8]| {
-            data_record_with(3, 8, 4, ts, ingress, payload, |e| {
-                e.seq = 7_000;
-                e.seq_valid = 1;
-                e.syscall = if ingress {
-                    tracer_common::SYSCALL_SSL_READ
-                } else {
-                    tracer_common::SYSCALL_SSL_WRITE
-                };
-            })
-        };
+        let pings = b"*1\r\n$4\r\nPING\r\n*1\r\n$4\r\nPING\r\n";
         let out = feed(
             &mut t,
             &[
-                tls(1_000, true, b"*1\r\n$4\r\nPING\r\n*1\r\n$4\r\nPING\r\n"),
-                tls(2_000, false, b"+PONG\r\n+PONG\r\n"),
+                ssl_call((3, 8, 4), 1_000, true, pings, 7_000),
+                ssl_call((3, 8, 4), 2_000, false, b"+PONG\r\n+PONG\r\n", 0),
             ],
         );
-        let seqs: Vec<_> = out
-            .iter()
-            .map(|(ex, info, _)| (ex.side(), info.request_seq))
-            .collect();
         assert_eq!(
-            seqs,
+            request_seqs(&out),
             [(Side::Server, Some(7_000)), (Side::Server, None)],
             "{out:#?}"
         );
@@ -1373,15 +1386,7 @@ mod tests {
         // The request's call read from the first byte of a record: the kernel gives the
         // record's sequence number.
         let tls = |ts: u64, ingress: bool, payload: &[u8]| {
-            data_record_with(9, 4, 3, ts, ingress, payload, |e| {
-                e.syscall = if ingress {
-                    e.seq = 5_000;
-                    e.seq_valid = 1;
-                    tracer_common::SYSCALL_SSL_READ
-                } else {
-                    tracer_common::SYSCALL_SSL_WRITE
-                };
-            })
+            ssl_call((9, 4, 3), ts, ingress, payload, 5_000)
         };
         let out = feed(
             &mut t,

@@ -1192,6 +1192,17 @@ fn cgroup2_root() -> Result<std::path::PathBuf, String> {
     Ok(CGROUP2_PRIVATE.into())
 }
 
+/// Program `name` of `ebpf`, as its kind `T`.
+fn program_as<'a, T>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut T, String>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    ebpf.program_mut(name)
+        .ok_or_else(|| format!("no {name} program"))?
+        .try_into()
+        .map_err(|e: aya::programs::ProgramError| e.to_string())
+}
+
 /// Loads the injector: the sock_ops program, for the root cgroup (it sees every connection the
 /// host makes and keeps only those of traced processes), and the sk_msg program, for the
 /// socket map; fills in the destinations it is limited to.
@@ -1217,19 +1228,11 @@ fn load_injector(ebpf: &mut Ebpf, opts: &InjectOptions) -> Result<(), String> {
         nets.insert(&Key::new(bits, addr), 1, 0)
             .map_err(|e| e.to_string())?;
     }
-    let sockops: &mut SockOps = ebpf
-        .program_mut("tracer_sockops")
-        .ok_or("no tracer_sockops program")?
-        .try_into()
-        .map_err(|e: aya::programs::ProgramError| e.to_string())?;
+    let sockops: &mut SockOps = program_as(ebpf, "tracer_sockops")?;
     sockops
         .load()
         .map_err(|e| format!("sock_ops program: {e}"))?;
-    let sk_msg: &mut SkMsg = ebpf
-        .program_mut("tracer_inject")
-        .ok_or("no tracer_inject program")?
-        .try_into()
-        .map_err(|e: aya::programs::ProgramError| e.to_string())?;
+    let sk_msg: &mut SkMsg = program_as(ebpf, "tracer_inject")?;
     sk_msg.load().map_err(|e| format!("sk_msg program: {e}"))
 }
 
@@ -1249,11 +1252,7 @@ fn attach_injector(ebpf: &mut Ebpf) -> Result<aya::maps::SockHash<MapData, SockK
     if rc != 0 || sfs.f_type as i64 != CGROUP2_SUPER_MAGIC {
         return Err(format!("{} is not a cgroup v2 hierarchy", root.display()));
     }
-    let sockops: &mut SockOps = ebpf
-        .program_mut("tracer_sockops")
-        .ok_or("no tracer_sockops program")?
-        .try_into()
-        .map_err(|e: aya::programs::ProgramError| e.to_string())?;
+    let sockops: &mut SockOps = program_as(ebpf, "tracer_sockops")?;
     sockops
         // With BPF links (which aya uses where the kernel has them) several programs share a
         // cgroup whatever the mode, and link_create refuses the multi flag: use the default.
@@ -1269,11 +1268,7 @@ fn attach_injector(ebpf: &mut Ebpf) -> Result<aya::maps::SockHash<MapData, SockK
     let sockets: SockHash<MapData, SockKey> =
         SockHash::try_from(ebpf.take_map("SOCKETS").ok_or("no SOCKETS map")?)
             .map_err(|e| e.to_string())?;
-    let sk_msg: &mut SkMsg = ebpf
-        .program_mut("tracer_inject")
-        .ok_or("no tracer_inject program")?
-        .try_into()
-        .map_err(|e: aya::programs::ProgramError| e.to_string())?;
+    let sk_msg: &mut SkMsg = program_as(ebpf, "tracer_inject")?;
     sk_msg
         .attach(sockets.fd())
         .map_err(|e| format!("attaching sk_msg: {e}"))?;
