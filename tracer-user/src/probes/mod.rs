@@ -372,28 +372,37 @@ impl Probes {
             }
         };
         let raw = raw_kind.is_some();
-        for a in ATTACHMENTS {
-            if (raw || socket_layer) && a.category == "syscalls" {
-                continue;
-            }
-            let program: &mut TracePoint = ebpf
-                .program_mut(a.program)
+        fn tracepoint<'a>(
+            ebpf: &'a mut Ebpf,
+            a: &Attachment,
+        ) -> Result<&'a mut TracePoint, ProbeError> {
+            ebpf.program_mut(a.program)
                 .ok_or(ProbeError::Map(a.program))?
                 .try_into()
                 .map_err(|source| ProbeError::Program {
                     name: a.program,
                     source,
-                })?;
-            if let Err(source) = program.load() {
-                if a.required {
+                })
+        }
+        // All loaded before any is attached, as above.
+        let mut loaded = Vec::new();
+        for a in ATTACHMENTS {
+            if (raw || socket_layer) && a.category == "syscalls" {
+                continue;
+            }
+            match tracepoint(&mut ebpf, a)?.load() {
+                Ok(()) => loaded.push(a),
+                Err(source) if a.required => {
                     return Err(ProbeError::Program {
                         name: a.program,
                         source,
                     });
                 }
-                skipped.push(format!("{} ({source})", a.program));
-                continue;
+                Err(source) => skipped.push(format!("{} ({source})", a.program)),
             }
+        }
+        for a in loaded {
+            let program = tracepoint(&mut ebpf, a)?;
             let mut attached_here = 0;
             let mut last_error = None;
             for tp in a.tracepoints {
@@ -1096,8 +1105,8 @@ fn attach_btf_syscalls(ebpf: &mut Ebpf) -> Result<(), aya::programs::ProgramErro
 /// Loads and attaches BTF-typed programs, `(program, tracepoint)`, all or none: a half
 /// attached set (a send seen without its connection's close, an enter without its exit) is
 /// worse than none, so the ones done are taken down again on a failure. All are loaded before
-/// any is attached: the verifier takes about a second over them, a second of events that
-/// would otherwise wait unread (and a send could be seen without the close of its socket).
+/// any is attached: the verifier takes most of a second over them, in which what the first
+/// attached captured would wait unread.
 fn attach_btf_tracepoints(
     ebpf: &mut Ebpf,
     list: &[(&str, &str)],
