@@ -242,13 +242,22 @@ fn name_is(buf: &[u8], at: usize, name: &[u8]) -> bool {
     true
 }
 
-/// State of one head scan, shared with the `bpf_loop` callback.
+/// What one head scan looks at, passed to the `bpf_loop` callback; read-only there.
 #[repr(C)]
 struct ScanState {
     /// Which per-CPU buffer holds the head: `SRC_EVENT` (the data event's payload) or
     /// `SRC_MSG` (the sk_msg copy).
     source: u64,
     len: u64,
+}
+
+/// Where `scan_head`'s search is and what it found. In a map, not on the stack: the verifier
+/// tracks stack values exactly, and values it knows step by step made it verify the loop body
+/// once per position and what followed the loop once per result (360k instructions and 1.5 s
+/// for the sk_msg program); a map value is just a bounded unknown.
+#[repr(C)]
+struct ScanRun {
+    pos: u64,
     line_end: u64,
     complete: u64,
     has_context: u64,
@@ -259,11 +268,8 @@ struct ScanState {
     tp_sampled: u64,
 }
 
-/// Where `scan_head`'s search resumes. In a map, not in `ScanState` on the stack: the verifier
-/// tracks stack values exactly, and a position it knows step by step makes it verify the loop
-/// body once per position; a map value is just a bounded unknown.
 #[map]
-static SCAN_POS: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+static SCAN_RUN: PerCpuArray<ScanRun> = PerCpuArray::with_max_entries(1, 0);
 
 const SRC_EVENT: u64 = 0;
 const SRC_MSG: u64 = 1;
@@ -275,44 +281,48 @@ fn scan_head(source: u64, len: usize) -> HeadScan {
     // Filled in place a word at a time: a struct of zeros built by value became a call to a
     // byte-at-a-time `memset` (64 iterations, about a fifth of the receive program's own
     // samples in a profile), and so did moving one out of `MaybeUninit`.
-    let mut state = core::mem::MaybeUninit::<ScanState>::uninit();
-    let words = state.as_mut_ptr().cast::<u64>();
-    for i in 0..core::mem::size_of::<ScanState>() / 8 {
-        // SAFETY: `ScanState` is `repr(C)`, all u64 fields: word `i` is inside it.
+    let none = HeadScan {
+        line_end: 0,
+        complete: false,
+        has_context: false,
+        traceparent: None,
+    };
+    let Some(run) = SCAN_RUN.get_ptr_mut(0) else {
+        return none;
+    };
+    // Zeroed a word at a time: a struct of zeros built by value became a call to a
+    // byte-at-a-time `memset` (64 iterations, about a fifth of the receive program's own
+    // samples in a profile).
+    let words = run.cast::<u64>();
+    for i in 0..core::mem::size_of::<ScanRun>() / 8 {
+        // SAFETY: `ScanRun` is `repr(C)`, all u64 fields: word `i` is inside this per-CPU
+        // slot, ours for the program's run.
         unsafe { words.add(i).write_volatile(0) };
     }
-    // SAFETY: every word written above; all zeros is a valid `ScanState`.
-    let st = unsafe { state.assume_init_mut() };
-    st.source = source;
-    st.len = len as u64;
-    let Some(pos) = SCAN_POS.get_ptr_mut(0) else {
-        return HeadScan {
-            line_end: 0,
-            complete: false,
-            has_context: false,
-            traceparent: None,
-        };
+    let mut st = ScanState {
+        source,
+        len: len as u64,
     };
-    // SAFETY: per-CPU slot, ours for this program's run.
-    unsafe { *pos = 0 };
     // SAFETY: the callback only reads `st` and per-CPU maps, and returns within the loop.
     unsafe {
         bpf_loop(
             MAX_STEPS,
             scan_step as *mut core::ffi::c_void,
-            (st as *mut ScanState).cast(),
+            (&mut st as *mut ScanState).cast(),
             0,
         )
     };
+    // SAFETY: as above.
+    let run = unsafe { &*run };
     HeadScan {
-        line_end: st.line_end as usize,
-        complete: st.complete != 0,
-        has_context: st.has_context != 0,
-        traceparent: (st.tp_found != 0).then_some((
-            st.tp_hi,
-            st.tp_lo,
-            st.tp_span,
-            st.tp_sampled != 0,
+        line_end: run.line_end as usize,
+        complete: run.complete != 0,
+        has_context: run.has_context != 0,
+        traceparent: (run.tp_found != 0).then_some((
+            run.tp_hi,
+            run.tp_lo,
+            run.tp_span,
+            run.tp_sampled != 0,
         )),
     }
 }
@@ -388,15 +398,16 @@ fn search_word(buf: &[u8], from: usize, len: usize) -> WordSearch {
 /// stop.
 extern "C" fn scan_step(_index: u64, ctx: *mut core::ffi::c_void) -> i64 {
     // SAFETY: `ctx` is the `ScanState` passed to bpf_loop.
-    let st = unsafe { &mut *(ctx as *mut ScanState) };
+    let st = unsafe { &*(ctx as *const ScanState) };
     let Some(buf) = scan_buffer(st.source) else {
         return 1;
     };
-    let Some(pos) = SCAN_POS.get_ptr_mut(0) else {
+    let Some(run) = SCAN_RUN.get_ptr_mut(0) else {
         return 1;
     };
     // SAFETY: per-CPU slot, ours for this program's run.
-    let pos = unsafe { &mut *pos };
+    let run = unsafe { &mut *run };
+    let pos = &mut run.pos;
     let len = (st.len as usize).min(WINDOW);
     // Up to four words a step: a header line is three or four words long, and a step (a
     // call, and the map lookups above) costs more than searching a word.
@@ -418,15 +429,15 @@ extern "C" fn scan_step(_index: u64, ctx: *mut core::ffi::c_void) -> i64 {
     };
     let at = verifier_bound(i + 1, WINDOW - 1);
     *pos = at as u64;
-    if st.line_end == 0 {
-        st.line_end = at as u64;
+    if run.line_end == 0 {
+        run.line_end = at as u64;
     }
     if at + 1 < len && buf[at] == b'\r' && buf[at + 1] == b'\n' {
-        st.complete = 1;
+        run.complete = 1;
         return 1;
     }
     if name_is(buf, at, b"traceparent:") {
-        st.has_context = 1;
+        run.has_context = 1;
         let mut v = at + 12;
         if v < len && buf[v] == b' ' {
             v += 1;
@@ -443,15 +454,15 @@ extern "C" fn scan_step(_index: u64, ctx: *mut core::ffi::c_void) -> i64 {
                 && (hi | lo) != 0
                 && span != 0
             {
-                st.tp_found = 1;
-                st.tp_hi = hi;
-                st.tp_lo = lo;
-                st.tp_span = span;
-                st.tp_sampled = flags & 1;
+                run.tp_found = 1;
+                run.tp_hi = hi;
+                run.tp_lo = lo;
+                run.tp_span = span;
+                run.tp_sampled = flags & 1;
             }
         }
     } else if name_is(buf, at, b"b3:") || name_is(buf, at, b"x-b3-traceid:") {
-        st.has_context = 1;
+        run.has_context = 1;
     }
     0
 }
