@@ -329,11 +329,11 @@ impl Probes {
         )
         .map_err(|_| ProbeError::Map("SHED_STATE"))?;
 
-        // Everything is loaded first (the verifier took two seconds over the programs here)
-        // and attached after, the programs that report socket calls first: what they capture
-        // waits in the ring buffer until the agent reads it, which begins once this is over.
-        // Attached before the other programs were loaded, they filled the 16 MiB ring of a
-        // saturated server with nobody reading it, and lost events.
+        // Everything is loaded first (the verifier takes about a second over the programs
+        // here, and took three) and attached after, the programs that report socket calls
+        // first: what they capture waits in the ring buffer until the agent reads it, which
+        // begins once this is over. Attached before the other programs were loaded, they
+        // filled the 16 MiB ring of a saturated server with nobody reading it, and lost events.
         let injector =
             (opts.inject.mode != INJECT_OFF).then(|| load_injector(&mut ebpf, &opts.inject));
         let openssl = opts.tls.then(|| openssl::OpenSsl::load(&mut ebpf));
@@ -1105,7 +1105,7 @@ fn attach_btf_syscalls(ebpf: &mut Ebpf) -> Result<(), aya::programs::ProgramErro
 /// Loads and attaches BTF-typed programs, `(program, tracepoint)`, all or none: a half
 /// attached set (a send seen without its connection's close, an enter without its exit) is
 /// worse than none, so the ones done are taken down again on a failure. All are loaded before
-/// any is attached: the verifier takes most of a second over them, in which what the first
+/// any is attached: the verifier may take a second over them, in which what the first
 /// attached captured would wait unread.
 fn attach_btf_tracepoints(
     ebpf: &mut Ebpf,
