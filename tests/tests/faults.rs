@@ -429,12 +429,13 @@ fn a_yielding_capture_thread_keeps_up_with_a_sudden_load() {
     }
 }
 
-/// A tracer started while a server is saturated loses nothing as it starts: the programs that
-/// report socket calls are attached last, when the ring buffer is about to be read, and the
-/// yielding capture thread's watchdog is a normal thread from its start. (Attached before the
-/// seconds the verifier took over the others, they filled the 16 MiB ring with nobody reading
-/// it: 185,000 and 275,000 events lost in two runs of this test; with a watchdog that
-/// inherited SCHED_IDLE and waited a second to run, 3,500 to 26,000 in four of seven.)
+/// A tracer started while a server is saturated loses nothing as it starts: every program is
+/// loaded before any is attached, just before the ring buffer is first read, and the yielding
+/// capture thread's watchdog is a normal thread from its start. (Attached before the seconds
+/// the verifier took over the other programs, the ones that report socket calls filled the
+/// 16 MiB ring with nobody reading it: 185,000 and 275,000 events lost in two runs of this
+/// test; with a watchdog that inherited SCHED_IDLE and waited a second to run, 3,500 to
+/// 26,000 in four of eleven.)
 #[test]
 fn a_start_under_load_loses_no_events() {
     require_root();
