@@ -278,9 +278,6 @@ const SRC_MSG: u64 = 1;
 /// verifier checks one step instead of every path through all of them.
 #[inline(always)]
 fn scan_head(source: u64, len: usize) -> HeadScan {
-    // Filled in place a word at a time: a struct of zeros built by value became a call to a
-    // byte-at-a-time `memset` (64 iterations, about a fifth of the receive program's own
-    // samples in a profile), and so did moving one out of `MaybeUninit`.
     let none = HeadScan {
         line_end: 0,
         complete: false,
@@ -292,7 +289,7 @@ fn scan_head(source: u64, len: usize) -> HeadScan {
     };
     // Zeroed a word at a time: a struct of zeros built by value became a call to a
     // byte-at-a-time `memset` (64 iterations, about a fifth of the receive program's own
-    // samples in a profile).
+    // samples in a profile), and so did moving one out of `MaybeUninit`.
     let words = run.cast::<u64>();
     for i in 0..core::mem::size_of::<ScanRun>() / 8 {
         // SAFETY: `ScanRun` is `repr(C)`, all u64 fields: word `i` is inside this per-CPU
