@@ -320,6 +320,9 @@ async fn event_loop(
     let mut last_stats = std::time::Instant::now();
     let mut last_calibration = std::time::Instant::now();
 
+    if let Some(yielding) = &yielding {
+        yielding.draining();
+    }
     let reason = loop {
         tokio::select! {
             guard = ring.readable_mut() => {

@@ -15,7 +15,8 @@
 //! `SCHED_IDLE` alone would let a host whose CPUs are all busy starve the agent until the ring
 //! buffer overflows. A watchdog thread (a normal one, asleep almost always) looks at the ring's
 //! positions: when unread data piles up or stops moving, the capture thread competes normally
-//! until it has caught up.
+//! until it has caught up. The capture thread starts competing normally, and yields once its
+//! event loop runs and has caught up.
 
 use std::{
     os::fd::{AsRawFd, RawFd},
@@ -139,15 +140,19 @@ fn may_raise_priority() -> bool {
 /// The watchdog of a yielding capture thread; stops when dropped.
 pub struct Yielding {
     stop: Arc<AtomicBool>,
+    /// The capture thread's event loop runs.
+    draining: Arc<AtomicBool>,
     /// Times the capture thread had to compete normally to catch up.
     pub raises: Arc<AtomicU64>,
     watchdog: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Yielding {
-    /// Makes the calling thread (the capture thread, which drains `ring`) yield to every other
-    /// thread, with a watchdog that raises it while the ring backs up. None, with the thread
-    /// left as it was, when that cannot be done safely.
+    /// Starts the watchdog of the calling thread (the capture thread, which drains `ring`): it
+    /// lets the thread yield to every other thread once its event loop runs (see
+    /// [`draining`](Self::draining)) and the ring has been caught up with, and raises it again
+    /// while the ring backs up. None, with the thread left as it was, when that cannot be done
+    /// safely.
     pub fn start(ring: &impl AsRawFd) -> Option<Yielding> {
         if !may_raise_priority() {
             // Not a fault: the thread runs as every thread does, as with `normal`.
@@ -168,50 +173,41 @@ impl Yielding {
         // SAFETY: gettid has no preconditions.
         let tid = unsafe { libc::gettid() };
         let stop = Arc::new(AtomicBool::new(false));
+        let draining = Arc::new(AtomicBool::new(false));
         let raises = Arc::new(AtomicU64::new(0));
-        // Started before this thread yields, so that it does not inherit SCHED_IDLE (on CPUs
-        // a load kept busy its first instruction waited up to a second, while the ring filled
-        // with the capture thread starved too), and looking once it has (a raise before would
-        // be undone).
-        let yielded = Arc::new(AtomicBool::new(false));
+        // The watchdog, a normal thread (spawned from this one while it is still normal, it
+        // does not inherit SCHED_IDLE), makes every change of the capture thread's policy, the
+        // first lowering too: a thread that lowers itself can lose the CPU before its next
+        // instruction, the one that would set a watchdog watching. With busy CPUs that
+        // happened at a start under load in one CI run (36,000 events lost) and in two of
+        // thirteen runs here (the watchdog's first look 1.4 s after the start, the 16 MiB ring
+        // full). And it lowers the thread only once its event loop runs and has caught up, so
+        // that such a start (a ring filling at 20 MiB/s while the agent sets up) never
+        // depends on a rescue.
         let watchdog = {
-            let (stop, raises, yielded) = (stop.clone(), raises.clone(), yielded.clone());
+            let (stop, draining, raises) = (stop.clone(), draining.clone(), raises.clone());
             std::thread::Builder::new()
                 .name("tracer-watchdog".into())
-                .spawn(move || {
-                    while !yielded.load(Ordering::Acquire) {
-                        if stop.load(Ordering::Relaxed) {
-                            return;
-                        }
-                        std::thread::park();
-                    }
-                    watch(tid, &positions, &stop, &raises);
-                })
+                .spawn(move || watch(tid, &positions, &stop, &draining, &raises))
         };
-        let watchdog = match watchdog {
-            Ok(handle) => handle,
+        match watchdog {
+            Ok(handle) => Some(Yielding {
+                stop,
+                draining,
+                raises,
+                watchdog: Some(handle),
+            }),
             Err(e) => {
                 warn!("the capture thread competes for CPU normally: no watchdog thread ({e})");
-                return None;
+                None
             }
-        };
-        let yielding = Yielding {
-            stop,
-            raises,
-            watchdog: Some(watchdog),
-        };
-        if let Err(e) = set_policy(tid, true) {
-            warn!("the capture thread competes for CPU normally: cannot set SCHED_IDLE ({e})");
-            // Dropping it stops the watchdog.
-            drop(yielding);
-            return None;
         }
-        yielded.store(true, Ordering::Release);
-        if let Some(handle) = &yielding.watchdog {
-            handle.thread().unpark();
-        }
-        info!("the capture thread yields the CPU to other programs (SCHED_IDLE)");
-        Some(yielding)
+    }
+
+    /// Tells the watchdog that the capture thread's event loop runs: the thread may yield once
+    /// it has caught up.
+    pub fn draining(&self) {
+        self.draining.store(true, Ordering::Relaxed);
     }
 }
 
@@ -235,13 +231,26 @@ enum Verdict {
 
 /// The watchdog's memory between looks.
 struct Watch {
+    /// The capture thread competes normally (as it starts).
     raised: bool,
+    /// The capture thread's event loop runs.
+    draining: bool,
     last_consumer: u64,
     /// Since when unread data has been waiting with the consumer not moving.
     stalled_since: Option<Instant>,
 }
 
 impl Watch {
+    /// As the capture thread starts: competing normally, its event loop not yet running.
+    fn new(consumer: u64) -> Watch {
+        Watch {
+            raised: true,
+            draining: false,
+            last_consumer: consumer,
+            stalled_since: None,
+        }
+    }
+
     fn look(&mut self, consumer: u64, unread: u64, now: Instant) -> Verdict {
         if unread == 0 || consumer != self.last_consumer {
             self.stalled_since = None;
@@ -258,7 +267,7 @@ impl Watch {
                 Verdict::Raise
             }
             // Caught up: what is left is less than one look's worth at a busy rate.
-            (true, false) if unread < BACKLOG_BYTES / 8 => {
+            (true, false) if self.draining && unread < BACKLOG_BYTES / 8 => {
                 self.raised = false;
                 Verdict::Lower
             }
@@ -267,13 +276,17 @@ impl Watch {
     }
 }
 
-fn watch(tid: libc::pid_t, ring: &RingPositions, stop: &AtomicBool, raises: &AtomicU64) {
-    let mut state = Watch {
-        raised: false,
-        last_consumer: ring.read().0,
-        stalled_since: None,
-    };
+fn watch(
+    tid: libc::pid_t,
+    ring: &RingPositions,
+    stop: &AtomicBool,
+    draining: &AtomicBool,
+    raises: &AtomicU64,
+) {
+    let mut state = Watch::new(ring.read().0);
+    let mut yielded_before = false;
     while !stop.load(Ordering::Relaxed) {
+        state.draining = draining.load(Ordering::Relaxed);
         let (consumer, unread) = ring.read();
         match state.look(consumer, unread, Instant::now()) {
             Verdict::Raise => {
@@ -282,6 +295,16 @@ fn watch(tid: libc::pid_t, ring: &RingPositions, stop: &AtomicBool, raises: &Ato
                 if let Err(e) = set_policy(tid, false) {
                     warn!("cannot raise the capture thread's priority: {e}");
                 }
+            }
+            Verdict::Lower if !yielded_before => {
+                if let Err(e) = set_policy(tid, true) {
+                    warn!(
+                        "the capture thread competes for CPU normally: cannot set SCHED_IDLE ({e})"
+                    );
+                    return;
+                }
+                yielded_before = true;
+                info!("the capture thread yields the CPU to other programs (SCHED_IDLE)");
             }
             Verdict::Lower => {
                 debug!("capture thread caught up: yielding again");
@@ -297,12 +320,28 @@ fn watch(tid: libc::pid_t, ring: &RingPositions, stop: &AtomicBool, raises: &Ato
 mod tests {
     use super::*;
 
+    /// A watchdog past the start: the capture thread's loop runs, and it yields.
     fn watch() -> Watch {
         Watch {
             raised: false,
+            draining: true,
             last_consumer: 0,
             stalled_since: None,
         }
+    }
+
+    #[test]
+    fn the_capture_thread_yields_only_once_its_loop_runs_and_has_caught_up() {
+        let t = Instant::now();
+        let mut w = Watch::new(0);
+        // Setting up, however much or little is waiting.
+        assert_eq!(w.look(0, 0, t), Verdict::Keep);
+        assert_eq!(w.look(0, BACKLOG_BYTES * 4, t + STALL * 2), Verdict::Keep);
+        // Draining a backlog: still behind.
+        w.draining = true;
+        assert_eq!(w.look(100, BACKLOG_BYTES, t), Verdict::Keep);
+        assert_eq!(w.look(200, BACKLOG_BYTES / 16, t), Verdict::Lower);
+        assert_eq!(w.look(300, BACKLOG_BYTES, t), Verdict::Raise);
     }
 
     #[test]
