@@ -436,7 +436,7 @@ fn a_yielding_capture_thread_keeps_up_with_a_sudden_load() {
 /// calls filled the 16 MiB ring with nobody reading it: 185,000 and 275,000 events lost in two
 /// runs of this test; with a watchdog that inherited SCHED_IDLE and waited a second to run,
 /// 3,500 to 26,000 in four of eleven; with a capture thread that lowered itself and lost the
-/// CPU before it set its watchdog watching, 36,000 in one CI run, and 28,000 and 6,800 in two
+/// CPU before it set its watchdog watching, 36,000 in one CI run, and 28,000 and over 6,800 in two
 /// of thirteen runs here with two more busy loops.)
 #[test]
 fn a_start_under_load_loses_no_events() {
