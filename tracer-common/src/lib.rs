@@ -38,7 +38,7 @@ pub enum EventKind {
 }
 
 impl EventKind {
-    pub fn from_u32(v: u32) -> Option<Self> {
+    pub fn from_u16(v: u16) -> Option<Self> {
         Some(match v {
             1 => Self::Data,
             2 => Self::ConnOpen,
@@ -56,7 +56,12 @@ impl EventKind {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct EventHeader {
-    pub kind: u32,
+    /// An [`EventKind`].
+    pub kind: u16,
+    /// Events lost to a full ring buffer before this one was written, on all CPUs (a wrapping
+    /// count): where it changed between two records, what went between them may be among the
+    /// lost, which for a connection that closes is its last response.
+    pub losses: u16,
     /// Process id (thread group id).
     pub tgid: u32,
     /// Thread id.

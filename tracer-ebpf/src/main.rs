@@ -11,6 +11,9 @@
 //! (per-turn sampling of the processes the agent sheds).
 #![no_std]
 #![no_main]
+// `atomic_xadd`: the BPF target's core has no atomic read-modify-write types.
+#![feature(core_intrinsics)]
+#![allow(internal_features)]
 
 /// One field of the load-time `CONFIG`. `Global::load` copies the whole value with a volatile
 /// read that LLVM may not shrink to the fields used: each call site's copy took stack slots of
@@ -235,6 +238,30 @@ fn wakeup_flags() -> u64 {
     }
     *woke = 1;
     BPF_RB_FORCE_WAKEUP
+}
+
+/// Events lost to a full ring buffer, on all CPUs: the count every record carries
+/// (`EventHeader::losses`).
+#[map]
+static LOSSES: Array<u64> = Array::with_max_entries(1, 0);
+
+/// Counts an event the ring buffer had no room for.
+#[inline(always)]
+fn event_lost() {
+    count(stat::RINGBUF_LOST);
+    if let Some(ptr) = LOSSES.get_ptr_mut(0) {
+        use core::intrinsics::{AtomicOrdering, atomic_xadd};
+        // SAFETY: a map value of this program's, aligned for a u64; other CPUs add to it too
+        // (a BPF atomic add).
+        unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(ptr, 1) };
+    }
+}
+
+/// The events lost so far, for the header of a record about to be written.
+#[inline(always)]
+fn losses() -> u16 {
+    // SAFETY: a plain load of the map value (a racing add is either in or not).
+    LOSSES.get(0).map_or(0, |n| *n as u16)
 }
 
 #[inline(always)]

@@ -183,7 +183,8 @@ pub fn track_socket(pid_tgid: u64, fd: u32, sk: *const u8, role: u16) -> Option<
     let conn_id = ts_ns;
     let mut ev = ConnEvent {
         hdr: EventHeader {
-            kind: EventKind::ConnOpen as u32,
+            kind: EventKind::ConnOpen as u16,
+            losses: crate::losses(),
             tgid,
             tid: pid_tgid as u32,
             fd,
@@ -227,7 +228,7 @@ pub fn track_socket(pid_tgid: u64, fd: u32, sk: *const u8, role: u16) -> Option<
         .output::<ConnEvent>(&ev, crate::wakeup_flags())
         .is_err()
     {
-        count(stat::RINGBUF_LOST);
+        crate::event_lost();
     }
     Some(ConnState {
         conn_id,
@@ -308,7 +309,8 @@ pub fn next_seq(sk: u64, egress: bool) -> Option<u32> {
 #[inline(always)]
 pub fn header_only(kind: EventKind, tgid: u32, tid: u32, fd: u32, conn_id: u64) {
     let hdr = EventHeader {
-        kind: kind as u32,
+        kind: kind as u16,
+        losses: crate::losses(),
         tgid,
         tid,
         fd,
@@ -319,7 +321,7 @@ pub fn header_only(kind: EventKind, tgid: u32, tid: u32, fd: u32, conn_id: u64) 
         .output::<EventHeader>(&hdr, crate::wakeup_flags())
         .is_err()
     {
-        count(stat::RINGBUF_LOST);
+        crate::event_lost();
     }
 }
 

@@ -273,7 +273,8 @@ pub fn emit_data(saved: &SavedArgs, len: u64, pid_tgid: u64, end_ns: u64) {
     }
     let ev = &mut scratch.event;
     ev.hdr = EventHeader {
-        kind: EventKind::Data as u32,
+        kind: EventKind::Data as u16,
+        losses: crate::losses(),
         tgid: (pid_tgid >> 32) as u32,
         tid: pid_tgid as u32,
         fd: saved.fd,
@@ -322,7 +323,7 @@ pub fn emit_data(saved: &SavedArgs, len: u64, pid_tgid: u64, end_ns: u64) {
     let bytes =
         unsafe { core::slice::from_raw_parts(scratch as *const DataScratch as *const u8, size) };
     if EVENTS.output::<[u8]>(bytes, crate::wakeup_flags()).is_err() {
-        count(stat::RINGBUF_LOST);
+        crate::event_lost();
     } else {
         count(stat::DATA_EVENTS);
     }

@@ -41,7 +41,8 @@ fn bytes_of<T: Copy>(v: &T) -> Vec<u8> {
 
 fn header(kind: EventKind, fd: u32, ts_ns: u64) -> EventHeader {
     EventHeader {
-        kind: kind as u32,
+        kind: kind as u16,
+        losses: 0,
         tgid: TGID,
         tid: TGID,
         fd,
@@ -90,7 +91,8 @@ fn data_record(fd: u32, ts_ns: u64, ingress: bool, payload: &[u8], n: u64) -> Ve
         } else {
             TraceCtx::default()
         },
-        seq: (n as u32).wrapping_mul(81),
+        // The connection's requests follow one another in its byte stream.
+        seq: ((n / u64::from(CONNS)) as u32).wrapping_mul(payload.len() as u32),
         seq_valid: u32::from(ingress),
         start_ns: ts_ns,
     };

@@ -568,8 +568,16 @@ fn stats_line(
     } else {
         String::new()
     };
+    let holes = if t.holes > 0 {
+        format!(
+            "; bytes unseen (lost events): {} holes in connections, {} requests dropped there",
+            t.holes, t.hole_requests
+        )
+    } else {
+        String::new()
+    };
     format!(
-        "events: {} data, {} lost, {} undecodable; connections: {} open, {} evicted; requests: {}; links: {} linked, {} left unlinked (uncertain), {} joined incoming context; spans: {} exported, {} dropped (queue full), {} failed{injection}{shedding}",
+        "events: {} data, {} lost, {} undecodable; connections: {} open, {} evicted; requests: {}; links: {} linked, {} left unlinked (uncertain), {} joined incoming context; spans: {} exported, {} dropped (queue full), {} failed{holes}{injection}{shedding}",
         k[stat::DATA_EVENTS as usize],
         k[stat::RINGBUF_LOST as usize],
         decode_errors,
@@ -651,6 +659,20 @@ fn render_metrics(
         "counter",
         "Requests dropped unfinished because their connection's capture had a gap (shedding).",
         t.gap_requests,
+    );
+    metric(
+        &mut out,
+        "tracer_connection_holes_total",
+        "counter",
+        "Places where a connection's bytes went unseen (events lost to a full ring buffer), found by TCP sequence numbers.",
+        t.holes,
+    );
+    metric(
+        &mut out,
+        "tracer_hole_requests_total",
+        "counter",
+        "Requests dropped unfinished where their connection's bytes went unseen.",
+        t.hole_requests,
     );
     metric(
         &mut out,

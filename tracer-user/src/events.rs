@@ -57,7 +57,7 @@ pub enum DecodeError {
     #[error("record of {got} bytes is shorter than its {want}-byte header")]
     TooShort { want: usize, got: usize },
     #[error("unknown event kind {0}")]
-    UnknownKind(u32),
+    UnknownKind(u16),
     #[error("data record claims {claimed} payload bytes but carries {carried}")]
     SizeMismatch { claimed: usize, carried: usize },
     #[error("unknown address family {0}")]
@@ -80,7 +80,7 @@ fn read_pod<T: Copy>(bytes: &[u8]) -> Result<T, DecodeError> {
 
 pub fn decode(bytes: &[u8]) -> Result<Event<'_>, DecodeError> {
     let hdr: EventHeader = read_pod(bytes)?;
-    let kind = EventKind::from_u32(hdr.kind).ok_or(DecodeError::UnknownKind(hdr.kind))?;
+    let kind = EventKind::from_u16(hdr.kind).ok_or(DecodeError::UnknownKind(hdr.kind))?;
     Ok(match kind {
         EventKind::Data => {
             let ev: DataEvent = read_pod(bytes)?;
@@ -186,7 +186,8 @@ pub(crate) mod tests {
     ) -> Vec<u8> {
         let mut ev = DataEvent {
             hdr: EventHeader {
-                kind: EventKind::Data as u32,
+                kind: EventKind::Data as u16,
+                losses: 0,
                 tgid,
                 tid: tgid,
                 fd,
@@ -228,7 +229,8 @@ pub(crate) mod tests {
     ) -> Vec<u8> {
         let mut ev = ConnEvent {
             hdr: EventHeader {
-                kind: EventKind::ConnOpen as u32,
+                kind: EventKind::ConnOpen as u16,
+                losses: 0,
                 tgid,
                 tid: tgid,
                 fd,
@@ -248,7 +250,8 @@ pub(crate) mod tests {
 
     pub fn header_record(kind: EventKind, tgid: u32, fd: u32, conn_id: u64, ts: u64) -> Vec<u8> {
         as_bytes(&EventHeader {
-            kind: kind as u32,
+            kind: kind as u16,
+            losses: 0,
             tgid,
             tid: tgid,
             fd,
@@ -327,7 +330,8 @@ pub(crate) mod tests {
     fn conn_open_v6_and_mapped_v4() {
         let mut ev = ConnEvent {
             hdr: EventHeader {
-                kind: EventKind::ConnOpen as u32,
+                kind: EventKind::ConnOpen as u16,
+                losses: 0,
                 ..Default::default()
             },
             family: 10,

@@ -105,7 +105,8 @@ const CONN_ID: u64 = 1;
 fn open_record() -> Vec<u8> {
     let mut ev = ConnEvent {
         hdr: EventHeader {
-            kind: EventKind::ConnOpen as u32,
+            kind: EventKind::ConnOpen as u16,
+            losses: 0,
             tgid: TGID,
             tid: TGID,
             fd: FD,
@@ -127,7 +128,8 @@ fn open_record() -> Vec<u8> {
 fn data_record(ts: u64, ingress: bool, seq: u32, payload: &[u8]) -> Vec<u8> {
     let ev = DataEvent {
         hdr: EventHeader {
-            kind: EventKind::Data as u32,
+            kind: EventKind::Data as u16,
+            losses: 0,
             tgid: TGID,
             tid: TGID,
             fd: FD,
@@ -234,8 +236,14 @@ fn per_request() -> PerRequest {
     let (mut tracking, mut building, mut exporting, mut held) = (0, 0, 0, 0);
     for i in 0..warm_up + requests {
         let ts = 1_000_000 + i * 10_000;
-        let request = data_record(ts, true, 1000 + i as u32 * 1000, REQUEST);
-        let response = data_record(ts + 5_000, false, 9000 + i as u32 * 1000, RESPONSE);
+        // Each direction's bytes follow on from the last (a jump would be bytes unseen).
+        let request = data_record(ts, true, 1000 + i as u32 * REQUEST.len() as u32, REQUEST);
+        let response = data_record(
+            ts + 5_000,
+            false,
+            9000 + i as u32 * RESPONSE.len() as u32,
+            RESPONSE,
+        );
         if i % DRAIN == 0 {
             // The agent drains the ring every few milliseconds: the exporter has long read
             // the last chunk.

@@ -16,7 +16,7 @@ use std::{
     sync::Arc,
 };
 
-use tracer_common::{CTX_INJECTED, is_tls_plaintext};
+use tracer_common::{CTX_INJECTED, EventHeader, is_tls_plaintext};
 
 use self::link::{Identity, LinkStats, Linker};
 use crate::{
@@ -81,6 +81,11 @@ pub struct TrackerStats {
     pub tls_conns: u64,
     /// Requests dropped unfinished by a gap in their connection's capture (shedding).
     pub gap_requests: u64,
+    /// Holes found in connections' byte streams by TCP sequence numbers: bytes went unseen
+    /// (their events lost to a full ring buffer, or moved by calls that are not hooked).
+    pub holes: u64,
+    /// Requests dropped unfinished at such holes.
+    pub hole_requests: u64,
 }
 
 struct Process {
@@ -107,6 +112,12 @@ struct Conn {
     reset: bool,
     last_ns: u64,
     release: Release,
+    /// Per direction (egress, ingress), the TCP sequence number the next bytes should start at,
+    /// when known: where the last record of that direction ended.
+    next_seq: [Option<u32>; 2],
+    /// The kernel's count of lost events when its last record was written
+    /// (`EventHeader::losses`).
+    losses: u16,
 }
 
 impl Conn {
@@ -304,14 +315,12 @@ impl ConnTracker {
                 self.process_named(hdr.tgid, comm);
                 // The fd was reused without a close we saw: finish the old connection first.
                 if let Some(old) = self.conns.remove(&key) {
-                    self.finish(key, old, hdr.ts_ns, out);
+                    self.finish(key, old, hdr.ts_ns, Some(hdr.losses), out);
                 }
                 self.ensure_capacity(out);
                 let ignored = !self.port_allowed(local, remote);
-                self.conns.insert(
-                    key,
-                    Conn::new(hdr.conn_id, *local, *remote, ignored, hdr.ts_ns),
-                );
+                self.conns
+                    .insert(key, Conn::new(&hdr, *local, *remote, ignored));
                 self.stats.conns_opened += 1;
             }
             Event::Data {
@@ -330,21 +339,20 @@ impl ConnTracker {
                     .get(&key)
                     .is_some_and(|c| c.conn_id != hdr.conn_id);
                 if stale && let Some(old) = self.conns.remove(&key) {
-                    self.finish(key, old, hdr.ts_ns, out);
+                    self.finish(key, old, hdr.ts_ns, Some(hdr.losses), out);
                 }
                 if !self.conns.contains_key(&key) {
                     self.ensure_capacity(out);
                     self.stats.conns_adopted += 1;
                     let ignored = !self.config.ports.is_empty();
-                    self.conns.insert(
-                        key,
-                        Conn::new(hdr.conn_id, UNSPECIFIED, UNSPECIFIED, ignored, hdr.ts_ns),
-                    );
+                    self.conns
+                        .insert(key, Conn::new(&hdr, UNSPECIFIED, UNSPECIFIED, ignored));
                 }
                 let Some(conn) = self.conns.get_mut(&key) else {
                     return;
                 };
                 conn.last_ns = hdr.ts_ns;
+                conn.losses = hdr.losses;
                 if conn.ignored {
                     return;
                 }
@@ -372,6 +380,24 @@ impl ConnTracker {
                 }
                 if matches!(conn.proto, Proto::Opaque) {
                     return;
+                }
+                // Events lost to a full ring buffer leave holes the parsers cannot see: a lost
+                // response would have the next one answer its request, and every later request
+                // on the connection its neighbour's. The TCP sequence numbers show them: a
+                // record that begins past where the last of its direction ended follows unseen
+                // bytes, and what the connection was waiting for is dropped there, as at a gap
+                // in capture. (Not over TLS: a plaintext record's number is its ciphertext's.)
+                if !plaintext && let Some(seq) = *seq {
+                    let d = dir as usize;
+                    if conn.next_seq[d].is_some_and(|next| seq.wrapping_sub(next) as i32 > 0) {
+                        self.stats.holes += 1;
+                        self.stats.hole_requests += conn.gap() as u64;
+                        self.linker.conn_gap(key);
+                    }
+                    // A send the kernel added a trace context header to moved more bytes than
+                    // it reports: where it ended is not known.
+                    conn.next_seq[d] =
+                        (ctx.flags & CTX_INJECTED == 0).then(|| seq.wrapping_add(*len as u32));
                 }
                 let segment = Segment {
                     dir,
@@ -478,6 +504,8 @@ impl ConnTracker {
                 {
                     self.stats.gap_requests += conn.gap() as u64;
                     self.linker.conn_gap(key);
+                    // Calls went uncaptured: the next bytes may begin anywhere.
+                    conn.next_seq = [None; 2];
                 }
             }
             Event::ConnReset(_) => {
@@ -495,7 +523,7 @@ impl ConnTracker {
                     && let Some(conn) = self.conns.remove(&key)
                 {
                     self.stats.conns_closed += 1;
-                    self.finish(key, conn, hdr.ts_ns, out);
+                    self.finish(key, conn, hdr.ts_ns, Some(hdr.losses), out);
                 }
             }
             // After exec the pid is another program (name, libraries), and the fds it closed
@@ -511,7 +539,7 @@ impl ConnTracker {
                 for k in keys {
                     if let Some(conn) = self.conns.remove(&k) {
                         self.stats.conns_closed += 1;
-                        self.finish(k, conn, hdr.ts_ns, out);
+                        self.finish(k, conn, hdr.ts_ns, Some(hdr.losses), out);
                     }
                 }
                 // The pid may be reused by an unrelated program: forget its name.
@@ -560,7 +588,7 @@ impl ConnTracker {
         for (key, last) in by_age.into_iter().take(n) {
             if let Some(conn) = self.conns.remove(&key) {
                 self.stats.conns_evicted += 1;
-                self.finish(key, conn, last, out);
+                self.finish(key, conn, last, None, out);
             }
         }
     }
@@ -571,12 +599,27 @@ impl ConnTracker {
             || self.config.ports.contains(&remote.port())
     }
 
-    fn finish(&mut self, key: (u32, u32), mut conn: Conn, ts_ns: u64, out: &mut Vec<Finished>) {
+    /// Ends connection `key` at `ts_ns`, told by an event written when `losses` events had
+    /// been lost (none when it is evicted).
+    fn finish(
+        &mut self,
+        key: (u32, u32),
+        mut conn: Conn,
+        ts_ns: u64,
+        losses: Option<u16>,
+        out: &mut Vec<Finished>,
+    ) {
         if conn.ignored {
             return;
         }
         if self.shed.contains(&key.0) {
             self.stats.gap_requests += conn.gap() as u64;
+        } else if losses.is_some_and(|losses| losses != conn.losses) {
+            // Events were lost since its last record: the response its request waits for,
+            // which no later record of its own will show missing, may be among them (its
+            // close as well, when a new connection in its fd slot ends it). It must not be
+            // reported as never sent.
+            self.stats.hole_requests += conn.gap() as u64;
         }
         match &mut conn.proto {
             Proto::Http(http) => http.close(ts_ns, conn.reset, &mut self.http_out),
@@ -749,9 +792,9 @@ fn push_start(starts: &mut VecDeque<Start>, start: Start) {
 }
 
 impl Conn {
-    fn new(conn_id: u64, local: SocketAddr, remote: SocketAddr, ignored: bool, now: u64) -> Self {
+    fn new(hdr: &EventHeader, local: SocketAddr, remote: SocketAddr, ignored: bool) -> Self {
         Self {
-            conn_id,
+            conn_id: hdr.conn_id,
             local,
             remote,
             ignored,
@@ -759,8 +802,10 @@ impl Conn {
             proto: Proto::new(),
             tls: false,
             reset: false,
-            last_ns: now,
+            last_ns: hdr.ts_ns,
             release: Release::default(),
+            next_seq: [None; 2],
+            losses: hdr.losses,
         }
     }
 }
@@ -932,6 +977,67 @@ mod tests {
         );
     }
 
+    /// A record lost to a full ring buffer leaves a hole the sequence numbers show: the
+    /// requests waiting when a response went unseen are dropped and counted, never answered
+    /// by the responses after it; a gap in capture (shedding) resets what is expected.
+    #[test]
+    fn bytes_unseen_by_sequence_number_drop_what_they_cut() {
+        let mut t = ConnTracker::new(TrackerConfig::default());
+        let (req_b, req_c) = (
+            b"GET /b HTTP/1.1\r\nHost: x\r\n\r\n",
+            b"GET /c HTTP/1.1\r\nHost: x\r\n\r\n",
+        );
+        let not_found = b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n";
+        let at = |ts, ingress, bytes: &[u8], seq| {
+            data_record_with(7, 5, 1, ts, ingress, bytes, |e| {
+                e.seq = seq;
+                e.seq_valid = 1;
+            })
+        };
+        let (rq, rs) = (REQ.len() as u32, RESP.len() as u32);
+        let b = req_b.len() as u32;
+        let c = req_c.len() as u32;
+        let out = feed(
+            &mut t,
+            &[
+                at(1_000, true, REQ, 100),
+                at(2_000, false, RESP, 9_000),
+                at(3_000, true, req_b, 100 + rq),
+                // The response to /b (a 404) went unseen.
+                at(5_000, true, req_c, 100 + rq + b),
+                at(6_000, false, RESP, 9_000 + rs + not_found.len() as u32),
+                at(7_000, true, REQ, 100 + rq + b + c),
+                at(8_000, false, RESP, 9_000 + 2 * rs + not_found.len() as u32),
+            ],
+        );
+        let got: Vec<_> = out
+            .iter()
+            .map(|(ex, _, _)| {
+                let ex = ex.as_http().unwrap();
+                (ex.target().to_string(), ex.req_start_ns, ex.status)
+            })
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("/cats/42".to_string(), 1_000, Some(200)),
+                ("/cats/42".to_string(), 7_000, Some(200))
+            ]
+        );
+        assert_eq!((t.stats().holes, t.stats().hole_requests), (1, 2));
+        // After a gap in capture the next bytes may start anywhere: no hole.
+        let out = feed(
+            &mut t,
+            &[
+                header_record(EventKind::ConnGap, 7, 5, 1, 9_000),
+                at(10_000, true, REQ, 50_000),
+                at(11_000, false, RESP, 90_000),
+            ],
+        );
+        assert_eq!(out.len(), 1);
+        assert_eq!(t.stats().holes, 1);
+    }
+
     /// A connection that closes while its process is shed drops the request it waited on
     /// (its response may have gone by unseen) instead of reporting it unanswered; once
     /// capture is back, a close reports as ever.
@@ -947,6 +1053,31 @@ mod tests {
         assert!(out.is_empty());
         assert_eq!(t.stats().gap_requests, 1);
         t.set_shed(7, false);
+        let out = feed(
+            &mut t,
+            &[
+                data_record(7, 6, 2, 10_000, true, REQ),
+                header_record(EventKind::ConnClose, 7, 6, 2, 11_000),
+            ],
+        );
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].0.as_http().unwrap().status, None);
+    }
+
+    /// A connection that closes after events were lost, with no record of its own since,
+    /// drops the request it waited on (the response may have been lost) instead of reporting
+    /// it unanswered; one with a record after the loss reports as ever.
+    #[test]
+    fn a_close_after_lost_events_reports_nothing_unanswered() {
+        let mut t = ConnTracker::new(TrackerConfig::default());
+        feed(&mut t, &[data_record(7, 5, 1, 1_000, true, REQ)]);
+        // Written after an event was lost.
+        let mut close = header_record(EventKind::ConnClose, 7, 5, 1, 9_000);
+        let at = std::mem::offset_of!(EventHeader, losses);
+        close[at..at + 2].copy_from_slice(&1u16.to_ne_bytes());
+        let out = feed(&mut t, &[close]);
+        assert!(out.is_empty());
+        assert_eq!(t.stats().hole_requests, 1);
         let out = feed(
             &mut t,
             &[
