@@ -352,7 +352,8 @@ impl ConnTracker {
                     return;
                 };
                 conn.last_ns = hdr.ts_ns;
-                conn.losses = hdr.losses;
+                // Events were lost since its last record (any of them may have been its own).
+                let lost_since = std::mem::replace(&mut conn.losses, hdr.losses) != hdr.losses;
                 if conn.ignored {
                     return;
                 }
@@ -386,18 +387,26 @@ impl ConnTracker {
                 // on the connection its neighbour's. The TCP sequence numbers show them: a
                 // record that begins past where the last of its direction ended follows unseen
                 // bytes, and what the connection was waiting for is dropped there, as at a gap
-                // in capture. (Not over TLS: a plaintext record's number is its ciphertext's.)
-                if !plaintext && let Some(seq) = *seq {
-                    let d = dir as usize;
-                    if conn.next_seq[d].is_some_and(|next| seq.wrapping_sub(next) as i32 > 0) {
-                        self.stats.holes += 1;
-                        self.stats.hole_requests += conn.gap() as u64;
-                        self.linker.conn_gap(key);
+                // in capture. Without a number to check (TLS plaintext, whose number is its
+                // ciphertext's; Unix sockets), any loss since the connection's last record
+                // may be one.
+                let hole = match (plaintext, *seq) {
+                    (false, Some(seq)) => {
+                        let d = dir as usize;
+                        let jumped =
+                            conn.next_seq[d].is_some_and(|next| seq.wrapping_sub(next) as i32 > 0);
+                        // A send the kernel added a trace context header to moved more bytes
+                        // than it reports: where it ended is not known.
+                        conn.next_seq[d] =
+                            (ctx.flags & CTX_INJECTED == 0).then(|| seq.wrapping_add(*len as u32));
+                        jumped
                     }
-                    // A send the kernel added a trace context header to moved more bytes than
-                    // it reports: where it ended is not known.
-                    conn.next_seq[d] =
-                        (ctx.flags & CTX_INJECTED == 0).then(|| seq.wrapping_add(*len as u32));
+                    _ => lost_since,
+                };
+                if hole {
+                    self.stats.holes += 1;
+                    self.stats.hole_requests += conn.gap() as u64;
+                    self.linker.conn_gap(key);
                 }
                 let segment = Segment {
                     dir,
@@ -1062,6 +1071,32 @@ mod tests {
         );
         assert_eq!(out.len(), 1);
         assert_eq!(out[0].0.as_http().unwrap().status, None);
+    }
+
+    /// Without a sequence number to check (TLS plaintext, Unix sockets), a record written
+    /// after events were lost that the connection's last record had not seen may follow a hole:
+    /// what the connection waited for is dropped, not answered by what comes next.
+    #[test]
+    fn without_sequence_numbers_a_loss_since_the_last_record_is_a_hole() {
+        let mut t = ConnTracker::new(TrackerConfig::default());
+        let after_loss = |ts, ingress, bytes: &'static [u8]| {
+            data_record_with(7, 5, 1, ts, ingress, bytes, |e| e.hdr.losses = 1)
+        };
+        let out = feed(
+            &mut t,
+            &[
+                data_record(7, 5, 1, 1_000, true, REQ),
+                // Its response lost; the next request's answered.
+                after_loss(3_000, true, REQ),
+                after_loss(4_000, false, RESP),
+            ],
+        );
+        let got: Vec<_> = out
+            .iter()
+            .map(|(ex, _, _)| ex.as_http().unwrap().req_start_ns)
+            .collect();
+        assert_eq!(got, [3_000], "only the request after the hole, answered");
+        assert_eq!((t.stats().holes, t.stats().hole_requests), (1, 1));
     }
 
     /// A connection that closes after events were lost, with no record of its own since,
