@@ -113,8 +113,10 @@ struct Conn {
     last_ns: u64,
     release: Release,
     /// Per direction (egress, ingress), the TCP sequence number the next bytes should start at,
-    /// when known: where the last record of that direction ended.
+    /// when known: where the last record of that direction ended; and the kernel's count of
+    /// lost events when that record was written.
     next_seq: [Option<u32>; 2],
+    dir_losses: [u16; 2],
     /// The kernel's count of lost events when its last record was written
     /// (`EventHeader::losses`).
     losses: u16,
@@ -384,22 +386,26 @@ impl ConnTracker {
                 }
                 // Events lost to a full ring buffer leave holes the parsers cannot see: a lost
                 // response would have the next one answer its request, and every later request
-                // on the connection its neighbour's. The TCP sequence numbers show them: a
-                // record that begins past where the last of its direction ended follows unseen
-                // bytes, and what the connection was waiting for is dropped there, as at a gap
-                // in capture. Without a number to check (TLS plaintext, whose number is its
-                // ciphertext's; Unix sockets), any loss since the connection's last record
-                // may be one.
+                // on the connection its neighbour's. A loss since the connection's last record
+                // may be one of its own; the TCP sequence numbers tell: a record that begins
+                // past where the last of its direction ended follows unseen bytes, and what the
+                // connection was waiting for is dropped there, as at a gap in capture. (A jump
+                // with no loss is calls not captured on purpose, whole turns of a shed process,
+                // which the parsers follow.) Without a number to check (TLS plaintext, whose
+                // number is its ciphertext's; Unix sockets), any such loss is taken for a hole.
                 let hole = match (plaintext, *seq) {
                     (false, Some(seq)) => {
                         let d = dir as usize;
                         let jumped =
                             conn.next_seq[d].is_some_and(|next| seq.wrapping_sub(next) as i32 > 0);
+                        // The unseen bytes went after the direction's last record.
+                        let lost_since =
+                            std::mem::replace(&mut conn.dir_losses[d], hdr.losses) != hdr.losses;
                         // A send the kernel added a trace context header to moved more bytes
                         // than it reports: where it ended is not known.
                         conn.next_seq[d] =
                             (ctx.flags & CTX_INJECTED == 0).then(|| seq.wrapping_add(*len as u32));
-                        jumped
+                        jumped && lost_since
                     }
                     _ => lost_since,
                 };
@@ -814,6 +820,7 @@ impl Conn {
             last_ns: hdr.ts_ns,
             release: Release::default(),
             next_seq: [None; 2],
+            dir_losses: [hdr.losses; 2],
             losses: hdr.losses,
         }
     }
@@ -997,22 +1004,25 @@ mod tests {
             b"GET /c HTTP/1.1\r\nHost: x\r\n\r\n",
         );
         let not_found = b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n";
-        let at = |ts, ingress, bytes: &[u8], seq| {
+        // A record written after `losses` events were lost.
+        let at_after = |ts, ingress, bytes: &[u8], seq, losses| {
             data_record_with(7, 5, 1, ts, ingress, bytes, |e| {
                 e.seq = seq;
                 e.seq_valid = 1;
+                e.hdr.losses = losses;
             })
         };
+        let at = |ts, ingress, bytes: &[u8], seq| at_after(ts, ingress, bytes, seq, 1);
         let (rq, rs) = (REQ.len() as u32, RESP.len() as u32);
         let b = req_b.len() as u32;
         let c = req_c.len() as u32;
         let out = feed(
             &mut t,
             &[
-                at(1_000, true, REQ, 100),
-                at(2_000, false, RESP, 9_000),
-                at(3_000, true, req_b, 100 + rq),
-                // The response to /b (a 404) went unseen.
+                at_after(1_000, true, REQ, 100, 0),
+                at_after(2_000, false, RESP, 9_000, 0),
+                at_after(3_000, true, req_b, 100 + rq, 0),
+                // The response to /b (a 404) was lost.
                 at(5_000, true, req_c, 100 + rq + b),
                 at(6_000, false, RESP, 9_000 + rs + not_found.len() as u32),
                 at(7_000, true, REQ, 100 + rq + b + c),
@@ -1041,6 +1051,18 @@ mod tests {
                 header_record(EventKind::ConnGap, 7, 5, 1, 9_000),
                 at(10_000, true, REQ, 50_000),
                 at(11_000, false, RESP, 90_000),
+            ],
+        );
+        assert_eq!(out.len(), 1);
+        assert_eq!(t.stats().holes, 1);
+        // Bytes not captured with no event lost: turns a shed process did not have captured,
+        // whole, that the parser follows (the kernel does not announce each: an injected
+        // send's hook takes the turn's gap).
+        let out = feed(
+            &mut t,
+            &[
+                at(12_000, true, REQ, 60_000),
+                at(13_000, false, RESP, 95_000),
             ],
         );
         assert_eq!(out.len(), 1);
