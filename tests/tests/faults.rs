@@ -398,16 +398,9 @@ fn a_yielding_capture_thread_keeps_up_with_a_sudden_load() {
     require_root();
     let dir = common::tempdir();
     let (_nginx, port) = common::start_nginx(&dir, "", "");
-    let port_s = port.to_string();
-    let tracer = Tracer::start_with_env(
+    let tracer = Tracer::run_nginx_json(
+        port,
         &[
-            "run",
-            "--comm",
-            "nginx",
-            "--port",
-            &port_s,
-            "--output",
-            "json",
             "--queue-size",
             "1000000",
             "--overhead-budget",
@@ -458,12 +451,10 @@ fn a_start_under_load_loses_no_events() {
         })
     };
     std::thread::sleep(Duration::from_millis(500));
-    let port_s = port.to_string();
     // The watchdog's decisions, for a failure to show.
-    let tracer = Tracer::start_with_env(
-        &[
-            "run", "--comm", "nginx", "--port", &port_s, "--output", "json",
-        ],
+    let tracer = Tracer::run_nginx_json(
+        port,
+        &[],
         &[("RUST_LOG", "info,tracer_user::yielding=debug")],
     );
     std::thread::sleep(Duration::from_secs(3));
@@ -555,24 +546,20 @@ fn lost_events_never_pair_a_request_with_another_response() {
     require_root();
     let dir = common::tempdir();
     let (_nginx, port) = common::start_nginx(&dir, "", "");
-    let port_s = port.to_string();
     // The smallest ring, every request captured, the capture thread competing normally: a
     // freeze of the agent is the only reason for loss.
-    let tracer = Tracer::start(&[
-        "run",
-        "--comm",
-        "nginx",
-        "--port",
-        &port_s,
-        "--output",
-        "json",
-        "--ring-buffer-mib",
-        "1",
-        "--overhead-budget",
-        "0",
-        "--capture-priority",
-        "normal",
-    ]);
+    let tracer = Tracer::run_nginx_json(
+        port,
+        &[
+            "--ring-buffer-mib",
+            "1",
+            "--overhead-budget",
+            "0",
+            "--capture-priority",
+            "normal",
+        ],
+        &[],
+    );
     // Clients that read each response before they stop (wrk closes connections with requests
     // in flight: spans rightly without a response).
     let stop = Arc::new(AtomicBool::new(false));

@@ -77,20 +77,10 @@ fn a_saturated_server_is_shed_within_its_budget_and_counted() {
     )
     .unwrap();
     let _nginx = common::spawn_nginx(&conf, port);
-    let port_s = port.to_string();
     // The governor's view of each period, for the failure messages below.
-    let tracer = Tracer::start_with_env(
-        &[
-            "run",
-            "--comm",
-            "nginx",
-            "--port",
-            &port_s,
-            "--output",
-            "json",
-            "--queue-size",
-            "1000000",
-        ],
+    let tracer = Tracer::run_nginx_json(
+        port,
+        &["--queue-size", "1000000"],
         &[("RUST_LOG", "info,tracer_user::governor=debug")],
     );
 

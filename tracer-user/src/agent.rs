@@ -664,7 +664,7 @@ fn render_metrics(
         &mut out,
         "tracer_connection_holes_total",
         "counter",
-        "Places where a connection's bytes went unseen (events lost to a full ring buffer), found by TCP sequence numbers.",
+        "Places where a connection's bytes went unseen (events lost to a full ring buffer) and what it waited for was dropped.",
         t.holes,
     );
     metric(

@@ -105,6 +105,17 @@ impl Tracer {
         Tracer::start(&args)
     }
 
+    /// `tracer run` on nginx's connections on `port`, spans as JSON lines on stdout, with
+    /// `extra` arguments and `env`: how the tests that load nginx and read every span run it.
+    pub fn run_nginx_json(port: u16, extra: &[&str], env: &[(&str, &str)]) -> Tracer {
+        let port = port.to_string();
+        let mut args = vec![
+            "run", "--comm", "nginx", "--port", &port, "--output", "json",
+        ];
+        args.extend_from_slice(extra);
+        Tracer::start_with_env(&args, env)
+    }
+
     /// `tracer attach --pid PID --zipkin ZIPKIN` with `extra` arguments: how the tests that
     /// watch one process and read its spans back run it.
     pub fn attach_exporting(pid: &str, zipkin: &str, extra: &[&str]) -> Tracer {

@@ -81,8 +81,8 @@ pub struct TrackerStats {
     pub tls_conns: u64,
     /// Requests dropped unfinished by a gap in their connection's capture (shedding).
     pub gap_requests: u64,
-    /// Holes found in connections' byte streams by TCP sequence numbers: bytes went unseen
-    /// (their events lost to a full ring buffer, or moved by calls that are not hooked).
+    /// Holes that events lost to a full ring buffer left in connections' byte streams (found
+    /// by TCP sequence numbers where there are any).
     pub holes: u64,
     /// Requests dropped unfinished at such holes.
     pub hole_requests: u64,
@@ -932,6 +932,17 @@ mod tests {
         assert_eq!((identity.span_id, identity.parent_id), (0x33, Some(0x44)));
     }
 
+    /// Target, first-byte time and status of each HTTP exchange in `finished`.
+    fn http_summary(finished: &[Finished]) -> Vec<(String, u64, Option<u16>)> {
+        finished
+            .iter()
+            .map(|(ex, _, _)| {
+                let ex = ex.as_http().unwrap();
+                (ex.target().to_string(), ex.req_start_ns, ex.status)
+            })
+            .collect()
+    }
+
     /// A connection of pid 7 from 10.0.0.1:`lport` to 10.0.0.2:`rport`.
     fn open_10_0_0_1(fd: u32, lport: u16, rport: u16) -> Vec<u8> {
         open_record(
@@ -976,15 +987,8 @@ mod tests {
                 data_record(8, 5, 1, 7_000, false, RESP),
             ],
         );
-        let got: Vec<_> = after
-            .iter()
-            .map(|(ex, _, _)| {
-                let ex = ex.as_http().unwrap();
-                (ex.target().to_string(), ex.req_start_ns, ex.status)
-            })
-            .collect();
         assert_eq!(
-            got,
+            http_summary(&after),
             [
                 ("/cats/42".to_string(), 6_000, Some(200)),
                 ("/dogs".to_string(), 1_000, Some(200)),
@@ -1029,15 +1033,8 @@ mod tests {
                 at(8_000, false, RESP, 9_000 + 2 * rs + not_found.len() as u32),
             ],
         );
-        let got: Vec<_> = out
-            .iter()
-            .map(|(ex, _, _)| {
-                let ex = ex.as_http().unwrap();
-                (ex.target().to_string(), ex.req_start_ns, ex.status)
-            })
-            .collect();
         assert_eq!(
-            got,
+            http_summary(&out),
             [
                 ("/cats/42".to_string(), 1_000, Some(200)),
                 ("/cats/42".to_string(), 7_000, Some(200))
