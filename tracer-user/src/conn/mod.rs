@@ -932,6 +932,19 @@ mod tests {
         assert_eq!((identity.span_id, identity.parent_id), (0x33, Some(0x44)));
     }
 
+    /// A new connection's request, then its close: reported unanswered, as ever.
+    fn a_close_reports_its_request_unanswered(t: &mut ConnTracker) {
+        let out = feed(
+            t,
+            &[
+                data_record(7, 6, 2, 10_000, true, REQ),
+                header_record(EventKind::ConnClose, 7, 6, 2, 11_000),
+            ],
+        );
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].0.as_http().unwrap().status, None);
+    }
+
     /// Target, first-byte time and status of each HTTP exchange in `finished`.
     fn http_summary(finished: &[Finished]) -> Vec<(String, u64, Option<u16>)> {
         finished
@@ -1081,15 +1094,7 @@ mod tests {
         assert!(out.is_empty());
         assert_eq!(t.stats().gap_requests, 1);
         t.set_shed(7, false);
-        let out = feed(
-            &mut t,
-            &[
-                data_record(7, 6, 2, 10_000, true, REQ),
-                header_record(EventKind::ConnClose, 7, 6, 2, 11_000),
-            ],
-        );
-        assert_eq!(out.len(), 1);
-        assert_eq!(out[0].0.as_http().unwrap().status, None);
+        a_close_reports_its_request_unanswered(&mut t);
     }
 
     /// Without a sequence number to check (TLS plaintext, Unix sockets), a record written
@@ -1132,15 +1137,7 @@ mod tests {
         let out = feed(&mut t, &[close]);
         assert!(out.is_empty());
         assert_eq!(t.stats().hole_requests, 1);
-        let out = feed(
-            &mut t,
-            &[
-                data_record(7, 6, 2, 10_000, true, REQ),
-                header_record(EventKind::ConnClose, 7, 6, 2, 11_000),
-            ],
-        );
-        assert_eq!(out.len(), 1);
-        assert_eq!(out[0].0.as_http().unwrap().status, None);
+        a_close_reports_its_request_unanswered(&mut t);
     }
 
     /// Only client connections that turned out not to carry HTTP/1.x are reported (once each),
