@@ -537,10 +537,12 @@ fn connections_reset_mid_response_make_no_phantom_requests() {
 /// an answered request unanswered. Kept-alive connections alternate a page (200) and an error
 /// (503) while the tracer is frozen, again and again, long enough for the ring to overflow: a
 /// lost response would otherwise answer the next request on its connection, and every one
-/// after it, each span with its neighbour's status and timing (with the previous binary: 7 and
-/// 829 such spans in two runs). The TCP sequence number of each record's first byte tells the
-/// agent where bytes went unseen; it drops what they cut, and counts it. A connection that
-/// closes after a loss, with nothing of its own since, drops what it waited for too.
+/// after it, each span with its neighbour's status and timing (with the binary before the fix:
+/// 161 and 135 spans with the wrong status, or none, in two runs). Every record carries the
+/// kernel's count of lost events, and where it changed the TCP sequence number of the record's
+/// first byte tells the agent whether bytes of its connection went unseen; it drops what they
+/// cut, and counts it. A connection ended after a loss, with nothing of its own since, drops
+/// what it waited for too.
 #[test]
 fn lost_events_never_pair_a_request_with_another_response() {
     require_root();
