@@ -399,13 +399,13 @@ impl ConnTracker {
                         let jumped =
                             conn.next_seq[d].is_some_and(|next| seq.wrapping_sub(next) as i32 > 0);
                         // The unseen bytes went after the direction's last record.
-                        let lost_since =
+                        let lost_in_direction =
                             std::mem::replace(&mut conn.dir_losses[d], hdr.losses) != hdr.losses;
                         // A send the kernel added a trace context header to moved more bytes
                         // than it reports: where it ended is not known.
                         conn.next_seq[d] =
                             (ctx.flags & CTX_INJECTED == 0).then(|| seq.wrapping_add(*len as u32));
-                        jumped && lost_since
+                        jumped && lost_in_direction
                     }
                     _ => lost_since,
                 };
