@@ -577,12 +577,13 @@ fn stats_line(
         String::new()
     };
     format!(
-        "events: {} data, {} lost, {} undecodable; connections: {} open, {} evicted; requests: {}; links: {} linked, {} left unlinked (uncertain), {} joined incoming context; spans: {} exported, {} dropped (queue full), {} failed{holes}{injection}{shedding}",
+        "events: {} data, {} lost, {} undecodable; connections: {} open, {} evicted, {} not parsed (no known protocol); requests: {}; links: {} linked, {} left unlinked (uncertain), {} joined incoming context; spans: {} exported, {} dropped (queue full), {} failed{holes}{injection}{shedding}",
         k[stat::DATA_EVENTS as usize],
         k[stat::RINGBUF_LOST as usize],
         decode_errors,
         tracker.open_connections(),
         t.conns_evicted,
+        t.not_parsed,
         t.exchanges,
         l.linked,
         l.unlinked_ambiguous,
@@ -778,6 +779,13 @@ fn render_metrics(
         "counter",
         "Connections forgotten for space or idleness.",
         t.conns_evicted,
+    );
+    metric(
+        &mut out,
+        "tracer_connections_unparsed_total",
+        "counter",
+        "Connections whose bytes matched no protocol parser, or stopped matching one (binary protocols, garbage, upgrades): left alone from there.",
+        t.not_parsed,
     );
     metric(
         &mut out,
