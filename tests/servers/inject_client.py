@@ -28,7 +28,9 @@ def read_response(f):
 
 
 def connect(port, nodelay=True):
-    s = socket.create_connection(("127.0.0.1", port))
+    # With a timeout, which Python implements on a non-blocking socket: the tracer adds no
+    # header on blocking sockets (see the test `injection_never_fails_a_blocking_read`).
+    s = socket.create_connection(("127.0.0.1", port), timeout=30)
     if nodelay:
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return s, s.makefile("rb")
@@ -85,7 +87,7 @@ def main():
             view = view[s.send(view):]
         except BlockingIOError:
             select.select([], [s], [], 1.0)
-    s.setblocking(True)
+    s.settimeout(30)
     results["nonblocking"] = json.loads(read_response(f)[1])
     results["nonblocking"]["sent_sha256"] = hashlib.sha256(body).hexdigest()
     s.close()

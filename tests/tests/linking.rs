@@ -331,8 +331,73 @@ fn injection_never_corrupts_requests() {
     );
 }
 
+/// Injection never makes a read fail. A socket in the kernel's socket map reads through
+/// `tcp_bpf_recvmsg`, which returns EAGAIN to a blocking read that a signal interrupts (where
+/// the kernel restarts it otherwise): so blocking sockets are left out of the map, and one
+/// switched to blocking after it connected is taken out at its first send. A client whose
+/// reads a 5 ms timer interrupts while it waits for 200 ms answers sees no read fail on any of
+/// its connections, and only the non-blocking one (a socket with a timeout) gets headers. (With
+/// the blocking socket in the map, as before, each interrupted wait failed: about 40 a request.)
+#[test]
+fn injection_never_fails_a_blocking_read() {
+    require_root();
+    let server = PythonServer::start();
+    let dir = common::tempdir();
+    let go = dir.join("go");
+    let mut client = tracer_e2e::ChildGuard(
+        std::process::Command::new("python3")
+            .arg(tracer_e2e::repo_root().join("tests/servers/signal_client.py"))
+            .arg(server.port.to_string())
+            .arg(&go)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("start the signal client"),
+    );
+    let pid = client.0.id().to_string();
+    let tracer = Tracer::start(&["attach", "--pid", &pid, "--output", "json"]);
+    std::fs::write(&go, b"go").unwrap();
+    let out = common::client_output(&mut client);
+    let stopped = tracer.stop();
+    assert!(stopped.status.success(), "{}", stopped.stderr);
+    let results: Value = serde_json::from_str(out.trim()).expect("client results");
+    for case in ["blocking", "blocking_after_connect", "timeout"] {
+        assert_eq!(
+            results[case]["eagain"], 0,
+            "{case}: a read failed with EAGAIN: {results}"
+        );
+    }
+    assert_eq!(results["blocking"]["traceparent"], false, "{results}");
+    assert_eq!(
+        results["blocking_after_connect"]["traceparent"], false,
+        "{results}"
+    );
+    assert_eq!(
+        results["timeout"]["traceparent"], true,
+        "the non-blocking socket gets headers: {results}"
+    );
+    assert!(
+        stopped
+            .stderr
+            .contains("2 connections watched, 1 released (no HTTP/1.x, or own context), 2 left alone (blocking sockets)"),
+        "{}",
+        stopped.stderr
+    );
+    // Every request is a client span all the same.
+    let spans: Vec<Value> = stopped
+        .stdout
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    assert_eq!(
+        spans.iter().filter(|s| s["kind"] == "CLIENT").count(),
+        18,
+        "{spans:#?}"
+    );
+}
+
 /// A client connection opened before the tracer attached (a kept-alive pool) carries trace
-/// context too: the tracer puts existing connections in the socket map at attach.
+/// context too: the tracer puts existing connections in the socket map at attach (non-blocking
+/// ones: the client has a timeout, see `injection_never_fails_a_blocking_read`).
 #[test]
 fn connections_opened_before_attach_get_context() {
     require_root();
@@ -344,7 +409,7 @@ fn connections_opened_before_attach_get_context() {
     let script = format!(
         r#"
 import http.client, json, os, time
-c = http.client.HTTPConnection("127.0.0.1", {port})
+c = http.client.HTTPConnection("127.0.0.1", {port}, timeout=10)
 c.request("GET", "/inspect"); before = json.loads(c.getresponse().read())
 while not os.path.exists({go:?}): time.sleep(0.02)
 c.request("GET", "/inspect"); after = json.loads(c.getresponse().read())
@@ -411,7 +476,7 @@ fn injection_respects_destination_filters() {
             r#"
 import http.client, json, os, time
 while not os.path.exists({go:?}): time.sleep(0.02)
-c = http.client.HTTPConnection("127.0.0.1", {port})
+c = http.client.HTTPConnection("127.0.0.1", {port}, timeout=10)
 c.request("GET", "/inspect"); print(c.getresponse().read().decode(), flush=True)
 "#,
             port = server.port,
@@ -458,16 +523,16 @@ def sink():
     while data := c.recv(65536): n += len(data)
     got.append(n)
 t = threading.Thread(target=sink); t.start()
-s = socket.create_connection(listener.getsockname())
+s = socket.create_connection(listener.getsockname(), timeout=10)
 for _ in range(100):
     s.sendall(b"PING\r\n"); time.sleep(0.02)
 s.close(); t.join()
-own = http.client.HTTPConnection("127.0.0.1", {port})
+own = http.client.HTTPConnection("127.0.0.1", {port}, timeout=10)
 for i in range(10):
     own.request("GET", "/inspect", headers={{"traceparent": "00-0af7651916cd43dd8448eb211c80319c-00f067aa0ba902b7-01"}})
     own.getresponse().read()
 time.sleep(1)
-c = http.client.HTTPConnection("127.0.0.1", {port})
+c = http.client.HTTPConnection("127.0.0.1", {port}, timeout=10)
 c.request("GET", "/inspect"); c.getresponse().read()
 print(got[0], flush=True)
 "#,

@@ -35,6 +35,10 @@ pub enum EventKind {
     /// [`EventHeader`] only: calls on the connection went uncaptured (per-turn sampling of a
     /// shed process) up to the data event that follows; what its parser waited for is lost.
     ConnGap = 7,
+    /// [`EventHeader`] only (fd and conn_id zero), written with a forced wakeup: a client
+    /// socket in the injector's socket map was found in blocking mode; the agent takes it out
+    /// now rather than at its next timed drain.
+    InjectRelease = 8,
 }
 
 impl EventKind {
@@ -47,6 +51,7 @@ impl EventKind {
             5 => Self::ProcessExit,
             6 => Self::ProcessExec,
             7 => Self::ConnGap,
+            8 => Self::InjectRelease,
             _ => return None,
         })
     }
@@ -273,11 +278,15 @@ pub struct KernelOffsets {
     /// and when it last did (see tracer-ebpf's `sockio::transmitted`).
     pub tcp_snd_nxt: u32,
     pub tcp_wstamp_ns: u32,
-    pub _pad: u32,
+    /// `sock.sk_socket`, `socket.file` and `file.f_flags`: whether a socket is in blocking
+    /// mode (no `O_NONBLOCK`), which the injector leaves alone.
+    pub sk_socket: u32,
+    pub socket_file: u32,
+    pub file_flags: u32,
     /// Non-zero once the agent has filled the struct in (the probes trace nothing before).
     pub valid: u32,
 }
-const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 112);
+const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 120);
 
 /// What a syscall's enter saved for its exit, in the `ACTIVE` map keyed by pid_tgid. The agent
 /// also writes entries for threads it finds blocked in a socket read when it attaches, so that
@@ -365,7 +374,10 @@ pub mod stat {
     /// Socket sends and receives of traced processes that moved bytes while the agent shed
     /// their capture (a CPU-bound traced thread over its overhead budget): not captured.
     pub const SHED_IO: u32 = 12;
-    pub const COUNT: u32 = 13;
+    /// Client connections of traced processes left out of the socket map, or taken out of it,
+    /// because their socket is in blocking mode (see tracer-ebpf's `inject::blocking`).
+    pub const INJECT_BLOCKING: u32 = 13;
+    pub const COUNT: u32 = 14;
 }
 
 #[cfg(feature = "user")]

@@ -31,7 +31,7 @@ use aya_ebpf::{
 };
 use tracer_common::{
     CTX_AMBIGUOUS, CTX_FROM_HEADER, CTX_INJECTED, CTX_SAMPLED, CTX_SERVER, CTX_VALID, DIR_EGRESS,
-    INJECT_B3, INJECT_OFF, MAX_CAPTURE, SavedArgs, SockKey, TraceCtx, stat,
+    EventHeader, EventKind, INJECT_B3, INJECT_OFF, MAX_CAPTURE, SavedArgs, SockKey, TraceCtx, stat,
 };
 
 use crate::{ACTIVE, SCRATCH, count, is_traced, syscalls::verifier_bound};
@@ -70,6 +70,56 @@ pub static THREAD_CTX: HashMap<u32, ThreadCtx> = HashMap::with_max_entries(65536
 /// Connections of traced processes whose sends the sk_msg program sees.
 #[map]
 static SOCKETS: SockHash<SockKey> = SockHash::with_max_entries(65536, 0);
+
+/// Sockets in `SOCKETS` found in blocking mode at a send, for the agent to take out of the
+/// map (a program cannot: only the agent and sock_ops may delete from a socket map).
+#[map]
+static BLOCKING: LruHashMap<SockKey, u8> = LruHashMap::with_max_entries(4096, 0);
+
+/// `O_NONBLOCK` in `file.f_flags`.
+const O_NONBLOCK: u32 = 0o4000;
+
+/// Whether the socket at address `sk` is in blocking mode (its file lacks `O_NONBLOCK`), or
+/// cannot be told. Such a socket is kept out of the socket map: the kernel gives a socket in
+/// a socket map its own receive path (`tcp_bpf_recvmsg`), which waits for data once and
+/// returns EAGAIN when woken without any, so a blocking read interrupted by a signal (a
+/// profiler's timer, SIGCHLD) or woken as send space frees up fails with EAGAIN where it
+/// would have gone on waiting. To a program that read without O_NONBLOCK that is an error; a
+/// non-blocking socket's reads return EAGAIN by design, and its owner polls again.
+#[inline(always)]
+fn blocking(sk: u64) -> bool {
+    use crate::sockets::read_at;
+    if offset!(valid) == 0 {
+        return true;
+    }
+    // SAFETY: probe reads, which fail cleanly on a bad address.
+    unsafe {
+        let Ok(socket) = read_at::<u64>(sk as *const u8, offset!(sk_socket)) else {
+            return true;
+        };
+        let Ok(file) = read_at::<u64>(socket as *const u8, offset!(socket_file)) else {
+            return true;
+        };
+        match read_at::<u32>(file as *const u8, offset!(file_flags)) {
+            Ok(flags) => socket == 0 || file == 0 || flags & O_NONBLOCK == 0,
+            Err(_) => true,
+        }
+    }
+}
+
+/// Wakes the agent at once to take a socket out of `SOCKETS`: until then its blocking reads
+/// take the socket map's receive path. Not an event of any connection: if the ring is full it
+/// is not counted lost (the agent's next timed drain takes the socket out).
+#[inline(always)]
+fn wake_agent() {
+    let hdr = EventHeader {
+        kind: EventKind::InjectRelease as u16,
+        // SAFETY: no preconditions.
+        ts_ns: unsafe { aya_ebpf::helpers::bpf_ktime_get_ns() },
+        ..Default::default()
+    };
+    let _ = crate::EVENTS.output::<EventHeader>(&hdr, crate::BPF_RB_FORCE_WAKEUP);
+}
 
 /// Sockets whose connect() a traced thread made, by socket cookie, until established.
 #[map]
@@ -570,18 +620,22 @@ pub fn tracer_sockops(ctx: SockOpsContext) -> u32 {
                 return 1;
             }
             let _ = CONNECTING.remove(&cookie);
-            let mut key = SockKey::default();
             let ops = ctx.ops;
             // SAFETY: reads of the program's context.
-            let f = unsafe { SockFields::read(ops) };
-            (key.local_addr, key.remote_addr) = if f.family == AF_INET {
-                (mapped(f.local_ip4), mapped(f.remote_ip4))
-            } else {
-                (v6_bytes(f.local_ip6), v6_bytes(f.remote_ip6))
-            };
-            key.local_port = f.local_port;
-            key.remote_port = u32::from_be(f.remote_port);
+            let key = sock_key(&unsafe { SockFields::read(ops) });
             if !destination_wanted(&key.remote_addr, key.remote_port as u16) {
+                return 1;
+            }
+            // SAFETY: a read of the program's context: the socket being established.
+            let sk = unsafe { (*ops).__bindgen_anon_2.sk };
+            if sk.is_null() {
+                return 1;
+            }
+            let Some(sk) = address_of(sk.cast()) else {
+                return 1;
+            };
+            if blocking(sk) {
+                count(stat::INJECT_BLOCKING);
                 return 1;
             }
             // SAFETY: the context is a valid bpf_sock_ops for the helper.
@@ -649,6 +703,21 @@ impl SockFields {
     }
 }
 
+/// The socket map's key for a connection: its addresses as IPv6 (IPv4 mapped), ports in host
+/// order.
+#[inline(always)]
+fn sock_key(f: &SockFields) -> SockKey {
+    let mut key = SockKey::default();
+    (key.local_addr, key.remote_addr) = if f.family == AF_INET {
+        (mapped(f.local_ip4), mapped(f.remote_ip4))
+    } else {
+        (v6_bytes(f.local_ip6), v6_bytes(f.remote_ip6))
+    };
+    key.local_port = f.local_port;
+    key.remote_port = u32::from_be(f.remote_port);
+    key
+}
+
 #[inline(always)]
 fn mapped(ip4: u32) -> [u8; 16] {
     let b = ip4.to_ne_bytes();
@@ -694,14 +763,31 @@ fn try_inject(ctx: &SkMsgContext) -> Option<()> {
     if config!(inject) == INJECT_OFF {
         return None;
     }
+    // SAFETY: a read of the program's context: the socket being sent on.
+    let sk = unsafe { (*ctx.msg).__bindgen_anon_3.sk };
+    if sk.is_null() {
+        return None;
+    }
+    // A socket can be switched to blocking mode after it connected (Java's sockets are, once
+    // connected without a read timeout): no header, and the agent takes it out of the map.
+    if blocking(address_of(sk.cast())?) {
+        // SAFETY: the context is the program's own.
+        let f = unsafe { SockFields::read_msg(ctx.msg) };
+        let key = sock_key(&f);
+        // SAFETY: a presence check; counted once per socket.
+        if unsafe { BLOCKING.get(&key) }.is_none() {
+            count(stat::INJECT_BLOCKING);
+            let _ = BLOCKING.insert(&key, &1, 0);
+            wake_agent();
+        }
+        return None;
+    }
     let pid_tgid = bpf_get_current_pid_tgid();
     let injected = if config!(sock_hooks) != 0 {
         // Sends of traced threads; the socket's send note carries the injected context to
         // the socket-layer hook that reports the send (and empties it). No header in a turn
         // that per-turn sampling skips: the client span would not be reported.
         let keep = crate::capture_mode((pid_tgid >> 32) as u32)?;
-        // SAFETY: a read of the program's context: the socket being sent on.
-        let sk = unsafe { (*ctx.msg).__bindgen_anon_3.sk };
         let note = crate::sockio::send_sampled(sk.cast(), pid_tgid, keep)?;
         // The send begins here, before its bytes are queued.
         crate::sockio::note_send_start(note, address_of(sk.cast())?);

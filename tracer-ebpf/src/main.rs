@@ -115,13 +115,15 @@ static OFFSETS: Global<KernelOffsets> = Global::new(KernelOffsets {
     task_comm: 0,
     tcp_snd_nxt: 0,
     tcp_wstamp_ns: 0,
-    _pad: 0,
+    sk_socket: 0,
+    socket_file: 0,
+    file_flags: 0,
     valid: 0,
 });
 
 /// All records for userspace. Sized by the agent at load time.
 #[map]
-static EVENTS: RingBuf = RingBuf::with_byte_size(16 * 1024 * 1024, 0);
+pub(crate) static EVENTS: RingBuf = RingBuf::with_byte_size(16 * 1024 * 1024, 0);
 
 /// Thread groups to trace when `Config::filter_pids` is set. Value unused.
 #[map]
@@ -199,7 +201,7 @@ static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stat::COUNT, 0);
 /// the probe itself at tens of thousands of requests per second.
 const WAKEUP_BYTES: u64 = 256 * 1024;
 const BPF_RB_NO_WAKEUP: u64 = 1;
-const BPF_RB_FORCE_WAKEUP: u64 = 2;
+pub(crate) const BPF_RB_FORCE_WAKEUP: u64 = 2;
 const BPF_RB_AVAIL_DATA: u64 = 0;
 
 /// Per CPU: records written since this CPU last measured the unread data, and whether it has

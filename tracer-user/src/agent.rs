@@ -549,10 +549,11 @@ fn stats_line(
     let l = tracker.link_stats();
     let injection = if probes.injecting() {
         format!(
-            "; injection: {} headers, {} connections watched, {} released (no HTTP/1.x, or own context)",
+            "; injection: {} headers, {} connections watched, {} released (no HTTP/1.x, or own context), {} left alone (blocking sockets)",
             k[stat::INJECTED as usize],
             k[stat::INJECT_SOCKETS as usize],
             probes.inject_released(),
+            k[stat::INJECT_BLOCKING as usize],
         )
     } else {
         String::new()
@@ -751,6 +752,13 @@ fn render_metrics(
         "counter",
         "Client connections of traced processes watched for requests to add a header to.",
         kernel(stat::INJECT_SOCKETS),
+    );
+    metric(
+        &mut out,
+        "tracer_inject_blocking_total",
+        "counter",
+        "Client connections left without headers because their socket is in blocking mode (a socket map would change how their reads wait).",
+        kernel(stat::INJECT_BLOCKING),
     );
     metric(
         &mut out,

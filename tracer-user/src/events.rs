@@ -37,6 +37,8 @@ pub enum Event<'a> {
     ConnGap(EventHeader),
     ProcessExit(EventHeader),
     ProcessExec(EventHeader),
+    /// A socket to take out of the injector's socket map (it is in the kernel's list).
+    InjectRelease(EventHeader),
 }
 
 impl Event<'_> {
@@ -47,7 +49,8 @@ impl Event<'_> {
             | Event::ConnReset(hdr)
             | Event::ConnGap(hdr)
             | Event::ProcessExit(hdr)
-            | Event::ProcessExec(hdr) => hdr,
+            | Event::ProcessExec(hdr)
+            | Event::InjectRelease(hdr) => hdr,
         }
     }
 }
@@ -128,6 +131,7 @@ pub fn decode(bytes: &[u8]) -> Result<Event<'_>, DecodeError> {
         EventKind::ProcessExit => Event::ProcessExit(hdr),
         EventKind::ProcessExec => Event::ProcessExec(hdr),
         EventKind::ConnGap => Event::ConnGap(hdr),
+        EventKind::InjectRelease => Event::InjectRelease(hdr),
     })
 }
 

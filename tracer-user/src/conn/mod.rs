@@ -567,6 +567,8 @@ impl ConnTracker {
                     self.new_processes.push(hdr.tgid);
                 }
             }
+            // For the agent's loop, which takes the socket out after this drain.
+            Event::InjectRelease(_) => {}
         }
     }
 

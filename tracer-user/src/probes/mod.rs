@@ -240,6 +240,8 @@ pub struct Probes {
     pub skipped: Vec<String>,
     /// The socket map the sk_msg program is attached to, held for the program's lifetime.
     inject_sockets: Option<aya::maps::SockHash<MapData, SockKey>>,
+    /// Sockets in `inject_sockets` the sk_msg program found in blocking mode, to take out.
+    inject_blocking: Option<aya::maps::HashMap<MapData, SockKey, u8>>,
     /// Sockets taken out of `inject_sockets` because they need no injection.
     inject_released: u64,
     /// The TLS probes, when loaded.
@@ -443,24 +445,24 @@ impl Probes {
         }
         // The injector after the tracepoints: a send it noted before they were attached would
         // leave its note to the socket's next send.
-        let inject_sockets = match injector {
+        let (inject_sockets, inject_blocking) = match injector {
             Some(Ok(())) => match attach_injector(&mut ebpf) {
-                Ok(map) => {
+                Ok((map, blocking)) => {
                     info!("trace context injection on (sock_ops + sk_msg)");
-                    Some(map)
+                    (Some(map), Some(blocking))
                 }
                 Err(e) => {
                     warn!("trace context injection is off: {e}");
-                    None
+                    (None, None)
                 }
             },
             // Capture and linking inside the host work without it: a kernel or cgroup setup
             // that refuses it costs cross-host links only.
             Some(Err(e)) => {
                 warn!("trace context injection is off: {e}");
-                None
+                (None, None)
             }
-            None => None,
+            None => (None, None),
         };
         let openssl = match openssl {
             Some(Ok(mut o)) => {
@@ -495,6 +497,7 @@ impl Probes {
             attached,
             skipped,
             inject_sockets,
+            inject_blocking,
             inject_released: 0,
             openssl,
         })
@@ -561,6 +564,13 @@ impl Probes {
             }
             // SAFETY: a fresh fd we own, closed when `dup` drops.
             let dup = unsafe { std::os::fd::OwnedFd::from_raw_fd(dup) };
+            // A blocking socket stays out of the map, as the sock_ops program leaves it (see
+            // tracer-ebpf's `inject::blocking`); the dup shares the process's file and flags.
+            // SAFETY: F_GETFL on an fd we own.
+            let flags = unsafe { libc::fcntl(dup.as_raw_fd(), libc::F_GETFL) };
+            if flags < 0 || flags & libc::O_NONBLOCK == 0 {
+                continue;
+            }
             if map.insert(key, dup.as_raw_fd(), 0).is_ok() {
                 added += 1;
             }
@@ -573,11 +583,22 @@ impl Probes {
     /// the map sends through the kernel's sk_msg path, which copies every send into a message
     /// for the program (about 1 µs a send here, several times the program's own cost): nothing
     /// to inject into is no reason to pay it. Connections not in the map (servers' own,
-    /// filtered destinations) are simply not found.
+    /// filtered destinations) are simply not found. Sockets switched to blocking mode go too.
     pub fn stop_injecting(&mut self, conns: &[(SocketAddr, SocketAddr)]) {
         let Some(map) = self.inject_sockets.as_mut() else {
             return;
         };
+        // And those the sk_msg program found switched to blocking mode (tracer-ebpf's
+        // `inject::blocking`): their reads must leave the socket map's receive path soon.
+        if let Some(blocking) = self.inject_blocking.as_mut() {
+            let keys: Vec<SockKey> = blocking.keys().filter_map(Result::ok).collect();
+            for key in keys {
+                if map.remove(&key).is_ok() {
+                    self.inject_released += 1;
+                }
+                let _ = blocking.remove(&key);
+            }
+        }
         for (local, remote) in conns {
             let key = SockKey {
                 local_addr: mapped_octets(local.ip()),
@@ -903,7 +924,9 @@ fn offsets_of(btf: &Btf) -> Result<KernelOffsets, ProbeError> {
         // Absent (before 4.20), a send that had no sk_msg note is dated at its return.
         tcp_snd_nxt: field_offset(btf, "tcp_sock", "snd_nxt")?.unwrap_or(u32::MAX),
         tcp_wstamp_ns: field_offset(btf, "tcp_sock", "tcp_wstamp_ns")?.unwrap_or(u32::MAX),
-        _pad: 0,
+        sk_socket: field("sock", "sk_socket")?,
+        socket_file: field("socket", "file")?,
+        file_flags: field("file", "f_flags")?,
         valid: 1,
     })
 }
@@ -1246,10 +1269,10 @@ fn load_injector(ebpf: &mut Ebpf, opts: &InjectOptions) -> Result<(), String> {
 }
 
 /// Attaches the injector `load_injector` loaded: sock_ops to the root cgroup, sk_msg to the
-/// socket map, which it returns.
-fn attach_injector(ebpf: &mut Ebpf) -> Result<aya::maps::SockHash<MapData, SockKey>, String> {
+/// socket map, which it returns with the map of sockets found blocking.
+fn attach_injector(ebpf: &mut Ebpf) -> Result<InjectorMaps, String> {
     use aya::{
-        maps::SockHash,
+        maps::{HashMap, SockHash},
         programs::{CgroupAttachMode, SkMsg, SockOps},
     };
     let root = cgroup2_root()?;
@@ -1281,8 +1304,15 @@ fn attach_injector(ebpf: &mut Ebpf) -> Result<aya::maps::SockHash<MapData, SockK
     sk_msg
         .attach(sockets.fd())
         .map_err(|e| format!("attaching sk_msg: {e}"))?;
-    Ok(sockets)
+    let blocking = HashMap::try_from(ebpf.take_map("BLOCKING").ok_or("no BLOCKING map")?)
+        .map_err(|e| e.to_string())?;
+    Ok((sockets, blocking))
 }
+
+type InjectorMaps = (
+    aya::maps::SockHash<MapData, SockKey>,
+    aya::maps::HashMap<MapData, SockKey, u8>,
+);
 
 /// Whether `key`'s remote end passes `--inject-port` / `--inject-net` (as the kernel checks).
 fn destination_wanted(opts: &InjectOptions, key: &SockKey) -> bool {
@@ -1488,6 +1518,7 @@ mod tests {
         assert!(off.sk_dport > off.sk_rcv_saddr && off.sk_num > off.sk_dport);
         assert!(off.sk_family > 0 && off.sk_protocol != u32::MAX);
         assert!(off.socket_sk > off.socket_type);
+        assert!(off.sk_socket > off.sk_family && off.socket_file > off.socket_type);
     }
 
     #[test]
