@@ -24,7 +24,11 @@
 //! then drop to `Desync` at once, rather than a counted body swallowing whatever comes next,
 //! and every request waiting for a response is dropped. A response that comes before any request
 //! seen after the gap answers one sent during it: it is framed but reported for nothing. Only a
-//! client that pipelines across the gap can still get a request paired with another's response.
+//! client that pipelines across the gap can still get a request paired with another's response,
+//! and so can one whose pipelined requests the capture limit cut from a read, where the server's
+//! writes do not answer the reads one for one (the responses to the unseen requests then come
+//! before those to requests seen later). Where a response whose end cannot be told runs into
+//! unseen bytes, the requests pipelined behind it are dropped: their responses may be there.
 
 use std::{borrow::Cow, collections::VecDeque, mem::MaybeUninit};
 
@@ -625,6 +629,7 @@ impl Http1Conn {
                     Some(head) => {
                         self.stream(role).in_sync = true;
                         self.on_head(head, true, seg, out);
+                        self.forget_answered_unseen(role, uncaptured);
                     }
                     None => self.lose_sync(role),
                 }
@@ -822,12 +827,30 @@ impl Http1Conn {
             }
             Body::ChunkedBlind => {
                 self.account(role, uncaptured, ts);
+                self.forget_answered_unseen(role, uncaptured);
                 if ends_with_last_chunk(seg) {
                     self.finish_message(role, out);
                 }
             }
-            Body::Unknown | Body::UntilClose => self.account(role, uncaptured, ts),
+            Body::Unknown => {
+                self.account(role, uncaptured, ts);
+                self.forget_answered_unseen(role, uncaptured);
+            }
+            Body::UntilClose => self.account(role, uncaptured, ts),
         }
+    }
+
+    /// A response whose end cannot be told (its head or its chunk boundaries cut by the
+    /// capture) ran into `uncaptured` unseen bytes: the responses to the requests pipelined
+    /// behind its own may be among them, so those requests are dropped rather than matched to
+    /// later responses (a server answering a batch of pipelined requests in one write shows
+    /// the first few whole and the rest only as a count).
+    fn forget_answered_unseen(&mut self, role: Role, uncaptured: u64) {
+        if role != Role::Response || uncaptured == 0 {
+            return;
+        }
+        let owner = self.resp.owner;
+        self.pending.retain(|p| Some(p.seq) == owner);
     }
 
     /// Adds `n` bytes at `ts` to the current message of `role` and its exchange.
@@ -1670,6 +1693,37 @@ mod tests {
             ),
             (1, 2, n as u64)
         );
+    }
+
+    /// A server answers a batch of pipelined requests in one write, of which the capture shows
+    /// the first responses whole and cuts one: the requests whose responses went unseen are
+    /// dropped, neither matched to the next batch's responses nor reported unanswered at the
+    /// close. (They were: 27 requests, 25 responses seen, the cut one took the rest of the
+    /// write as its body, and the last request was "closed before response".)
+    #[test]
+    fn pipelined_batch_answered_beyond_the_capture_drops_the_unseen() {
+        const REQ: &[u8] = b"GET /p HTTP/1.1\r\nHost: t\r\n\r\n";
+        const RESP: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+        let mut r = Run::default();
+        for batch in 0..3u64 {
+            r.feed(seg(IN, 10 * batch + 1, &REQ.repeat(27))).feed(cut(
+                EG,
+                10 * batch + 2,
+                &RESP.repeat(27),
+                1024,
+            ));
+        }
+        r.close(100, false);
+        // Of each batch, the 25 whole responses and the one cut (its end unseen): 26 of 27.
+        assert_eq!(r.out.len(), 3 * 26);
+        for (i, e) in r.out.iter().enumerate() {
+            let batch = i as u64 / 26;
+            assert_eq!(
+                (e.req_start_ns, e.end_ns, &e.outcome),
+                (10 * batch + 1, 10 * batch + 2, &Outcome::Complete),
+                "{i}"
+            );
+        }
     }
 
     #[test]
