@@ -7,57 +7,16 @@ mod common;
 use std::{
     io::{BufRead, BufReader, Write},
     process::{Command, Stdio},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
-use common::{Tracer, require_root, tempdir};
-use tracer_e2e::{ChildGuard, Collector, free_port, http_request, repo_root};
+use common::{Tracer, memory_kib, metric, require_root, tempdir, wait_until};
+use tracer_e2e::{ChildGuard, Collector, free_port, repo_root};
 
 const OPEN: usize = 10_000;
 const CHURN: usize = 20_000;
 /// The target for the agent's resident memory with 10k open connections.
 const RSS_LIMIT_KIB: u64 = 64 * 1024;
-
-/// (VmRSS, VmHWM) of a process, in KiB.
-fn memory_kib(pid: u32) -> (u64, u64) {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let field = |name: &str| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|v| v.split_whitespace().next())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0)
-    };
-    (field("VmRSS:"), field("VmHWM:"))
-}
-
-fn metric(metrics_port: u16, name: &str) -> u64 {
-    let (status, body) = http_request(
-        &format!("127.0.0.1:{metrics_port}"),
-        "GET",
-        "/metrics",
-        None,
-        &[],
-    )
-    .unwrap();
-    assert_eq!(status, 200);
-    let body = String::from_utf8_lossy(&body).into_owned();
-    body.lines()
-        .find_map(|l| {
-            l.strip_prefix(name)
-                .and_then(|v| v.trim().parse::<f64>().ok())
-        })
-        .unwrap_or_else(|| panic!("no {name} in {body}")) as u64
-}
-
-fn wait_until(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + limit;
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
 
 #[test]
 fn ten_thousand_connections_and_churn_stay_bounded() {

@@ -11,7 +11,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use tracer_e2e::{ChildGuard, repo_root};
+use tracer_e2e::{ChildGuard, http_request, repo_root};
 
 /// A Python client running `script`, its output piped (such scripts usually wait for a go
 /// file, so that the tracer is attached before they connect).
@@ -587,5 +587,48 @@ impl Client {
         let mut buf = vec![0; n];
         self.stream.read_exact(&mut buf).unwrap();
         (status, n)
+    }
+}
+
+/// (VmRSS, VmHWM) of a process, in KiB.
+pub fn memory_kib(pid: u32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+/// The value of the agent's Prometheus metric `name` (its first sample) at `metrics_port`.
+pub fn metric(metrics_port: u16, name: &str) -> u64 {
+    let (status, body) = http_request(
+        &format!("127.0.0.1:{metrics_port}"),
+        "GET",
+        "/metrics",
+        None,
+        &[],
+    )
+    .unwrap();
+    assert_eq!(status, 200);
+    let body = String::from_utf8_lossy(&body).into_owned();
+    body.lines()
+        .find_map(|l| {
+            l.strip_prefix(name)
+                .and_then(|v| v.trim().parse::<f64>().ok())
+        })
+        .unwrap_or_else(|| panic!("no {name} in {body}")) as u64
+}
+
+/// Polls `cond` every 200 ms until it holds, failing the test after `limit`.
+pub fn wait_until(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(200));
     }
 }
