@@ -1,6 +1,7 @@
 """Malformed and adversarial HTTP over loopback, for the bad-input test: a server that answers
 whatever heads it can find and sends broken responses on request, and a client that sends
-broken requests and asks for the broken responses, one connection a case.
+broken requests and asks for the broken responses, one connection a case. The client shuts
+down its sending side after each case's bytes, then reads until the server closes.
 
 Usage: adversarial.py server PORT_FILE LOG_FILE
        adversarial.py client PORT GO_FILE

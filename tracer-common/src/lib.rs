@@ -283,10 +283,13 @@ pub struct KernelOffsets {
     pub sk_socket: u32,
     pub socket_file: u32,
     pub file_flags: u32,
+    /// `tcp_sock.rcv_nxt`: with `tcp_copied_seq`, the bytes received and not yet read.
+    pub tcp_rcv_nxt: u32,
+    pub _pad: u32,
     /// Non-zero once the agent has filled the struct in (the probes trace nothing before).
     pub valid: u32,
 }
-const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 120);
+const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 128);
 
 /// What a syscall's enter saved for its exit, in the `ACTIVE` map keyed by pid_tgid. The agent
 /// also writes entries for threads it finds blocked in a socket read when it attaches, so that

@@ -37,8 +37,8 @@ use crate::{
         NR_WRITE, NR_WRITEV, ORIG_AX, SI, btf_reg,
     },
     sockets::{
-        ABSENT, CONN_NOT_TCP, CONN_TLS, ConnState, conn_key, header_only, is_tcp, next_seq,
-        read_at, track_socket,
+        ABSENT, CONN_NOT_TCP, CONN_TLS, ConnState, SockOwner, conn_key, header_only, is_tcp,
+        next_seq, read_at, track_socket,
     },
     syscalls::emit_data,
     tls,
@@ -86,7 +86,9 @@ pub struct SockState {
     conn_generation: u64,
     /// Per-turn sampling's state of the connection (see `turns`).
     turn: u32,
-    _pad: u32,
+    /// Non-zero: the socket reached TCP_CLOSE with bytes its owner had not read yet; the
+    /// connection ends once they are read (`tracer_sock_state`).
+    close_pending: u32,
 }
 
 /// Socket storage, freed with the socket.
@@ -230,13 +232,31 @@ pub fn tracer_sock_state(ctx: BtfTracePointContext) -> i32 {
     let Some(owner) = (unsafe { SK_OWNERS.get(&sk) }).copied() else {
         return 0;
     };
+    let mut state = sock_state(ctx.arg(0), false);
+    // A socket closes when the peer's FIN comes after its own (a client that shut down its
+    // sending side after the request), possibly with the response still unread: the
+    // connection goes on until its owner has read it, or its reads would be another's.
+    if let Some(st) = state.as_deref_mut()
+        && unread_by_owner(sk) > 1
+    {
+        st.close_pending = 1;
+        return 0;
+    }
+    end_conn(sk, owner, state);
+    0
+}
+
+/// Ends the traced connection `owner` of socket `sk` (`state`: the socket's storage).
+#[inline(always)]
+fn end_conn(sk: u64, owner: SockOwner, state: Option<&mut SockState>) {
     let _ = SK_OWNERS.remove(&sk);
     // SAFETY: copied out at once.
     if unsafe { CONNS.get(&owner.key) }.is_some_and(|c| c.conn_id == owner.conn_id) {
         let _ = CONNS.remove(&owner.key);
     }
-    if let Some(st) = sock_state(ctx.arg(0), false) {
+    if let Some(st) = state {
         st.conn_key = 0;
+        st.close_pending = 0;
     }
     // Often in softirq, on no particular thread: the tid is not the owner's.
     header_only(
@@ -246,7 +266,44 @@ pub fn tracer_sock_state(ctx: BtfTracePointContext) -> i32 {
         owner.key as u32,
         owner.conn_id,
     );
-    0
+}
+
+/// Bytes socket `sk` received that its owner has not read (the peer's FIN counts one), while
+/// a process still has the socket open; 0 when either is unknown.
+#[inline(always)]
+fn unread_by_owner(sk: u64) -> u32 {
+    let (rcv_nxt, copied) = (offset!(tcp_rcv_nxt), offset!(tcp_copied_seq));
+    if rcv_nxt == ABSENT || copied == ABSENT || offset!(valid) == 0 {
+        return 0;
+    }
+    // SAFETY: probe reads of the socket the tracepoint names.
+    unsafe {
+        match (
+            read_at::<u64>(sk as *const u8, offset!(sk_socket)),
+            read_at::<u32>(sk as *const u8, rcv_nxt),
+            read_at::<u32>(sk as *const u8, copied),
+        ) {
+            (Ok(socket), Ok(next), Ok(read)) if socket != 0 => next.wrapping_sub(read),
+            _ => 0,
+        }
+    }
+}
+
+/// After a read of socket `sk`: a close that waited for its owner to read what came before
+/// it (`tracer_sock_state`) happens once that is read, or the read saw the end.
+#[inline(always)]
+fn pending_close(sk: u64, state: &mut Option<&'static mut SockState>, at_end: bool) {
+    let Some(st) = state.as_deref_mut() else {
+        return;
+    };
+    if st.close_pending == 0 || (!at_end && unread_by_owner(sk) > 1) {
+        return;
+    }
+    // SAFETY: copied out at once.
+    match (unsafe { SK_OWNERS.get(&sk) }).copied() {
+        Some(owner) => end_conn(sk, owner, Some(st)),
+        None => st.close_pending = 0,
+    }
 }
 
 /// A send or receive of `ctx`'s socket returned.
@@ -324,6 +381,12 @@ fn sock_io(ctx: &BtfTracePointContext, direction: u32) {
         return;
     }
     let fd = fd as u32;
+    if ret == 0 && direction == DIR_INGRESS {
+        // The end of the peer's bytes: a close waiting for it happens now.
+        let mut state = sock_state(ctx.arg(0), false);
+        pending_close(sk, &mut state, true);
+        return;
+    }
     if ret <= 0 {
         // Nothing moved (mostly EAGAIN on a non-blocking socket): no reason to look further,
         // or to start tracking the socket. A reset ends what the connection was doing.
@@ -428,6 +491,9 @@ fn sock_io(ctx: &BtfTracePointContext, direction: u32) {
         injected,
     };
     emit_data(&saved, ret as u64, pid_tgid, end_ns);
+    if direction == DIR_INGRESS {
+        pending_close(sk, &mut state, false);
+    }
 }
 
 /// The traced connection `fd` is, if the socket map already has it as `sk`.
