@@ -87,7 +87,7 @@ pub struct SockState {
     /// Per-turn sampling's state of the connection (see `turns`).
     turn: u32,
     /// Non-zero: the socket reached TCP_CLOSE with bytes its owner had not read yet; the
-    /// connection ends once they are read (`tracer_sock_state`).
+    /// connection ends when a read sees the end (`tracer_sock_state`).
     close_pending: u32,
 }
 
@@ -235,7 +235,7 @@ pub fn tracer_sock_state(ctx: BtfTracePointContext) -> i32 {
     let mut state = sock_state(ctx.arg(0), false);
     // A socket closes when the peer's FIN comes after its own (a client that shut down its
     // sending side after the request), possibly with the response still unread: the
-    // connection goes on until its owner has read it, or its reads would be another's.
+    // connection goes on until its owner has read to the end, or its reads would be another's.
     if let Some(st) = state.as_deref_mut()
         && unread_by_owner(sk) > 1
     {
@@ -289,14 +289,17 @@ fn unread_by_owner(sk: u64) -> u32 {
     }
 }
 
-/// After a read of socket `sk`: a close that waited for its owner to read what came before
-/// it (`tracer_sock_state`) happens once that is read, or the read saw the end.
+/// A read of socket `sk` saw the end of the peer's bytes: a close that waited for its owner
+/// to read what came before it (`tracer_sock_state`) happens now. (Not at the read that takes
+/// the last bytes: checked there, on every read's path, the program took three times the
+/// verifier's work. A response framed by the close is read to the end anyway; one that is
+/// not leaves its connection to the agent's idle sweep.)
 #[inline(always)]
-fn pending_close(sk: u64, state: &mut Option<&'static mut SockState>, at_end: bool) {
-    let Some(st) = state.as_deref_mut() else {
+fn pending_close(sk: u64, state: Option<&'static mut SockState>) {
+    let Some(st) = state else {
         return;
     };
-    if st.close_pending == 0 || (!at_end && unread_by_owner(sk) > 1) {
+    if st.close_pending == 0 {
         return;
     }
     // SAFETY: copied out at once.
@@ -383,8 +386,7 @@ fn sock_io(ctx: &BtfTracePointContext, direction: u32) {
     let fd = fd as u32;
     if ret == 0 && direction == DIR_INGRESS {
         // The end of the peer's bytes: a close waiting for it happens now.
-        let mut state = sock_state(ctx.arg(0), false);
-        pending_close(sk, &mut state, true);
+        pending_close(sk, sock_state(ctx.arg(0), false));
         return;
     }
     if ret <= 0 {
@@ -491,9 +493,6 @@ fn sock_io(ctx: &BtfTracePointContext, direction: u32) {
         injected,
     };
     emit_data(&saved, ret as u64, pid_tgid, end_ns);
-    if direction == DIR_INGRESS {
-        pending_close(sk, &mut state, false);
-    }
 }
 
 /// The traced connection `fd` is, if the socket map already has it as `sk`.
