@@ -589,13 +589,12 @@ impl Probes {
             return;
         };
         // And those the sk_msg program found switched to blocking mode (tracer-ebpf's
-        // `inject::blocking`): their reads must leave the socket map's receive path soon.
+        // `inject::blocking`, which counts them): their reads must leave the socket map's
+        // receive path soon.
         if let Some(blocking) = self.inject_blocking.as_mut() {
             let keys: Vec<SockKey> = blocking.keys().filter_map(Result::ok).collect();
             for key in keys {
-                if map.remove(&key).is_ok() {
-                    self.inject_released += 1;
-                }
+                let _ = map.remove(&key);
                 let _ = blocking.remove(&key);
             }
         }
