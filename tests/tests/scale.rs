@@ -125,3 +125,115 @@ fn ten_thousand_connections_and_churn_stay_bounded() {
         stopped.stderr
     );
 }
+
+/// A server that answers each request and then sends bytes nobody asked for (as a TLS server's
+/// close_notify), and a client that reads the answer alone and closes: with bytes unread, its
+/// close resets the connection, and its socket reaches TCP_CLOSE while it is still open.
+const UNREAD_SERVER: &str = r#"
+import socket, sys, threading
+listener = socket.create_server(("127.0.0.1", int(sys.argv[1])))
+def serve(conn):
+    with conn:
+        while True:
+            request = conn.recv(4096)
+            if not request:
+                return
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nhi\n")
+            conn.sendall(b"\x15\x03\x03\x00\x1a" + b"\x00" * 26)
+while True:
+    conn, _ = listener.accept()
+    threading.Thread(target=serve, args=(conn,), daemon=True).start()
+"#;
+
+const UNREAD_CLIENT: &str = r#"
+import socket, sys, time
+port, rounds = int(sys.argv[1]), int(sys.argv[2])
+answer = b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nhi\n"
+for i in range(rounds):
+    s = socket.create_connection(("127.0.0.1", port))
+    s.sendall(b"GET /%d HTTP/1.1\r\nHost: x\r\n\r\n" % i)
+    got = b""
+    while len(got) < len(answer):
+        got += s.recv(len(answer) - len(got))
+    # Wait for the unasked bytes, so that they are unread at the close.
+    time.sleep(0.002)
+    print(i, s.getsockname()[1], flush=True)
+    s.close()
+"#;
+
+/// A socket closed with bytes unread ends its connection at once, and the next socket, which
+/// the kernel often makes in the freed one's memory, is a connection of its own: each request's
+/// client span has the port its socket had. (A close left waiting for a read that never came
+/// kept the connection, and the next socket at its address was taken for it: client spans of a
+/// new connection carried the old one's port, and did not link to their server spans.)
+#[test]
+fn a_socket_closed_with_bytes_unread_ends_its_connection() {
+    require_root();
+    const ROUNDS: usize = 200;
+    let port = free_port();
+    let _server = ChildGuard(
+        Command::new("python3")
+            .args(["-c", UNREAD_SERVER, &port.to_string()])
+            .spawn()
+            .expect("python3"),
+    );
+    tracer_e2e::wait_for_port(port, Duration::from_secs(10));
+    let metrics_port = free_port();
+    let metrics_addr = format!("127.0.0.1:{metrics_port}");
+    let tracer = Tracer::start(&[
+        "run",
+        "--comm",
+        "python3",
+        "--output",
+        "json",
+        "--metrics",
+        &metrics_addr,
+        "--overhead-budget",
+        "0",
+    ]);
+    let client = Command::new("python3")
+        .args(["-c", UNREAD_CLIENT, &port.to_string(), &ROUNDS.to_string()])
+        .output()
+        .expect("python3");
+    assert!(client.status.success(), "{client:?}");
+    let ports: std::collections::HashMap<String, u64> = String::from_utf8_lossy(&client.stdout)
+        .lines()
+        .map(|l| {
+            let (i, port) = l.split_once(' ').unwrap();
+            (format!("/{i}"), port.parse().unwrap())
+        })
+        .collect();
+    assert_eq!(ports.len(), ROUNDS);
+    // Both ends of every connection closed: none is left in the table.
+    wait_until(
+        Duration::from_secs(10),
+        "closed connections to leave the table",
+        || metric(metrics_port, "tracer_connections_open") == 0,
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let stopped = tracer.stop();
+    assert!(stopped.status.success(), "{}", stopped.stderr);
+    let spans: Vec<serde_json::Value> = stopped
+        .stdout
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let clients: Vec<&serde_json::Value> = spans.iter().filter(|s| s["kind"] == "CLIENT").collect();
+    let wrong: Vec<String> = clients
+        .iter()
+        .filter(|s| {
+            let path = s["tags"]["http.path"].as_str().unwrap_or_default();
+            ports.get(path) != s["localEndpoint"]["port"].as_u64().as_ref()
+        })
+        .map(|s| s.to_string())
+        .collect();
+    assert!(
+        wrong.is_empty(),
+        "{} of {} client spans name another socket's port:\n{}",
+        wrong.len(),
+        clients.len(),
+        wrong.iter().take(5).cloned().collect::<Vec<_>>().join("\n")
+    );
+    assert_eq!(clients.len(), ROUNDS, "{}", stopped.stderr);
+}

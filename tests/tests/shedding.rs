@@ -248,10 +248,21 @@ fn shed_service_keeps_whole_traces(tls: bool, connections: Connections) {
     require_root();
     let dir = tempdir();
     let (cert, key) = common::self_signed_certificate(&dir);
+    // The backend closes its connection every 100 requests, so the frontend opens new ones
+    // as it goes: each most likely in the memory of the socket it closed (with the
+    // close_notify alert unread, over TLS), and none may be taken for its predecessor.
     let (_backend, backend_port) = if tls {
-        common::start_https_nginx(&dir, &cert, &key)
+        common::start_nginx(
+            &dir,
+            " ssl",
+            &format!(
+                "keepalive_requests 100; ssl_certificate {}; ssl_certificate_key {};",
+                cert.display(),
+                key.display()
+            ),
+        )
     } else {
-        common::start_nginx(&dir, "", "")
+        common::start_nginx(&dir, "", "keepalive_requests 100;")
     };
     let port = free_port();
     let burn_ms = match connections {
@@ -383,17 +394,40 @@ fn shed_service_keeps_whole_traces(tls: bool, connections: Connections) {
     }
     // The backend, not shed, has every request.
     assert!(backend.len() + 1 >= requests, "{summary}");
+    let ports: std::collections::HashSet<u64> = calls
+        .iter()
+        .filter_map(|c| c["localEndpoint"]["port"].as_u64())
+        .collect();
+    assert!(ports.len() > 1, "the frontend never reconnected: {summary}");
     if tls {
         // Each captured call is one half of a hop whose other half is a backend span, and no
         // backend span carries a context.
         let link = |s: &serde_json::Value| s["tags"]["tracer.link"].as_str().map(str::to_string);
         let backend_links: std::collections::HashSet<String> =
             backend.iter().filter_map(|b| link(b)).collect();
-        let linked = calls
+        let (linked, unlinked): (Vec<&&serde_json::Value>, Vec<_>) = calls
             .iter()
-            .filter(|c| link(c).is_some_and(|k| backend_links.contains(&k)))
-            .count();
-        assert!(linked + 1 >= calls.len(), "{linked} linked: {summary}");
+            .partition(|c| link(c).is_some_and(|k| backend_links.contains(&k)));
+        // For each call not linked, the backend span nearest in time: what its key was.
+        let nearest = |c: &serde_json::Value| {
+            let at = c["timestamp"].as_i64().unwrap_or_default();
+            backend
+                .iter()
+                .min_by_key(|b| (b["timestamp"].as_i64().unwrap_or_default() - at).abs())
+                .map(|b| b.to_string())
+                .unwrap_or_default()
+        };
+        assert!(
+            linked.len() + 1 >= calls.len(),
+            "{} linked: {summary}\nunlinked calls, each with the backend span nearest in time:\n{}",
+            linked.len(),
+            unlinked
+                .iter()
+                .take(5)
+                .map(|c| format!("{c}\n  {}", nearest(c)))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
         assert!(
             backend.iter().all(|b| b["parentId"].is_null()),
             "a context inside TLS: {summary}"

@@ -246,6 +246,21 @@ pub fn tracer_sock_state(ctx: BtfTracePointContext) -> i32 {
     0
 }
 
+/// tcp_destroy_sock(struct sock *sk): the socket is freed, and its memory may hold the next
+/// socket made, which its address must not take for this one's connection. A close that
+/// `tracer_sock_state` left waiting for its owner's last read ends here if the owner closed
+/// the socket without that read (a close with bytes unread, which also resets the
+/// connection: such a socket reaches TCP_CLOSE while still open, with bytes unread).
+#[btf_tracepoint(function = "tcp_destroy_sock")]
+pub fn tracer_sock_destroy(ctx: BtfTracePointContext) -> i32 {
+    let sk: u64 = ctx.arg(0);
+    // SAFETY: copied out at once.
+    if let Some(owner) = (unsafe { SK_OWNERS.get(&sk) }).copied() {
+        end_conn(sk, owner, sock_state(ctx.arg(0), false));
+    }
+    0
+}
+
 /// Ends the traced connection `owner` of socket `sk` (`state`: the socket's storage).
 #[inline(always)]
 fn end_conn(sk: u64, owner: SockOwner, state: Option<&mut SockState>) {

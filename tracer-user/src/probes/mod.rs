@@ -1054,10 +1054,11 @@ fn read_process_u64(pid: u32, addr: u64) -> Option<u64> {
 
 /// The socket-layer programs and their tracepoints, `(program, category, tracepoint)` (see
 /// tracer-ebpf/src/sockio.rs).
-const SOCKET_LAYER: [(&str, &str, &str); 3] = [
+const SOCKET_LAYER: [(&str, &str, &str); 4] = [
     ("tracer_sock_send", "sock", "sock_send_length"),
     ("tracer_sock_recv", "sock", "sock_recv_length"),
     ("tracer_sock_state", "sock", "inet_sock_set_state"),
+    ("tracer_sock_destroy", "tcp", "tcp_destroy_sock"),
 ];
 
 /// Whether to watch socket I/O at the socket layer: x86_64 (the programs read syscall
