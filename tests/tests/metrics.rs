@@ -93,6 +93,90 @@ fn metrics_count_requests_errors_and_durations() {
     assert_eq!(sample(&text, "tracer_events_lost_total "), Some(0.0));
     assert_eq!(sample(&text, "tracer_requests_total "), Some(7.0));
     assert!(text.contains("# TYPE tracer_request_duration_seconds histogram"));
+    // Per probe: runs missed always; runs and their time only with --probe-stats.
+    assert_eq!(
+        sample(
+            &text,
+            r#"tracer_probe_missed_runs_total{probe="tracer_sock_recv"}"#
+        ),
+        Some(0.0),
+        "{text}"
+    );
+    assert!(!text.contains("tracer_probe_runs_total"), "{text}");
+}
+
+/// `--probe-stats`: the kernel counts each probe's runs and their time, and the agent shows
+/// them per probe in its metrics and at exit.
+#[test]
+fn probe_stats_show_what_each_probe_costs() {
+    require_root();
+    let server = PythonServer::start();
+    let pid = server.pid().to_string();
+    let addr = format!("127.0.0.1:{}", tracer_e2e::free_port());
+    let tracer = Tracer::start(&[
+        "attach",
+        "--pid",
+        &pid,
+        "--output",
+        "json",
+        "--probe-stats",
+        "--metrics",
+        &addr,
+    ]);
+    let mut client = Client::connect(server.port);
+    for _ in 0..20 {
+        assert_eq!(client.get("/hello").status, 200);
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let text = loop {
+        let text = scrape(&addr);
+        if sample(&text, "tracer_requests_total ") == Some(20.0) {
+            break text;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "metrics never showed the requests:\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let stopped = tracer.stop();
+    assert!(stopped.status.success(), "{}", stopped.stderr);
+    // The server's reads and writes, and the client's (every socket call on the host runs the
+    // socket-layer probes, traced or not).
+    for probe in ["tracer_sock_recv", "tracer_sock_send"] {
+        let runs = sample(
+            &text,
+            &format!("tracer_probe_runs_total{{probe=\"{probe}\"}}"),
+        );
+        assert!(runs.is_some_and(|r| r >= 40.0), "{probe}: {runs:?}\n{text}");
+        let seconds = sample(
+            &text,
+            &format!("tracer_probe_run_seconds_total{{probe=\"{probe}\"}}"),
+        )
+        .unwrap();
+        // More than nothing, and less than a millisecond a run.
+        let runs = runs.unwrap();
+        assert!(
+            seconds > 0.0 && seconds < runs / 1000.0,
+            "{probe}: {seconds} s\n{text}"
+        );
+        assert_eq!(
+            sample(
+                &text,
+                &format!("tracer_probe_missed_runs_total{{probe=\"{probe}\"}}")
+            ),
+            Some(0.0)
+        );
+    }
+    let summary = stopped
+        .stderr
+        .lines()
+        .find(|l| l.starts_with("tracer: probes: "))
+        .unwrap_or_else(|| panic!("no probe summary: {}", stopped.stderr));
+    assert!(
+        summary.contains("tracer_sock_recv ") && summary.contains(" ns a run"),
+        "{summary}"
+    );
 }
 
 #[test]

@@ -42,6 +42,8 @@ struct Plan {
     yield_cpu: bool,
     /// `--overhead-budget`, as a share (see `governor`).
     overhead_budget: f64,
+    /// `--probe-stats`.
+    probe_stats: bool,
 }
 
 pub fn run(opts: RunOptions) -> anyhow::Result<()> {
@@ -175,6 +177,7 @@ fn plan(
             .then(|| Duration::from_secs(common.stats_interval)),
         yield_cpu: common.capture_priority == CapturePriority::Idle,
         overhead_budget: common.overhead_budget / 100.0,
+        probe_stats: common.probe_stats,
     })
 }
 
@@ -277,6 +280,17 @@ async fn event_loop(
     export: &tokio::runtime::Handle,
     stop_signals: StopSignals,
 ) -> anyhow::Result<()> {
+    // Held open for the run: the kernel counts programs' runs and time while it is.
+    let run_stats = plan
+        .probe_stats
+        .then(|| match crate::probes::enable_run_stats() {
+            Ok(fd) => Some(fd),
+            Err(e) => {
+                warn!("--probe-stats: cannot turn on the kernel's BPF run-time statistics ({e})");
+                None
+            }
+        })
+        .flatten();
     // RED metrics cost a series lookup per span: kept only when someone can read them.
     let mut red = plan.metrics.is_some().then(Red::default);
     let metrics_text = Arc::new(RwLock::new(String::new()));
@@ -365,6 +379,7 @@ async fn event_loop(
                 {
                     let raises = capture_raises.as_ref().map_or(0, |r| r.load(std::sync::atomic::Ordering::Relaxed));
                     *text = render_metrics(&probes, &tracker, &governor, &exporter, decode_errors, raises, red);
+                    render_probe_runs(&mut text, &probes.probe_runs(), run_stats.is_some());
                 }
                 tracker.sweep(monotonic_ns());
                 probes.refresh_verdicts();
@@ -407,7 +422,23 @@ async fn event_loop(
     drop(yielding);
     let summary = stats_line(&probes, &tracker, &governor, &export_stats, decode_errors);
     eprintln!("tracer: {reason}. {summary}");
+    if run_stats.is_some() {
+        eprintln!("tracer: probes: {}", probe_runs_line(&probes.probe_runs()));
+    }
     Ok(())
+}
+
+/// Each program that ran: its runs and the time a run took, the most costly first.
+fn probe_runs_line(runs: &[crate::probes::ProbeRuns]) -> String {
+    let mut ran: Vec<&crate::probes::ProbeRuns> = runs.iter().filter(|p| p.runs > 0).collect();
+    if ran.is_empty() {
+        return "none ran".to_string();
+    }
+    ran.sort_by_key(|p| std::cmp::Reverse(p.run_ns));
+    ran.iter()
+        .map(|p| format!("{} {} runs, {} ns a run", p.name, p.runs, p.run_ns / p.runs))
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 /// Whether an exchange becomes a span: sampled (an upstream caller may have said no), and not
@@ -569,6 +600,12 @@ fn stats_line(
     } else {
         String::new()
     };
+    let missed: u64 = probes.probe_runs().iter().map(|p| p.recursion_misses).sum();
+    let missed = if missed > 0 {
+        format!("; probe runs missed (the probe was already running on the CPU): {missed}")
+    } else {
+        String::new()
+    };
     let holes = if t.holes > 0 {
         format!(
             "; bytes unseen (lost events): {} holes in connections, {} requests dropped there",
@@ -578,7 +615,7 @@ fn stats_line(
         String::new()
     };
     format!(
-        "events: {} data, {} lost, {} undecodable; connections: {} open, {} evicted, {} not parsed (no known protocol); requests: {}; links: {} linked, {} left unlinked (uncertain), {} joined incoming context; spans: {} exported, {} dropped (queue full), {} failed{holes}{injection}{shedding}",
+        "events: {} data, {} lost, {} undecodable; connections: {} open, {} evicted, {} not parsed (no known protocol); requests: {}; links: {} linked, {} left unlinked (uncertain), {} joined incoming context; spans: {} exported, {} dropped (queue full), {} failed{holes}{injection}{shedding}{missed}",
         k[stat::DATA_EVENTS as usize],
         k[stat::RINGBUF_LOST as usize],
         decode_errors,
@@ -862,6 +899,49 @@ fn render_metrics(
     out
 }
 
+/// Per-program metrics: runs missed always (the kernel counts them regardless), runs and their
+/// time when the kernel counts them (`--probe-stats`).
+fn render_probe_runs(out: &mut String, runs: &[crate::probes::ProbeRuns], run_stats: bool) {
+    use std::fmt::Write as _;
+    let _ = writeln!(
+        out,
+        "# HELP tracer_probe_missed_runs_total Runs of a probe the kernel skipped because it was already running on that CPU: events not seen.\n# TYPE tracer_probe_missed_runs_total counter"
+    );
+    for p in runs {
+        let _ = writeln!(
+            out,
+            "tracer_probe_missed_runs_total{{probe=\"{}\"}} {}",
+            p.name, p.recursion_misses
+        );
+    }
+    if !run_stats {
+        return;
+    }
+    let _ = writeln!(
+        out,
+        "# HELP tracer_probe_runs_total Runs of each probe (--probe-stats).\n# TYPE tracer_probe_runs_total counter"
+    );
+    for p in runs {
+        let _ = writeln!(
+            out,
+            "tracer_probe_runs_total{{probe=\"{}\"}} {}",
+            p.name, p.runs
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP tracer_probe_run_seconds_total Time spent in each probe, as the kernel counts it (--probe-stats).\n# TYPE tracer_probe_run_seconds_total counter"
+    );
+    for p in runs {
+        let _ = writeln!(
+            out,
+            "tracer_probe_run_seconds_total{{probe=\"{}\"}} {}",
+            p.name,
+            p.run_ns as f64 / 1e9
+        );
+    }
+}
+
 /// CLOCK_MONOTONIC, the clock of `bpf_ktime_get_ns`.
 fn monotonic_ns() -> u64 {
     crate::spans::clock_ns(libc::CLOCK_MONOTONIC) as u64
@@ -870,6 +950,25 @@ fn monotonic_ns() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_probe_summary_lists_those_that_ran_the_most_costly_first() {
+        let run = |name: &str, runs, run_ns| crate::probes::ProbeRuns {
+            name: name.into(),
+            runs,
+            run_ns,
+            recursion_misses: 0,
+        };
+        assert_eq!(
+            probe_runs_line(&[
+                run("tracer_sock_send", 1000, 300_000),
+                run("tracer_ssl_read", 0, 0),
+                run("tracer_sock_recv", 2000, 900_000),
+            ]),
+            "tracer_sock_recv 2000 runs, 450 ns a run; tracer_sock_send 1000 runs, 300 ns a run"
+        );
+        assert_eq!(probe_runs_line(&[run("tracer_ssl_read", 0, 0)]), "none ran");
+    }
 
     #[test]
     fn the_agents_own_export_and_unsampled_requests_are_not_spans() {

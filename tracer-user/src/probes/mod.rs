@@ -7,7 +7,7 @@ pub mod openssl;
 use std::{
     fs,
     net::{IpAddr, SocketAddr},
-    os::fd::{AsRawFd as _, FromRawFd as _},
+    os::fd::{AsFd as _, AsRawFd as _, FromRawFd as _},
     path::Path,
 };
 
@@ -759,6 +759,25 @@ impl Probes {
         self.refresh_verdicts();
     }
 
+    /// What the kernel counts of each loaded program: its runs and their time (counted only
+    /// while run-time statistics are on, see [`enable_run_stats`]), and the runs it missed
+    /// because the program was already running on that CPU (always counted: events lost).
+    pub fn probe_runs(&self) -> Vec<ProbeRuns> {
+        let mut out: Vec<ProbeRuns> = self
+            .ebpf
+            .programs()
+            .filter_map(|(name, program)| {
+                let fd = program.fd().ok()?;
+                let info =
+                    fs::read_to_string(format!("/proc/self/fdinfo/{}", fd.as_fd().as_raw_fd()))
+                        .ok()?;
+                Some(ProbeRuns::from_fdinfo(name, &info))
+            })
+            .collect();
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        out
+    }
+
     /// Kernel-side counters summed over CPUs, indexed by `tracer_common::stat`.
     pub fn kernel_stats(&self) -> [u64; stat::COUNT as usize] {
         let mut out = [0u64; stat::COUNT as usize];
@@ -769,6 +788,46 @@ impl Probes {
         }
         out
     }
+}
+
+/// One program's counts, as the kernel shows them in the program's fdinfo.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ProbeRuns {
+    pub name: String,
+    pub runs: u64,
+    pub run_ns: u64,
+    pub recursion_misses: u64,
+}
+
+impl ProbeRuns {
+    fn from_fdinfo(name: &str, fdinfo: &str) -> ProbeRuns {
+        let mut runs = ProbeRuns {
+            name: name.to_string(),
+            ..ProbeRuns::default()
+        };
+        for line in fdinfo.lines() {
+            let Some((key, value)) = line.split_once(':') else {
+                continue;
+            };
+            let Ok(value) = value.trim().parse::<u64>() else {
+                continue;
+            };
+            match key {
+                "run_cnt" => runs.runs = value,
+                "run_time_ns" => runs.run_ns = value,
+                "recursion_misses" => runs.recursion_misses = value,
+                _ => {}
+            }
+        }
+        runs
+    }
+}
+
+/// Turns on the kernel's run-time statistics of BPF programs (run counts and time, for every
+/// program on the host) for as long as the returned fd is open. Each run of every program then
+/// reads the clock twice.
+pub fn enable_run_stats() -> Result<std::os::fd::OwnedFd, String> {
+    aya::sys::enable_stats(aya::sys::Stats::RunTime).map_err(|e| e.to_string())
 }
 
 /// Whether the `CONNS` entry `key` -> `value` was made before its process left, per `gone`.
@@ -1440,6 +1499,32 @@ fn proc_net_addr(field: &str, v6: bool) -> Option<([u8; 16], u16)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn probe_runs_are_read_from_the_programs_fdinfo() {
+        // As Linux 6.18 shows a program's fdinfo.
+        let fdinfo = "pos:\t0\nflags:\t02000002\nmnt_id:\t17\nino:\t1039\nprog_type:\t13\n\
+                      prog_jited:\t1\nprog_tag:\te0105c44d76b3f07\nmemlock:\t8192\n\
+                      prog_id:\t11117\nrun_time_ns:\t123456\nrun_cnt:\t789\n\
+                      recursion_misses:\t3\nverified_insns:\t857\n";
+        assert_eq!(
+            ProbeRuns::from_fdinfo("tracer_sock_send", fdinfo),
+            ProbeRuns {
+                name: "tracer_sock_send".into(),
+                runs: 789,
+                run_ns: 123456,
+                recursion_misses: 3,
+            }
+        );
+        // An older kernel without the counters: zeros.
+        assert_eq!(
+            ProbeRuns::from_fdinfo("p", "pos:\t0\nprog_tag:\tab\n"),
+            ProbeRuns {
+                name: "p".into(),
+                ..ProbeRuns::default()
+            }
+        );
+    }
 
     /// An exec seen late must not take the new program's first connection with it.
     #[test]
