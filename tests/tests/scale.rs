@@ -237,3 +237,111 @@ fn a_socket_closed_with_bytes_unread_ends_its_connection() {
     );
     assert_eq!(clients.len(), ROUNDS, "{}", stopped.stderr);
 }
+
+/// A server that answers and at once shuts down its side, and a client that shut down its own
+/// after the request: the server's FIN closes the client's socket (TCP_CLOSE) while the client
+/// reads the answer, sometimes inside that very read, before the read is reported.
+const HALF_CLOSE_SERVER: &str = r#"
+import socket, sys
+listener = socket.create_server(("127.0.0.1", int(sys.argv[1])))
+def serve(conn):
+    request = b""
+    while b"\r\n\r\n" not in request:
+        chunk = conn.recv(4096)
+        if not chunk:
+            return  # a probe of the port
+        request += chunk
+    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nhi\n")
+    conn.shutdown(socket.SHUT_WR)
+    while conn.recv(4096):
+        pass
+while True:
+    conn, _ = listener.accept()
+    with conn:
+        try:
+            serve(conn)
+        except OSError:
+            pass
+"#;
+
+const HALF_CLOSE_CLIENT: &str = r#"
+import socket, sys
+port, rounds = int(sys.argv[1]), int(sys.argv[2])
+for i in range(rounds):
+    s = socket.create_connection(("127.0.0.1", port))
+    s.sendall(b"GET /%d HTTP/1.1\r\nHost: x\r\n\r\n" % i)
+    s.shutdown(socket.SHUT_WR)
+    got = b""
+    while True:
+        chunk = s.recv(4096)
+        if not chunk:
+            break
+        got += chunk
+    assert got.endswith(b"hi\n"), got
+    s.close()
+print("done", flush=True)
+"#;
+
+/// The peer's FIN that closes a half-closed client's socket, coming while the client reads
+/// the answer, never ends the connection before that read is reported: every request has its
+/// response (ended at the close, it was "closed before response" and the answer went unread).
+#[test]
+fn a_close_during_the_last_read_keeps_the_answer() {
+    require_root();
+    const ROUNDS: usize = 1000;
+    let port = free_port();
+    let _server = ChildGuard(
+        Command::new("python3")
+            .args(["-c", HALF_CLOSE_SERVER, &port.to_string()])
+            .spawn()
+            .expect("python3"),
+    );
+    tracer_e2e::wait_for_port(port, Duration::from_secs(10));
+    let tracer = Tracer::start(&[
+        "run",
+        "--comm",
+        "python3",
+        "--output",
+        "json",
+        "--overhead-budget",
+        "0",
+    ]);
+    let client = Command::new("python3")
+        .args([
+            "-c",
+            HALF_CLOSE_CLIENT,
+            &port.to_string(),
+            &ROUNDS.to_string(),
+        ])
+        .output()
+        .expect("python3");
+    assert!(client.status.success(), "{client:?}");
+    std::thread::sleep(Duration::from_millis(500));
+    let stopped = tracer.stop();
+    assert!(stopped.status.success(), "{}", stopped.stderr);
+    let clients: Vec<serde_json::Value> = stopped
+        .stdout
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|s| s["kind"] == "CLIENT")
+        .collect();
+    let unanswered: Vec<String> = clients
+        .iter()
+        .filter(|s| s["tags"]["http.status_code"] != "200")
+        .map(|s| s.to_string())
+        .collect();
+    assert!(
+        unanswered.is_empty(),
+        "{} of {} client spans without their answer:\n{}",
+        unanswered.len(),
+        clients.len(),
+        unanswered
+            .iter()
+            .take(5)
+            .cloned()
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    assert_eq!(clients.len(), ROUNDS, "{}", stopped.stderr);
+}

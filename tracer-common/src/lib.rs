@@ -283,9 +283,7 @@ pub struct KernelOffsets {
     pub sk_socket: u32,
     pub socket_file: u32,
     pub file_flags: u32,
-    /// `tcp_sock.rcv_nxt`: with `tcp_copied_seq`, the bytes received and not yet read.
-    pub tcp_rcv_nxt: u32,
-    pub _pad: u32,
+    pub _pad: [u32; 2],
     /// Non-zero once the agent has filled the struct in (the probes trace nothing before).
     pub valid: u32,
 }

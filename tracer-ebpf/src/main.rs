@@ -118,8 +118,7 @@ static OFFSETS: Global<KernelOffsets> = Global::new(KernelOffsets {
     sk_socket: 0,
     socket_file: 0,
     file_flags: 0,
-    tcp_rcv_nxt: 0,
-    _pad: 0,
+    _pad: [0; 2],
     valid: 0,
 });
 

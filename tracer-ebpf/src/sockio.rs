@@ -86,8 +86,8 @@ pub struct SockState {
     conn_generation: u64,
     /// Per-turn sampling's state of the connection (see `turns`).
     turn: u32,
-    /// Non-zero: the socket reached TCP_CLOSE with bytes its owner had not read yet; the
-    /// connection ends when a read sees the end (`tracer_sock_state`).
+    /// Non-zero: the socket reached TCP_CLOSE while a process had it open; the connection
+    /// ends when a read sees the end, or at the socket's close (`tracer_sock_state`).
     close_pending: u32,
 }
 
@@ -221,6 +221,13 @@ fn transmitted(sk: u64, first_seq: u32, len: u32, now: u64) -> Option<(u64, bool
 /// inet_sock_set_state(const struct sock *sk, const int oldstate, const int newstate): a
 /// traced connection whose socket reaches TCP_CLOSE is over. Runs for every TCP state change
 /// on the host; all but the closes of traced sockets leave at the first or second test.
+///
+/// A socket a process still has open may reach TCP_CLOSE before its owner has read all it
+/// received (a client that shut down its sending side after the request, when the server's
+/// FIN comes), or while its owner is inside a read whose report is still to come: ended here,
+/// the connection's last reads would be another's (or the request "closed before response").
+/// Its connection ends instead at the read that sees the end (`pending_close`), or when its
+/// owner closes it (`tracer_sock_destroy`), whichever comes first: both after its reads.
 #[btf_tracepoint(function = "inet_sock_set_state")]
 pub fn tracer_sock_state(ctx: BtfTracePointContext) -> i32 {
     let newstate: i32 = ctx.arg(2);
@@ -233,11 +240,8 @@ pub fn tracer_sock_state(ctx: BtfTracePointContext) -> i32 {
         return 0;
     };
     let mut state = sock_state(ctx.arg(0), false);
-    // A socket closes when the peer's FIN comes after its own (a client that shut down its
-    // sending side after the request), possibly with the response still unread: the
-    // connection goes on until its owner has read to the end, or its reads would be another's.
     if let Some(st) = state.as_deref_mut()
-        && unread_by_owner(sk) > 1
+        && still_open(sk)
     {
         st.close_pending = 1;
         return 0;
@@ -248,9 +252,8 @@ pub fn tracer_sock_state(ctx: BtfTracePointContext) -> i32 {
 
 /// tcp_destroy_sock(struct sock *sk): the socket is freed, and its memory may hold the next
 /// socket made, which its address must not take for this one's connection. A close that
-/// `tracer_sock_state` left waiting for its owner's last read ends here if the owner closed
-/// the socket without that read (a close with bytes unread, which also resets the
-/// connection: such a socket reaches TCP_CLOSE while still open, with bytes unread).
+/// `tracer_sock_state` left to its owner ends here if the owner closed the socket without
+/// reading to the end (or its reads were not captured: a shed process).
 #[btf_tracepoint(function = "tcp_destroy_sock")]
 pub fn tracer_sock_destroy(ctx: BtfTracePointContext) -> i32 {
     let sk: u64 = ctx.arg(0);
@@ -283,32 +286,21 @@ fn end_conn(sk: u64, owner: SockOwner, state: Option<&mut SockState>) {
     );
 }
 
-/// Bytes socket `sk` received that its owner has not read (the peer's FIN counts one), while
-/// a process still has the socket open; 0 when either is unknown.
+/// Whether a process still has socket `sk` open (it is not orphaned: `sock.sk_socket` set).
 #[inline(always)]
-fn unread_by_owner(sk: u64) -> u32 {
-    let (rcv_nxt, copied) = (offset!(tcp_rcv_nxt), offset!(tcp_copied_seq));
-    if rcv_nxt == ABSENT || copied == ABSENT || offset!(valid) == 0 {
-        return 0;
+fn still_open(sk: u64) -> bool {
+    if offset!(valid) == 0 {
+        return false;
     }
-    // SAFETY: probe reads of the socket the tracepoint names.
-    unsafe {
-        match (
-            read_at::<u64>(sk as *const u8, offset!(sk_socket)),
-            read_at::<u32>(sk as *const u8, rcv_nxt),
-            read_at::<u32>(sk as *const u8, copied),
-        ) {
-            (Ok(socket), Ok(next), Ok(read)) if socket != 0 => next.wrapping_sub(read),
-            _ => 0,
-        }
-    }
+    // SAFETY: a probe read of the socket the tracepoint names.
+    unsafe { read_at::<u64>(sk as *const u8, offset!(sk_socket)) }.is_ok_and(|socket| socket != 0)
 }
 
 /// A read of socket `sk` saw the end of the peer's bytes: a close that waited for its owner
 /// to read what came before it (`tracer_sock_state`) happens now. (Not at the read that takes
 /// the last bytes: checked there, on every read's path, the program took three times the
 /// verifier's work. A response framed by the close is read to the end anyway; one that is
-/// not leaves its connection to the agent's idle sweep.)
+/// not ends its connection when its owner closes the socket.)
 #[inline(always)]
 fn pending_close(sk: u64, state: Option<&'static mut SockState>) {
     let Some(st) = state else {

@@ -985,9 +985,7 @@ fn offsets_of(btf: &Btf) -> Result<KernelOffsets, ProbeError> {
         sk_socket: field("sock", "sk_socket")?,
         socket_file: field("socket", "file")?,
         file_flags: field("file", "f_flags")?,
-        // Absent, a connection ends when its socket closes even with bytes still unread.
-        tcp_rcv_nxt: field_offset(btf, "tcp_sock", "rcv_nxt")?.unwrap_or(u32::MAX),
-        _pad: 0,
+        _pad: [0; 2],
         valid: 1,
     })
 }
