@@ -141,6 +141,15 @@ fn nginx_https_and_curl() {
         "{}",
         stopped.stderr
     );
+    // Two connections, both ends traced: four TLS connections, each decrypted, none counted
+    // as carrying no known protocol (its handshake is none of those parsed).
+    assert!(
+        stopped.stderr.contains(
+            "0 not parsed (no known protocol), 4 began with a TLS handshake, 4 decrypted (OpenSSL)"
+        ),
+        "{}",
+        stopped.stderr
+    );
     // Nothing else was reported: the ciphertext made no spans of its own.
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(collector.spans().len(), 2, "{:#?}", collector.spans());

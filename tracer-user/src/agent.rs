@@ -615,13 +615,15 @@ fn stats_line(
         String::new()
     };
     format!(
-        "events: {} data, {} lost, {} undecodable; connections: {} open, {} evicted, {} not parsed (no known protocol); requests: {}; links: {} linked, {} left unlinked (uncertain), {} joined incoming context; spans: {} exported, {} dropped (queue full), {} failed{holes}{injection}{shedding}{missed}",
+        "events: {} data, {} lost, {} undecodable; connections: {} open, {} evicted, {} not parsed (no known protocol), {} began with a TLS handshake, {} decrypted (OpenSSL); requests: {}; links: {} linked, {} left unlinked (uncertain), {} joined incoming context; spans: {} exported, {} dropped (queue full), {} failed{holes}{injection}{shedding}{missed}",
         k[stat::DATA_EVENTS as usize],
         k[stat::RINGBUF_LOST as usize],
         decode_errors,
         tracker.open_connections(),
         t.conns_evicted,
         t.not_parsed,
+        t.tls_handshakes,
+        t.tls_conns,
         t.exchanges,
         l.linked,
         l.unlinked_ambiguous,
@@ -768,6 +770,13 @@ fn render_metrics(
         "counter",
         "Connections found to carry TLS (parsed from the OpenSSL probes' plaintext).",
         tracker.stats().tls_conns,
+    );
+    metric(
+        &mut out,
+        "tracer_connections_tls_handshakes_total",
+        "counter",
+        "Connections that began with a TLS handshake: those not also in tracer_connections_tls_total use a TLS library the probes do not know.",
+        tracker.stats().tls_handshakes,
     );
     metric(
         &mut out,

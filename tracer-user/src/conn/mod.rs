@@ -24,6 +24,7 @@ use crate::{
     protocols::{
         DbExchange, Direction, Exchange, HttpExchange, Segment, Side,
         http1::{Http1Conn, looks_like_request},
+        is_tls_handshake,
         postgres::{PgConn, looks_like_postgres_client_start},
         redis::{RedisConn, looks_like_redis_request},
     },
@@ -79,6 +80,9 @@ pub struct TrackerStats {
     pub not_parsed: u64,
     /// Connections that turned out to carry TLS, whose plaintext came from the OpenSSL probes.
     pub tls_conns: u64,
+    /// Connections whose first bytes were a TLS handshake record: those without plaintext
+    /// use a TLS library the probes do not know (or a process not traced from its start).
+    pub tls_handshakes: u64,
     /// Requests dropped unfinished by a gap in their connection's capture (shedding).
     pub gap_requests: u64,
     /// Holes that events lost to a full ring buffer left in connections' byte streams (found
@@ -109,6 +113,9 @@ struct Conn {
     /// The OpenSSL probes reported plaintext for this socket: its syscall bytes are
     /// ciphertext and are skipped.
     tls: bool,
+    /// Its first bytes were a TLS handshake record: not a connection of no known protocol
+    /// when the search for one gives up (its plaintext may come from the OpenSSL probes).
+    tls_handshake: bool,
     reset: bool,
     last_ns: u64,
     release: Release,
@@ -364,6 +371,10 @@ impl ConnTracker {
                 } else {
                     Direction::Egress
                 };
+                if conn.release.first_dir.is_none() && !is_tls_plaintext(*syscall) {
+                    conn.tls_handshake = is_tls_handshake(head);
+                    self.stats.tls_handshakes += u64::from(conn.tls_handshake);
+                }
                 conn.release.first_dir.get_or_insert(dir);
                 let plaintext = is_tls_plaintext(*syscall);
                 if plaintext && !conn.tls {
@@ -755,7 +766,14 @@ fn stop_parsing(
     clients_to_release: &mut Vec<(SocketAddr, SocketAddr)>,
 ) {
     conn.proto = Proto::Opaque;
-    stats.not_parsed += 1;
+    if !conn.tls_handshake {
+        stats.not_parsed += 1;
+        log::debug!(
+            "not parsed (no known protocol): {} -> {}",
+            conn.local,
+            conn.remote
+        );
+    }
     report_release(
         &mut conn.release,
         (conn.local, conn.remote),
@@ -818,6 +836,7 @@ impl Conn {
             starts: VecDeque::new(),
             proto: Proto::new(),
             tls: false,
+            tls_handshake: false,
             reset: false,
             last_ns: hdr.ts_ns,
             release: Release::default(),
@@ -1572,36 +1591,31 @@ mod tests {
         let tls = |ts: u64, ingress: bool, payload: &[u8]| {
             ssl_call((9, 4, 3), ts, ingress, payload, 5_000)
         };
-        let out = feed(
-            &mut t,
-            &[
-                // The handshake, as the syscall probes saw it.
-                data_record(
-                    9,
-                    4,
-                    3,
-                    100,
-                    true,
-                    b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03",
-                ),
-                data_record(
-                    9,
-                    4,
-                    3,
-                    200,
-                    false,
-                    b"\x16\x03\x03\x00\x7a\x02\x00\x00\x76\x03\x03",
-                ),
-                tls(1_000, true, REQ),
-                // The same request's ciphertext: skipped.
-                data_record(9, 4, 3, 1_001, true, b"\x17\x03\x03\x00\x40garbage"),
-                tls(2_000, false, RESP),
-            ],
-        );
+        // The handshake, as the syscall probes saw it: OpenSSL reads a record's header and
+        // its body apart, and in as many segments the search for HTTP gives up.
+        let mut records: Vec<Vec<u8>> = (0..10u64)
+            .map(|i| {
+                let record: &[u8] = if i % 2 == 0 {
+                    b"\x16\x03\x01\x02\x00"
+                } else {
+                    b"\x01\x00\x01\xfc\x03\x03"
+                };
+                data_record(9, 4, 3, 100 + i, i < 6, record)
+            })
+            .collect();
+        records.extend([
+            tls(1_000, true, REQ),
+            // The same request's ciphertext: skipped.
+            data_record(9, 4, 3, 1_001, true, b"\x17\x03\x03\x00\x40garbage"),
+            tls(2_000, false, RESP),
+        ]);
+        let out = feed(&mut t, &records);
         assert_eq!(out.len(), 1, "{out:#?}");
         let ex = out[0].0.as_http().unwrap();
         assert_eq!((ex.side, ex.status), (Side::Server, Some(200)));
         assert_eq!(t.stats().tls_conns, 1);
+        // The handshake matched no protocol, but the connection is TLS, parsed after all.
+        assert_eq!((t.stats().not_parsed, t.stats().tls_handshakes), (0, 1));
         assert_eq!(
             out[0].1.request_seq,
             Some(5_000),

@@ -274,9 +274,31 @@ impl Exchange {
     }
 }
 
+/// Whether `head` begins with a TLS handshake record (content type 22, protocol version
+/// 3.x, as SSL 3.0 through TLS 1.3 all write it): a connection's first bytes when it carries
+/// TLS.
+pub fn is_tls_handshake(head: &[u8]) -> bool {
+    matches!(head, [0x16, 0x03, minor, ..] if *minor <= 0x04)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tls_handshakes_are_told_by_their_record_header() {
+        // A ClientHello as curl sends it, its first bytes; a ServerHello's record header.
+        assert!(is_tls_handshake(
+            b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03"
+        ));
+        assert!(is_tls_handshake(b"\x16\x03\x03\x00\x7a"));
+        // Application data, HTTP, other versions and too little to tell: no.
+        assert!(!is_tls_handshake(b"\x17\x03\x03\x00\x40"));
+        assert!(!is_tls_handshake(b"GET / HTTP/1.1\r\n"));
+        assert!(!is_tls_handshake(b"\x16\x02\x00"));
+        assert!(!is_tls_handshake(b"\x16\x03\x09"));
+        assert!(!is_tls_handshake(b"\x16\x03"));
+    }
 
     #[test]
     fn a_request_text_keeps_its_target_and_headers_apart() {
