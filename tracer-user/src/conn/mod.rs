@@ -371,12 +371,12 @@ impl ConnTracker {
                 } else {
                     Direction::Egress
                 };
-                if conn.release.first_dir.is_none() && !is_tls_plaintext(*syscall) {
+                let plaintext = is_tls_plaintext(*syscall);
+                if conn.release.first_dir.is_none() && !plaintext {
                     conn.tls_handshake = is_tls_handshake(head);
                     self.stats.tls_handshakes += u64::from(conn.tls_handshake);
                 }
                 conn.release.first_dir.get_or_insert(dir);
-                let plaintext = is_tls_plaintext(*syscall);
                 if plaintext && !conn.tls {
                     // What was parsed so far was the TLS handshake: start over on plaintext.
                     conn.tls = true;
