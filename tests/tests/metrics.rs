@@ -20,23 +20,45 @@ fn sample(text: &str, prefix: &str) -> Option<f64> {
         .and_then(|l| l.rsplit(' ').next()?.parse().ok())
 }
 
-#[test]
-fn metrics_count_requests_errors_and_durations() {
-    require_root();
-    let server = PythonServer::start();
+/// The tracer attached to `server` with `--metrics` on a free port and `extra`; and the
+/// metrics address.
+fn attach_with_metrics(server: &PythonServer, extra: &[&str]) -> (Tracer, String) {
     let pid = server.pid().to_string();
     let addr = format!("127.0.0.1:{}", tracer_e2e::free_port());
-    let tracer = Tracer::start(&[
+    let mut args = vec![
         "attach",
         "--pid",
         &pid,
         "--output",
         "json",
-        "--service-name",
-        "cats",
         "--metrics",
         &addr,
-    ]);
+    ];
+    args.extend(extra);
+    (Tracer::start(&args), addr)
+}
+
+/// The metrics at `addr` once `ready` says so (10 s at most).
+fn scrape_until(addr: &str, ready: impl Fn(&str) -> bool) -> String {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = scrape(addr);
+        if ready(&text) {
+            return text;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "metrics never showed the requests:\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn metrics_count_requests_errors_and_durations() {
+    require_root();
+    let server = PythonServer::start();
+    let (tracer, addr) = attach_with_metrics(&server, &["--service-name", "cats"]);
     let mut client = Client::connect(server.port);
     for _ in 0..5 {
         assert_eq!(client.get("/hello").status, 200);
@@ -46,18 +68,9 @@ fn metrics_count_requests_errors_and_durations() {
     }
     let hello = r#"service="cats",kind="server",protocol="http",route="GET /hello""#;
     let status = r#"service="cats",kind="server",protocol="http",route="GET /status/{id}""#;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let text = loop {
-        let text = scrape(&addr);
-        if sample(&text, &format!("tracer_requests_total{{{status}}}")) == Some(2.0) {
-            break text;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "metrics never showed the requests:\n{text}"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    };
+    let text = scrape_until(&addr, |text| {
+        sample(text, &format!("tracer_requests_total{{{status}}}")) == Some(2.0)
+    });
     tracer.stop();
     assert_eq!(
         sample(&text, &format!("tracer_requests_total{{{hello}}}")),
@@ -111,34 +124,14 @@ fn metrics_count_requests_errors_and_durations() {
 fn probe_stats_show_what_each_probe_costs() {
     require_root();
     let server = PythonServer::start();
-    let pid = server.pid().to_string();
-    let addr = format!("127.0.0.1:{}", tracer_e2e::free_port());
-    let tracer = Tracer::start(&[
-        "attach",
-        "--pid",
-        &pid,
-        "--output",
-        "json",
-        "--probe-stats",
-        "--metrics",
-        &addr,
-    ]);
+    let (tracer, addr) = attach_with_metrics(&server, &["--probe-stats"]);
     let mut client = Client::connect(server.port);
     for _ in 0..20 {
         assert_eq!(client.get("/hello").status, 200);
     }
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let text = loop {
-        let text = scrape(&addr);
-        if sample(&text, "tracer_requests_total ") == Some(20.0) {
-            break text;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "metrics never showed the requests:\n{text}"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    };
+    let text = scrape_until(&addr, |text| {
+        sample(text, "tracer_requests_total ") == Some(20.0)
+    });
     let stopped = tracer.stop();
     assert!(stopped.status.success(), "{}", stopped.stderr);
     // The server's reads and writes, and the client's (every socket call on the host runs the

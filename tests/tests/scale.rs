@@ -161,6 +161,57 @@ for i in range(rounds):
     s.close()
 "#;
 
+/// A Python `server` script on a free port (its argument), the tracer on python3 (both ends
+/// traced, nothing shed, JSON spans, and `extra`), and a Python `client` script (the port and
+/// `rounds` its arguments) run to its end. Returns the client's stdout, the tracer still
+/// running, and the server's guard.
+fn python_pair(
+    server: &str,
+    client: &str,
+    rounds: usize,
+    extra: &[&str],
+) -> (String, Tracer, ChildGuard) {
+    let port = free_port().to_string();
+    let server = ChildGuard(
+        Command::new("python3")
+            .args(["-c", server, &port])
+            .spawn()
+            .expect("python3"),
+    );
+    tracer_e2e::wait_for_port(port.parse().unwrap(), Duration::from_secs(10));
+    let mut args = vec![
+        "run",
+        "--comm",
+        "python3",
+        "--output",
+        "json",
+        "--overhead-budget",
+        "0",
+    ];
+    args.extend(extra);
+    let tracer = Tracer::start(&args);
+    let out = Command::new("python3")
+        .args(["-c", client, &port, &rounds.to_string()])
+        .output()
+        .expect("python3");
+    assert!(out.status.success(), "{out:?}");
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        tracer,
+        server,
+    )
+}
+
+/// The CLIENT spans of a stopped tracer's JSON output.
+fn client_spans(stdout: &str) -> Vec<serde_json::Value> {
+    stdout
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|s| s["kind"] == "CLIENT")
+        .collect()
+}
+
 /// A socket closed with bytes unread ends its connection at once, and the next socket, which
 /// the kernel often makes in the freed one's memory, is a connection of its own: each request's
 /// client span has the port its socket had. (A close left waiting for a read that never came
@@ -170,33 +221,15 @@ for i in range(rounds):
 fn a_socket_closed_with_bytes_unread_ends_its_connection() {
     require_root();
     const ROUNDS: usize = 200;
-    let port = free_port();
-    let _server = ChildGuard(
-        Command::new("python3")
-            .args(["-c", UNREAD_SERVER, &port.to_string()])
-            .spawn()
-            .expect("python3"),
-    );
-    tracer_e2e::wait_for_port(port, Duration::from_secs(10));
     let metrics_port = free_port();
     let metrics_addr = format!("127.0.0.1:{metrics_port}");
-    let tracer = Tracer::start(&[
-        "run",
-        "--comm",
-        "python3",
-        "--output",
-        "json",
-        "--metrics",
-        &metrics_addr,
-        "--overhead-budget",
-        "0",
-    ]);
-    let client = Command::new("python3")
-        .args(["-c", UNREAD_CLIENT, &port.to_string(), &ROUNDS.to_string()])
-        .output()
-        .expect("python3");
-    assert!(client.status.success(), "{client:?}");
-    let ports: std::collections::HashMap<String, u64> = String::from_utf8_lossy(&client.stdout)
+    let (client, tracer, _server) = python_pair(
+        UNREAD_SERVER,
+        UNREAD_CLIENT,
+        ROUNDS,
+        &["--metrics", &metrics_addr],
+    );
+    let ports: std::collections::HashMap<String, u64> = client
         .lines()
         .map(|l| {
             let (i, port) = l.split_once(' ').unwrap();
@@ -213,13 +246,7 @@ fn a_socket_closed_with_bytes_unread_ends_its_connection() {
     std::thread::sleep(Duration::from_millis(300));
     let stopped = tracer.stop();
     assert!(stopped.status.success(), "{}", stopped.stderr);
-    let spans: Vec<serde_json::Value> = stopped
-        .stdout
-        .lines()
-        .filter(|l| l.starts_with('{'))
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
-    let clients: Vec<&serde_json::Value> = spans.iter().filter(|s| s["kind"] == "CLIENT").collect();
+    let clients = client_spans(&stopped.stdout);
     let wrong: Vec<String> = clients
         .iter()
         .filter(|s| {
@@ -289,43 +316,11 @@ print("done", flush=True)
 fn a_close_during_the_last_read_keeps_the_answer() {
     require_root();
     const ROUNDS: usize = 1000;
-    let port = free_port();
-    let _server = ChildGuard(
-        Command::new("python3")
-            .args(["-c", HALF_CLOSE_SERVER, &port.to_string()])
-            .spawn()
-            .expect("python3"),
-    );
-    tracer_e2e::wait_for_port(port, Duration::from_secs(10));
-    let tracer = Tracer::start(&[
-        "run",
-        "--comm",
-        "python3",
-        "--output",
-        "json",
-        "--overhead-budget",
-        "0",
-    ]);
-    let client = Command::new("python3")
-        .args([
-            "-c",
-            HALF_CLOSE_CLIENT,
-            &port.to_string(),
-            &ROUNDS.to_string(),
-        ])
-        .output()
-        .expect("python3");
-    assert!(client.status.success(), "{client:?}");
+    let (_, tracer, _server) = python_pair(HALF_CLOSE_SERVER, HALF_CLOSE_CLIENT, ROUNDS, &[]);
     std::thread::sleep(Duration::from_millis(500));
     let stopped = tracer.stop();
     assert!(stopped.status.success(), "{}", stopped.stderr);
-    let clients: Vec<serde_json::Value> = stopped
-        .stdout
-        .lines()
-        .filter(|l| l.starts_with('{'))
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
-        .filter(|s| s["kind"] == "CLIENT")
-        .collect();
+    let clients = client_spans(&stopped.stdout);
     let unanswered: Vec<String> = clients
         .iter()
         .filter(|s| s["tags"]["http.status_code"] != "200")
