@@ -248,7 +248,7 @@ fn shed_service_keeps_whole_traces(tls: bool, connections: Connections) {
     require_root();
     let dir = tempdir();
     let (cert, key) = common::self_signed_certificate(&dir);
-    // The backend closes its connection every 100 requests, so the frontend opens new ones
+    // The backend closes its connection every 50 requests, so the frontend opens new ones
     // as it goes: each most likely in the memory of the socket it closed (with the
     // close_notify alert unread, over TLS), and none may be taken for its predecessor.
     let (_backend, backend_port) = if tls {
@@ -256,13 +256,13 @@ fn shed_service_keeps_whole_traces(tls: bool, connections: Connections) {
             &dir,
             " ssl",
             &format!(
-                "keepalive_requests 100; ssl_certificate {}; ssl_certificate_key {};",
+                "keepalive_requests 50; ssl_certificate {}; ssl_certificate_key {};",
                 cert.display(),
                 key.display()
             ),
         )
     } else {
-        common::start_nginx(&dir, "", "keepalive_requests 100;")
+        common::start_nginx(&dir, "", "keepalive_requests 50;")
     };
     let port = free_port();
     let burn_ms = match connections {
