@@ -331,6 +331,8 @@ async fn event_loop(
     let mut finished: Vec<Finished> = Vec::new();
     let mut decode_errors = 0u64;
     let mut lost_reported = 0u64;
+    let mut missed_reported = 0u64;
+    let mut last_missed_check = std::time::Instant::now();
     let mut last_stats = std::time::Instant::now();
     let mut last_calibration = std::time::Instant::now();
 
@@ -394,6 +396,15 @@ async fn event_loop(
                 if lost > lost_reported {
                     warn!("lost {} events: the ring buffer was full (raise --ring-buffer-mib)", lost - lost_reported);
                     lost_reported = lost;
+                }
+                // Runs a probe missed are events not seen, as surely as a full ring's.
+                if last_missed_check.elapsed() >= MISSED_CHECK {
+                    last_missed_check = std::time::Instant::now();
+                    let missed: u64 = probes.probe_runs().iter().map(|p| p.recursion_misses).sum();
+                    if missed > missed_reported {
+                        warn!("{} probe runs missed (a probe was already running on the CPU): their events were not seen", missed - missed_reported);
+                        missed_reported = missed;
+                    }
                 }
                 if let Some(interval) = plan.stats_interval && last_stats.elapsed() >= interval {
                     eprintln!("{}", stats_line(&probes, &tracker, &governor, &exporter.stats(), decode_errors));
@@ -470,6 +481,9 @@ fn submit(
     }
     exporter.flush();
 }
+
+/// How often the probes' missed runs are looked at (a file read per program).
+const MISSED_CHECK: Duration = Duration::from_secs(10);
 
 /// How often the ring is drained while events flow fast.
 const DRAIN_BUSY: Duration = Duration::from_millis(10);
