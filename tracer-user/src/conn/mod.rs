@@ -458,7 +458,7 @@ impl ConnTracker {
                     http.feed(&segment, &mut self.http_out);
                     fed = true;
                     if http.is_not_http() {
-                        stop_parsing(conn, &mut self.stats, &mut self.clients_to_release);
+                        stop_parsing(key.0, conn, &mut self.stats, &mut self.clients_to_release);
                         return;
                     }
                     if http.is_searching() {
@@ -502,7 +502,12 @@ impl ConnTracker {
                         }
                         if http.is_not_http() {
                             // Upgraded: WebSocket, a CONNECT tunnel.
-                            stop_parsing(conn, &mut self.stats, &mut self.clients_to_release);
+                            stop_parsing(
+                                key.0,
+                                conn,
+                                &mut self.stats,
+                                &mut self.clients_to_release,
+                            );
                         }
                     }
                     Proto::Db {
@@ -761,6 +766,7 @@ fn start_at(starts: &mut VecDeque<Start>, ts_ns: u64) -> Option<Start> {
 /// The connection carries no protocol parsed here (any more): its bytes are left alone, and a
 /// client's is reported for the injector to stop watching.
 fn stop_parsing(
+    tgid: u32,
     conn: &mut Conn,
     stats: &mut TrackerStats,
     clients_to_release: &mut Vec<(SocketAddr, SocketAddr)>,
@@ -769,7 +775,7 @@ fn stop_parsing(
     if !conn.tls_handshake {
         stats.not_parsed += 1;
         log::debug!(
-            "not parsed (no known protocol): {} -> {}",
+            "pid {tgid}: {} -> {} not parsed (no known protocol)",
             conn.local,
             conn.remote
         );
