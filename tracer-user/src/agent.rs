@@ -400,7 +400,7 @@ async fn event_loop(
                 // Runs a probe missed are events not seen, as surely as a full ring's.
                 if last_missed_check.elapsed() >= MISSED_CHECK {
                     last_missed_check = std::time::Instant::now();
-                    let missed: u64 = probes.probe_runs().iter().map(|p| p.recursion_misses).sum();
+                    let missed = probes.missed_runs();
                     if missed > missed_reported {
                         warn!("{} probe runs missed (a probe was already running on the CPU): their events were not seen", missed - missed_reported);
                         missed_reported = missed;
@@ -614,7 +614,7 @@ fn stats_line(
     } else {
         String::new()
     };
-    let missed: u64 = probes.probe_runs().iter().map(|p| p.recursion_misses).sum();
+    let missed = probes.missed_runs();
     let missed = if missed > 0 {
         format!("; probe runs missed (the probe was already running on the CPU): {missed}")
     } else {

@@ -778,6 +778,11 @@ impl Probes {
         out
     }
 
+    /// Runs the kernel skipped, all programs together (see [`Probes::probe_runs`]).
+    pub fn missed_runs(&self) -> u64 {
+        self.probe_runs().iter().map(|p| p.recursion_misses).sum()
+    }
+
     /// Kernel-side counters summed over CPUs, indexed by `tracer_common::stat`.
     pub fn kernel_stats(&self) -> [u64; stat::COUNT as usize] {
         let mut out = [0u64; stat::COUNT as usize];
