@@ -399,6 +399,19 @@ fn shed_service_keeps_whole_traces(tls: bool, connections: Connections) {
         .filter_map(|c| c["localEndpoint"]["port"].as_u64())
         .collect();
     assert!(ports.len() > 1, "the frontend never reconnected: {summary}");
+    // For a span that found no partner: the spans of `among` nearest in time, to show what
+    // its partner's fields were.
+    let nearest = |among: &[&serde_json::Value], s: &serde_json::Value| {
+        let at = |s: &serde_json::Value| s["timestamp"].as_i64().unwrap_or_default();
+        let mut by_time: Vec<&&serde_json::Value> = among.iter().collect();
+        by_time.sort_by_key(|o| (at(o) - at(s)).abs());
+        by_time
+            .iter()
+            .take(3)
+            .map(|o| format!("  {o}"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
     if tls {
         // Each captured call is one half of a hop whose other half is a backend span, and no
         // backend span carries a context.
@@ -408,23 +421,14 @@ fn shed_service_keeps_whole_traces(tls: bool, connections: Connections) {
         let (linked, unlinked): (Vec<&&serde_json::Value>, Vec<_>) = calls
             .iter()
             .partition(|c| link(c).is_some_and(|k| backend_links.contains(&k)));
-        // For each call not linked, the backend span nearest in time: what its key was.
-        let nearest = |c: &serde_json::Value| {
-            let at = c["timestamp"].as_i64().unwrap_or_default();
-            backend
-                .iter()
-                .min_by_key(|b| (b["timestamp"].as_i64().unwrap_or_default() - at).abs())
-                .map(|b| b.to_string())
-                .unwrap_or_default()
-        };
         assert!(
             linked.len() + 1 >= calls.len(),
-            "{} linked: {summary}\nunlinked calls, each with the backend span nearest in time:\n{}",
+            "{} linked: {summary}\nunlinked calls, each with the backend spans nearest in time:\n{}",
             linked.len(),
             unlinked
                 .iter()
                 .take(5)
-                .map(|c| format!("{c}\n  {}", nearest(c)))
+                .map(|c| format!("{c}\n{}", nearest(&backend, c)))
                 .collect::<Vec<_>>()
                 .join("\n")
         );
@@ -443,9 +447,198 @@ fn shed_service_keeps_whole_traces(tls: bool, connections: Connections) {
             let parent = b["parentId"].as_str().unwrap();
             assert!(
                 call_ids.contains(parent),
-                "a backend span whose parent is no captured call: {b}\n{summary}"
+                "a backend span whose parent is no captured call: {b}\nthe calls nearest in time:\n{}\n{summary}",
+                nearest(&calls, b)
             );
         })
         .count();
     assert!(joined + 1 >= calls.len(), "{joined} joined: {summary}");
+}
+
+/// A client that alternates 3 s of calls each after 0.5 ms of CPU work (CPU-bound: shed) with
+/// 1 s of calls 2 ms apart (captured in full again), each call one send of a 1 MB POST, which
+/// takes a third or so of the call's time: its process changes between shed and captured in
+/// full several times, each time quite likely in the middle of a send. It waits for its
+/// backend spinning, so that it is CPU-bound however fast the backend is. Starts when a line
+/// comes on its standard input; prints its count of calls.
+const FLAPPING_CLIENT: &str = r#"
+import socket, sys, time
+port, cycles = int(sys.argv[1]), int(sys.argv[2])
+sys.stdin.readline()
+body = b"x" * 1000000
+request = b"POST /upload HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+# Non-blocking from its connect (a timeout does it), as the injector wants it.
+s = socket.create_connection(("127.0.0.1", port), timeout=10)
+s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+s.setblocking(False)
+def call():
+    # Spinning, never sleeping: the thread is CPU-bound whatever the backend's speed.
+    left = memoryview(request)
+    while left:
+        try:
+            left = left[s.send(left):]
+        except BlockingIOError:
+            pass
+    got = b""
+    while not got.endswith(b"ok\n"):
+        try:
+            more = s.recv(65536)
+        except BlockingIOError:
+            continue
+        if not more:
+            raise SystemExit("closed")
+        got += more
+calls = 0
+for _ in range(cycles):
+    for busy in (True, False):
+        until = time.monotonic() + (3 if busy else 1)
+        while time.monotonic() < until:
+            if busy:
+                burn = time.process_time() + 0.0005
+                while time.process_time() < burn:
+                    pass
+            call()
+            calls += 1
+            if not busy:
+                time.sleep(0.002)
+s.close()
+print(calls)
+"#;
+
+/// The flapping client's backend, not traced: reads each request in large reads into a large
+/// receive buffer, and answers it. Its CPU is mostly free while the client sends, so that the
+/// agent can run there: on a kernel without preemption it cannot take the client's CPU in the
+/// middle of a send, and its changes of the client's capture mode must land in sends as often
+/// as elsewhere. Prints its port, then, when the client closes, the span id of each
+/// `traceparent` it received, one a line.
+const HEADER_RECORDING_BACKEND: &str = r#"
+import socket, time
+srv = socket.socket()
+srv.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+srv.bind(("127.0.0.1", 0))
+srv.listen()
+print(srv.getsockname()[1], flush=True)
+conn, _ = srv.accept()
+buf = bytearray(8 << 20)
+parents = []
+got = b""
+while True:
+    while b"\r\n\r\n" not in got:
+        n = conn.recv_into(buf, 4096)
+        if n == 0:
+            print("\n".join(parents), flush=True)
+            raise SystemExit(0)
+        got += bytes(buf[:n])
+    head, rest = got.split(b"\r\n\r\n", 1)
+    length = 0
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.lower() == b"content-length":
+            length = int(value)
+        elif name.lower() == b"traceparent":
+            parents.append(value.strip().split(b"-")[2].decode())
+    left = length - len(rest)
+    while left > 0:
+        left -= conn.recv_into(buf, min(left, len(buf)))
+    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nok\n")
+    got = b""
+"#;
+
+/// The kernel writes a client span's context into a request inside its send, and the span is
+/// reported when the send returns: a process shed or captured in full again in between must
+/// neither lose the context (the span then took another id, and the backend's parent was no
+/// captured call) nor leave the call uncaptured (the same, with no client span at all). Every
+/// context the backend receives must be a client span's.
+#[test]
+fn a_send_under_way_when_shedding_starts_or_stops_keeps_its_context() {
+    require_root();
+    let mut backend = Command::new("python3")
+        .args(["-c", HEADER_RECORDING_BACKEND])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3");
+    let mut backend_out = std::io::BufReader::new(backend.stdout.take().unwrap());
+    let mut port = String::new();
+    std::io::BufRead::read_line(&mut backend_out, &mut port).unwrap();
+    let _backend = tracer_e2e::ChildGuard(backend);
+    let mut client = Command::new("python3")
+        .args(["-c", FLAPPING_CLIENT, port.trim(), "5"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3");
+    let client_pid = client.id().to_string();
+    let tracer = Tracer::start_with_env(
+        &[
+            "run",
+            "--pid",
+            &client_pid,
+            "--output",
+            "json",
+            "--overhead-budget",
+            "0.2",
+        ],
+        &[("RUST_LOG", "info,tracer_user::governor=debug")],
+    );
+    std::io::Write::write_all(client.stdin.as_mut().unwrap(), b"go\n").unwrap();
+    let client = client.wait_with_output().unwrap();
+    assert!(client.status.success(), "{client:?}");
+    let calls: usize = String::from_utf8_lossy(&client.stdout)
+        .trim()
+        .parse()
+        .unwrap();
+    let mut received = String::new();
+    std::io::Read::read_to_string(&mut backend_out, &mut received).unwrap();
+    let received: Vec<&str> = received.lines().filter(|l| !l.is_empty()).collect();
+    std::thread::sleep(Duration::from_secs(2));
+    let (stopped, stats, governor) = stop_and_read(tracer);
+    // The governor's changes of the client's share from full capture (shed), or back to it.
+    let changes: Vec<(&str, bool)> = governor
+        .lines()
+        .filter(|l| l.contains(&format!("pid {client_pid}:")))
+        .filter_map(|l| {
+            let (from, to) = l.split_once("capture share ")?.1.split_once(" -> ")?;
+            let (from_full, to_full) = (from == "1.000", to.trim() == "1.000");
+            (from_full != to_full).then_some((l, to_full))
+        })
+        .collect();
+    let shed = changes.iter().filter(|(_, to_full)| !to_full).count();
+    let resumed = changes.len() - shed;
+    let client_spans: std::collections::HashSet<String> = stopped
+        .stdout
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|s| s["kind"] == "CLIENT")
+        .map(|s| s["id"].as_str().unwrap().to_string())
+        .collect();
+    let summary = format!(
+        "{calls} calls, shed {shed} times, captured in full again {resumed} times; {} client spans, {} contexts received; {stats}",
+        client_spans.len(),
+        received.len(),
+    );
+    eprintln!("{summary}");
+    assert!(
+        shed >= 3 && resumed >= 3,
+        "the client did not flap: {summary}\n{governor}"
+    );
+    let orphans: Vec<&&str> = received
+        .iter()
+        .filter(|id| !client_spans.contains(**id))
+        .collect();
+    assert!(
+        orphans.is_empty(),
+        "{} contexts received are no client span's: {orphans:?}\n{summary}\nthe changes:\n{}",
+        orphans.len(),
+        changes
+            .iter()
+            .map(|(l, _)| *l)
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    // Shed a good part of the time, captured in full the rest: many calls carried a context.
+    assert!(
+        received.len() * 4 > calls && received.len() < calls,
+        "{summary}"
+    );
 }

@@ -179,10 +179,9 @@ static SHED_PIDS: HashMap<u32, u32> = HashMap::with_max_entries(4096, 0);
 static SAMPLE_KEEP: Array<u32> = Array::with_max_entries(VERDICT_SLOTS, 0);
 
 /// Kept by the agent: `[0]` how many processes `SHED_PIDS` holds (while 0, a tracer with no
-/// process filter answers "captured" without consulting the verdict cache at all); `[1]` a
-/// count of changes to the shed set (see `SendNote::shed_epoch`).
+/// process filter answers "captured" without consulting the verdict cache at all).
 #[map]
-static SHED_STATE: Array<u64> = Array::with_max_entries(2, 0);
+static SHED_STATE: Array<u64> = Array::with_max_entries(1, 0);
 
 /// Command names (`comm`, NUL-padded to 16 bytes) to trace when `Config::filter_comms` is set:
 /// checked in the kernel so that a matching process is traced from its first syscall.
@@ -316,18 +315,7 @@ fn verdict(tgid: u32) -> u32 {
 /// How many processes the agent sheds now.
 #[inline(always)]
 fn shed_count() -> u64 {
-    shed_state(0)
-}
-
-/// Changes to the shed set so far.
-#[inline(always)]
-pub(crate) fn shed_epoch() -> u32 {
-    shed_state(1) as u32
-}
-
-#[inline(always)]
-fn shed_state(index: u32) -> u64 {
-    match SHED_STATE.get_ptr(index) {
+    match SHED_STATE.get_ptr(0) {
         // SAFETY: an aligned map value.
         Some(value) => unsafe { core::ptr::read_volatile(value) },
         None => 0,

@@ -57,11 +57,9 @@ pub struct SendNote {
     pub enter_ns: u64,
     pub seq: u32,
     pub seq_valid: u32,
-    /// The shed set's epoch when the note was begun: a note from before the agent last shed or
-    /// resumed a process may have been left by a send whose return was not captured. (Not the
-    /// traced set's generation: that moves every second, and a send under way across the move
-    /// would lose the context written into it.)
-    pub shed_epoch: u32,
+    /// Non-zero: the sk_msg program's pick began a turn after skipped calls (`Pick::AfterGap`);
+    /// the send is reported after a gap event.
+    pub gap: u32,
     _pad: u32,
     /// The client context the sk_msg program wrote into this send (`flags` 0: none).
     pub injected: TraceCtx,
@@ -118,17 +116,41 @@ fn sock_state(sk: *mut core::ffi::c_void, create: bool) -> Option<&'static mut S
     (!state.is_null()).then(|| unsafe { &mut *state })
 }
 
-impl SockState {
-    /// The send note for thread `pid_tgid`: emptied first when another thread left it, or
-    /// when it is from another epoch of the shed set.
+// A note is begun by the sk_msg program and ended by the return of the same send, whatever
+// becomes of it (see `sock_io`): a note left behind would be taken by the thread's next send on
+// the socket (its start time, and a context that send does not carry, whose header went out in
+// this one). No note is ended by a change of the process's capture mode: the send under way
+// across it is the note's (ending it lost the context written into it, and the backend's span
+// had a parent no captured call had).
+impl SendNote {
+    /// Whether thread `pid_tgid` has a send under way that the sk_msg program saw: one captured
+    /// from its first bytes, which may carry a context the program wrote.
     #[inline(always)]
-    fn note_for(&mut self, pid_tgid: u64, shed_epoch: u32) -> &mut SendNote {
+    fn begun(&self, pid_tgid: u64) -> bool {
+        self.pid_tgid == pid_tgid && self.enter_ns != 0
+    }
+
+    /// Ends thread `pid_tgid`'s note, if it is the thread's.
+    #[inline(always)]
+    fn end(&mut self, pid_tgid: u64) {
+        if self.pid_tgid == pid_tgid {
+            self.enter_ns = 0;
+            self.gap = 0;
+            self.injected.flags = 0;
+        }
+    }
+}
+
+impl SockState {
+    /// The send note for thread `pid_tgid`: emptied first when another thread left it.
+    #[inline(always)]
+    fn note_for(&mut self, pid_tgid: u64) -> &mut SendNote {
         let note = &mut self.note;
-        if note.pid_tgid != pid_tgid || note.shed_epoch != shed_epoch {
+        if note.pid_tgid != pid_tgid {
             note.pid_tgid = pid_tgid;
-            note.shed_epoch = shed_epoch;
             note.enter_ns = 0;
             note.seq_valid = 0;
+            note.gap = 0;
             note.injected.flags = 0;
         }
         note
@@ -146,13 +168,20 @@ pub fn send_sampled(
     keep: Option<u32>,
 ) -> Option<&'static mut SendNote> {
     let state = sock_state(sk, true)?;
-    if keep.is_some()
-        && state.conn_flags & CONN_TLS == 0
-        && turns::pick(&mut state.turn, DIR_EGRESS, keep, pid_tgid as u32) == Pick::Skip
-    {
-        return None;
+    let mut gap = false;
+    if keep.is_some() && state.conn_flags & CONN_TLS == 0 {
+        match turns::pick(&mut state.turn, DIR_EGRESS, keep, pid_tgid as u32) {
+            Pick::Skip => return None,
+            Pick::AfterGap => gap = true,
+            Pick::Capture => {}
+        }
     }
-    Some(state.note_for(pid_tgid, crate::shed_epoch()))
+    let note = state.note_for(pid_tgid);
+    if gap {
+        // The socket-layer hook, which reports the send, finds the turn picked already.
+        note.gap = 1;
+    }
+    Some(note)
 }
 
 const TCP_CLOSE: i32 = 7;
@@ -330,11 +359,25 @@ fn sock_io(ctx: &BtfTracePointContext, direction: u32) {
     let mut gap = false;
     if keep.is_some() {
         if ret <= 0 {
+            // Nothing moved. A send the sk_msg program saw ends here all the same.
+            if direction == DIR_EGRESS
+                && let Some(st) = sock_state(ctx.arg(0), false)
+            {
+                st.note.end(pid_tgid);
+            }
             return;
         }
         state = sock_state(ctx.arg(0), true);
         let Some(st) = state.as_deref_mut() else {
             return;
+        };
+        // A send the sk_msg program began to capture is captured, even if the process was
+        // shed since: the program picked its turn then, or, the process captured in full,
+        // picked none, and may have written a context into it that a span must carry.
+        let keep = if direction == DIR_EGRESS && st.note.begun(pid_tgid) {
+            None
+        } else {
+            keep
         };
         // Under an OpenSSL call the bytes are ciphertext, the call's probes pick its turn by
         // SSL object, and they must learn the socket here. A pick here as well would begin
@@ -352,26 +395,29 @@ fn sock_io(ctx: &BtfTracePointContext, direction: u32) {
         }
     }
     let generation = crate::generation();
-    // What the sk_msg program noted of the send, and the context it wrote into it; the note is
-    // emptied whatever becomes of this send (a later send must not inherit them).
+    // What the sk_msg program noted of a send, and the context it wrote into it; the note is
+    // ended whatever becomes of this send. (A receive leaves it: another thread's send may be
+    // under way on the socket.)
     let mut enter_ns = 0;
     let mut seq_at_start = None;
     let mut injected = TraceCtx::default();
     // A send looks first (its note); a receive when it has bytes to report.
-    if direction == DIR_EGRESS && state.is_none() {
-        state = sock_state(ctx.arg(0), false);
-    }
-    if let Some(st) = state.as_deref_mut() {
-        let note = st.note_for(pid_tgid, crate::shed_epoch());
-        enter_ns = note.enter_ns;
-        if enter_ns != 0 && note.seq_valid != 0 {
-            seq_at_start = Some(note.seq);
+    if direction == DIR_EGRESS {
+        if state.is_none() {
+            state = sock_state(ctx.arg(0), false);
         }
-        if note.injected.flags != 0 {
-            injected = note.injected;
-            note.injected.flags = 0;
+        if let Some(st) = state.as_deref_mut() {
+            let note = st.note_for(pid_tgid);
+            enter_ns = note.enter_ns;
+            if enter_ns != 0 && note.seq_valid != 0 {
+                seq_at_start = Some(note.seq);
+            }
+            if note.injected.flags != 0 {
+                injected = note.injected;
+            }
+            gap |= note.gap != 0;
+            note.end(pid_tgid);
         }
-        note.enter_ns = 0;
     }
     let sk: u64 = ctx.arg(0);
     // SAFETY: the current task, BTF-typed; its saved user registers are plain loads.
@@ -470,7 +516,7 @@ fn sock_io(ctx: &BtfTracePointContext, direction: u32) {
     if keep.is_none()
         && let Some(st) = state.as_deref_mut()
     {
-        gap = turns::pick(&mut st.turn, direction, None, pid_tgid as u32) == Pick::AfterGap;
+        gap |= turns::pick(&mut st.turn, direction, None, pid_tgid as u32) == Pick::AfterGap;
     }
     if gap {
         header_only(EventKind::ConnGap, tgid, pid_tgid as u32, fd, conn.conn_id);

@@ -231,8 +231,6 @@ pub struct Probes {
     shed_pids: HashMap<MapData, u32, u32>,
     shed_state: aya::maps::Array<MapData, u64>,
     shed: std::collections::HashSet<u32>,
-    /// Changes made to the shed set (the programs' `shed_epoch`).
-    shed_epoch: u64,
     stats: PerCpuArray<MapData, u64>,
     /// Tracepoints attached, as `category:name`.
     pub attached: Vec<String>,
@@ -492,7 +490,6 @@ impl Probes {
             shed_pids,
             shed_state,
             shed: Default::default(),
-            shed_epoch: 0,
             stats,
             attached,
             skipped,
@@ -742,12 +739,7 @@ impl Probes {
                 }
             }
         }
-        self.shed_epoch += 1;
-        if let Err(e) = self
-            .shed_state
-            .set(0, self.shed.len() as u64, 0)
-            .and_then(|()| self.shed_state.set(1, self.shed_epoch, 0))
-        {
+        if let Err(e) = self.shed_state.set(0, self.shed.len() as u64, 0) {
             warn!("cannot update the shed set's count: {e}");
         }
         // The programs' cached verdicts carry the shed bit and share.
