@@ -142,7 +142,7 @@ impl SendNote {
 }
 
 impl SockState {
-    /// The send note for thread `pid_tgid`: emptied first when another thread left it.
+    /// The send note for thread `pid_tgid` to begin: emptied first when another thread left it.
     #[inline(always)]
     fn note_for(&mut self, pid_tgid: u64) -> &mut SendNote {
         let note = &mut self.note;
@@ -396,8 +396,7 @@ fn sock_io(ctx: &BtfTracePointContext, direction: u32) {
     }
     let generation = crate::generation();
     // What the sk_msg program noted of a send, and the context it wrote into it; the note is
-    // ended whatever becomes of this send. (A receive leaves it: another thread's send may be
-    // under way on the socket.)
+    // ended whatever becomes of this send. (A receive leaves it.)
     let mut enter_ns = 0;
     let mut seq_at_start = None;
     let mut injected = TraceCtx::default();
@@ -406,8 +405,11 @@ fn sock_io(ctx: &BtfTracePointContext, direction: u32) {
         if state.is_none() {
             state = sock_state(ctx.arg(0), false);
         }
-        if let Some(st) = state.as_deref_mut() {
-            let note = st.note_for(pid_tgid);
+        // Only this thread's note: another thread's send may be under way on the socket.
+        if let Some(st) = state.as_deref_mut()
+            && st.note.pid_tgid == pid_tgid
+        {
+            let note = &mut st.note;
             enter_ns = note.enter_ns;
             if enter_ns != 0 && note.seq_valid != 0 {
                 seq_at_start = Some(note.seq);
