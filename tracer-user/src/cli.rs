@@ -152,10 +152,10 @@ pub struct CommonOptions {
     /// Print agent statistics to stderr every this many seconds (0: only at exit).
     #[arg(long, value_name = "SECS", default_value_t = 0)]
     pub stats_interval: u64,
-    /// The most CPU that capturing a CPU-bound process may cost, in percent of a CPU (its
-    /// probes and the agent's work on its events): while one of its threads is runnable nearly
-    /// all the time, only a share of its requests is captured, picked at random, whole, and
-    /// the rest is shed (counted). 0: capture everything, always.
+    /// The most CPU that capturing a CPU-bound process may cost, in percent of the CPU time
+    /// its busiest thread gets (its probes and the agent's work on its events): while one of
+    /// its threads is runnable nearly all the time, only a share of its requests is captured,
+    /// picked at random, whole, and the rest is shed (counted). 0: capture everything, always.
     #[arg(long, value_name = "PCT", default_value_t = 3.0, value_parser = parse_budget)]
     pub overhead_budget: f64,
     /// CPU priority of the thread that reads and parses what the kernel captured.
