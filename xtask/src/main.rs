@@ -63,13 +63,14 @@ enum Task {
         /// Writes per syscall-cost loop.
         #[arg(long, default_value_t = 200_000)]
         syscalls: u64,
-        /// The servers measured under load, of nginx, nginx-per-cpu (the paced target) and
-        /// python; `none` for the other sections only. A report of fewer than all goes to
-        /// bench/results-partial.md.
+        /// The servers measured under load, of nginx, nginx-per-cpu (the paced target),
+        /// python, and nginx-twins and python-twins (two identical servers on one CPU, one
+        /// traced: the throughput and p99 targets); `none` for the other sections only. A
+        /// report of fewer than all goes to bench/results-partial.md.
         #[arg(
             long,
             value_delimiter = ',',
-            default_value = "nginx,nginx-per-cpu,python"
+            default_value = "nginx,nginx-per-cpu,python,nginx-twins,python-twins"
         )]
         servers: Vec<String>,
     },
