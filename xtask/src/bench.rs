@@ -471,7 +471,11 @@ fn wrk(url: &str, opts: &BenchOptions) -> anyhow::Result<Run> {
         ])
         .output()
         .context("run wrk (apt-get install wrk)")?;
-    let text = String::from_utf8_lossy(&out.stdout);
+    parse_wrk(&String::from_utf8_lossy(&out.stdout))
+}
+
+/// What `wrk --latency` printed: requests/s, p50, p99, socket errors and requests.
+fn parse_wrk(text: &str) -> anyhow::Result<Run> {
     let mut run = Run::default();
     for line in text.lines() {
         let line = line.trim();

@@ -24,7 +24,7 @@ use anyhow::{Context as _, bail};
 
 use super::{
     Agent, BenchOptions, P99_TARGET, Profiler, THROUGHPUT_TARGET, Target, WARMUP_SECS, have_perf,
-    median, median_interval, parse_latency_ms, settled, summary_number, tree_pids, write_checks,
+    median, median_interval, parse_wrk, settled, summary_number, tree_pids, write_checks,
 };
 
 /// Connections of each twin's load (wrk -t1): half the saturation runs' 50, the twins
@@ -106,19 +106,11 @@ fn finish_loads(loads: [std::process::Child; 2]) -> anyhow::Result<[Load; 2]> {
     let [a, b] = loads;
     let parse = |child: std::process::Child| -> anyhow::Result<Load> {
         let out = child.wait_with_output()?;
-        let text = String::from_utf8_lossy(&out.stdout);
-        let mut load = Load::default();
-        for line in text.lines().map(str::trim) {
-            if let Some(v) = line.strip_prefix("Requests/sec:") {
-                load.rps = v.trim().parse().unwrap_or(0.0);
-            } else if let Some(v) = line.strip_prefix("99%") {
-                load.p99_ms = parse_latency_ms(v);
-            }
-        }
-        if load.rps <= 0.0 {
-            bail!("wrk printed no results:\n{text}");
-        }
-        Ok(load)
+        let run = parse_wrk(&String::from_utf8_lossy(&out.stdout))?;
+        Ok(Load {
+            rps: run.rps,
+            p99_ms: run.p99_ms,
+        })
     };
     Ok([parse(a)?, parse(b)?])
 }
