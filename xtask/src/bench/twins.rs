@@ -23,27 +23,21 @@ use std::{fmt::Write as _, process::Command, time::Duration};
 use anyhow::{Context as _, bail};
 
 use super::{
-    Agent, BenchOptions, P99_TARGET, Profiler, THROUGHPUT_TARGET, Target, WARMUP_SECS, have_perf,
-    median, median_interval, parse_wrk, settled, summary_number, tree_pids, write_checks,
+    Agent, BenchOptions, P99_TARGET, Profiler, Run, THROUGHPUT_TARGET, Target, WARMUP_SECS,
+    have_perf, median, median_interval, parse_wrk, settled, summary_number, tree_pids,
+    write_checks,
 };
 
 /// Connections of each twin's load (wrk -t1): half the saturation runs' 50, the twins
 /// together taking as many.
 const TWIN_CONNECTIONS: u32 = 25;
 
-/// One twin's load: requests per second and p99.
-#[derive(Clone, Copy, Default)]
-struct Load {
-    rps: f64,
-    p99_ms: f64,
-}
-
 /// One round: the twins untraced, then one of them traced.
 struct Round {
     /// No tracer: the twin traced next over the other.
     baseline: f64,
-    traced: Load,
-    untraced: Load,
+    traced: Run,
+    untraced: Run,
     /// Samples of each twin's processes in a tracer frame, and all of them.
     traced_samples: Option<(u64, u64)>,
     untraced_samples: Option<(u64, u64)>,
@@ -78,7 +72,7 @@ fn pin(pid: u32, cpu: usize) -> anyhow::Result<()> {
 }
 
 /// Loads both twins at once for `seconds`, each from wrk pinned on `cpu`.
-fn load_both(urls: [&str; 2], cpu: usize, seconds: u64) -> anyhow::Result<[Load; 2]> {
+fn load_both(urls: [&str; 2], cpu: usize, seconds: u64) -> anyhow::Result<[Run; 2]> {
     finish_loads(start_loads(urls, cpu, seconds)?)
 }
 
@@ -102,15 +96,10 @@ fn start_loads(
 }
 
 /// Waits for the twins' loads; their results.
-fn finish_loads(loads: [std::process::Child; 2]) -> anyhow::Result<[Load; 2]> {
+fn finish_loads(loads: [std::process::Child; 2]) -> anyhow::Result<[Run; 2]> {
     let [a, b] = loads;
-    let parse = |child: std::process::Child| -> anyhow::Result<Load> {
-        let out = child.wait_with_output()?;
-        let run = parse_wrk(&String::from_utf8_lossy(&out.stdout))?;
-        Ok(Load {
-            rps: run.rps,
-            p99_ms: run.p99_ms,
-        })
+    let parse = |child: std::process::Child| -> anyhow::Result<Run> {
+        parse_wrk(&String::from_utf8_lossy(&child.wait_with_output()?.stdout))
     };
     Ok([parse(a)?, parse(b)?])
 }
@@ -146,10 +135,7 @@ pub(super) fn twins(
         args.extend(["--output", "json", "--stats-interval", "0"].map(String::from));
         let agent = Agent::start(&args)?;
         load_both(urls, load_cpu, WARMUP_SECS)?;
-        let groups = [
-            tree_pids(twins[traced].server.0.id()),
-            tree_pids(twins[untraced].server.0.id()),
-        ];
+        let groups = [pids, tree_pids(twins[untraced].server.0.id())];
         // perf attaches once the load runs: a pause between the warm-up and the load would
         // bring the governor a period without calls, which ends shedding.
         let running = start_loads(urls, load_cpu, opts.duration)?;
@@ -168,8 +154,8 @@ pub(super) fn twins(
         let (_, summary) = agent.stop()?;
         let r = Round {
             baseline: base[traced].rps / base[untraced].rps,
-            traced: loads[traced],
-            untraced: loads[untraced],
+            traced: loads[traced].clone(),
+            untraced: loads[untraced].clone(),
             traced_samples: samples.as_ref().map(|s| s[0]),
             untraced_samples: samples.as_ref().map(|s| s[1]),
             spans: summary_number(&summary, "exported"),
