@@ -69,9 +69,59 @@ pub fn step(
     ((state | PICKED) & !SKIPPED, pick)
 }
 
+/// The next uniform `u32` of a turn-draw sequence whose state is `state` (xorshift64*; a state
+/// of 0 must be seeded first, see tracer-ebpf's `turns`). Drawn in the programs rather than
+/// by the kernel's `bpf_get_prandom_u32`: a shed process's calls run the skip path, where a
+/// helper call per server turn cost a shed nginx measurably (see `turns`).
+#[inline(always)]
+pub fn draw(state: &mut u64) -> u32 {
+    let mut x = *state;
+    x ^= x >> 12;
+    x ^= x << 25;
+    x ^= x >> 27;
+    *state = x;
+    (x.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 32) as u32
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn draws_pick_the_share_asked_for() {
+        let mut state = 0x9e37_79b9_7f4a_7c15;
+        for share in [0.005, 0.05, 0.5] {
+            let keep = (share * u32::MAX as f64) as u32;
+            let n = 400_000;
+            let picked = (0..n).filter(|_| draw(&mut state) < keep).count() as f64;
+            let expected = share * n as f64;
+            // Within 5 standard deviations of a binomial draw.
+            let sd = (expected * (1.0 - share)).sqrt();
+            assert!(
+                (picked - expected).abs() < 5.0 * sd,
+                "share {share}: {picked} of {n}, expected {expected}"
+            );
+        }
+    }
+
+    #[test]
+    fn successive_draws_do_not_repeat_a_pick_pattern() {
+        // Turns of one connection are drawn one after another: a pick must not make the next
+        // more or less likely.
+        let mut state = 1;
+        let keep = u32::MAX / 10;
+        let (mut after_pick, mut picks_after_pick, mut prev) = (0, 0, false);
+        for _ in 0..400_000 {
+            let picked = draw(&mut state) < keep;
+            if prev {
+                after_pick += 1;
+                picks_after_pick += u32::from(picked);
+            }
+            prev = picked;
+        }
+        let share = f64::from(picks_after_pick) / f64::from(after_pick);
+        assert!((share - 0.1).abs() < 0.01, "{share}");
+    }
 
     /// Runs `calls` (true: a receive) through a sampled connection whose new turns are picked
     /// in the order of `picks`; returns each call's fate.
