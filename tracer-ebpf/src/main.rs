@@ -389,13 +389,15 @@ fn sample_keep(tgid: u32) -> u32 {
     }
 }
 
-/// What a traced process's calls are subject to: `None` not traced, `Some(None)` captured in
-/// full, `Some(Some(keep))` sampled by turns (see `turns`).
+/// What a traced process's calls are subject to: `None` not traced, else the share of its
+/// turns to capture (`turns::KEEP_ALL`: captured in full, not sampled). A plain number rather
+/// than an `Option`: LLVM spilled the undefined payload of a `None` across a branch, and the
+/// verifier rejected the read of a register never written.
 #[inline(always)]
-fn capture_mode(tgid: u32) -> Option<Option<u32>> {
+fn capture_mode(tgid: u32) -> Option<u32> {
     match verdict(tgid) {
-        VERDICT_TRACED => Some(None),
-        VERDICT_SHED_TRACED => Some(Some(sample_keep(tgid))),
+        VERDICT_TRACED => Some(turns::KEEP_ALL),
+        VERDICT_SHED_TRACED => Some(sample_keep(tgid).min(turns::KEEP_ALL - 1)),
         _ => None,
     }
 }

@@ -165,11 +165,11 @@ impl SockState {
 pub fn send_sampled(
     sk: *mut core::ffi::c_void,
     pid_tgid: u64,
-    keep: Option<u32>,
+    keep: u32,
 ) -> Option<&'static mut SendNote> {
     let state = sock_state(sk, true)?;
     let mut gap = false;
-    if keep.is_some() && state.conn_flags & CONN_TLS == 0 {
+    if turns::sampled(keep) && state.conn_flags & CONN_TLS == 0 {
         match turns::pick(&mut state.turn, DIR_EGRESS, keep, pid_tgid as u32) {
             Pick::Skip => return None,
             Pick::AfterGap => gap = true,
@@ -357,7 +357,7 @@ fn sock_io(ctx: &BtfTracePointContext, direction: u32) {
     // A shed process: the call's turn decides, before anything else is looked at.
     let mut state = None;
     let mut gap = false;
-    if keep.is_some() {
+    if turns::sampled(keep) {
         if ret <= 0 {
             // Nothing moved. A send the sk_msg program saw ends here all the same.
             if direction == DIR_EGRESS
@@ -375,7 +375,7 @@ fn sock_io(ctx: &BtfTracePointContext, direction: u32) {
         // shed since: the program picked its turn then, or, the process captured in full,
         // picked none, and may have written a context into it that a span must carry.
         let keep = if direction == DIR_EGRESS && st.note.begun(pid_tgid) {
-            None
+            turns::KEEP_ALL
         } else {
             keep
         };
@@ -515,10 +515,11 @@ fn sock_io(ctx: &BtfTracePointContext, direction: u32) {
         return;
     }
     // Captured in full: the turn state learns the call all the same, to say when a gap ends.
-    if keep.is_none()
+    if !turns::sampled(keep)
         && let Some(st) = state.as_deref_mut()
     {
-        gap |= turns::pick(&mut st.turn, direction, None, pid_tgid as u32) == Pick::AfterGap;
+        gap |= turns::pick(&mut st.turn, direction, turns::KEEP_ALL, pid_tgid as u32)
+            == Pick::AfterGap;
     }
     if gap {
         header_only(EventKind::ConnGap, tgid, pid_tgid as u32, fd, conn.conn_id);

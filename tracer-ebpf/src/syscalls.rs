@@ -95,7 +95,7 @@ pub fn enter_traced_args(
     syscall: i32,
     kind: u32,
     direction: u32,
-    keep: Option<u32>,
+    keep: u32,
 ) {
     let tgid = (pid_tgid >> 32) as u32;
     if fd > i32::MAX as u64 {

@@ -94,7 +94,7 @@ fn enter(ssl: u64, buf: u64, count_ptr: u64, direction: u32) {
             Pick::AfterGap => after_gap = 1,
             Pick::Capture => {}
         }
-    } else if keep.is_some() && direction == DIR_INGRESS {
+    } else if turns::sampled(keep) && direction == DIR_INGRESS {
         // A server's first read on a new TLS connection, captured: its turn is picked, and
         // the thread's client calls are to follow it, not the mark the handshake's socket
         // calls left (their turns are the socket's own, before it is known as TLS).
@@ -293,7 +293,7 @@ pub fn in_ssl_call(
         // The object's turns start with this call (a server's first read, a client's first
         // write).
         let mut turn = 0;
-        let _ = turns::pick(&mut turn, call.direction, None, pid_tgid as u32);
+        let _ = turns::pick(&mut turn, call.direction, turns::KEEP_ALL, pid_tgid as u32);
         let _ = SSL_SOCKETS.insert(&key, &[fd, turn], 0);
     }
     mark_tls(tgid, fd);

@@ -95,13 +95,22 @@ fn cpu_turns() -> Option<&'static mut CpuTurns> {
     TURN_MARKS.get_ptr_mut(0).map(|cpu| unsafe { &mut *cpu })
 }
 
+/// `keep` of a process captured in full (not sampled by turns).
+pub const KEEP_ALL: u32 = u32::MAX;
+
+/// Whether a process whose `keep` this is is sampled by turns (shed).
+#[inline(always)]
+pub fn sampled(keep: u32) -> bool {
+    keep != KEEP_ALL
+}
+
 /// Decides a call in `direction` on a connection whose turn state is `turn`, of thread `tid`
 /// (`tracer_common::turn::step`). `keep`: the share of turns to capture (of `u32::MAX`), or
-/// `None` while the process is captured in full.
+/// `KEEP_ALL` while the process is captured in full.
 #[inline(always)]
-pub fn pick(turn: &mut u32, direction: u32, keep: Option<u32>, tid: u32) -> Pick {
-    let (state, pick) = turn::step(*turn, direction == DIR_INGRESS, keep.is_some(), |server| {
-        new_turn(server, keep.unwrap_or(u32::MAX), tid)
+pub fn pick(turn: &mut u32, direction: u32, keep: u32, tid: u32) -> Pick {
+    let (state, pick) = turn::step(*turn, direction == DIR_INGRESS, sampled(keep), |server| {
+        new_turn(server, keep, tid)
     });
     *turn = state;
     pick
