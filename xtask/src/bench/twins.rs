@@ -8,9 +8,9 @@
 //! servers pinned on the same CPU, under identical loads from the other CPU, share whatever
 //! that CPU's speed does: the kernel splits its time evenly between them, and each serves as
 //! many requests as its share of the CPU pays for. Neither traced, two nginx twins served
-//! within 1.6% of each other in each of 14 rounds (Python's 50-thread servers within 9%);
-//! with one traced, the ratio is what tracing costs a server whose CPU is its limit. The traced twin alternates between rounds, so that any difference
-//! between the twins cancels.
+//! within 1.6% of each other in each of 14 rounds (Python's 50-thread servers within 9%); with
+//! one traced, the ratio is what tracing costs a server whose CPU is its limit. The traced
+//! twin alternates between rounds, so that any difference between the twins cancels.
 //!
 //! The untraced twin runs on a host where the tracer runs: its socket calls run the programs'
 //! early return (what every untraced process pays). That share of its CPU, sampled by perf in
