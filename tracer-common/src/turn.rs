@@ -24,33 +24,22 @@ const SKIPPED: u32 = 1 << 5;
 
 /// The tracking session a state was last brought up to date in (0: none yet).
 const SESSION_SHIFT: u32 = 8;
+const SESSION_MASK: u32 = (1 << (32 - SESSION_SHIFT)) - 1;
 
-/// Set in the stamp (the top of the state's 24 session bits) of states kept while their
-/// process is captured in full (it sees every call), below it the number of the process's
-/// last tracking session while shed: a socket none of whose calls was looked at while its
-/// process was shed has the stamp of the full capture before, not that of the one after.
-const FULL: u32 = 1 << (31 - SESSION_SHIFT);
-/// The numbers of a shed process's tracking sessions.
-const SHED_SESSIONS: u32 = FULL - 1;
-
-/// The session of a process captured in full, whose last tracking session while shed was
-/// `last_shed` (0: never shed).
-#[inline(always)]
-pub fn full_session(last_shed: u32) -> u32 {
-    FULL | (last_shed & SHED_SESSIONS)
-}
+/// The stamp of states kept while their process is captured in full: it sees every call.
+pub const FULL_SESSION: u32 = SESSION_MASK;
 
 /// A new tracking session of a shed process, at `now_ns`, after session `last`: from the
 /// clock, so that a session begun afresh (the process shed again, or its slot taken by
 /// another meanwhile) does not take the number of an earlier one. Never 0, the stamp of a
-/// state no session has seen, nor `last`, nor a session of full capture.
+/// state no session has seen, nor `FULL_SESSION`, nor `last`.
 #[inline(always)]
 pub fn new_session(last: u32, now_ns: u64) -> u32 {
-    let mut session = (now_ns >> 16) as u32 & SHED_SESSIONS;
+    let mut session = (now_ns >> 16) as u32 & SESSION_MASK;
     if session == last {
-        session = (session + 1) & SHED_SESSIONS;
+        session = (session + 1) & SESSION_MASK;
     }
-    if session == 0 {
+    if session == 0 || session == FULL_SESSION {
         session = if last == 1 { 2 } else { 1 };
     }
     session
@@ -322,21 +311,6 @@ mod tests {
     }
 
     #[test]
-    fn capture_in_full_after_shedding_is_another_session_than_before() {
-        // Seen in full capture, then untouched while its process was shed (its calls
-        // unseen), then seen in full capture again: after a gap.
-        let before = full_session(0);
-        let (state, _) = step(refresh(0, before), R, false, |_| unreachable!());
-        let shed = new_session(0, 5_000_000_000);
-        let after = full_session(shed);
-        assert_ne!(before, after);
-        let (_, pick) = step(refresh(state, after), W, false, |_| unreachable!());
-        assert_eq!(pick, Pick::AfterGap);
-        // A shed session is never one of full capture.
-        assert_ne!(refresh(state, shed), refresh(state, after));
-    }
-
-    #[test]
     fn a_state_seen_in_its_session_is_kept() {
         let (state, _) = step(refresh(0, 9), R, true, |_| true);
         assert_eq!(refresh(state, 9), state);
@@ -376,14 +350,14 @@ mod tests {
             (0, 0),
             (1, 0),
             (5, 5 << 16),
-            (SHED_SESSIONS, (SHED_SESSIONS as u64) << 16),
-            (2, (FULL as u64) << 16),
-            (1, (FULL as u64) << 16),
+            (FULL_SESSION, (FULL_SESSION as u64) << 16),
+            (2, (FULL_SESSION as u64) << 16),
+            (1, (FULL_SESSION as u64) << 16),
             (7, 123_456_789_000),
         ] {
             let session = new_session(last, now_ns);
             assert!(
-                session != 0 && session & FULL == 0 && session != last,
+                session != 0 && session != FULL_SESSION && session != last,
                 "{last} {now_ns}: {session}"
             );
         }

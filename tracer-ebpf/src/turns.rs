@@ -33,9 +33,9 @@
 //!
 //! The first call captured after skipped ones is preceded by a gap event for its connection:
 //! the agent drops what that connection's parser was waiting for and resyncs there. Capture
-//! resuming in full (the process no longer shed) goes the same way: states kept in full
-//! capture are stamped with the process's last tracking session while shed, so that a socket
-//! none of whose calls was looked at while shed resumes after a gap too.
+//! resuming in full (the process no longer shed) goes the same way for the sockets looked at
+//! while shed; the agent resumes every connection of the process after a gap besides, since
+//! a socket none of whose calls was looked at cannot tell.
 
 use aya_ebpf::{
     helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns},
@@ -105,18 +105,14 @@ pub fn tracking(pid_tgid: u64, keep: u32) -> Tracking {
         return UNSEEN;
     };
     if !sampled(keep) {
-        // Captured in full: every call seen, one stamp, that of the full capture after the
-        // process's last tracking session while shed. The next shedding begins a new one.
-        let mut last_shed = 0;
-        if slot.shed_tgid == tgid {
-            if slot.shed_flags != 0 {
-                slot.shed_flags = 0;
-            }
-            last_shed = slot.session;
+        // Captured in full: every call seen, one stamp. (After shedding, the agent starts
+        // every connection of the process afresh.) The next shedding begins a new session.
+        if slot.shed_flags != 0 && slot.shed_tgid == tgid {
+            slot.shed_flags = 0;
         }
         return Tracking {
             keep_now: KEEP_ALL,
-            session: turn::full_session(last_shed),
+            session: turn::FULL_SESSION,
         };
     }
     if slot.shed_tgid != tgid || slot.shed_flags & SHED_SAMPLED == 0 {
@@ -278,8 +274,7 @@ pub fn pick_in_full(turn: &mut u32, direction: u32, pid_tgid: u64) -> Pick {
     let tgid = (pid_tgid >> 32) as u32;
     let session = match verdict_slot(tgid) {
         Some(slot) if slot.shed_tgid == tgid && slot.shed_flags != 0 => slot.session,
-        Some(slot) if slot.shed_tgid == tgid => turn::full_session(slot.session),
-        _ => turn::full_session(0),
+        _ => turn::FULL_SESSION,
     };
     let tracking = Tracking {
         keep_now: KEEP_ALL,
