@@ -156,29 +156,8 @@ static ACTIVE: HashMap<u64, tracer_common::SavedArgs> = HashMap::with_max_entrie
 /// array read. A verdict is good while its generation is current: anything that may change
 /// the traced set bumps the generation (see `GENERATION`), and a pid's slot is cleared when a
 /// new process gets it (fork) or changes its name (exec).
-///
-/// A slot also holds what the calls of a shed process ask after the verdict (`turns`), in
-/// the same cache line: an untraced process's call touches its verdict's line only, and a
-/// shed process's, when it is not tracked, that line and its CPU's (each line more was about
-/// 30 ns a call).
 #[map]
-static VERDICTS: Array<VerdictSlot> = Array::with_max_entries(VERDICT_SLOTS, 0);
-
-#[repr(C)]
-pub(crate) struct VerdictSlot {
-    /// As the map's doc says.
-    verdict: u64,
-    /// The `SHED_PIDS` value of the process whose verdict this is, copied with it.
-    keep: u32,
-    /// The process the fields below are of (`turns`).
-    pub shed_tgid: u32,
-    /// Its tracking session under way, or the last (never 0).
-    pub session: u32,
-    /// `turns::SHED_*`.
-    pub shed_flags: u32,
-    /// Tracked until then.
-    pub live_until_ns: u64,
-}
+static VERDICTS: Array<u64> = Array::with_max_entries(VERDICT_SLOTS, 0);
 const VERDICT_SLOTS: u32 = 16384;
 
 /// Generation of the traced set: `[0]` bumped by the programs (forks and exits of traced
@@ -193,6 +172,11 @@ static GENERATION: Array<u64> = Array::with_max_entries(2, 0);
 /// `u32::MAX` (see `turns`). Their connections, forks and exits are still followed in full.
 #[map]
 static SHED_PIDS: HashMap<u32, u32> = HashMap::with_max_entries(4096, 0);
+
+/// The `SHED_PIDS` value of the process whose verdict is cached in the same slot of
+/// `VERDICTS`, copied with the verdict: read by every call of a shed process.
+#[map]
+static SAMPLE_KEEP: Array<u32> = Array::with_max_entries(VERDICT_SLOTS, 0);
 
 /// Kept by the agent: `[0]` how many processes `SHED_PIDS` holds (while 0, a tracer with no
 /// process filter answers "captured" without consulting the verdict cache at all).
@@ -313,28 +297,19 @@ fn verdict(tgid: u32) -> u32 {
     }
     // Read before the sets are consulted: a change made meanwhile bumps it past this verdict.
     let generation = generation();
-    let Some(slot) = verdict_slot(tgid) else {
+    let Some(slot) = VERDICTS.get_ptr_mut(tgid & (VERDICT_SLOTS - 1)) else {
         return verdict_uncached(tgid);
     };
-    // SAFETY: an 8-byte aligned field; other CPUs write whole words too.
-    let cached = unsafe { core::ptr::read_volatile(&slot.verdict) };
+    // SAFETY: an 8-byte aligned map value; other CPUs write whole words too.
+    let cached = unsafe { core::ptr::read_volatile(slot) };
     if (cached >> 32) as u32 == tgid && ((cached >> 2) as u32 & GENERATION_MASK) == generation {
         return cached as u32 & (VERDICT_TRACED | VERDICT_SHED);
     }
     let verdict = verdict_uncached(tgid);
     let cached = ((tgid as u64) << 32) | ((generation as u64) << 2) | verdict as u64;
     // SAFETY: as above.
-    unsafe { core::ptr::write_volatile(&mut slot.verdict, cached) };
+    unsafe { core::ptr::write_volatile(slot, cached) };
     verdict
-}
-
-/// The `VERDICTS` slot of `tgid` (shared with the processes whose tgids alias it).
-#[inline(always)]
-pub(crate) fn verdict_slot(tgid: u32) -> Option<&'static mut VerdictSlot> {
-    // SAFETY: a map value, valid for the program's run; other CPUs write its fields too.
-    VERDICTS
-        .get_ptr_mut(tgid & (VERDICT_SLOTS - 1))
-        .map(|slot| unsafe { &mut *slot })
 }
 
 /// How many processes the agent sheds now.
@@ -375,9 +350,9 @@ fn bump_generation() {
 /// Forgets the cached verdict of `tgid`: the pid now names another process, or a new program.
 #[inline(always)]
 fn forget_verdict(tgid: u32) {
-    if let Some(slot) = verdict_slot(tgid) {
-        // SAFETY: an aligned field. A zero verdict matches no process (tgid 0 never traces).
-        unsafe { core::ptr::write_volatile(&mut slot.verdict, 0) };
+    if let Some(slot) = VERDICTS.get_ptr_mut(tgid & (VERDICT_SLOTS - 1)) {
+        // SAFETY: an aligned map value. A zero slot matches no process (tgid 0 never traces).
+        unsafe { core::ptr::write_volatile(slot, 0) };
     }
 }
 
@@ -394,10 +369,10 @@ fn verdict_uncached(tgid: u32) -> u32 {
         // SAFETY: copied out at once.
         && let Some(keep) = unsafe { SHED_PIDS.get(&tgid) }.copied()
     {
-        if let Some(slot) = verdict_slot(tgid) {
-            // SAFETY: an aligned field. Another process of the same slot may overwrite it
-            // meanwhile: one call then goes by the other's share.
-            unsafe { core::ptr::write_volatile(&mut slot.keep, keep) };
+        if let Some(slot) = SAMPLE_KEEP.get_ptr_mut(tgid & (VERDICT_SLOTS - 1)) {
+            // SAFETY: an aligned map value. Another process of the same slot may overwrite
+            // it meanwhile: one call then goes by the other's share.
+            unsafe { core::ptr::write_volatile(slot, keep) };
         }
         return VERDICT_SHED_TRACED;
     }
@@ -407,9 +382,9 @@ fn verdict_uncached(tgid: u32) -> u32 {
 /// The share of turns to capture of shed process `tgid`, whose verdict was just read.
 #[inline(always)]
 fn sample_keep(tgid: u32) -> u32 {
-    match verdict_slot(tgid) {
-        // SAFETY: an aligned field.
-        Some(slot) => unsafe { core::ptr::read_volatile(&slot.keep) },
+    match SAMPLE_KEEP.get_ptr(tgid & (VERDICT_SLOTS - 1)) {
+        // SAFETY: an aligned map value.
+        Some(keep) => unsafe { core::ptr::read_volatile(keep) },
         None => 0,
     }
 }

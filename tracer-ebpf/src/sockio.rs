@@ -170,7 +170,7 @@ pub fn send_sampled(
     let state = sock_state(sk, true)?;
     let mut gap = false;
     if turns::sampled(keep) && state.conn_flags & CONN_TLS == 0 {
-        match turns::pick(&mut state.turn, DIR_EGRESS, keep, pid_tgid) {
+        match turns::pick(&mut state.turn, DIR_EGRESS, keep, pid_tgid as u32) {
             Pick::Skip => return None,
             Pick::AfterGap => gap = true,
             Pick::Capture => {}
@@ -178,10 +178,6 @@ pub fn send_sampled(
     }
     let note = state.note_for(pid_tgid);
     if gap {
-        // A note left by a send whose return went unseen (its process no longer tracked) is
-        // not this send's.
-        note.enter_ns = 0;
-        note.injected.flags = 0;
         // The socket-layer hook, which reports the send, finds the turn picked already.
         note.gap = 1;
     }
@@ -349,29 +345,6 @@ fn pending_close(sk: u64, state: Option<&'static mut SockState>) {
     }
 }
 
-/// The direction that opened the connection of socket `sk`, first seen by a shed process's
-/// call in `direction` whose earlier calls may have gone unseen (see `turns::tracking`): a
-/// server's, if only its peer's port is an ephemeral one (the kernel's default range, 32768 and
-/// up), a client's if only its own is, else that of the call.
-#[inline(always)]
-fn opening_direction(sk: u64, direction: u32) -> u32 {
-    const EPHEMERAL: u16 = 32768;
-    let (local, remote) = (offset!(sk_num), offset!(sk_dport));
-    if local == 0 || local == ABSENT || remote == 0 || remote == ABSENT {
-        return direction;
-    }
-    // SAFETY: probe reads of the socket the tracepoint names.
-    let ports = unsafe {
-        read_at::<u16>(sk as *const u8, local)
-            .and_then(|l| read_at::<u16>(sk as *const u8, remote).map(|r| (l, u16::from_be(r))))
-    };
-    match ports {
-        Ok((local, remote)) if local < EPHEMERAL && remote >= EPHEMERAL => DIR_INGRESS,
-        Ok((local, remote)) if local >= EPHEMERAL && remote < EPHEMERAL => DIR_EGRESS,
-        _ => direction,
-    }
-}
-
 /// A send or receive of `ctx`'s socket returned.
 #[inline(always)]
 fn sock_io(ctx: &BtfTracePointContext, direction: u32) {
@@ -385,12 +358,6 @@ fn sock_io(ctx: &BtfTracePointContext, direction: u32) {
     let mut state = None;
     let mut gap = false;
     if turns::sampled(keep) {
-        let tracking = turns::tracking(pid_tgid, keep);
-        if tracking.session == 0 && !tls::in_any_ssl_call(pid_tgid) {
-            // Not tracked now: skipped unseen, its socket not looked at (see `turns::tracking`).
-            count(stat::SHED_IO);
-            return;
-        }
         if ret <= 0 {
             // Nothing moved. A send the sk_msg program saw ends here all the same.
             if direction == DIR_EGRESS
@@ -407,21 +374,17 @@ fn sock_io(ctx: &BtfTracePointContext, direction: u32) {
         // A send the sk_msg program began to capture is captured, even if the process was
         // shed since: the program picked its turn then, or, the process captured in full,
         // picked none, and may have written a context into it that a span must carry.
-        let tracking = if direction == DIR_EGRESS && st.note.begun(pid_tgid) {
-            tracking.in_full()
+        let keep = if direction == DIR_EGRESS && st.note.begun(pid_tgid) {
+            turns::KEEP_ALL
         } else {
-            tracking
+            keep
         };
         // Under an OpenSSL call the bytes are ciphertext, the call's probes pick its turn by
         // SSL object, and they must learn the socket here. A pick here as well would begin
         // turns of its own, and the mark a server turn leaves on the CPU would replace theirs
         // (the thread's client calls would follow a coin toss, not their request).
         if st.conn_flags & CONN_TLS == 0 && !tls::in_any_ssl_call(pid_tgid) {
-            // A socket none of whose calls was looked at yet.
-            if st.turn == 0 {
-                st.turn = turns::first_call_unseen(opening_direction(ctx.arg(0), direction));
-            }
-            match turns::pick_tracked(&mut st.turn, direction, tracking, pid_tgid) {
+            match turns::pick(&mut st.turn, direction, keep, pid_tgid as u32) {
                 Pick::Skip => {
                     count(stat::SHED_IO);
                     return;
@@ -555,7 +518,8 @@ fn sock_io(ctx: &BtfTracePointContext, direction: u32) {
     if !turns::sampled(keep)
         && let Some(st) = state.as_deref_mut()
     {
-        gap |= turns::pick(&mut st.turn, direction, turns::KEEP_ALL, pid_tgid) == Pick::AfterGap;
+        gap |= turns::pick(&mut st.turn, direction, turns::KEEP_ALL, pid_tgid as u32)
+            == Pick::AfterGap;
     }
     if gap {
         header_only(EventKind::ConnGap, tgid, pid_tgid as u32, fd, conn.conn_id);

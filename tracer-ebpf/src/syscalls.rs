@@ -123,7 +123,7 @@ pub fn enter_traced_args(
     }
     // The turn state is kept in the entry's flags, above the `CONN_*` bits.
     let mut turn = (entry.flags >> TURN_SHIFT) as u32;
-    let pick = turns::pick(&mut turn, direction, keep, pid_tgid);
+    let pick = turns::pick(&mut turn, direction, keep, pid_tgid as u32);
     entry.flags = (entry.flags & ((1 << TURN_SHIFT) - 1)) | ((turn as u64) << TURN_SHIFT);
     match pick {
         Pick::Skip => {

@@ -86,7 +86,7 @@ fn enter(ssl: u64, buf: u64, count_ptr: u64, direction: u32) {
     if let Some(known) = SSL_SOCKETS.get_ptr_mut(&[tgid as u64, ssl]) {
         // SAFETY: a map value pointer, valid for this program's run.
         let turn = unsafe { &mut (*known)[1] };
-        match turns::pick(turn, direction, keep, pid_tgid) {
+        match turns::pick(turn, direction, keep, pid_tgid as u32) {
             Pick::Skip => {
                 count(stat::SHED_IO);
                 return;
@@ -293,7 +293,7 @@ pub fn in_ssl_call(
         // The object's turns start with this call (a server's first read, a client's first
         // write).
         let mut turn = 0;
-        let _ = turns::pick_in_full(&mut turn, call.direction, pid_tgid);
+        let _ = turns::pick(&mut turn, call.direction, turns::KEEP_ALL, pid_tgid as u32);
         let _ = SSL_SOCKETS.insert(&key, &[fd, turn], 0);
     }
     mark_tls(tgid, fd);

@@ -130,9 +130,6 @@ struct Process {
     /// The hottest thread's running averages (`RUNNABLE_WEIGHT`); `None` until a period
     /// under load was measured.
     load: Option<Load>,
-    /// The hottest thread's calls per ns had all been captured: while shed, a running
-    /// average (`SHED_CALLS_WEIGHT`) over periods with and without a capture window.
-    calls_per_ns: Option<f64>,
 }
 
 /// Running averages of a thread's runnable and on-CPU shares, and whether it was hot (see
@@ -151,7 +148,6 @@ impl Process {
             times: HashMap::default(),
             quiet_periods: 0,
             load: None,
-            calls_per_ns: None,
         }
     }
 }
@@ -344,16 +340,8 @@ impl Governor {
             let Some(mut threads) = by_process.remove(tgid) else {
                 // Nothing captured all period, not even its share: the load is gone, and with
                 // it any reason to shed. Forgotten once quiet for a while, captured in full
-                // again by then (the kernel has been told). A shed process is captured in one
-                // window of each of the kernel's capture periods: its quiet must outlast two
-                // of them before it says anything, and its readings wait until then.
+                // again by then (the kernel has been told).
                 p.quiet_periods += 1;
-                if captured_share < 1.0 && u64::from(p.quiet_periods) * elapsed < SHED_QUIET_NS {
-                    if let Some(rate) = p.calls_per_ns.as_mut() {
-                        *rate *= 1.0 - SHED_CALLS_WEIGHT;
-                    }
-                    return true;
-                }
                 p.times.clear();
                 p.load = None;
                 if captured_share < 1.0 {
@@ -412,15 +400,8 @@ impl Governor {
                 let cpu_bound = (average >= SATURATED || on_cpu >= SATURATED_ON_CPU)
                     && hot
                     && before.last_hot;
-                let mut calls_per_ns = calls as f64 / (period * captured_share);
-                if captured_share < 1.0
-                    && let Some(before) = p.calls_per_ns
-                {
-                    calls_per_ns = before + SHED_CALLS_WEIGHT * (calls_per_ns - before);
-                }
-                p.calls_per_ns = Some(calls_per_ns);
                 let cost = CallCost {
-                    calls_per_ns,
+                    calls_per_ns: calls as f64 / (period * captured_share),
                     agent_ns: agent_ns_per_call,
                 };
                 let thread = ThreadLoad { runnable, busy };
@@ -452,15 +433,6 @@ impl Governor {
         self.processes.values().filter(|p| p.share < 1.0).count()
     }
 }
-
-/// How long a shed process must capture nothing for its load to count as gone: more than two
-/// of the kernel's capture periods (`tracer_common::turn::PERIOD_SHIFT`), in each of which it
-/// is captured in one window only.
-const SHED_QUIET_NS: u64 = (2 << tracer_common::turn::PERIOD_SHIFT) + 50_000_000;
-
-/// Weight of a period's reading in a shed process's running average of its call rate: the
-/// calls it captured come from the capture windows the period holds, none, one or two.
-const SHED_CALLS_WEIGHT: f64 = 0.25;
 
 /// What capture costs a thread: its call rate had all its calls been captured, and the
 /// agent's CPU time per call.
@@ -857,19 +829,9 @@ mod tests {
     fn shedding_ends_when_the_load_stops() {
         let (mut g, _) = run(0.03, 0.97, 60_000, 5);
         assert_eq!(g.stats().shedding, 1);
-        // No calls at all from now on: captured again once quiet for longer than two of the
-        // kernel's capture periods (it captures a shed process in a window of each), for good.
+        // No calls at all from now on: captured again at the next period's end, for good.
         let mut last = Vec::new();
-        for step in 1..=30 {
-            let now = 5 * PERIOD + step * 10 * MS;
-            last.extend(g.tick(now, &mut Fake::default()));
-        }
-        assert_eq!(
-            g.stats().shedding,
-            1,
-            "a quiet period between windows is no end"
-        );
-        for step in 31..=100 {
+        for step in 1..=40 {
             let now = 5 * PERIOD + step * 10 * MS;
             last.extend(g.tick(now, &mut Fake::default()));
         }

@@ -591,22 +591,11 @@ impl ConnTracker {
     /// Whether process `tgid`'s capture is shed now (see `crate::governor`). A connection of
     /// it that closes meanwhile drops the requests it was waiting on, as a gap would: their
     /// responses may well have gone by unseen, and must not be reported missing.
-    ///
-    /// Captured in full again, every connection of the process resumes after a gap: the
-    /// kernel skipped its calls unseen while it was not tracked (a socket that had none of its
-    /// calls looked at meanwhile cannot say so itself).
     pub fn set_shed(&mut self, tgid: u32, shed: bool) {
         if shed {
             self.shed.insert(tgid);
-            return;
-        }
-        if !self.shed.remove(&tgid) {
-            return;
-        }
-        for (key, conn) in self.conns.iter_mut().filter(|(k, _)| k.0 == tgid) {
-            self.stats.gap_requests += conn.gap() as u64;
-            self.linker.conn_gap(*key);
-            conn.next_seq = [None; 2];
+        } else {
+            self.shed.remove(&tgid);
         }
     }
 
@@ -1133,37 +1122,6 @@ mod tests {
         assert_eq!(t.stats().gap_requests, 1);
         t.set_shed(7, false);
         a_close_reports_its_request_unanswered(&mut t);
-    }
-
-    /// Captured in full again, a connection resumes after a gap: a request picked while its
-    /// process was shed, whose response went by unseen, is not answered by the next response
-    /// (the kernel's turn state of a socket none of whose calls was looked at since cannot
-    /// announce the gap). Another process's connections are left alone.
-    #[test]
-    fn capture_in_full_again_resumes_every_connection_of_the_process_after_a_gap() {
-        let mut t = ConnTracker::new(TrackerConfig::default());
-        feed(
-            &mut t,
-            &[
-                data_record(7, 5, 1, 1_000, true, REQ),
-                data_record(8, 5, 2, 1_500, true, REQ),
-            ],
-        );
-        t.set_shed(7, true);
-        t.set_shed(7, false);
-        assert_eq!(t.stats().gap_requests, 1);
-        let out = feed(
-            &mut t,
-            &[
-                data_record(7, 5, 1, 5_000, false, RESP),
-                data_record(8, 5, 2, 5_500, false, RESP),
-            ],
-        );
-        let got: Vec<_> = out
-            .iter()
-            .map(|(ex, _, _)| ex.as_http().unwrap().req_start_ns)
-            .collect();
-        assert_eq!(got, [1_500], "only the other process's request, answered");
     }
 
     /// Without a sequence number to check (TLS plaintext, Unix sockets), a record written
